@@ -1,0 +1,42 @@
+# Two commands are the contract with every new user: `make demo` and `make test`.
+# Each builds its own virtual environment on first use. CPU torch is pinned here (the set-up
+# path of this project's machines); pyproject.toml stays open (torch>=2.4) for CUDA users.
+PYTHON ?= python3
+VENV := .venv
+DS_VENV := .venv-deepspeed
+TORCH_PIN := torch==2.13.0
+DEEPSPEED_PIN := deepspeed==0.19.8
+
+.PHONY: test unit parity demo bench clean
+
+$(VENV)/.stamp: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q $(TORCH_PIN)
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+# A second environment holding DeepSpeed, the numerical reference. Never a runtime dependency.
+$(DS_VENV)/.stamp: pyproject.toml
+	$(PYTHON) -m venv $(DS_VENV)
+	$(DS_VENV)/bin/pip install -q $(TORCH_PIN) numpy
+	$(DS_VENV)/bin/pip install -q $(DEEPSPEED_PIN) psutil pytest
+	$(DS_VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+test: unit parity
+
+unit: $(VENV)/.stamp
+	$(VENV)/bin/python -m pytest -q tests/unit
+
+# Parity with DeepSpeed 0.19.8: same weights, same inputs, compared to fp32 round-off.
+parity: $(DS_VENV)/.stamp
+	$(DS_VENV)/bin/python -m pytest -q tests/reference
+
+demo: $(VENV)/.stamp
+	$(VENV)/bin/python examples/toy_regression.py
+
+bench: $(VENV)/.stamp
+	$(VENV)/bin/python benchmarks/bench_layer.py
+
+clean:
+	rm -rf $(VENV) $(DS_VENV) build *.egg-info src/*.egg-info

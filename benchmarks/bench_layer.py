@@ -1,0 +1,252 @@
+"""Forward+backward of one MoE layer: moesaic vs the limit vs DeepSpeed 0.19.8 (where installed).
+
+The *limit* is the same expert modules run on the tokens actually routed (the number moesaic's
+router kept at that point), already split evenly and contiguously per expert: no router, no
+gather, no combine. ``ratio`` is a layer's median time over the limit's, measured in the same
+process, interleaved round-robin so machine noise hits every contender alike.
+
+Transient peak memory is measured in a fresh process per (point, contender): inputs and the layer
+are built, one warm-up step runs, the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``),
+one more step runs, and the transient is peak RSS (VmHWM) minus RSS before that step. glibc is
+told to return large blocks to the OS (``MALLOC_MMAP_THRESHOLD_``), so RSS follows the tensors.
+``--check-memory`` shows the method detects a known 256 MiB allocation.
+
+    python benchmarks/bench_layer.py                 # the full table (about 20-30 min on 2 cores)
+    python benchmarks/bench_layer.py --quick         # three points
+    python benchmarks/bench_layer.py --check-memory  # validate the memory method
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import moesaic  # noqa: E402
+
+H = 256
+MIB = 1024 * 1024
+
+try:
+    import logging
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    from deepspeed.moe.layer import MoE as DeepSpeedMoE  # type: ignore
+except Exception:  # DeepSpeed is optional: the table then has no DeepSpeed column
+    DeepSpeedMoE = None
+
+
+@dataclass(frozen=True)
+class Point:
+    tokens: int
+    experts: int
+    k: int
+    capacity_factor: float
+    dropless: bool = False
+
+    @property
+    def label(self) -> str:
+        mode = "dropless" if self.dropless else f"cf={self.capacity_factor}"
+        return f"S={self.tokens} E={self.experts} k={self.k} {mode}"
+
+
+def all_points(quick: bool) -> list:
+    if quick:
+        return [Point(2048, 8, 1, 1.0), Point(8192, 64, 2, 1.25), Point(8192, 64, 2, 1.0, dropless=True)]
+    pts = [Point(s, e, k, cf) for s in (2048, 8192, 32768) for e in (8, 64) for k in (1, 2) for cf in (1.0, 1.25)]
+    return pts + [Point(8192, 64, 2, 1.0, dropless=True), Point(8192, 64, 8, 1.0, dropless=True)]
+
+
+def expert() -> nn.Module:
+    return nn.Sequential(nn.Linear(H, 4 * H), nn.GELU(), nn.Linear(4 * H, H))
+
+
+def layer_kwargs(p: Point) -> dict:
+    return dict(num_experts=p.experts, k=p.k, capacity_factor=p.capacity_factor, eval_capacity_factor=p.capacity_factor,
+                drop_tokens=not p.dropless)
+
+
+def build(p: Point, which: str, seed: int = 0):
+    """Returns (step_fn, routed_count) for one contender at one point; step_fn runs forward+backward."""
+    torch.manual_seed(seed)
+    x = torch.randn(p.tokens, H, requires_grad=True)
+    if which in ("moesaic", "limit"):
+        layer = moesaic.MoE(H, expert(), **layer_kwargs(p))
+    else:
+        layer = DeepSpeedMoE(H, expert(), **layer_kwargs(p))
+    g_out = torch.randn(p.tokens, H)
+
+    def step_layer():
+        out, l_aux, _ = layer(x)
+        torch.autograd.backward([out, l_aux], [g_out, torch.ones(())])
+
+    if which != "limit":
+        return step_layer, None
+    # the limit: moesaic's own kept route count, split evenly over the experts
+    with torch.no_grad():
+        layer(x)
+    routed = int(layer.tokens_per_expert.sum())
+    experts = list(layer.experts)
+    splits = [routed // p.experts + (1 if i < routed % p.experts else 0) for i in range(p.experts)]
+    x_routed = torch.randn(routed, H, requires_grad=True)
+    g_routed = torch.randn(routed, H)
+
+    def step_limit():
+        outs = [e(chunk) for e, chunk in zip(experts, torch.split(x_routed, splits))]
+        torch.cat(outs).backward(g_routed)
+
+    return step_limit, routed
+
+
+def contenders() -> list:
+    return ["limit", "moesaic"] + (["deepspeed"] if DeepSpeedMoE is not None else [])
+
+
+def time_point(p: Point, repeats: int) -> dict:
+    steps = {}
+    routed = None
+    for which in contenders():
+        fn, r = build(p, which)
+        routed = r if r is not None else routed
+        fn()  # warm-up
+        steps[which] = fn
+    times = {w: [] for w in steps}
+    for _ in range(repeats):
+        for w, fn in steps.items():  # round-robin: noise hits every contender alike
+            t0 = time.perf_counter()
+            fn()
+            times[w].append(time.perf_counter() - t0)
+    return {"routed": routed, **{f"{w}_ms": 1000 * statistics.median(t) for w, t in times.items()}}
+
+
+# --- memory, in a fresh process -----------------------------------------------------------------
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+
+
+def measure_transient(fn) -> int:
+    """Bytes of peak RSS above the RSS before ``fn()``."""
+    _reset_peak()
+    before = _status_kib("VmRSS")
+    fn()
+    return (_status_kib("VmHWM") - before) * 1024
+
+
+def memory_child(p: Point, which: str) -> None:
+    torch.set_num_threads(1)  # threads' scratch buffers would add noise unrelated to the layer
+    fn, _ = build(p, which)
+    fn()
+    print(json.dumps({"bytes": measure_transient(fn)}))
+
+
+def memory_point(p: Point, which: str) -> int:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    cmd = [sys.executable, __file__, "--memory-child", which, json.dumps(asdict(p))]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["bytes"]
+
+
+def check_memory() -> None:
+    """The method must see a known allocation: a 256 MiB tensor written then freed inside fn."""
+    def fn():
+        t = torch.ones(64 * MIB, dtype=torch.float32)  # 256 MiB, touched
+        del t
+    seen = measure_transient(fn)
+    print(f"known allocation 256.0 MiB -> measured transient {seen / MIB:.1f} MiB")
+    if not 0.95 * 256 * MIB <= seen <= 1.1 * 256 * MIB:
+        raise SystemExit("memory method failed to measure a known allocation")
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="three points instead of the full table")
+    ap.add_argument("--repeats", type=int, default=0, help="timed steps per contender (default: by size)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory measurements")
+    ap.add_argument("--check-memory", action="store_true", help="validate the memory method and exit")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "layer.json"))
+    ap.add_argument("--memory-child", nargs=2, metavar=("WHICH", "POINT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_child:
+        memory_child(Point(**json.loads(args.memory_child[1])), args.memory_child[0])
+        return
+    if args.check_memory:
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+        if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+            os.execve(sys.executable, [sys.executable, __file__, "--check-memory"], env)
+        check_memory()
+        return
+    if args.repeats < 0:
+        ap.error(f"--repeats must be >= 0, got {args.repeats}")
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, DeepSpeed: "
+          f"{'yes' if DeepSpeedMoE is not None else 'not installed'}", flush=True)
+    rows = []
+    for p in all_points(args.quick):
+        repeats = args.repeats or (7 if p.tokens <= 8192 else 5)
+        row = {"point": p.label, **asdict(p), **time_point(p, repeats)}
+        row["ratio_to_limit"] = row["moesaic_ms"] / row["limit_ms"]
+        if "deepspeed_ms" in row:
+            row["speedup_vs_deepspeed"] = row["deepspeed_ms"] / row["moesaic_ms"]
+            row["deepspeed_ratio_to_limit"] = row["deepspeed_ms"] / row["limit_ms"]
+        if not args.no_memory:
+            for which in contenders():
+                row[f"{which}_peak_mib"] = memory_point(p, which) / MIB
+            row["mem_vs_limit"] = row["moesaic_peak_mib"] / row["limit_peak_mib"]
+            if "deepspeed_peak_mib" in row:
+                row["mem_vs_deepspeed"] = row["moesaic_peak_mib"] / row["deepspeed_peak_mib"]
+        rows.append(row)
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(rows, indent=1))
+    print_table(rows)
+
+
+def print_table(rows: list) -> None:
+    has_ds = any("deepspeed_ms" in r for r in rows)
+    has_mem = any("moesaic_peak_mib" in r for r in rows)
+    head = ["point", "routed", "limit ms", "moesaic ms", "ratio"]
+    if has_ds:
+        head += ["DeepSpeed ms", "DS ratio", "speed-up vs DS"]
+    if has_mem:
+        head += ["peak MiB limit", "peak MiB moesaic"] + (["peak MiB DS"] if has_ds else []) + ["mem/limit"]
+        head += ["mem/DS"] if has_ds else []
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in rows:
+        cells = [r["point"], str(r["routed"]), f"{r['limit_ms']:.1f}", f"{r['moesaic_ms']:.1f}",
+                 f"{r['ratio_to_limit']:.3f}"]
+        if has_ds:
+            cells += [f"{r['deepspeed_ms']:.1f}", f"{r['deepspeed_ratio_to_limit']:.2f}",
+                      f"{r['speedup_vs_deepspeed']:.2f}x"]
+        if has_mem:
+            cells += [f"{r['limit_peak_mib']:.0f}", f"{r['moesaic_peak_mib']:.0f}"]
+            cells += [f"{r['deepspeed_peak_mib']:.0f}"] if has_ds else []
+            cells += [f"{r['mem_vs_limit']:.2f}"]
+            cells += [f"{r['mem_vs_deepspeed']:.2f}"] if has_ds else []
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Experts: one deep copy of the user's expert module per local expert, each parameter tagged.
+
+Every parameter of expert ``i`` on expert-parallel rank ``r`` carries three attributes, the
+identity that optimizer groups, telemetry and checkpoints are built on:
+
+* ``allreduce = False`` (DeepSpeed's marker: not reduced over the whole data-parallel world);
+* ``group_name``: the layer's ``expert_group_name``;
+* ``expert_number``: the global expert index ``r * num_local_experts + i``.
+
+Nothing downstream re-derives identity from module paths.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Iterator, List, Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+class Experts(nn.Module):
+    """The local experts of one MoE layer.
+
+    Args:
+        expert: the module to replicate; it maps `(T, D)` tokens to `(T, D)` outputs (a tuple
+            output keeps its first element, as DeepSpeed does).
+        num_local_experts: copies held by this rank.
+        expert_group_name: the layer's name, stamped on every parameter.
+        ep_rank: this rank's index in its expert-parallel group (sets the global numbers).
+    """
+
+    def __init__(self, expert: nn.Module, num_local_experts: int = 1, expert_group_name: str = "ep_size_1",
+                 ep_rank: int = 0) -> None:
+        super().__init__()
+        if not isinstance(expert, nn.Module):
+            raise TypeError(f"expert must be a torch.nn.Module, got {type(expert).__name__}")
+        if isinstance(num_local_experts, bool) or not isinstance(num_local_experts, int) or num_local_experts < 1:
+            raise ValueError(f"num_local_experts must be an int >= 1, got {num_local_experts!r}")
+        if not any(True for _ in expert.parameters()):
+            raise ValueError("expert has no parameters; an MoE expert must own at least one parameter")
+        self.local_experts = nn.ModuleList([copy.deepcopy(expert) for _ in range(num_local_experts)])
+        self.num_local_experts = num_local_experts
+        self.expert_group_name = expert_group_name
+        self.ep_rank = 0
+        self.tag(expert_group_name, ep_rank)
+
+    def tag(self, expert_group_name: str, ep_rank: int) -> None:
+        """(Re)stamp every parameter with the layer name and its global expert number."""
+        if not isinstance(expert_group_name, str) or not expert_group_name:
+            raise ValueError(f"expert_group_name must be a non-empty str, got {expert_group_name!r}")
+        if isinstance(ep_rank, bool) or not isinstance(ep_rank, int) or ep_rank < 0:
+            raise ValueError(f"ep_rank must be an int >= 0, got {ep_rank!r}")
+        self.expert_group_name = expert_group_name
+        self.ep_rank = ep_rank
+        for i, expert in enumerate(self.local_experts):
+            for param in expert.parameters():
+                param.allreduce = False
+                param.group_name = expert_group_name
+                param.expert_number = ep_rank * self.num_local_experts + i
+
+    @property
+    def first_expert_number(self) -> int:
+        """Global number of local expert 0."""
+        return self.ep_rank * self.num_local_experts
+
+    def __len__(self) -> int:
+        return self.num_local_experts
+
+    def __getitem__(self, i: int) -> nn.Module:
+        return self.local_experts[i]
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return iter(self.local_experts)
+
+    def forward(self, x_ND: Tensor, tokens_per_local_expert: Sequence[int]) -> Tensor:
+        """Run local expert ``i`` on its contiguous slice of ``x_ND``.
+
+        Args:
+            x_ND: `(N, D)` tokens already in local-expert order.
+            tokens_per_local_expert: N_i for each local expert; they sum to N.
+
+        Returns:
+            `(N, D)` expert outputs in the same order.
+        """
+        if len(tokens_per_local_expert) != self.num_local_experts:
+            raise ValueError(f"tokens_per_local_expert has {len(tokens_per_local_expert)} entries, "
+                             f"expected num_local_experts={self.num_local_experts}")
+        outputs: List[Tensor] = []
+        for expert, chunk in zip(self.local_experts, torch.split(x_ND, list(tokens_per_local_expert))):
+            # an expert with no tokens still runs (on 0 rows) so its parameters get zero grads,
+            # not None, exactly as with DeepSpeed's padded buffers
+            out = expert(chunk)
+            if isinstance(out, tuple):
+                out = out[0]  # DeepSpeed convention: ignore a returned bias
+            outputs.append(out)
+        return torch.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]

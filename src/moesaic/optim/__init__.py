@@ -1,0 +1,1 @@
+"""Optimizer-side code: parameter groups built from parameter identity."""
