@@ -1,69 +1,128 @@
 """Index-based token dispatch and combine for the experts held by this process.
 
-``permute`` gathers each kept route's token into expert order with one ``index_select``;
-``combine`` multiplies each expert output by its route weight and scatter-adds it back onto its
-token. Memory is O(routes x D): no one-hot ``[S, E, C]`` tensor and no padded ``[E, C, D]``
-buffer, so experts only ever compute on slots that hold a token.
+``permute`` gathers each kept route's token into expert order, one piece per expert; ``combine`` multiplies each
+expert output by its route weight and scatter-adds it back onto its token. Memory is
+O(routes x D): no one-hot ``[S, E, C]`` tensor and no padded ``[E, C, D]`` buffer, so experts
+only ever compute on slots that hold a token.
 
-``combine`` is one autograd Function that works in row chunks, so neither its forward nor its
-backward materialises the ``(N, D)`` weighted products that ``y * w`` followed by ``index_add``
-would (two extra ``(N, D)`` tensors at the layer's peak).
+Both are small autograd Functions:
+
+* gathers use ``F.embedding`` (a row gather several times faster than ``index_select`` on CPU
+  for unsorted indices) and their backward is one ``index_add_``;
+* ``combine`` takes the experts' outputs as a list, so they are never concatenated, and works
+  piece by piece, so neither its forward nor its backward materialises the ``(N, D)`` weighted
+  products that ``y * w`` followed by ``index_add`` would (extra ``(N, D)`` tensors at the
+  layer's memory peak).
 
 Shape legend: S = tokens, N = kept routes, D = model dim.
 """
 
 from __future__ import annotations
 
+from typing import List, Sequence, Tuple
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .gating import Routing
 
-_CHUNK_ROWS = 4096  # rows per chunk in combine: large enough for full-speed kernels, small in memory
+_CHUNK_ROWS = 4096  # rows per step in combine: full-speed kernels, small temporaries
 
 
-def permute(x_SD: Tensor, routing: Routing) -> Tensor:
-    """Tokens of the kept routes, in expert order: `(N, D)`."""
-    return x_SD.index_select(0, routing.token_idx_N)
+def gather_rows(x_SD: Tensor, index_N: Tensor) -> Tensor:
+    """``x_SD[index_N]`` without autograd (a fast row gather)."""
+    if x_SD.dim() != 2:
+        raise ValueError(f"gather_rows expects a 2-D tensor, got shape {tuple(x_SD.shape)}")
+    return F.embedding(index_N, x_SD)
+
+
+class _Permute(torch.autograd.Function):
+    """Piece i = x[index[rows of piece i]]; backward scatter-adds each piece's gradient back.
+
+    Returning one tensor per expert (rather than one tensor the experts then split) means the
+    backward never concatenates the experts' input gradients into an `(N, D)` copy.
+    """
+
+    @staticmethod
+    def forward(ctx, x_SD: Tensor, index_N: Tensor, sizes: Sequence[int]) -> Tuple[Tensor, ...]:
+        ctx.save_for_backward(index_N)
+        ctx.num_rows = x_SD.shape[0]
+        ctx.sizes = list(sizes)
+        return tuple(gather_rows(x_SD.detach(), piece) for piece in index_N.split(ctx.sizes))
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        (index_N,) = ctx.saved_tensors
+        grad_SD = None
+        for piece, grad in zip(index_N.split(ctx.sizes), grads):
+            if grad is None or piece.numel() == 0:
+                continue
+            if grad_SD is None:
+                grad_SD = grad.new_zeros(ctx.num_rows, grad.shape[1])
+            grad_SD.index_add_(0, piece, grad)
+        return grad_SD, None, None
+
+
+def permute(x_SD: Tensor, routing: Routing, sizes: Sequence[int]) -> Tuple[Tensor, ...]:
+    """Tokens of the kept routes in expert order, one `(N_i, D)` piece per entry of ``sizes``."""
+    if sum(sizes) != routing.token_idx_N.numel():
+        raise ValueError(f"sizes add up to {sum(sizes)} but the routing kept {routing.token_idx_N.numel()} routes")
+    return _Permute.apply(x_SD, routing.token_idx_N, list(sizes))
+
+
+def _pieces(sizes: Sequence[int], chunk: int):
+    """Yield (piece index, row offset, rows) covering each piece in steps of at most ``chunk`` rows."""
+    offset = 0
+    for i, size in enumerate(sizes):
+        for start in range(0, size, chunk):
+            rows = min(chunk, size - start)
+            yield i, offset + start, start, rows
+        offset += size
 
 
 class _WeightedScatterAdd(torch.autograd.Function):
-    """out[token[n]] += w[n] * y[n], accumulated in fp32, returned in y's dtype."""
+    """out[token[n]] += w[n] * y[n] over expert pieces y_0, y_1, ...; fp32 accumulation."""
 
     @staticmethod
-    def forward(ctx, y_ND: Tensor, weight_N: Tensor, token_N: Tensor, num_tokens: int) -> Tensor:
-        out_SD = torch.zeros(num_tokens, y_ND.shape[1], dtype=torch.promote_types(y_ND.dtype, weight_N.dtype),
-                             device=y_ND.device)
-        for start in range(0, y_ND.shape[0], _CHUNK_ROWS):
-            rows = slice(start, start + _CHUNK_ROWS)
-            out_SD.index_add_(0, token_N[rows], y_ND[rows] * weight_N[rows, None])
-        ctx.save_for_backward(y_ND, weight_N, token_N)
-        return out_SD.to(y_ND.dtype)
+    def forward(ctx, weight_N: Tensor, token_N: Tensor, num_tokens: int, *ys: Tensor) -> Tensor:
+        dtype = ys[0].dtype
+        width = ys[0].shape[1]
+        out_SD = torch.zeros(num_tokens, width, dtype=torch.promote_types(dtype, weight_N.dtype),
+                             device=weight_N.device)
+        sizes = [y.shape[0] for y in ys]
+        for i, off, start, rows in _pieces(sizes, _CHUNK_ROWS):
+            if rows:
+                out_SD.index_add_(0, token_N[off:off + rows], ys[i][start:start + rows] * weight_N[off:off + rows, None])
+        ctx.save_for_backward(weight_N, token_N, *ys)
+        ctx.sizes = sizes
+        return out_SD.to(dtype)
 
     @staticmethod
     def backward(ctx, grad_SD: Tensor):
-        y_ND, weight_N, token_N = ctx.saved_tensors
-        grad_y_ND = grad_w_N = None
-        need_y, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if need_y or need_w:
-            grad_routes_ND = grad_SD.index_select(0, token_N)  # becomes grad_y in place, chunk by chunk
-            if need_w:
-                grad_w_N = torch.empty_like(weight_N)
-            for start in range(0, y_ND.shape[0], _CHUNK_ROWS):
-                rows = slice(start, start + _CHUNK_ROWS)
-                g = grad_routes_ND[rows]
+        weight_N, token_N, *ys = ctx.saved_tensors
+        need_w = ctx.needs_input_grad[0]
+        need_y = any(ctx.needs_input_grad[3:])
+        grad_w_N = torch.empty_like(weight_N) if need_w else None
+        grads_y: List = [None] * len(ys)
+        if need_w or need_y:
+            grad_routes_ND = gather_rows(grad_SD.contiguous(), token_N)  # becomes grad_y in place
+            for i, off, start, rows in _pieces(ctx.sizes, _CHUNK_ROWS):
+                g = grad_routes_ND[off:off + rows]
+                w = weight_N[off:off + rows, None]
                 if need_w:
-                    grad_w_N[rows] = (g.to(weight_N.dtype) * y_ND[rows]).sum(1)
+                    grad_w_N[off:off + rows] = torch.linalg.vecdot(g.to(weight_N.dtype), ys[i][start:start + rows].to(weight_N.dtype))
                 if need_y:
                     if g.dtype == weight_N.dtype:
-                        g.mul_(weight_N[rows, None])
+                        g.mul_(w)
                     else:  # scale in fp32 as the forward did, then round once
-                        g.copy_(g.to(weight_N.dtype) * weight_N[rows, None])
-            grad_y_ND = grad_routes_ND if need_y else None
-        return grad_y_ND, grad_w_N, None, None
+                        g.copy_(g.to(weight_N.dtype) * w)
+            if need_y:
+                grads_y = list(grad_routes_ND.split(ctx.sizes))
+        return (grad_w_N, None, None, *grads_y)
 
 
-def combine(y_ND: Tensor, routing: Routing, num_tokens: int) -> Tensor:
+def combine(ys: Sequence[Tensor], routing: Routing, num_tokens: int) -> Tensor:
     """Weighted scatter-add of expert outputs back onto their tokens.
 
     The products and the sum over a token's routes are formed in fp32 (the router weights'
@@ -71,11 +130,61 @@ def combine(y_ND: Tensor, routing: Routing, num_tokens: int) -> Tensor:
     route was dropped come out as zeros.
 
     Args:
-        y_ND: `(N, D)` expert outputs in routing order.
+        ys: the experts' outputs in routing order, one `(N_i, D)` piece per expert (or one
+            `(N, D)` tensor); the pieces' rows add up to N.
         routing: the routing that produced the order.
         num_tokens: S.
 
     Returns:
-        `(S, D)` combined output in ``y_ND.dtype``.
+        `(S, D)` combined output in the experts' dtype.
     """
-    return _WeightedScatterAdd.apply(y_ND, routing.weight_N, routing.token_idx_N, num_tokens)
+    if isinstance(ys, Tensor):
+        ys = [ys]
+    total = sum(y.shape[0] for y in ys)
+    if total != routing.token_idx_N.numel():
+        raise ValueError(f"expert outputs hold {total} rows but the routing kept {routing.token_idx_N.numel()} routes")
+    return _WeightedScatterAdd.apply(routing.weight_N, routing.token_idx_N, num_tokens, *ys)
+
+
+class regather_saved_pieces:
+    """Context manager: experts that save their gathered input for backward keep an index instead.
+
+    An expert's first layer saves its input (the gathered `(N_i, D)` piece) for its weight
+    gradient. That copy is redundant: the layer's input ``x_SD`` stays alive anyway (the router
+    saves it), and a row gather is cheap next to an expert's matmuls. Inside this context a saved
+    tensor that *is* one of the pieces (same storage, shape and strides, never modified in place)
+    is packed as its piece number and re-gathered when backward needs it, which takes one
+    `(N, D)` tensor off the layer's memory peak.
+    """
+
+    def __init__(self, x_SD: Tensor, routing: Routing, sizes: Sequence[int], pieces: Sequence[Tensor]) -> None:
+        self._x = x_SD.detach()
+        self._index = routing.token_idx_N.split(list(sizes))
+        self._keys = {(p.data_ptr(), tuple(p.shape), p.stride()): i for i, p in enumerate(pieces) if p.numel()}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, t: Tensor):
+        if t.numel() and t._version == 0 and t.device == self._x.device:
+            i = self._keys.get((t.data_ptr(), tuple(t.shape), t.stride()))
+            if i is not None:
+                return _PieceRef(i)
+        return t
+
+    def _unpack(self, packed):
+        if isinstance(packed, _PieceRef):
+            return gather_rows(self._x, self._index[packed.i])
+        return packed
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._hooks.__exit__(*exc)
+
+
+class _PieceRef:
+    __slots__ = ("i",)
+
+    def __init__(self, i: int) -> None:
+        self.i = i

@@ -73,25 +73,26 @@ class Experts(nn.Module):
     def __iter__(self) -> Iterator[nn.Module]:
         return iter(self.local_experts)
 
-    def forward(self, x_ND: Tensor, tokens_per_local_expert: Sequence[int]) -> Tensor:
-        """Run local expert ``i`` on its contiguous slice of ``x_ND``.
+    def forward(self, xs: Sequence[Tensor]) -> List[Tensor]:
+        """Run local expert ``i`` on its piece ``xs[i]`` of tokens.
 
         Args:
-            x_ND: `(N, D)` tokens already in local-expert order.
-            tokens_per_local_expert: N_i for each local expert; they sum to N.
+            xs: one `(N_i, D)` piece per local expert, in local-expert order (a single `(N, D)`
+                tensor is not accepted: split it, so the caller decides the pieces).
 
         Returns:
-            `(N, D)` expert outputs in the same order.
+            one `(N_i, D)` output per local expert, in order (not concatenated: the combine
+            reads the pieces directly, which saves an `(N, D)` copy).
         """
-        if len(tokens_per_local_expert) != self.num_local_experts:
-            raise ValueError(f"tokens_per_local_expert has {len(tokens_per_local_expert)} entries, "
-                             f"expected num_local_experts={self.num_local_experts}")
+        if isinstance(xs, Tensor) or len(xs) != self.num_local_experts:
+            got = "a Tensor" if isinstance(xs, Tensor) else f"{len(xs)} pieces"
+            raise ValueError(f"Experts expects one piece per local expert ({self.num_local_experts}), got {got}")
         outputs: List[Tensor] = []
-        for expert, chunk in zip(self.local_experts, torch.split(x_ND, list(tokens_per_local_expert))):
+        for expert, chunk in zip(self.local_experts, xs):
             # an expert with no tokens still runs (on 0 rows) so its parameters get zero grads,
             # not None, exactly as with DeepSpeed's padded buffers
             out = expert(chunk)
             if isinstance(out, tuple):
                 out = out[0]  # DeepSpeed convention: ignore a returned bias
             outputs.append(out)
-        return torch.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]
+        return outputs

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .dispatch import combine, permute
+from .dispatch import combine, permute, regather_saved_pieces
 from .experts import Experts
 from .gating import Routing, TopKGate, _check_int
 
@@ -150,8 +150,12 @@ class MoE(nn.Module):
 
         routing = self.gate(x_SD, used_token)
         if self.ep_size == 1:
-            y_ND = self.experts(permute(x_SD, routing), routing.tokens_per_expert_E.tolist())
-            out_SD = combine(y_ND, routing, S)
+            sizes = routing.tokens_per_expert_E.tolist()
+            pieces = permute(x_SD, routing, sizes)
+            with regather_saved_pieces(x_SD, routing, sizes, pieces):
+                ys = self.experts(pieces)
+            del pieces
+            out_SD = combine(ys, routing, S)
         else:
             out_SD = self._forward_expert_parallel(x_SD, routing)
         self._record(routing)
