@@ -7,7 +7,7 @@ DS_VENV := .venv-deepspeed
 TORCH_PIN := torch==2.13.0
 DEEPSPEED_PIN := deepspeed==0.19.8
 
-.PHONY: test unit parity demo bench clean
+.PHONY: test unit parity demo bench bench-ds clean
 
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,7 @@ $(DS_VENV)/.stamp: pyproject.toml
 test: unit parity
 
 unit: $(VENV)/.stamp
-	$(VENV)/bin/python -m pytest -q tests/unit
+	$(VENV)/bin/python -m pytest -q tests/unit tests/distributed
 
 # Parity with DeepSpeed 0.19.8: same weights, same inputs, compared to fp32 round-off.
 parity: $(DS_VENV)/.stamp
@@ -40,3 +40,7 @@ bench: $(VENV)/.stamp
 
 clean:
 	rm -rf $(VENV) $(DS_VENV) build *.egg-info src/*.egg-info
+
+# The same benchmarks with DeepSpeed's layer side by side (builds .venv-deepspeed).
+bench-ds: $(DS_VENV)/.stamp
+	$(DS_VENV)/bin/python benchmarks/bench_layer.py

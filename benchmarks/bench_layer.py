@@ -11,6 +11,13 @@ one more step runs, and the transient is peak RSS (VmHWM) minus RSS before that 
 told to return large blocks to the OS (``MALLOC_MMAP_THRESHOLD_``), so RSS follows the tensors.
 ``--check-memory`` shows the method detects a known 256 MiB allocation.
 
+Allocator: by default the script re-runs itself with glibc told to keep freed memory
+(``MALLOC_TRIM_THRESHOLD_``/``MALLOC_TOP_PAD_``/``MALLOC_MMAP_THRESHOLD_``), the CPU equivalent
+of a caching allocator (PyTorch's CPU tuning guide recommends jemalloc/tcmalloc for the same
+reason). Otherwise every step pays the VM's page faults on freshly mapped memory, a cost that
+grows with the number of bytes allocated and says nothing about the layer. It applies to every
+contender alike; ``--system-malloc`` measures with glibc's defaults instead.
+
     python benchmarks/bench_layer.py                 # the full table (about 20-30 min on 2 cores)
     python benchmarks/bench_layer.py --quick         # three points
     python benchmarks/bench_layer.py --check-memory  # validate the memory method
@@ -35,6 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import moesaic  # noqa: E402
 
 H = 256
+KEEP_MEMORY_ENV = {"MALLOC_TRIM_THRESHOLD_": "100000000000", "MALLOC_TOP_PAD_": "1000000000",
+                   "MALLOC_MMAP_THRESHOLD_": "4000000000"}
 MIB = 1024 * 1024
 
 try:
@@ -168,7 +177,7 @@ def memory_child(p: Point, which: str) -> None:
 
 
 def memory_point(p: Point, which: str) -> int:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", MALLOC_TOP_PAD_="0")
     cmd = [sys.executable, __file__, "--memory-child", which, json.dumps(asdict(p))]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["bytes"]
@@ -193,6 +202,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=0, help="timed steps per contender (default: by size)")
     ap.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory measurements")
     ap.add_argument("--check-memory", action="store_true", help="validate the memory method and exit")
+    ap.add_argument("--system-malloc", action="store_true", help="time with glibc's default allocator settings")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "layer.json"))
     ap.add_argument("--memory-child", nargs=2, metavar=("WHICH", "POINT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -200,16 +210,20 @@ def main() -> None:
         memory_child(Point(**json.loads(args.memory_child[1])), args.memory_child[0])
         return
     if args.check_memory:
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-        if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", MALLOC_TOP_PAD_="0")
+        if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
             os.execve(sys.executable, [sys.executable, __file__, "--check-memory"], env)
         check_memory()
         return
+    if not args.system_malloc and os.environ.get("MOESAIC_BENCH_ALLOCATOR") != "keep":
+        env = dict(os.environ, MOESAIC_BENCH_ALLOCATOR="keep", **KEEP_MEMORY_ENV)
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     if args.repeats < 0:
         ap.error(f"--repeats must be >= 0, got {args.repeats}")
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, DeepSpeed: "
-          f"{'yes' if DeepSpeedMoE is not None else 'not installed'}", flush=True)
+          f"{'yes' if DeepSpeedMoE is not None else 'not installed'}, allocator: "
+          f"{'glibc defaults' if args.system_malloc else 'glibc keeping freed memory'}", flush=True)
     rows = []
     for p in all_points(args.quick):
         repeats = args.repeats or (15 if p.tokens <= 8192 else 7)

@@ -1,6 +1,6 @@
 """moesaic: Mixture-of-Experts layers, expert parallelism and identity-aware optimizer groups."""
 
-from .layer import Experts, MoE, TopKGate, name_moe_layers
+from .layer import Experts, MoE, TopKGate, name_moe_layers, setup_expert_parallel
 from .optim.param_groups import (
     configure_moe_param_groups,
     describe_param_groups,
@@ -12,10 +12,12 @@ from .optim.param_groups import (
     split_params_into_shared_and_expert_params,
 )
 
+from .parallel import init_distributed
+
 __version__ = "0.1.0"
 
 __all__ = [
-    "Experts", "MoE", "TopKGate", "name_moe_layers",
+    "Experts", "MoE", "TopKGate", "name_moe_layers", "setup_expert_parallel", "init_distributed",
     "configure_moe_param_groups", "describe_param_groups", "has_moe_layers", "is_moe_param", "is_moe_param_group",
     "split_params_grads_into_shared_and_expert_params", "split_params_into_different_moe_groups_for_optimizer",
     "split_params_into_shared_and_expert_params",

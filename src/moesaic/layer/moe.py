@@ -105,7 +105,9 @@ class MoE(nn.Module):
             self.mlp = expert
             # coefficient of the weighted sum of the MoE output and the dense mlp output
             self.coefficient = nn.Linear(hidden_size, 2)
-        self.ep_group = None  # set by set_deepspeed_parallelism / moesaic.parallel
+        self.ep_group = None  # set by set_deepspeed_parallelism / moesaic.setup_expert_parallel
+        self.parallel_groups = None
+        self._dispatcher = None
         # routing statistics of the last forward, for telemetry (not state: never checkpointed)
         self.l_aux: Optional[Tensor] = None
         self.z_loss: Optional[Tensor] = None
@@ -113,6 +115,28 @@ class MoE(nn.Module):
         self.tokens_per_expert: Optional[Tensor] = None
         self.num_dropped_routes: int = 0
         self.num_routes: int = 0
+
+    # --- expert parallelism ---------------------------------------------------------------------
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """Join the expert-parallel groups for this layer's ``ep_size`` (DeepSpeed's name).
+
+        Creates the groups on first use (collectively: call it on every rank in the same order),
+        renumbers the local experts to their global numbers and installs the all-to-all dispatcher.
+        """
+        from ..parallel.groups import get_expert_parallel_groups
+        from .ep_dispatch import ExpertParallelDispatcher
+
+        groups = get_expert_parallel_groups(self.ep_size, use_data_before_expert_parallel_)
+        self.parallel_groups = groups
+        self.ep_group = groups.ep_group
+        self.experts.tag(self.expert_group_name, groups.ep_rank)
+        if self.ep_size > 1:
+            g = self.gate
+            signature = (f"E={self.num_experts} ep_size={self.ep_size} k={self.k} hidden={self.hidden_size} "
+                         f"drop_tokens={g.drop_tokens} capacity_factor={g.capacity_factor}/{g.eval_capacity_factor} "
+                         f"min_capacity={g.min_capacity} drop_policy={g.drop_policy}")
+            self._dispatcher = ExpertParallelDispatcher(groups, self.num_experts, self.hidden_size, g.drop_tokens,
+                                                        signature)
 
     # --- naming ---------------------------------------------------------------------------------
     def set_expert_group_name(self, name: str) -> None:
@@ -149,7 +173,7 @@ class MoE(nn.Module):
             used_token = self._check_used_token(used_token, hidden_states, S)
 
         routing = self.gate(x_SD, used_token)
-        if self.ep_size == 1:
+        if self._dispatcher is None and self.ep_size == 1:
             sizes = routing.tokens_per_expert_E.tolist()
             pieces = permute(x_SD, routing, sizes)
             with regather_saved_pieces(x_SD, routing, sizes, pieces):
@@ -170,7 +194,7 @@ class MoE(nn.Module):
         return output, routing.l_aux, routing.exp_counts_E
 
     def _forward_expert_parallel(self, x_SD: Tensor, routing: Routing) -> Tensor:
-        dispatcher = getattr(self, "_dispatcher", None)
+        dispatcher = self._dispatcher
         if dispatcher is None:
             raise RuntimeError(f"MoE layer {self.expert_group_name!r} has ep_size={self.ep_size} but no "
                                "expert-parallel process group; call moesaic.setup_expert_parallel(model) or "
@@ -219,3 +243,20 @@ def name_moe_layers(model: nn.Module, prefix: str = "") -> dict:
             module.set_expert_group_name(name)
             named[name] = module
     return named
+
+
+def setup_expert_parallel(model: nn.Module, use_data_before_expert_parallel_: bool = False) -> dict:
+    """Put every MoE layer of ``model`` on its expert-parallel groups (one call per model).
+
+    Layers are visited in module order, so every rank creates the same groups in the same order;
+    layers sharing an ``ep_size`` share its groups whatever their names. Returns
+    ``{expert_group_name: ExpertParallelGroups}``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    out = {}
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.set_deepspeed_parallelism(use_data_before_expert_parallel_)
+            out[module.expert_group_name] = module.parallel_groups
+    return out
