@@ -1,0 +1,45 @@
+"""The documented launch paths: torchrun on one machine, and two torchrun launchers as two nodes."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from launch import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = str(ROOT / "examples" / "ep_check.py")
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def _torchrun(*args):
+    return [sys.executable, "-m", "torch.distributed.run", *args]
+
+
+def test_torchrun_two_processes_one_node():
+    cmd = _torchrun("--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()), SCRIPT)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}/2 (gloo): expert parallelism matches data parallelism" in out.stdout
+
+
+def test_two_nodes_simulated_with_c10d_rendezvous():
+    endpoint = f"127.0.0.1:{free_port()}"
+    cmd = _torchrun("--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+                    "--rdzv-id", "moesaic-test", SCRIPT, "--dropless")
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+             for _ in range(2)]
+    outputs = []
+    try:
+        for node in nodes:
+            stdout, stderr = node.communicate(timeout=150)
+            outputs.append(stdout)
+            assert node.returncode == 0, stderr[-3000:]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    joined = "".join(outputs)
+    for rank in (0, 1):
+        assert f"rank {rank}/2 (gloo): expert parallelism matches data parallelism" in joined
