@@ -226,7 +226,7 @@ def main() -> None:
           f"{'glibc defaults' if args.system_malloc else 'glibc keeping freed memory'}", flush=True)
     rows = []
     for p in all_points(args.quick):
-        repeats = args.repeats or (15 if p.tokens <= 8192 else 7)
+        repeats = args.repeats or (11 if p.tokens <= 8192 else 5)
         row = {"point": p.label, **asdict(p), **time_point(p, repeats)}
         row["ratio_to_limit"] = row.pop("moesaic_ratio")
         if "deepspeed_ms" in row:
