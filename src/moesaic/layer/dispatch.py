@@ -9,10 +9,9 @@ Both are small autograd Functions:
 
 * gathers use ``F.embedding`` (a row gather several times faster than ``index_select`` on CPU
   for unsorted indices) and their backward is one ``index_add_``;
-* ``combine`` takes the experts' outputs as a list, so they are never concatenated, and works
-  piece by piece, so neither its forward nor its backward materialises the ``(N, D)`` weighted
-  products that ``y * w`` followed by ``index_add`` would (extra ``(N, D)`` tensors at the
-  layer's memory peak).
+* ``combine`` works in row chunks, so neither its forward nor its backward materialises the
+  ``(N, D)`` weighted products that ``y * w`` followed by ``index_add`` would (extra ``(N, D)``
+  tensors at the layer's memory peak).
 
 Shape legend: S = tokens, N = kept routes, D = model dim.
 """
@@ -54,13 +53,14 @@ class _Permute(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: Tensor):
         (index_N,) = ctx.saved_tensors
-        grad_SD = None
-        for piece, grad in zip(index_N.split(ctx.sizes), grads):
-            if grad is None or piece.numel() == 0:
-                continue
-            if grad_SD is None:
-                grad_SD = grad.new_zeros(ctx.num_rows, grad.shape[1])
-            grad_SD.index_add_(0, piece, grad)
+        grads = [g if g is not None else index_N.new_zeros(0) for g in grads]
+        width = next((g.shape[1] for g in grads if g.dim() == 2), None)
+        if width is None:
+            return None, None, None
+        full = [g if g.dim() == 2 else g.new_zeros(size, width) for g, size in zip(grads, ctx.sizes)]
+        # one scatter over all pieces: many small index_adds cost more in launches than a copy
+        grad_SD = full[0].new_zeros(ctx.num_rows, width)
+        grad_SD.index_add_(0, index_N, torch.cat(full) if len(full) > 1 else full[0])
         return grad_SD, None, None
 
 
@@ -71,47 +71,41 @@ def permute(x_SD: Tensor, routing: Routing, sizes: Sequence[int]) -> Tuple[Tenso
     return _Permute.apply(x_SD, routing.token_idx_N, list(sizes))
 
 
-def _pieces(sizes: Sequence[int], chunk: int):
-    """Yield (piece index, row offset, rows) covering each piece in steps of at most ``chunk`` rows."""
-    offset = 0
-    for i, size in enumerate(sizes):
-        for start in range(0, size, chunk):
-            rows = min(chunk, size - start)
-            yield i, offset + start, start, rows
-        offset += size
-
-
 class _WeightedScatterAdd(torch.autograd.Function):
-    """out[token[n]] += w[n] * y[n] over expert pieces y_0, y_1, ...; fp32 accumulation."""
+    """out[token[n]] += w[n] * y[n] for the concatenated expert outputs y; fp32 accumulation.
+
+    The pieces are concatenated once (one copy; the pieces themselves are then free), and all
+    work runs in row chunks, so a layer with many small experts costs a few kernel launches,
+    not a few per expert.
+    """
 
     @staticmethod
     def forward(ctx, weight_N: Tensor, token_N: Tensor, num_tokens: int, *ys: Tensor) -> Tensor:
-        dtype = ys[0].dtype
-        width = ys[0].shape[1]
-        out_SD = torch.zeros(num_tokens, width, dtype=torch.promote_types(dtype, weight_N.dtype),
-                             device=weight_N.device)
-        sizes = [y.shape[0] for y in ys]
-        for i, off, start, rows in _pieces(sizes, _CHUNK_ROWS):
-            if rows:
-                out_SD.index_add_(0, token_N[off:off + rows], ys[i][start:start + rows] * weight_N[off:off + rows, None])
-        ctx.save_for_backward(weight_N, token_N, *ys)
-        ctx.sizes = sizes
-        return out_SD.to(dtype)
+        y_ND = torch.cat(ys) if len(ys) > 1 else ys[0]
+        out_SD = torch.zeros(num_tokens, y_ND.shape[1], dtype=torch.promote_types(y_ND.dtype, weight_N.dtype),
+                             device=y_ND.device)
+        for start in range(0, y_ND.shape[0], _CHUNK_ROWS):
+            rows = slice(start, start + _CHUNK_ROWS)
+            out_SD.index_add_(0, token_N[rows], y_ND[rows] * weight_N[rows, None])
+        ctx.save_for_backward(weight_N, token_N, y_ND)
+        ctx.sizes = [y.shape[0] for y in ys]
+        return out_SD.to(y_ND.dtype)
 
     @staticmethod
     def backward(ctx, grad_SD: Tensor):
-        weight_N, token_N, *ys = ctx.saved_tensors
+        weight_N, token_N, y_ND = ctx.saved_tensors
         need_w = ctx.needs_input_grad[0]
         need_y = any(ctx.needs_input_grad[3:])
         grad_w_N = torch.empty_like(weight_N) if need_w else None
-        grads_y: List = [None] * len(ys)
+        grads_y: List = [None] * len(ctx.sizes)
         if need_w or need_y:
             grad_routes_ND = gather_rows(grad_SD.contiguous(), token_N)  # becomes grad_y in place
-            for i, off, start, rows in _pieces(ctx.sizes, _CHUNK_ROWS):
-                g = grad_routes_ND[off:off + rows]
-                w = weight_N[off:off + rows, None]
+            for start in range(0, y_ND.shape[0], _CHUNK_ROWS):
+                rows = slice(start, start + _CHUNK_ROWS)
+                g = grad_routes_ND[rows]
+                w = weight_N[rows, None]
                 if need_w:
-                    grad_w_N[off:off + rows] = torch.linalg.vecdot(g.to(weight_N.dtype), ys[i][start:start + rows].to(weight_N.dtype))
+                    grad_w_N[rows] = torch.linalg.vecdot(g.to(weight_N.dtype), y_ND[rows].to(weight_N.dtype))
                 if need_y:
                     if g.dtype == weight_N.dtype:
                         g.mul_(w)

@@ -1,0 +1,213 @@
+"""The training engine: ``moesaic.initialize`` in DeepSpeed's shape, MoE-aware from end to end.
+
+``engine(batch)`` runs the model; ``engine.backward(loss)`` scales and backpropagates a
+micro-batch; ``engine.step()`` is called after every micro-batch and, at each gradient
+accumulation boundary:
+
+1. synchronises gradients (dense over the world, experts over their expert-data-parallel group,
+   all to the gradient of the global mean loss; bucketed, once per step);
+2. checks every rank for non-finite gradients (fp16: a loss-scale overflow skips the step on every
+   rank and lowers the scale; bf16/fp32: the step is skipped with a warning naming the groups);
+3. computes one global gradient norm (dense once, each expert once) and the clip coefficient;
+4. steps the optimizer group by group (fp32 master weights, one group in full precision at once);
+5. advances the LR scheduler and the loss scaler, and records telemetry.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .optim.build_groups import build_param_groups
+from .optim.config import EngineConfig, load_config
+from .optim.grad_sync import any_non_finite, build_sync_plan, global_grad_norm, non_finite_group_names, sync_gradients
+from .optim.loss_scaler import build_loss_scaler
+from .optim.mixed_precision import GroupedMixedPrecisionOptimizer
+from .optim.schedulers import build_scheduler
+
+
+class MoEEngine:
+    """Wraps a model, its optimizer, scheduler and loss scaler (see module docstring).
+
+    Attributes:
+        module: the wrapped model.
+        global_steps: optimizer steps taken (skipped steps included, as DeepSpeed counts).
+        skipped_steps: steps skipped for non-finite gradients.
+        last_metrics: the metrics of the last optimizer step (also written to ``log_dir``).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: GroupedMixedPrecisionOptimizer, scheduler, config: EngineConfig,
+                 log_dir: Optional[str] = None, telemetry_every: int = 1) -> None:
+        self.module = model
+        self.optimizer = optimizer
+        self.lr_scheduler = scheduler
+        self.config = config
+        self.loss_scaler = build_loss_scaler(config.fp16) if config.fp16.enabled else None
+        self.gradient_accumulation_steps = config.gradient_accumulation_steps
+        self.global_steps = 0
+        self.micro_steps = 0
+        self.skipped_steps = 0
+        self.last_metrics: Dict[str, Any] = {}
+        self._plan = build_sync_plan(model)
+        self._losses = []
+        self._grad_norm: Optional[float] = None
+        self._telemetry_every = telemetry_every
+        self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        from .telemetry import MetricsWriter, MoEStatsAccumulator
+        self._moe_stats = MoEStatsAccumulator()
+        self._writer = MetricsWriter(log_dir) if (log_dir is not None and self.rank == 0) else None
+
+    # --- DeepSpeed-shaped API -------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        out = self.module(*args, **kwargs)
+        if self.module.training:
+            self._moe_stats.update(self.module)
+        return out
+
+    forward = __call__
+
+    def train(self, mode: bool = True) -> "MoEEngine":
+        self.module.train(mode)
+        return self
+
+    def eval(self) -> "MoEEngine":
+        return self.train(False)
+
+    def parameters(self):
+        return self.module.parameters()
+
+    @property
+    def loss_scale(self) -> float:
+        return float(self.loss_scaler.loss_scale) if self.loss_scaler is not None else 1.0
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        """True when the next ``step()`` call will update the weights."""
+        return (self.micro_steps + 1) % self.gradient_accumulation_steps == 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate one micro-batch's loss, scaled by ``loss_scale / gradient_accumulation_steps``."""
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise TypeError(f"loss must be a scalar tensor, got {type(loss).__name__}"
+                            f"{'' if not isinstance(loss, torch.Tensor) else ' of shape ' + str(tuple(loss.shape))}")
+        self._losses.append(float(loss.detach()))
+        (loss.float() * (self.loss_scale / self.gradient_accumulation_steps)).backward()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def get_lr(self):
+        return [g["lr"] * g.get("lr_scale", 1.0) for g in self.optimizer.param_groups]
+
+    def get_global_grad_norm(self) -> Optional[float]:
+        return self._grad_norm
+
+    def step(self) -> None:
+        """Count a micro-batch; at an accumulation boundary, update the weights (see module docstring)."""
+        boundary = self.is_gradient_accumulation_boundary()
+        self.micro_steps += 1
+        if not boundary:
+            return
+        # 1. one synchronisation per step, after every micro-batch has accumulated
+        sync_gradients(self._plan)
+        # 2. non-finite anywhere skips the step everywhere
+        scale = self.loss_scale
+        if any_non_finite(self._plan):
+            self._skip_step()
+            return
+        # 3. global norm and clip coefficient (identical on every rank)
+        norm = global_grad_norm(self._plan) / scale
+        self._grad_norm = norm
+        clip = self.config.gradient_clipping
+        coef = min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0
+        # 4. group-by-group update
+        want_stats = self._writer is not None and (self.global_steps % self._telemetry_every == 0)
+        self.optimizer.step(grad_scale=coef / scale, want_stats=want_stats)
+        # 5. schedules and telemetry
+        if self.loss_scaler is not None:
+            self.loss_scaler.update_scale(False)
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        self.global_steps += 1
+        self._record(norm, coef, want_stats)
+        self.zero_grad()
+
+    def _skip_step(self) -> None:
+        if self.loss_scaler is not None:
+            self.loss_scaler.update_scale(True)
+        else:
+            names = non_finite_group_names(self.optimizer.param_groups)
+            warnings.warn(f"step {self.global_steps}: non-finite gradients (on this rank in groups "
+                          f"{names if names else '[none here: another rank]'}); the step is skipped on every rank",
+                          RuntimeWarning, stacklevel=3)
+        self.skipped_steps += 1
+        self.global_steps += 1
+        self._grad_norm = float("nan")
+        self._record(float("nan"), 0.0, False)
+        self.zero_grad()
+
+    def _record(self, norm: float, coef: float, group_stats: bool) -> None:
+        metrics: Dict[str, Any] = {
+            "train": {"loss": sum(self._losses) / len(self._losses) if self._losses else float("nan"),
+                      "grad_norm": norm, "clip_coef": coef, "lr": self.get_lr()[0],
+                      "loss_scale": self.loss_scale, "skipped_steps": self.skipped_steps},
+            "moe": self._moe_stats.summary(),
+        }
+        if group_stats:
+            metrics["group"] = self.optimizer.last_stats
+        self._losses = []
+        self._moe_stats.reset()
+        self.last_metrics = metrics
+        if self._writer is not None:
+            self._writer.write(self.global_steps, metrics)
+
+    def close(self) -> None:
+        """Flush and close the metrics writer."""
+        if self._writer is not None:
+            self._writer.close()
+
+
+def initialize(model: nn.Module, model_parameters=None, config=None, *, log_dir: Optional[str] = None,
+               telemetry_every: int = 1):
+    """Build the engine, in DeepSpeed's shape.
+
+    Args:
+        model: the model; MoE layers with ``ep_size > 1`` must already be on their process groups
+            (``moesaic.setup_expert_parallel(model)``; done here when the world is initialised).
+        model_parameters: None (all parameters), parameters, or param-group dicts.
+        config: a dict, or a path to a JSON or TOML file, with DeepSpeed's keys plus ``moe``.
+        log_dir: where rank 0 writes TensorBoard events and ``metrics.csv`` (None: no files).
+        telemetry_every: per-group statistics every this many steps (they cost a few norms).
+
+    Returns:
+        ``(engine, optimizer, None, lr_scheduler)``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if config is None:
+        raise ValueError("config is required: a dict or a path to a JSON/TOML file")
+    if isinstance(telemetry_every, bool) or not isinstance(telemetry_every, int) or telemetry_every < 1:
+        raise ValueError(f"telemetry_every must be an int >= 1, got {telemetry_every!r}")
+    cfg = config if isinstance(config, EngineConfig) else load_config(config)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    cfg.check_batch(world)
+    if world > 1:
+        from .layer.moe import MoE, setup_expert_parallel
+        if any(isinstance(m, MoE) and m.parallel_groups is None for m in model.modules()):
+            setup_expert_parallel(model)
+    if cfg.bf16:
+        model.to(torch.bfloat16)
+    elif cfg.fp16.enabled:
+        model.to(torch.float16)
+    moe = cfg.moe
+    groups = build_param_groups(model, model_parameters, split_by=moe.split_by, max_group_size=moe.max_group_size,
+                                lr_scale=moe.lr_scale, freeze=moe.freeze_experts)
+    optimizer = GroupedMixedPrecisionOptimizer(groups, cfg.optimizer.type, dict(cfg.optimizer.params),
+                                               offload=moe.offload, fuse_elems=moe.max_group_size)
+    scheduler = build_scheduler(optimizer, cfg.scheduler) if cfg.scheduler is not None else None
+    engine = MoEEngine(model, optimizer, scheduler, cfg, log_dir=log_dir, telemetry_every=telemetry_every)
+    return engine, optimizer, None, scheduler

@@ -1,0 +1,195 @@
+"""Routing statistics of a model's MoE layers: one forward (``collect_moe_stats``) or many.
+
+Every ``moesaic.MoE`` keeps the routing numbers of its last forward; these helpers turn them into
+plain Python dicts keyed by ``expert_group_name``, ready for ``MetricsWriter``::
+
+    {"tokens_per_expert": [...],   # routes kept per expert, after capacity (index = expert number)
+     "routes_per_expert": [...],   # routes chosen per expert, before capacity
+     "dropped_fraction": float,    # dropped routes / routes
+     "l_aux": float, "z_loss": float,
+     "load_imbalance": float}      # max / mean of routes_per_expert (0 when there are no routes)
+
+With expert parallelism the numbers cover this rank's tokens only (all ``E`` experts, numbered
+globally); reduce them over the data-parallel ranks yourself if you need global figures.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+from torch import Tensor, nn
+
+from ..layer.moe import MoE
+
+__all__ = ["collect_moe_stats", "MoEStatsAccumulator"]
+
+
+def _moe_layers(model: nn.Module) -> Dict[str, MoE]:
+    """Map every MoE layer of ``model`` to its ``expert_group_name``, refusing duplicate names.
+
+    Args:
+        model: the module to search (an ``MoE`` itself counts).
+
+    Returns:
+        ``{expert_group_name: layer}`` in module order.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    layers: Dict[str, MoE] = {}
+    for path, module in model.named_modules():
+        if not isinstance(module, MoE):
+            continue
+        name = module.expert_group_name
+        if name in layers:
+            raise ValueError(f"two MoE layers share expert_group_name {name!r} (the second at module path "
+                             f"{path or '<root>'!r}), so their statistics would overwrite each other; give every "
+                             f"layer its own name, e.g. with moesaic.name_moe_layers(model)")
+        layers[name] = module
+    return layers
+
+
+def _has_run(layer: MoE) -> bool:
+    return layer.tokens_per_expert is not None and layer.exp_counts is not None
+
+
+def _scalar(value) -> float:
+    """A loss attribute (0-dim tensor or None) as a Python float; None reads as 0."""
+    if value is None:
+        return 0.0
+    if isinstance(value, Tensor):
+        return float(value.detach().float().item())
+    return float(value)
+
+
+def _load_imbalance(routes: List[int]) -> float:
+    total = sum(routes)
+    if not routes or total == 0:
+        return 0.0
+    return max(routes) / (total / len(routes))
+
+
+def collect_moe_stats(model: nn.Module) -> Dict[str, dict]:
+    """Read the routing statistics of every MoE layer's last forward.
+
+    Layers that have not run a forward yet are skipped. Reading the numbers synchronises with
+    the device (``.tolist()``), so call it once per logging step, not inside the hot loop.
+
+    Args:
+        model: a module containing ``moesaic.MoE`` layers (or an ``MoE`` itself).
+
+    Returns:
+        ``{expert_group_name: {"tokens_per_expert", "routes_per_expert", "dropped_fraction",
+        "l_aux", "z_loss", "load_imbalance"}}`` (see the module docstring).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: two MoE layers share an ``expert_group_name``.
+    """
+    stats: Dict[str, dict] = {}
+    for name, layer in _moe_layers(model).items():
+        if not _has_run(layer):
+            continue
+        routes = [int(c) for c in layer.exp_counts.tolist()]
+        stats[name] = {
+            "tokens_per_expert": [int(c) for c in layer.tokens_per_expert.tolist()],
+            "routes_per_expert": routes,
+            "dropped_fraction": float(layer.dropped_fraction),
+            "l_aux": _scalar(layer.l_aux),
+            "z_loss": _scalar(layer.z_loss),
+            "load_imbalance": _load_imbalance(routes),
+        }
+    return stats
+
+
+class MoEStatsAccumulator:
+    """Sum MoE routing statistics over several forwards (micro-batches) between ``reset()`` calls.
+
+    Call ``update(model)`` after every micro-batch's forward and ``summary()`` once per optimizer
+    step, then ``reset()``. Counts are summed on the layers' device, so ``update`` never waits
+    for the device; ``summary`` does. Each forward is counted at most once: calling ``update``
+    again before a layer has run another forward (or after ``reset``) adds nothing for it.
+    """
+
+    def __init__(self) -> None:
+        self._seen: Dict[str, Tensor] = {}  # name -> tokens_per_expert tensor of the forward last counted
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the sums (start a new step); forwards already counted stay counted."""
+        self._tokens: Dict[str, Tensor] = {}
+        self._routes: Dict[str, Tensor] = {}
+        self._l_aux: Dict[str, Tensor] = {}
+        self._z_loss: Dict[str, Tensor] = {}
+        self._num_routes: Dict[str, int] = {}
+        self._num_dropped: Dict[str, int] = {}
+        self._forwards: Dict[str, int] = {}
+
+    @property
+    def num_forwards(self) -> Dict[str, int]:
+        """Forwards counted per layer since the last ``reset()``."""
+        return dict(self._forwards)
+
+    def update(self, model: nn.Module) -> None:
+        """Add the last forward of every MoE layer of ``model`` to the sums.
+
+        Args:
+            model: a module containing ``moesaic.MoE`` layers (or an ``MoE`` itself).
+
+        Raises:
+            TypeError: ``model`` is not an ``nn.Module``.
+            ValueError: two MoE layers share an ``expert_group_name``, or a layer's expert count
+                differs from what was accumulated under its name.
+        """
+        for name, layer in _moe_layers(model).items():
+            if not _has_run(layer) or self._seen.get(name) is layer.tokens_per_expert:
+                continue
+            tokens = layer.tokens_per_expert.detach().to(torch.int64)
+            routes = layer.exp_counts.detach().to(torch.int64)
+            l_aux = torch.as_tensor(0.0 if layer.l_aux is None else layer.l_aux.detach(), dtype=torch.float64)
+            z_loss = torch.as_tensor(0.0 if layer.z_loss is None else layer.z_loss.detach(), dtype=torch.float64)
+            if name not in self._forwards:
+                self._tokens[name] = tokens.clone()
+                self._routes[name] = routes.clone()
+                self._l_aux[name] = l_aux.clone()
+                self._z_loss[name] = z_loss.clone()
+                self._num_routes[name] = 0
+                self._num_dropped[name] = 0
+                self._forwards[name] = 0
+            else:
+                if tokens.numel() != self._tokens[name].numel():
+                    raise ValueError(f"MoE layer {name!r} has {tokens.numel()} experts but "
+                                     f"{self._tokens[name].numel()} were accumulated under that name; "
+                                     "call reset() before switching models")
+                device = self._tokens[name].device
+                self._tokens[name] += tokens.to(device)
+                self._routes[name] += routes.to(device)
+                self._l_aux[name] += l_aux.to(device)
+                self._z_loss[name] += z_loss.to(device)
+            self._num_routes[name] += int(layer.num_routes)
+            self._num_dropped[name] += int(layer.num_dropped_routes)
+            self._forwards[name] += 1
+            self._seen[name] = layer.tokens_per_expert
+
+    def summary(self) -> Dict[str, dict]:
+        """The accumulated statistics, one dict per layer (the shape ``collect_moe_stats`` returns).
+
+        Returns:
+            ``{expert_group_name: stats}`` with tokens and routes per expert summed over the
+            forwards, ``dropped_fraction`` = dropped routes / routes over all of them, ``l_aux``
+            and ``z_loss`` averaged, ``load_imbalance`` of the summed routes. Empty before the
+            first ``update``.
+        """
+        out: Dict[str, dict] = {}
+        for name, n in self._forwards.items():
+            routes = [int(c) for c in self._routes[name].tolist()]
+            num_routes = self._num_routes[name]
+            out[name] = {
+                "tokens_per_expert": [int(c) for c in self._tokens[name].tolist()],
+                "routes_per_expert": routes,
+                "dropped_fraction": self._num_dropped[name] / num_routes if num_routes else 0.0,
+                "l_aux": float(self._l_aux[name].item()) / n,
+                "z_loss": float(self._z_loss[name].item()) / n,
+                "load_imbalance": _load_imbalance(routes),
+            }
+        return out

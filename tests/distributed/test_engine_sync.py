@@ -1,0 +1,104 @@
+"""The engine's gradient sync and clipping across ranks equal one process on the global batch."""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+from launch import run_ranks  # noqa: E402
+
+import moesaic  # noqa: E402
+from moesaic.optim.grad_sync import build_sync_plan, sync_gradients  # noqa: E402
+
+D, E, TOKENS = 8, 4, 12
+
+
+class Net(nn.Module):
+    def __init__(self, ep_size):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(D, D)
+        self.ffn = moesaic.MoE(D, nn.Sequential(nn.Linear(D, 16), nn.GELU(), nn.Linear(16, D)), num_experts=E,
+                               ep_size=ep_size, k=2, drop_tokens=False, top2_2nd_expert_sampling=False,
+                               expert_group_name="ffn")
+        self.out = nn.Linear(D, D)
+
+    def forward(self, x, y):
+        h, _, _ = self.ffn(torch.tanh(self.inp(x)))
+        return (self.out(h) - y).pow(2).mean()
+
+
+def _batch(rank):
+    g = torch.Generator().manual_seed(1000 + rank)
+    return torch.randn(TOKENS, D, generator=g), torch.randn(TOKENS, D, generator=g)
+
+
+def _worker(rank, world, ep_size, clip):
+    # reference: every expert, one process, the global batch (all ranks' batches concatenated)
+    ref = Net(ep_size=1)
+    xs, ys = zip(*[_batch(r) for r in range(world)])
+    ref(torch.cat(xs), torch.cat(ys)).backward()
+    ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    ref_norm = torch.sqrt(sum(g.double().pow(2).sum() for g in ref_grads.values())).item()
+
+    model = Net(ep_size=ep_size)
+    moesaic.setup_expert_parallel(model)
+    L = E // ep_size
+    first = model.ffn.parallel_groups.ep_rank * L
+    with torch.no_grad():  # the same weights as the reference, experts by global number
+        for i in range(L):
+            for p, q in zip(model.ffn.experts[i].parameters(), ref.ffn.experts[first + i].parameters()):
+                p.copy_(q)
+    engine, *_ = moesaic.initialize(model=model, config={
+        "train_micro_batch_size_per_gpu": TOKENS, "optimizer": {"type": "SGD", "params": {"lr": 1.0}},
+        "gradient_clipping": clip})
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x, y = _batch(rank)
+    engine.backward(engine(x, y))
+    engine.step()
+    tag = f"rank {rank} W={world} P={ep_size}"
+    assert abs(engine.get_global_grad_norm() - ref_norm) <= 1e-5 * ref_norm, (tag, engine.get_global_grad_norm(),
+                                                                               ref_norm)
+    coef = min(1.0, clip / (ref_norm + 1e-6)) if clip else 1.0
+    for n, p in model.named_parameters():
+        ref_name = n
+        if n.startswith("ffn.experts.local_experts."):
+            i, rest = n[len("ffn.experts.local_experts."):].split(".", 1)
+            ref_name = f"ffn.experts.local_experts.{first + int(i)}.{rest}"
+        step = before[n] - p.detach()  # SGD with lr=1: the applied (clipped) gradient
+        torch.testing.assert_close(step, coef * ref_grads[ref_name], atol=2e-6, rtol=2e-5,
+                                   msg=lambda m: f"{tag} {n}: {m}")
+
+
+def _bucket_worker(rank, world):
+    model = Net(ep_size=1)  # experts replicated: their grads reduce over the (2-rank) edp group
+    moesaic.setup_expert_parallel(model)
+    x, y = _batch(rank)
+    model(x, y).backward()
+    plan = build_sync_plan(model)
+    n_params = len(plan.dense) + sum(len(ps) for _, _, ps in plan.expert.values())
+    calls = sync_gradients(plan, bucket_elems=10**6)
+    # one collective for all dense grads, one for the expert grads of the edp group
+    assert calls == 2 < n_params, (calls, n_params)
+    # a tiny bucket splits into more collectives, still fewer than parameters
+    model.zero_grad()
+    model(x, y).backward()
+    assert 2 < sync_gradients(plan, bucket_elems=200) < n_params
+    dist.barrier()
+
+
+def test_two_ranks_ep2_and_ep1_equal_the_global_batch():
+    run_ranks(_worker, 2, 2, 0.0)
+    run_ranks(_worker, 2, 1, 0.0)
+
+
+def test_four_ranks_ep2_and_ep4_with_clipping_equal_the_global_batch():
+    run_ranks(_worker, 4, 2, 0.05, timeout_s=180)
+    run_ranks(_worker, 4, 4, 0.0, timeout_s=180)
+
+
+def test_sync_is_bucketed():
+    run_ranks(_bucket_worker, 2)

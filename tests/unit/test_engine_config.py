@@ -1,0 +1,246 @@
+"""Engine config: loading from dict / JSON / TOML, defaults, and the error messages' key paths."""
+
+import json
+
+import pytest
+
+from moesaic.optim.config import (DEFAULT_MAX_GROUP_SIZE, EngineConfig, FP16Config, MoEEngineConfig, OptimizerConfig,
+                                  SchedulerConfig, load_config)
+
+FULL = {
+    "train_batch_size": 64,
+    "train_micro_batch_size_per_gpu": 4,
+    "gradient_accumulation_steps": 2,
+    "optimizer": {"type": "adamw", "params": {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-6, "weight_decay": 0.1}},
+    "scheduler": {"type": "WarmupDecayLR",
+                  "params": {"total_num_steps": 1000, "warmup_num_steps": 100, "warmup_max_lr": 3e-4}},
+    "bf16": {"enabled": False},
+    "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 12, "loss_scale_window": 500,
+             "hysteresis": 2, "min_loss_scale": 1},
+    "gradient_clipping": 1.0,
+    "moe": {"split_by": "layer", "max_group_size": None, "offload": "cpu",
+            "lr_scale": {"layers.0.mlp": 0.5, "layers.1.mlp/3": 2.0}, "freeze_experts": [0, "layers.1.mlp/2"]},
+    "steps_per_print": 50,
+}
+
+TOML_TEXT = """
+train_micro_batch_size_per_gpu = 4
+gradient_accumulation_steps = 2
+gradient_clipping = 1.0
+
+[optimizer]
+type = "SGD"
+params = { lr = 0.1, momentum = 0.9, nesterov = true }
+
+[scheduler]
+type = "WarmupCosineLR"
+params = { total_num_steps = 500, warmup_num_steps = 50, warmup_type = "linear" }
+
+[bf16]
+enabled = true
+
+[moe]
+lr_scale = { "ep_size_1/0" = 0.1 }
+freeze_experts = [1]
+"""
+
+
+def _check_full(cfg: EngineConfig) -> None:
+    assert cfg.optimizer.type == "AdamW"  # case-insensitive input, canonical storage
+    assert cfg.optimizer.params == {"lr": 3e-4, "betas": (0.9, 0.95), "eps": 1e-6, "weight_decay": 0.1}
+    assert cfg.scheduler.params == {"total_num_steps": 1000, "warmup_min_lr": 0.0, "warmup_max_lr": 3e-4,
+                                    "warmup_num_steps": 100, "warmup_type": "log", "last_batch_iteration": -1}
+    assert cfg.fp16.enabled and cfg.fp16.dynamic and cfg.fp16.initial_scale_power == 12
+    assert cfg.moe.max_group_size is None and cfg.moe.split_by == "layer" and cfg.moe.offload == "cpu"
+    assert cfg.moe.lr_scale == {"layers.0.mlp": 0.5, "layers.1.mlp/3": 2.0}
+    assert cfg.moe.freeze_experts == (0, "layers.1.mlp/2")
+    assert cfg.check_batch(8) == (64, 4, 2)
+
+
+def test_dict_round_trip():
+    cfg = load_config(FULL)
+    _check_full(cfg)
+    assert load_config(cfg.to_dict()) == cfg
+    assert json.loads(json.dumps(cfg.to_dict())) == cfg.to_dict()  # to_dict is JSON-ready
+
+
+def test_json_file_round_trip(tmp_path):
+    path = tmp_path / "ds_config.json"
+    path.write_text(json.dumps(FULL))
+    for source in (path, str(path)):
+        cfg = load_config(source)
+        _check_full(cfg)
+    out = tmp_path / "again.json"
+    out.write_text(json.dumps(cfg.to_dict()))
+    assert load_config(out) == cfg
+
+
+def test_toml_file(tmp_path):
+    path = tmp_path / "engine.toml"
+    path.write_text(TOML_TEXT)
+    cfg = load_config(path)
+    assert cfg.optimizer == OptimizerConfig("SGD", {"lr": 0.1, "momentum": 0.9, "nesterov": True})
+    assert cfg.optimizer.params["dampening"] == 0.0 and cfg.optimizer.params["weight_decay"] == 0.0
+    assert cfg.scheduler.type == "WarmupCosineLR" and cfg.scheduler.params["cos_min_ratio"] == 0.0001
+    assert cfg.bf16 and not cfg.fp16.enabled
+    assert cfg.moe.lr_scale == {"ep_size_1/0": 0.1} and cfg.moe.freeze_experts == (1,)
+    assert load_config(cfg.to_dict()) == cfg
+
+
+def test_defaults():
+    cfg = load_config({})
+    assert cfg == EngineConfig()
+    assert cfg.train_micro_batch_size_per_gpu is None and cfg.train_batch_size is None
+    assert cfg.gradient_accumulation_steps == 1 and cfg.steps_per_print == 10 and cfg.gradient_clipping == 0.0
+    assert cfg.optimizer.type == "AdamW"
+    assert cfg.optimizer.params == {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
+    assert OptimizerConfig("Adam").params["weight_decay"] == 0.0
+    assert cfg.scheduler is None and cfg.bf16 is False
+    assert cfg.fp16 == FP16Config(enabled=False, loss_scale=0.0, initial_scale_power=16, loss_scale_window=1000,
+                                  hysteresis=2, min_loss_scale=1.0)
+    assert cfg.moe == MoEEngineConfig("expert", DEFAULT_MAX_GROUP_SIZE, "none", {}, [])
+    assert DEFAULT_MAX_GROUP_SIZE == 178956971
+    assert SchedulerConfig("WarmupLR").params == {"warmup_min_lr": 0.0, "warmup_max_lr": None,
+                                                  "warmup_num_steps": 1000, "warmup_type": "log",
+                                                  "last_batch_iteration": -1}
+
+
+def test_check_batch():
+    assert load_config({"train_micro_batch_size_per_gpu": 2}).check_batch(4) == (8, 2, 1)
+    assert load_config({"train_batch_size": 32, "gradient_accumulation_steps": 2}).check_batch(4) == (32, 4, 2)
+    bad = load_config({"train_batch_size": 32, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2})
+    with pytest.raises(ValueError, match=r"train_batch_size \(32\) != .*\(4\) .*\(2\) .*world_size \(2\)"):
+        bad.check_batch(2)
+    with pytest.raises(ValueError, match="train_batch_size or train_micro_batch_size_per_gpu"):
+        load_config({}).check_batch(1)
+    with pytest.raises(ValueError, match="must be a multiple"):
+        load_config({"train_batch_size": 10, "train_micro_batch_size_per_gpu": 4})
+
+
+@pytest.mark.parametrize("config, error, pattern", [
+    # bad values
+    ({"optimizer": {"params": {"betas": [0.9, 1.0]}}}, ValueError, r"optimizer\.params\.betas\[1\].*\[0, 1\)"),
+    ({"optimizer": {"params": {"betas": [0.9]}}}, ValueError, r"optimizer\.params\.betas .*2 numbers"),
+    ({"optimizer": {"params": {"lr": 0}}}, ValueError, r"optimizer\.params\.lr .*\(0, inf\).*got 0\.0"),
+    ({"optimizer": {"params": {"eps": float("nan")}}}, ValueError, r"optimizer\.params\.eps"),
+    ({"optimizer": {"type": "LAMB"}}, ValueError, r"optimizer\.type must be one of \['AdamW', 'Adam', 'SGD'\]"),
+    ({"optimizer": {"type": "SGD", "params": {"momentum": -0.1}}}, ValueError, r"optimizer\.params\.momentum"),
+    ({"optimizer": {"type": "SGD", "params": {"nesterov": True}}}, ValueError, r"optimizer\.params\.nesterov"),
+    ({"scheduler": {"type": "Cosine"}}, ValueError, r"scheduler\.type must be one of .*WarmupCosineLR"),
+    ({"scheduler": {"params": {}}}, ValueError, r"scheduler\.type is required"),
+    ({"scheduler": {"type": "WarmupDecayLR"}}, ValueError, r"scheduler\.params\.total_num_steps is required"),
+    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_type": "exp"}}}, ValueError,
+     r"scheduler\.params\.warmup_type must be one of \['log', 'linear'\], got 'exp'"),
+    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 0}}}, ValueError,
+     r"scheduler\.params\.warmup_num_steps must be an int >= 1, got 0"),
+    ({"scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 9, "cos_min_ratio": 2}}}, ValueError,
+     r"scheduler\.params\.cos_min_ratio .*\[0, 1\]"),
+    ({"fp16": {"loss_scale": -1}}, ValueError, r"fp16\.loss_scale .*\[0, inf\)"),
+    ({"fp16": {"hysteresis": 0}}, ValueError, r"fp16\.hysteresis must be an int >= 1"),
+    ({"fp16": {"loss_scale_window": 0}}, ValueError, r"fp16\.loss_scale_window"),
+    ({"fp16": {"min_loss_scale": 0}}, ValueError, r"fp16\.min_loss_scale"),
+    ({"fp16": {"initial_scale_power": 2, "min_loss_scale": 8}}, ValueError, r"fp16\.min_loss_scale must be <="),
+    ({"fp16": {"initial_scale_power": 200}}, ValueError, r"fp16\.initial_scale_power must be an int in \[0, 127\]"),
+    ({"moe": {"split_by": "token"}}, ValueError, r"moe\.split_by must be one of \['expert', 'layer'\]"),
+    ({"moe": {"max_group_size": 0}}, ValueError, r"moe\.max_group_size must be an int >= 1"),
+    ({"moe": {"offload": "nvme"}}, ValueError, r"moe\.offload must be one of \['none', 'cpu'\]"),
+    ({"moe": {"lr_scale": {"g/1": 0}}}, ValueError, r"moe\.lr_scale\['g/1'\]"),
+    ({"moe": {"lr_scale": {"g/x": 1.0}}}, ValueError, r"moe\.lr_scale\['g/x'\] must look like"),
+    ({"moe": {"freeze_experts": ["g"]}}, ValueError, r"moe\.freeze_experts\[0\] must look like"),
+    ({"moe": {"freeze_experts": [-1]}}, ValueError, r"moe\.freeze_experts\[0\] must be an int >= 0"),
+    ({"gradient_clipping": -1.0}, ValueError, r"gradient_clipping"),
+    ({"gradient_accumulation_steps": 0}, ValueError, r"gradient_accumulation_steps must be an int >= 1"),
+    ({"steps_per_print": 0}, ValueError, r"steps_per_print"),
+    # bad types
+    ({"optimizer": {"params": {"lr": "1e-3"}}}, TypeError, r"optimizer\.params\.lr must be a number, got str"),
+    ({"optimizer": {"params": {"betas": 0.9}}}, TypeError, r"optimizer\.params\.betas must be a list"),
+    ({"optimizer": "adam"}, TypeError, r"optimizer must be a mapping"),
+    ({"optimizer": {"type": 3}}, TypeError, r"optimizer\.type must be a str"),
+    ({"scheduler": {"type": "WarmupLR", "params": [1]}}, TypeError, r"scheduler\.params must be a mapping"),
+    ({"train_micro_batch_size_per_gpu": 2.0}, TypeError, r"train_micro_batch_size_per_gpu must be an int"),
+    ({"fp16": {"enabled": 1}}, TypeError, r"fp16\.enabled must be a bool"),
+    ({"bf16": {"enabled": "yes"}}, TypeError, r"bf16\.enabled must be a bool"),
+    ({"moe": {"freeze_experts": "0"}}, TypeError, r"moe\.freeze_experts must be a list"),
+    ({"moe": {"freeze_experts": [1.0]}}, TypeError, r"moe\.freeze_experts\[0\] must be a str"),
+    ({"moe": {"lr_scale": [1.0]}}, TypeError, r"moe\.lr_scale must be a mapping"),
+])
+def test_errors_name_the_key_path(config, error, pattern):
+    with pytest.raises(error, match=pattern):
+        load_config(config)
+
+
+@pytest.mark.parametrize("config, pattern", [
+    ({"fp16": {"initial_scale_power": True}}, r"fp16\.initial_scale_power must be an int, got bool"),
+    ({"fp16": {"loss_scale": False}}, r"fp16\.loss_scale must be a number, got bool"),
+    ({"gradient_clipping": True}, r"gradient_clipping must be a number, got bool"),
+    ({"train_batch_size": True}, r"train_batch_size must be an int or null, got bool"),
+    ({"optimizer": {"params": {"lr": True}}}, r"optimizer\.params\.lr must be a number, got bool"),
+    ({"optimizer": {"params": {"betas": [True, 0.9]}}}, r"optimizer\.params\.betas\[0\] must be a number, got bool"),
+    ({"scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": True}}},
+     r"scheduler\.params\.total_num_steps must be an int, got bool"),
+    ({"moe": {"max_group_size": True}}, r"moe\.max_group_size must be an int or null, got bool"),
+    ({"moe": {"lr_scale": {"g": True}}}, r"moe\.lr_scale\['g'\] must be a number, got bool"),
+    ({"moe": {"freeze_experts": [False]}}, r"moe\.freeze_experts\[0\] must be a str .* or an int >= 0, got bool"),
+])
+def test_bools_rejected_as_numbers(config, pattern):
+    with pytest.raises(TypeError, match=pattern):
+        load_config(config)
+
+
+@pytest.mark.parametrize("config, pattern", [
+    ({"train_batch": 8}, r"unknown key 'train_batch'; allowed keys under the top level: bf16, fp16, .*steps_per_print"),
+    ({"zero_optimization": {"stage": 1}}, r"unknown key 'zero_optimization'"),
+    ({"optimizer": {"type": "Adam", "param": {}}}, r"unknown key 'optimizer\.param'; allowed keys under optimizer: "
+                                                   r"params, type"),
+    ({"optimizer": {"type": "Adam", "params": {"momentum": 0.9}}},
+     r"unknown key 'optimizer\.params\.momentum'; allowed keys under optimizer\.params: betas, eps, lr, weight_decay"),
+    ({"optimizer": {"type": "SGD", "params": {"betas": [0.9, 0.9]}}}, r"unknown key 'optimizer\.params\.betas'"),
+    ({"scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 10, "warmup_max_lr": 1.0}}},
+     r"unknown key 'scheduler\.params\.warmup_max_lr'; allowed keys under scheduler\.params: cos_min_ratio"),
+    ({"fp16": {"enabled": True, "auto_cast": False}}, r"unknown key 'fp16\.auto_cast'; allowed keys under fp16"),
+    ({"bf16": {"enabled": True, "immediate_grad_update": True}}, r"unknown key 'bf16\.immediate_grad_update'"),
+    ({"moe": {"ep_size": 2}}, r"unknown key 'moe\.ep_size'; allowed keys under moe: freeze_experts, lr_scale"),
+])
+def test_unknown_keys(config, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        load_config(config)
+
+
+def test_bf16_and_fp16_conflict():
+    with pytest.raises(ValueError, match=r"bf16\.enabled and fp16\.enabled are both true"):
+        load_config({"bf16": {"enabled": True}, "fp16": {"enabled": True}})
+    assert load_config({"bf16": {"enabled": True}, "fp16": {"enabled": False}}).bf16
+
+
+def test_dataclasses_validate_on_construction():
+    with pytest.raises(ValueError, match=r"fp16\.hysteresis"):
+        FP16Config(hysteresis=0)
+    with pytest.raises(TypeError, match="fp16 must be a FP16Config"):
+        EngineConfig(fp16={"enabled": True})
+    cfg = OptimizerConfig("sgd", {"lr": 1})
+    assert cfg.type == "SGD" and cfg.params["lr"] == 1.0 and isinstance(cfg.params["lr"], float)
+    with pytest.raises(AttributeError):
+        cfg.type = "Adam"  # frozen
+    moe = MoEEngineConfig(lr_scale={"g/03": 2}, freeze_experts=["g/007"])
+    assert moe.lr_scale == {"g/3": 2.0} and moe.freeze_experts == ("g/7",)  # expert numbers normalized
+
+
+def test_file_errors(tmp_path):
+    bad_json = tmp_path / "c.json"
+    bad_json.write_text("{not json")
+    with pytest.raises(ValueError, match="invalid JSON"):
+        load_config(bad_json)
+    bad_toml = tmp_path / "c.toml"
+    bad_toml.write_text("a = = 1")
+    with pytest.raises(ValueError, match="invalid TOML"):
+        load_config(bad_toml)
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("a: 1")
+    with pytest.raises(ValueError, match=r"must end in \.json or \.toml"):
+        load_config(yaml)
+    top_list = tmp_path / "list.json"
+    top_list.write_text("[1, 2]")
+    with pytest.raises(TypeError, match="config must be a mapping"):
+        load_config(top_list)
+    with pytest.raises(TypeError, match="config must be a dict, a path"):
+        load_config(42)
