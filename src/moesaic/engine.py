@@ -27,7 +27,7 @@ from .optim.build_groups import build_param_groups
 from .optim.config import EngineConfig, load_config
 from .optim.grad_sync import any_non_finite, build_sync_plan, global_grad_norm, non_finite_group_names, sync_gradients
 from .optim.loss_scaler import build_loss_scaler
-from .optim.mixed_precision import GroupedMixedPrecisionOptimizer
+from .optim.mixed_precision import GroupedMixedPrecisionOptimizer, default_fuse_elems
 from .optim.schedulers import build_scheduler
 
 
@@ -207,7 +207,7 @@ def initialize(model: nn.Module, model_parameters=None, config=None, *, log_dir:
     groups = build_param_groups(model, model_parameters, split_by=moe.split_by, max_group_size=moe.max_group_size,
                                 lr_scale=moe.lr_scale, freeze=moe.freeze_experts)
     optimizer = GroupedMixedPrecisionOptimizer(groups, cfg.optimizer.type, dict(cfg.optimizer.params),
-                                               offload=moe.offload, fuse_elems=moe.max_group_size)
+                                               offload=moe.offload, fuse_elems=default_fuse_elems(moe.max_group_size))
     scheduler = build_scheduler(optimizer, cfg.scheduler) if cfg.scheduler is not None else None
     engine = MoEEngine(model, optimizer, scheduler, cfg, log_dir=log_dir, telemetry_every=telemetry_every)
     return engine, optimizer, None, scheduler

@@ -20,7 +20,7 @@ from torch import Tensor
 
 def adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor], *,
               step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
-              want_update: bool = False) -> Optional[List[Tensor]]:
+              want_update: bool = False, grads_are_scratch: bool = False) -> Optional[List[Tensor]]:
     """One Adam (``decoupled=False``) or AdamW (``decoupled=True``) step, as ``torch.optim``.
 
     Args:
@@ -31,6 +31,9 @@ def adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
         lr, beta1, beta2, eps, weight_decay: the hyperparameters.
         decoupled: AdamW's decoupled weight decay instead of Adam's L2 gradient term.
         want_update: also return the applied update ``new - old`` per tensor.
+        grads_are_scratch: the caller no longer needs ``grads``; they are overwritten with the
+            L2 term and then reused for the denominator, so the step allocates no fp32 temporaries
+            beyond the gradients themselves.
 
     Returns:
         The updates when ``want_update``, else None.
@@ -41,6 +44,8 @@ def adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
     if weight_decay:
         if decoupled:
             torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+        elif grads_are_scratch:
+            torch._foreach_add_(grads, params, alpha=weight_decay)
         else:
             grads = torch._foreach_add(grads, params, alpha=weight_decay)
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
@@ -48,7 +53,12 @@ def adam_step(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
     bias_correction1 = 1.0 - beta1 ** step
     bias_correction2 = 1.0 - beta2 ** step
-    denom = torch._foreach_sqrt(exp_avg_sqs)
+    if grads_are_scratch:  # the gradients are spent: their memory holds the denominator
+        denom = grads
+        torch._foreach_copy_(denom, exp_avg_sqs)
+        torch._foreach_sqrt_(denom)
+    else:
+        denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(denom, math.sqrt(bias_correction2))
     torch._foreach_add_(denom, eps)
     torch._foreach_addcdiv_(params, exp_avgs, denom, -lr / bias_correction1)

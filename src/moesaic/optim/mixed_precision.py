@@ -30,6 +30,18 @@ from .functional import adam_step, sgd_step
 OPTIMIZERS = ("AdamW", "Adam", "SGD")
 _HYPER = {"AdamW": ("lr", "betas", "eps", "weight_decay"), "Adam": ("lr", "betas", "eps", "weight_decay"),
           "SGD": ("lr", "momentum", "dampening", "weight_decay", "nesterov")}
+FUSE_ELEMS_LIMIT = 1 << 19  # 512K elements (2 MiB in fp32): amortises launches over tiny groups, stays in cache
+
+
+def default_fuse_elems(max_group_size: Optional[int]) -> int:
+    """How many elements the engine fuses into one foreach call: the cap, at most 512K elements.
+
+    Measured (benchmarks/bench_param_groups.py): fusing beyond a few MiB makes a CPU step slower,
+    not faster, because the fp32 working set leaves the cache and fresh pages must be faulted in.
+    """
+    return FUSE_ELEMS_LIMIT if max_group_size is None else min(int(max_group_size), FUSE_ELEMS_LIMIT)
+
+
 _DEFAULTS = {"AdamW": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01),
              "Adam": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
              "SGD": dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False)}
@@ -160,6 +172,7 @@ class GroupedMixedPrecisionOptimizer:
                                         sum(g.numel() for g, p in zip(grads32, params) if g is not p.grad))
         if grad_scale != 1.0:
             torch._foreach_mul_(grads32, grad_scale)
+        grad_norms = torch._foreach_norm(grads32) if want_stats else None
         states = [self._param_state(gi, p, m) for gi, p, m in zip(owners, params, masters)]
         step = self.state[batch[0]]["step"] + 1
         lr = group["lr"] * group["lr_scale"]
@@ -176,11 +189,11 @@ class GroupedMixedPrecisionOptimizer:
             update = adam_step(masters, grads32, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                                step=step, lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
                                weight_decay=group["weight_decay"], decoupled=self.kind == "AdamW",
-                               want_update=want_stats)
+                               want_update=want_stats, grads_are_scratch=True)
         for gi in batch:
             self.state[gi]["step"] = step
         if want_stats:
-            self._record_stats(owners, grads32, masters, update)
+            self._record_stats(owners, grad_norms, masters, update)
         # write the new weights into the model (a cast for bf16/fp16, a copy for offload)
         for p, m in zip(params, masters):
             if m is not p and m.data_ptr() != p.data_ptr():
@@ -200,8 +213,7 @@ class GroupedMixedPrecisionOptimizer:
             per_param[id(p)] = s
         return s
 
-    def _record_stats(self, owners, grads32, masters, update) -> None:
-        g_n = torch._foreach_norm(grads32)
+    def _record_stats(self, owners, g_n, masters, update) -> None:
         p_n = torch._foreach_norm(masters)
         u_n = torch._foreach_norm(update)
         acc: Dict[int, List[float]] = {}
