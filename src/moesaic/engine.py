@@ -165,6 +165,48 @@ class MoEEngine:
         if self._writer is not None:
             self._writer.write(self.global_steps, metrics)
 
+    # --- checkpoints ----------------------------------------------------------------------------
+    def save_checkpoint(self, save_dir, tag: Optional[str] = None, client_state: Optional[Dict] = None,
+                        model_config: Optional[Dict] = None):
+        """Save model, optimizer, scheduler, loss scaler, counters and RNG (every rank calls it).
+
+        Returns the checkpoint folder. ``tag`` defaults to ``global_step<N>`` as in DeepSpeed.
+        """
+        from . import checkpoint
+
+        if client_state is not None and not isinstance(client_state, dict):
+            raise TypeError(f"client_state must be a dict or None, got {type(client_state).__name__}")
+        tag = tag if tag is not None else f"global_step{self.global_steps}"
+        state = {"global_steps": self.global_steps, "micro_steps": self.micro_steps,
+                 "skipped_steps": self.skipped_steps,
+                 "scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+                 "loss_scaler": self.loss_scaler.state_dict() if self.loss_scaler is not None else None,
+                 "group_lr": {g["name"]: g["lr"] for g in self.optimizer.param_groups},
+                 "config": self.config.to_dict()}
+        return checkpoint.save(save_dir, self.module, tag=tag, optimizer=self.optimizer, engine_state=state,
+                               client_state=client_state, model_config=model_config)
+
+    def load_checkpoint(self, load_dir, tag: Optional[str] = None):
+        """Load what :meth:`save_checkpoint` wrote, under this run's world and ep sizes.
+
+        Returns ``(folder, client_state)`` as DeepSpeed does.
+        """
+        from . import checkpoint
+
+        folder, client_state, state = checkpoint.load(load_dir, self.module, tag=tag, optimizer=self.optimizer)
+        self.global_steps = state.get("global_steps", 0)
+        self.micro_steps = state.get("micro_steps", 0)
+        self.skipped_steps = state.get("skipped_steps", 0)
+        if self.lr_scheduler is not None and state.get("scheduler") is not None:
+            self.lr_scheduler.load_state_dict(state["scheduler"])
+        if self.loss_scaler is not None and state.get("loss_scaler") is not None:
+            self.loss_scaler.load_state_dict(state["loss_scaler"])
+        lrs = state.get("group_lr", {})
+        for g in self.optimizer.param_groups:
+            if g["name"] in lrs:
+                g["lr"] = lrs[g["name"]]
+        return folder, client_state
+
     def close(self) -> None:
         """Flush and close the metrics writer."""
         if self._writer is not None:

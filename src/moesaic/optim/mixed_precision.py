@@ -237,6 +237,35 @@ class GroupedMixedPrecisionOptimizer:
                     p.grad.zero_()
 
     # --- state ----------------------------------------------------------------------------------
+    def _locate(self, p: Tensor):
+        for gi, g in enumerate(self.param_groups):
+            for j, q in enumerate(g["params"]):
+                if q is p:
+                    return gi, j
+        raise KeyError("parameter is not in this optimizer")
+
+    def param_state(self, p: Tensor) -> Dict[str, Tensor]:
+        """The state of one parameter: moments, fp32 master (if separate) and its group's step."""
+        gi, j = self._locate(p)
+        out = {k: v for k, v in self.state[gi].get("per_param", {}).get(id(p), {}).items() if isinstance(v, Tensor)}
+        if self._master[gi] is not None:
+            out["master"] = self._master[gi][j]
+        out["step"] = torch.tensor(self.state[gi]["step"], dtype=torch.int64)
+        return out
+
+    def set_param_state(self, p: Tensor, state: Dict[str, Tensor]) -> None:
+        """Restore what :meth:`param_state` returned (shapes are checked by the caller)."""
+        gi, j = self._locate(p)
+        self.state[gi]["step"] = int(state["step"])
+        per = {k: v.to(self.masters(gi)[j].device, torch.float32).clone() for k, v in state.items()
+               if k not in ("step", "master")}
+        if per:
+            self.state[gi].setdefault("per_param", {})[id(p)] = per
+        if "master" in state and self._master[gi] is not None:
+            self._master[gi][j].copy_(state["master"])
+        elif self._master[gi] is not None:
+            self._master[gi][j].copy_(p.detach())
+
     def state_dict(self) -> Dict:
         """Hyperparameters, steps, moments and master weights per group, keyed by group name."""
         groups = []

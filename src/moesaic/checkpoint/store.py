@@ -1,0 +1,342 @@
+"""Checkpoints stored by parameter identity: dense once, each expert by layer name and global number.
+
+Layout of ``<dir>/<tag>/``::
+
+    manifest.json                     format version, step, world/ep sizes, config, file checksums
+    dense.safetensors                 every non-expert tensor of the model (written by rank 0)
+    dense.optim.safetensors           their optimizer state, keyed "<param name>::<state>"
+    experts/<layer>/<number>.safetensors        one expert's tensors (written by its owner)
+    experts/<layer>/<number>.optim.safetensors  its optimizer state, keyed "<name>::<state>"
+    rank<r>.state.pt                  RNG states and client state (data position) of rank r
+    engine.json                       step counters, scheduler, loss scaler, per-group lr
+
+Nothing in a file name or key depends on the world size that wrote it, so a checkpoint written by
+ep_size=2 on 2 ranks loads with ep_size=1 on 1 rank or ep_size=4 on 4: each rank reads the files
+of the experts it now owns.
+
+Saving is atomic: every rank writes into ``<dir>/.tmp-<tag>``; when all have finished, rank 0
+writes the manifest (with a CRC-32 per file), renames the folder into place and then replaces
+``latest``. A process killed at any moment leaves the previous checkpoint and ``latest`` intact.
+Loading verifies checksums and shapes of everything first and only then copies into the model,
+so a failed load leaves the model unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import zlib
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor, nn
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, from a newer format, or does not fit the model."""
+
+
+def _dist():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier():
+    if _dist()[1] > 1:
+        dist.barrier()
+
+
+def moe_layers(model: nn.Module) -> Dict[str, Tuple[str, Any]]:
+    """``{expert_group_name: (module path, layer)}``; names must be unique."""
+    from ..layer.moe import MoE
+
+    out = {}
+    for path, m in model.named_modules():
+        if isinstance(m, MoE):
+            if m.expert_group_name in out:
+                raise CheckpointError(f"two MoE layers are named {m.expert_group_name!r}; checkpoints key experts by "
+                                      "layer name: call moesaic.name_moe_layers(model) first")
+            out[m.expert_group_name] = (path, m)
+    return out
+
+
+def _expert_owner_writes(layer) -> bool:
+    """Of the replicas of an expert (its expert-data-parallel group), the first one writes it."""
+    groups = layer.parallel_groups
+    return groups is None or dist.get_rank() == groups.edp_ranks[0]
+
+
+def _write(path: Path, tensors: Dict[str, Tensor], files: Dict[str, Dict], root: Path) -> None:
+    data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    files[str(path.relative_to(root))] = {"crc32": zlib.crc32(data), "bytes": len(data)}
+
+
+def _read(root: Path, rel: str, manifest: Dict) -> Dict[str, Tensor]:
+    meta = manifest["files"].get(rel)
+    if meta is None:
+        raise CheckpointError(f"{root / rel}: not in the checkpoint's manifest (missing expert or file)")
+    try:
+        data = (root / rel).read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{root / rel}: file missing from the checkpoint") from None
+    if len(data) != meta["bytes"] or zlib.crc32(data) != meta["crc32"]:
+        raise CheckpointError(f"{root / rel}: checksum mismatch (size {len(data)} vs {meta['bytes']} bytes); the file "
+                              "is truncated or corrupted")
+    return st_load(data)
+
+
+def _expert_rel(layer_name: str, number: int, optim: bool = False) -> str:
+    return f"experts/{layer_name}/{number}{'.optim' if optim else ''}.safetensors"
+
+
+def _param_names(model: nn.Module) -> Dict[int, str]:
+    """Stable names: dense params by model path, expert params as ``layer/number/relative name``."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    for lname, (_, layer) in moe_layers(model).items():
+        for i, expert in enumerate(layer.experts):
+            number = layer.experts.first_expert_number + i
+            for rel, p in expert.named_parameters():
+                names[id(p)] = f"{lname}/{number}/{rel}"
+    return names
+
+
+def _expert_prefixes(model: nn.Module) -> List[str]:
+    return [f"{path}.experts." if path else "experts." for _, (path, _) in moe_layers(model).items()]
+
+
+# --- save ---------------------------------------------------------------------------------------
+
+def save(directory, model: nn.Module, *, tag: str, optimizer=None, engine_state: Optional[Dict] = None,
+         client_state: Optional[Dict] = None, model_config: Optional[Dict] = None) -> Path:
+    """Write a checkpoint (collectively: every rank calls it). Returns the checkpoint folder."""
+    if not isinstance(tag, str) or not tag or "/" in tag or tag.startswith("."):
+        raise ValueError(f"tag must be a non-empty name without '/' that does not start with '.', got {tag!r}")
+    rank, world = _dist()
+    root = Path(directory)
+    tmp = root / f".tmp-{tag}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that was killed
+        tmp.mkdir(parents=True)
+    _barrier()
+    files: Dict[str, Dict] = {}
+    layers = moe_layers(model)
+    names = _param_names(model)
+    # 1. dense tensors and their optimizer state (rank 0; identical on every rank)
+    if rank == 0:
+        prefixes = _expert_prefixes(model)
+        dense = {k: v for k, v in model.state_dict().items() if not any(k.startswith(p) for p in prefixes)}
+        _write(tmp / "dense.safetensors", dense, files, tmp)
+        if optimizer is not None:
+            dense_params = [p for p in model.parameters() if getattr(p, "allreduce", True) is not False]
+            _write(tmp / "dense.optim.safetensors", _optim_tensors(optimizer, dense_params, names, strip=""), files, tmp)
+    # 2. each expert by its owner
+    for lname, (_, layer) in layers.items():
+        if not _expert_owner_writes(layer):
+            continue
+        for i, expert in enumerate(layer.experts):
+            number = layer.experts.first_expert_number + i
+            _write(tmp / _expert_rel(lname, number), expert.state_dict(), files, tmp)
+            if optimizer is not None:
+                _write(tmp / _expert_rel(lname, number, optim=True),
+                       _optim_tensors(optimizer, list(expert.parameters()), names, strip=f"{lname}/{number}/"),
+                       files, tmp)
+    # 3. this rank's RNG states and client state
+    state = {"rng": _rng_state(), "client_state": client_state or {}}
+    torch.save(state, tmp / f"rank{rank}.state.pt")
+    files[f"rank{rank}.state.pt"] = _file_meta(tmp / f"rank{rank}.state.pt")
+    # 4. rank 0 gathers the file list, writes manifest and engine state, publishes atomically
+    gathered = [files]
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, files)
+    final = root / tag
+    if rank == 0:
+        all_files = {k: v for part in gathered for k, v in part.items()}
+        if engine_state is not None:
+            (tmp / "engine.json").write_text(json.dumps(engine_state))
+            all_files["engine.json"] = _file_meta(tmp / "engine.json")
+        manifest = {"format_version": FORMAT_VERSION, "tag": tag, "world_size": world,
+                    "step": (engine_state or {}).get("global_steps"), "model_config": model_config,
+                    "moe_layers": {n: {"num_experts": l.num_experts, "ep_size": l.ep_size} for n, (_, l) in
+                                   layers.items()},
+                    "files": all_files}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if final.exists():
+            trash = root / f".old-{tag}"
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(final, trash)
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        latest_tmp = root / ".latest.tmp"
+        latest_tmp.write_text(tag)
+        os.replace(latest_tmp, root / "latest")  # published last: a crash before this keeps the old one
+    _barrier()
+    return final
+
+
+def _file_meta(path: Path) -> Dict:
+    data = path.read_bytes()
+    return {"crc32": zlib.crc32(data), "bytes": len(data)}
+
+
+def _optim_tensors(optimizer, params: List[Tensor], names: Dict[int, str], strip: str) -> Dict[str, Tensor]:
+    out = {}
+    for p in params:
+        if not p.requires_grad:
+            continue
+        try:
+            state = optimizer.param_state(p)
+        except KeyError:
+            continue  # not optimised (e.g. frozen)
+        name = names[id(p)][len(strip):] if strip else names[id(p)]
+        for k, v in state.items():
+            out[f"{name}::{k}"] = v
+    return out
+
+
+def _rng_state() -> Dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+# --- load ---------------------------------------------------------------------------------------
+
+def resolve(directory, tag: Optional[str] = None) -> Path:
+    """The checkpoint folder for ``tag`` (or the one ``latest`` names)."""
+    root = Path(directory)
+    if tag is None:
+        latest = root / "latest"
+        if not latest.exists():
+            raise CheckpointError(f"{root}: no 'latest' file; pass a tag or point at a checkpoint folder")
+        tag = latest.read_text().strip()
+    folder = root / tag
+    if not (folder / "manifest.json").exists():
+        raise CheckpointError(f"{folder}: no manifest.json (not a moesaic checkpoint, or an unfinished save)")
+    return folder
+
+
+def read_manifest(folder: Path) -> Dict:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{folder / 'manifest.json'}: format version {version!r} is newer than this moesaic "
+                              f"reads ({FORMAT_VERSION}); upgrade moesaic")
+    return manifest
+
+
+def load(directory, model: nn.Module, *, tag: Optional[str] = None, optimizer=None) -> Tuple[Path, Dict, Dict]:
+    """Load a checkpoint into ``model`` (and ``optimizer``) on every rank.
+
+    Returns:
+        ``(folder, client_state, engine_state)``; client_state is this rank's when the world size
+        matches the writer's, else rank 0's.
+    """
+    folder = resolve(directory, tag)
+    manifest = read_manifest(folder)
+    rank, world = _dist()
+    layers = moe_layers(model)
+    names = _param_names(model)
+    # 1. read and check everything before touching the model
+    for lname, (_, layer) in layers.items():  # the layer structure first: the clearest message
+        saved = manifest["moe_layers"].get(lname)
+        if saved is None:
+            raise CheckpointError(f"{folder}: no MoE layer named {lname!r} in the checkpoint "
+                                  f"(it has {sorted(manifest['moe_layers'])})")
+        if saved["num_experts"] != layer.num_experts:
+            raise CheckpointError(f"{folder}: layer {lname!r} has {saved['num_experts']} experts in the checkpoint "
+                                  f"but {layer.num_experts} in the model")
+    dense = _read(folder, "dense.safetensors", manifest)
+    prefixes = _expert_prefixes(model)
+    want = {k: v for k, v in model.state_dict().items() if not any(k.startswith(p) for p in prefixes)}
+    _check_tensors("dense.safetensors", dense, want, folder)
+    expert_states = {}
+    for lname, (_, layer) in layers.items():
+        for i, expert in enumerate(layer.experts):
+            number = layer.experts.first_expert_number + i
+            rel = _expert_rel(lname, number)
+            tensors = _read(folder, rel, manifest)
+            _check_tensors(rel, tensors, expert.state_dict(), folder)
+            expert_states[(lname, i)] = tensors
+    optim_states = {}
+    if optimizer is not None:
+        optim_states.update(_read(folder, "dense.optim.safetensors", manifest))
+        for lname, (_, layer) in layers.items():
+            for i in range(len(layer.experts)):
+                number = layer.experts.first_expert_number + i
+                part = _read(folder, _expert_rel(lname, number, optim=True), manifest)
+                optim_states.update({f"{lname}/{number}/{k}": v for k, v in part.items()})
+    state_file = f"rank{rank}.state.pt" if manifest["world_size"] == world else "rank0.state.pt"
+    if state_file not in manifest["files"]:
+        raise CheckpointError(f"{folder / state_file}: missing from the manifest")
+    rank_state = torch.load(folder / state_file, weights_only=False)
+    engine_state = json.loads((folder / "engine.json").read_text()) if "engine.json" in manifest["files"] else {}
+    per_param = _group_optim(optim_states, model, optimizer, names, folder) if optimizer is not None else {}
+    # 2. all checks passed: copy in
+    model.load_state_dict({**dense, **{k: v for k, v in model.state_dict().items() if k not in dense}}, strict=True)
+    for (lname, i), tensors in expert_states.items():
+        layers[lname][1].experts[i].load_state_dict(tensors, strict=True)
+    for p, state in per_param.items():
+        optimizer.set_param_state(p, state)
+    if manifest["world_size"] == world:
+        _set_rng_state(rank_state["rng"])
+    return folder, rank_state.get("client_state", {}), engine_state
+
+
+def _check_tensors(rel: str, got: Dict[str, Tensor], want: Dict[str, Tensor], folder: Path) -> None:
+    missing = sorted(set(want) - set(got))
+    extra = sorted(set(got) - set(want))
+    if missing or extra:
+        raise CheckpointError(f"{folder / rel}: tensors do not match the model (missing {missing[:4]}, "
+                              f"unexpected {extra[:4]})")
+    for k, v in got.items():
+        if tuple(v.shape) != tuple(want[k].shape):
+            raise CheckpointError(f"{folder / rel}: {k!r} has shape {tuple(v.shape)} in the checkpoint but "
+                                  f"{tuple(want[k].shape)} in the model")
+
+
+def _group_optim(flat: Dict[str, Tensor], model: nn.Module, optimizer, names: Dict[int, str], folder: Path):
+    per_param: Dict[Tensor, Dict[str, Tensor]] = {}
+    by_name = {}
+    for key, v in flat.items():
+        name, _, field = key.rpartition("::")
+        by_name.setdefault(name, {})[field] = v
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        try:
+            optimizer.param_state(p)
+        except KeyError:
+            continue
+        name = names[id(p)]
+        state = by_name.get(name)
+        if state is None:
+            raise CheckpointError(f"{folder}: no optimizer state for parameter {name!r}")
+        for k, v in state.items():
+            if k != "step" and tuple(v.shape) != tuple(p.shape):
+                raise CheckpointError(f"{folder}: optimizer state {name}::{k} has shape {tuple(v.shape)}, "
+                                      f"parameter has {tuple(p.shape)}")
+        per_param[p] = state
+    return per_param
+
+
+def _set_rng_state(state: Dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,352 @@
+"""A small decoder-only byte-level transformer LM with MoE feed-forwards (nanoGPT-like).
+
+Bytes are tokens (vocabulary 256, no tokenizer). Every block is pre-LayerNorm: causal
+self-attention, then a feed-forward that is a dense MLP or, every ``moe_every``-th block, a
+:class:`moesaic.MoE` layer whose experts are that same MLP. The model uses only moesaic's public
+layer, so it runs unchanged with expert parallelism (``ep_size > 1``) once
+``moesaic.setup_expert_parallel(model)`` has been called on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..layer import MoE, name_moe_layers
+
+
+def _check_int(values: Mapping[str, Any], name: str, prefix: str, lo: int, hi: Optional[int] = None,
+               hi_text: str = "") -> None:
+    value, key = values[name], prefix + name
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{key} must be an int, got {type(value).__name__}: {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        allowed = f">= {lo}" if hi is None else f"in [{lo}, {hi_text or hi}]"
+        raise ValueError(f"{key} must be an int {allowed}, got {value!r}")
+
+
+def _check_float(values: Mapping[str, Any], name: str, prefix: str, lo: float, hi: float = math.inf,
+                 lo_open: bool = False, hi_open: bool = False) -> None:
+    value, key = values[name], prefix + name
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{key} must be a number, got {type(value).__name__}: {value!r}")
+    low_bad = value <= lo if lo_open else value < lo
+    high_bad = value >= hi if hi_open else value > hi
+    if not math.isfinite(value) or low_bad or high_bad:
+        span = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open or hi == math.inf else ']'}"
+        raise ValueError(f"{key} must be a finite number in {span}, got {value!r}")
+
+
+def check_gpt_fields(values: Mapping[str, Any], prefix: str = "") -> None:
+    """Validate every GPTConfig field, naming keys as ``prefix + field`` (e.g. ``"model.top_k"``).
+
+    Args:
+        values: a complete mapping of GPTConfig field names to values.
+        prefix: prepended to every key in error messages (the config section path).
+
+    Raises:
+        TypeError: a field has the wrong type (``bool`` is never a number).
+        ValueError: a field is out of range or fields contradict each other.
+    """
+    p = prefix
+    # byte-level: every byte value 0..255 must have a token
+    _check_int(values, "vocab_size", p, 256)
+    for name in ("block_size", "n_layer", "n_head", "n_embd", "ffn_mult", "num_experts", "ep_size"):
+        _check_int(values, name, p, 1)
+    _check_int(values, "moe_every", p, 0)  # 0: no MoE layer at all (a dense baseline)
+    _check_int(values, "min_capacity", p, 0)
+    _check_int(values, "top_k", p, 1, values["num_experts"], hi_text=f"{p}num_experts={values['num_experts']}")
+    _check_float(values, "dropout", p, 0.0, 1.0, hi_open=True)
+    _check_float(values, "capacity_factor", p, 0.0, lo_open=True)
+    _check_float(values, "eval_capacity_factor", p, 0.0, lo_open=True)
+    _check_float(values, "aux_loss_coef", p, 0.0)
+    for name in ("drop_tokens", "use_residual"):
+        if not isinstance(values[name], bool):
+            raise TypeError(f"{p}{name} must be a bool (true/false), got {type(values[name]).__name__}: "
+                            f"{values[name]!r}")
+    if values["n_embd"] % values["n_head"]:
+        raise ValueError(f"{p}n_embd ({values['n_embd']}) must be divisible by {p}n_head ({values['n_head']}); "
+                         f"allowed n_head values divide n_embd")
+    if values["num_experts"] % values["ep_size"]:
+        raise ValueError(f"{p}num_experts ({values['num_experts']}) must be divisible by {p}ep_size "
+                         f"({values['ep_size']}): each expert-parallel rank holds num_experts / ep_size experts")
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Shape of the GPT and of its MoE layers; validated on construction.
+
+    ``moe_every = m`` puts an MoE feed-forward in blocks ``m-1, 2m-1, ...`` (2: blocks 1, 3, 5..;
+    1: every block; 0: none). ``aux_loss_coef`` weighs the summed load-balancing loss in
+    :meth:`GPT.objective`.
+    """
+
+    vocab_size: int = 256
+    block_size: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    ffn_mult: int = 4
+    dropout: float = 0.0
+    moe_every: int = 2
+    num_experts: int = 4
+    top_k: int = 2
+    capacity_factor: float = 1.25
+    eval_capacity_factor: float = 2.0
+    min_capacity: int = 4
+    drop_tokens: bool = True
+    use_residual: bool = False
+    ep_size: int = 1
+    aux_loss_coef: float = 0.01
+
+    def __post_init__(self) -> None:
+        check_gpt_fields(asdict(self))
+        for f in fields(self):  # an int from TOML (capacity_factor = 2) is stored as 2.0
+            if f.type == "float":
+                object.__setattr__(self, f.name, float(getattr(self, f.name)))
+
+    def is_moe_block(self, i: int) -> bool:
+        """Whether block ``i`` (0-based) has an MoE feed-forward."""
+        return self.moe_every > 0 and (i + 1) % self.moe_every == 0
+
+    def to_dict(self) -> dict:
+        """Plain ``{field: value}`` dict (for checkpoints and TOML/JSON)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], prefix: str = "") -> "GPTConfig":
+        """Build a config from a (possibly partial) mapping; missing fields take their defaults.
+
+        Args:
+            values: ``{field: value}``; unknown keys are errors.
+            prefix: key path used in error messages (``"model."`` inside a training config).
+
+        Returns:
+            The validated GPTConfig.
+        """
+        where = prefix.rstrip(".") or "the model config"
+        if not isinstance(values, Mapping):
+            raise TypeError(f"{where} must be a mapping (dict / TOML table), got {type(values).__name__}: {values!r}")
+        allowed = [f.name for f in fields(cls)]
+        for key in values:
+            if key not in allowed:
+                raise ValueError(f"unknown key {prefix + key!r}; allowed keys under {where}: {', '.join(allowed)}")
+        merged = {**asdict(cls()), **values}
+        check_gpt_fields(merged, prefix)  # first, so errors carry the full key path
+        return cls(**merged)
+
+
+def make_mlp(n_embd: int, hidden: int) -> nn.Sequential:
+    """The feed-forward (also the MoE expert): Linear(d, hidden) -> GELU -> Linear(hidden, d)."""
+    return nn.Sequential(OrderedDict(fc=nn.Linear(n_embd, hidden), act=nn.GELU(), proj=nn.Linear(hidden, n_embd)))
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention through ``scaled_dot_product_attention``."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.dropout = cfg.dropout
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Attend over earlier positions only. ``x``: `(B, T, C)` -> `(B, T, C)`."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block; the feed-forward ``ffn`` is a dense MLP or an MoE layer."""
+
+    def __init__(self, cfg: GPTConfig, use_moe: bool) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        mlp = make_mlp(cfg.n_embd, cfg.ffn_mult * cfg.n_embd)
+        self.use_moe = use_moe
+        if use_moe:
+            # use_rts / top2_2nd_expert_sampling keep DeepSpeed's defaults; both act in training only
+            self.ffn = MoE(cfg.n_embd, mlp, num_experts=cfg.num_experts, ep_size=cfg.ep_size, k=cfg.top_k,
+                           capacity_factor=cfg.capacity_factor, eval_capacity_factor=cfg.eval_capacity_factor,
+                           min_capacity=cfg.min_capacity, drop_tokens=cfg.drop_tokens,
+                           use_residual=cfg.use_residual, use_rts=True, top2_2nd_expert_sampling=True)
+        else:
+            self.ffn = mlp
+        self.ffn_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """Returns ``(x, l_aux)``; ``l_aux`` is None in a dense block."""
+        x = x + self.attn(self.ln_1(x))
+        h = self.ln_2(x)
+        l_aux = None
+        if self.use_moe:
+            h, l_aux, _ = self.ffn(h)
+        else:
+            h = self.ffn(h)
+        return x + self.ffn_drop(h), l_aux
+
+
+class GPT(nn.Module):
+    """Byte-level decoder-only LM; ``forward(idx, targets)`` returns ``(logits, loss, aux)``.
+
+    Args:
+        config: the model shape; MoE layers are named by module path (``"blocks.1.ffn"``).
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config, config.is_moe_block(i)) for i in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying: one matrix reads and writes bytes
+        self._init_weights()
+        self.moe_layers = name_moe_layers(self)
+
+    def _init_weights(self) -> None:
+        # GPT-2: N(0, 0.02) everywhere, zero biases, and the projections that add into the
+        # residual stream scaled by 1/sqrt(2 * n_layer) so its variance does not grow with depth.
+        # Runs after MoE deep-copied its expert, so every expert gets its own draw.
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, param in self.named_parameters():
+            if name.endswith("proj.weight"):  # attn.proj and every MLP / expert's proj
+                nn.init.normal_(param, mean=0.0, std=residual_std)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameters held by this process (tied weights once; local experts only when ep_size > 1).
+
+        Args:
+            exclude_embeddings: leave out the position embedding (the token embedding is also
+                the LM head, so it stays).
+
+        Returns:
+            The parameter count.
+        """
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wpe.weight.numel() if exclude_embeddings else n
+
+    def forward(self, idx: Tensor, targets: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor], Tensor]:
+        """Next-byte logits, mean cross-entropy and the summed MoE load-balancing loss.
+
+        Args:
+            idx: `(B, T)` int64 bytes, ``T <= block_size``.
+            targets: optional `(B, T)` int64 next bytes.
+
+        Returns:
+            ``(logits, loss, aux)``: `(B, T, vocab)` logits; the mean cross-entropy in nats (None
+            without targets); the 0-dim fp32 sum of ``l_aux`` over MoE layers (0 without any).
+        """
+        if idx.dim() != 2:
+            raise ValueError(f"idx must have shape (batch, time), got {tuple(idx.shape)}")
+        T = idx.shape[1]
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        aux = torch.zeros((), dtype=torch.float32, device=idx.device)
+        for block in self.blocks:
+            x, l_aux = block(x)
+            if l_aux is not None:
+                aux = aux + l_aux
+        logits = self.lm_head(self.ln_f(x))
+        loss = None
+        if targets is not None:
+            # fp32 cross-entropy: under bf16 autocast the log-softmax would lose precision
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+        return logits, loss, aux
+
+    def objective(self, loss: Tensor, aux: Tensor) -> Tensor:
+        """The training objective ``loss + aux_loss_coef * aux``."""
+        return loss + self.config.aux_loss_coef * aux
+
+    @torch.no_grad()
+    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None) -> Tensor:
+        """Sample ``max_new_tokens`` bytes after ``idx``, one at a time.
+
+        Runs in eval mode (deterministic routing, no dropout) and restores the previous mode.
+        With ``ep_size > 1`` every rank of the expert-parallel group must call it with the same
+        shapes, since each forward exchanges tokens between ranks.
+
+        Args:
+            idx: `(B, T)` int64 prompt (``T >= 1``); only the last ``block_size`` bytes are seen.
+            max_new_tokens: bytes to append.
+            temperature: > 0 scales the logits; 0 picks the most likely byte (greedy).
+            top_k: sample only among the ``top_k`` most likely bytes (None: all).
+            generator: RNG for sampling, for reproducible output.
+
+        Returns:
+            `(B, T + max_new_tokens)` int64: the prompt followed by the new bytes.
+        """
+        if idx.dim() != 2 or idx.shape[1] < 1:
+            raise ValueError(f"idx must have shape (batch, time >= 1), got {tuple(idx.shape)}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        V = self.config.vocab_size
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= V):
+            raise ValueError(f"top_k must be None or an int in [1, {V}], got {top_k!r}")
+        was_training = self.training
+        self.eval()
+        try:
+            for _ in range(max_new_tokens):
+                logits, _, _ = self(idx[:, -self.config.block_size:])
+                logits = logits[:, -1, :].float()
+                if temperature == 0:
+                    nxt = logits.argmax(dim=-1, keepdim=True)
+                else:
+                    logits = logits / temperature
+                    if top_k is not None:
+                        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+                        logits = logits.masked_fill(logits < kth, float("-inf"))
+                    nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+                idx = torch.cat([idx, nxt.to(idx.dtype)], dim=1)
+        finally:
+            self.train(was_training)
+        return idx
+
+
+def unigram_baseline_loss(counts: Tensor) -> float:
+    """Cross-entropy (nats/byte) of predicting each byte by its frequency: the unigram entropy.
+
+    A model whose validation loss is not clearly below this has learned nothing beyond byte
+    frequencies.
+
+    Args:
+        counts: 1-D non-negative byte counts (256 long for bytes), not all zero.
+
+    Returns:
+        ``-sum(p * ln p)`` over bytes with ``p = counts / counts.sum()`` (zero counts add nothing).
+    """
+    counts = torch.as_tensor(counts)
+    if counts.dim() != 1 or counts.numel() == 0:
+        raise ValueError(f"counts must be a non-empty 1-D tensor, got shape {tuple(counts.shape)}")
+    counts = counts.double()
+    if bool((counts < 0).any()) or not bool(torch.isfinite(counts).all()) or counts.sum() <= 0:
+        raise ValueError("counts must be finite, non-negative and not all zero")
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log()).sum())

@@ -1,0 +1,1 @@
+"""Building blocks of ``moesaic train``: byte corpora and batch streams, typed TOML configs."""
