@@ -12,7 +12,7 @@ DEEPSPEED_PIN := deepspeed==0.19.8
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q $(TORCH_PIN)
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q -e '.[test,train]'
 	touch $@
 
 # A second environment holding DeepSpeed, the numerical reference. Never a runtime dependency.
@@ -32,8 +32,9 @@ unit: $(VENV)/.stamp
 parity: $(DS_VENV)/.stamp
 	$(DS_VENV)/bin/python -m pytest -q tests/reference
 
+# The main job: a byte-level MoE LM on the standard library's sources, 2 processes, ep_size=2.
 demo: $(VENV)/.stamp
-	$(VENV)/bin/python examples/toy_regression.py
+	$(VENV)/bin/moesaic train configs/tiny.toml --out runs/tiny-$$(date +%Y%m%d-%H%M%S)
 
 bench: $(VENV)/.stamp
 	$(VENV)/bin/python benchmarks/bench_layer.py

@@ -177,11 +177,18 @@ class MoEEngine:
         if client_state is not None and not isinstance(client_state, dict):
             raise TypeError(f"client_state must be a dict or None, got {type(client_state).__name__}")
         tag = tag if tag is not None else f"global_step{self.global_steps}"
+        # group names carry global expert numbers, so the union over ranks names every group of
+        # every layout: a resharded load finds the lr of each of its groups
+        group_lr = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, group_lr)
+            group_lr = {k: v for part in parts for k, v in part.items()}
         state = {"global_steps": self.global_steps, "micro_steps": self.micro_steps,
                  "skipped_steps": self.skipped_steps,
                  "scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
                  "loss_scaler": self.loss_scaler.state_dict() if self.loss_scaler is not None else None,
-                 "group_lr": {g["name"]: g["lr"] for g in self.optimizer.param_groups},
+                 "group_lr": group_lr,
                  "config": self.config.to_dict()}
         return checkpoint.save(save_dir, self.module, tag=tag, optimizer=self.optimizer, engine_state=state,
                                client_state=client_state, model_config=model_config)
@@ -206,6 +213,14 @@ class MoEEngine:
             if g["name"] in lrs:
                 g["lr"] = lrs[g["name"]]
         return folder, client_state
+
+    def log_metrics(self, metrics: Dict[str, Any]) -> None:
+        """Write extra metrics (e.g. validation loss) at the current step, next to the engine's own."""
+        if not isinstance(metrics, dict):
+            raise TypeError(f"metrics must be a dict, got {type(metrics).__name__}")
+        self.last_metrics.update(metrics)
+        if self._writer is not None:
+            self._writer.write(self.global_steps, metrics)
 
     def close(self) -> None:
         """Flush and close the metrics writer."""

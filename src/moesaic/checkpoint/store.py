@@ -136,9 +136,11 @@ def save(directory, model: nn.Module, *, tag: str, optimizer=None, engine_state:
     layers = moe_layers(model)
     names = _param_names(model)
     # 1. dense tensors and their optimizer state (rank 0; identical on every rank)
+    aliases: Dict[str, str] = {}
     if rank == 0:
         prefixes = _expert_prefixes(model)
         dense = {k: v for k, v in model.state_dict().items() if not any(k.startswith(p) for p in prefixes)}
+        dense, aliases = _dedupe(dense)
         _write(tmp / "dense.safetensors", dense, files, tmp)
         if optimizer is not None:
             dense_params = [p for p in model.parameters() if getattr(p, "allreduce", True) is not False]
@@ -173,7 +175,7 @@ def save(directory, model: nn.Module, *, tag: str, optimizer=None, engine_state:
                     "step": (engine_state or {}).get("global_steps"), "model_config": model_config,
                     "moe_layers": {n: {"num_experts": l.num_experts, "ep_size": l.ep_size} for n, (_, l) in
                                    layers.items()},
-                    "files": all_files}
+                    "dense_aliases": aliases, "files": all_files}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         if final.exists():
             trash = root / f".old-{tag}"
@@ -188,6 +190,21 @@ def save(directory, model: nn.Module, *, tag: str, optimizer=None, engine_state:
         os.replace(latest_tmp, root / "latest")  # published last: a crash before this keeps the old one
     _barrier()
     return final
+
+
+def _dedupe(tensors: Dict[str, Tensor]) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
+    """Store tied tensors (e.g. an LM head tied to the embedding) once; ``{alias: stored name}``."""
+    seen: Dict[Tuple, str] = {}
+    kept, aliases = {}, {}
+    for name, t in tensors.items():
+        key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype) if t.numel() else None
+        if key is not None and key in seen:
+            aliases[name] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = name
+        kept[name] = t
+    return kept, aliases
 
 
 def _file_meta(path: Path) -> Dict:
@@ -262,6 +279,9 @@ def load(directory, model: nn.Module, *, tag: Optional[str] = None, optimizer=No
             raise CheckpointError(f"{folder}: layer {lname!r} has {saved['num_experts']} experts in the checkpoint "
                                   f"but {layer.num_experts} in the model")
     dense = _read(folder, "dense.safetensors", manifest)
+    for alias, stored in manifest.get("dense_aliases", {}).items():
+        if stored in dense:
+            dense[alias] = dense[stored]
     prefixes = _expert_prefixes(model)
     want = {k: v for k, v in model.state_dict().items() if not any(k.startswith(p) for p in prefixes)}
     _check_tensors("dense.safetensors", dense, want, folder)

@@ -1,0 +1,177 @@
+"""``moesaic``: the command line. ``train`` a MoE language model, ``generate`` text, run the ``bench``es.
+
+    moesaic train configs/tiny.toml [--nproc N] [--out runs/NAME] [--resume] [--set train.steps=50]
+    moesaic generate --checkpoint runs/NAME --prompt "def "
+    moesaic bench layer|ep|optimizer|mixed-precision|checkpoint|train [args...]
+
+``train`` with ``--nproc N > 1`` starts N processes itself through ``torch.distributed.run``
+(torchrun) on 127.0.0.1; started by an external ``torchrun`` it joins that group instead. Every
+config, data and output-folder check runs before any process starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+BENCHES = {"layer": "bench_layer.py", "ep": "bench_ep.py", "optimizer": "bench_param_groups.py",
+           "mixed-precision": "bench_mixed_precision.py", "checkpoint": "bench_checkpoint.py",
+           "train": "bench_train.py"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="moesaic", description="Mixture-of-Experts training with moesaic.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    tr = sub.add_parser("train", help="train a byte-level MoE language model",
+                        description="Train a byte-level MoE GPT on the Python standard library's sources (or "
+                                    "--set data.path=...). Writes checkpoints, CSV/TensorBoard logs and PNG plots.")
+    tr.add_argument("config_file", nargs="?", help="TOML config (same as --config)")
+    tr.add_argument("--config", dest="config_flag", help="TOML config, e.g. configs/tiny.toml")
+    tr.add_argument("--nproc", type=int, help="processes to run (overrides train.nproc); each holds "
+                                              "num_experts/ep_size experts of every MoE layer")
+    tr.add_argument("--out", help="run folder (default runs/<config name>)")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    tr.add_argument("--data", help="a text file or folder to train on instead of the standard library")
+    tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set train.steps=50 (TOML syntax for the value)")
+    tr.add_argument("--quiet", action="store_true", help="no progress output")
+
+    gen = sub.add_parser("generate", help="sample text from a trained run",
+                         description="Load a run's latest checkpoint on one process (whatever ep_size trained it) "
+                                     "and continue a prompt.")
+    gen.add_argument("--checkpoint", required=True, help="a run folder (runs/NAME) or its checkpoints folder")
+    gen.add_argument("--prompt", default="def ", help="text to continue (default 'def ')")
+    gen.add_argument("--max-new-tokens", type=int, default=200, help="bytes to generate (default 200)")
+    gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
+    gen.add_argument("--top-k", type=int, default=None, help="sample among the k most likely bytes")
+    gen.add_argument("--seed", type=int, default=0)
+
+    be = sub.add_parser("bench", help="run a benchmark from benchmarks/",
+                        description="Run one of the benchmark scripts of a source checkout; extra arguments are "
+                                    "passed through (see each script's --help).")
+    be.add_argument("name", choices=sorted(BENCHES))
+    be.add_argument("args", nargs=argparse.REMAINDER)
+    return ap
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _load_config(args):
+    from .config import load_train_config, parse_override
+
+    path = args.config_flag or args.config_file
+    if args.config_flag and args.config_file and args.config_flag != args.config_file:
+        raise ValueError(f"two configs given: {args.config_file!r} and --config {args.config_flag!r}")
+    if path is None:
+        raise ValueError("no config: pass one, e.g. `moesaic train configs/tiny.toml`")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    cfg = load_train_config(path)
+    overrides = dict(parse_override(o) for o in args.overrides)
+    if args.nproc is not None:
+        overrides["train.nproc"] = args.nproc
+    if args.data is not None:
+        overrides["data.path"] = args.data
+    if overrides:
+        cfg = cfg.with_overrides(overrides)
+    return cfg, path
+
+
+def cmd_train(args, argv: List[str]) -> int:
+    from .data import load_corpus
+    from .loop import check_out_dir, run
+
+    cfg, path = _load_config(args)
+    out = Path(args.out or Path("runs") / Path(path).stem)
+    if "RANK" in os.environ:  # started by torchrun: this is one rank of the run
+        run(cfg, out, resume=args.resume, quiet=args.quiet)
+        return 0
+    # checks that must fail before any process starts
+    load_corpus(cfg.data.path, cfg.data.val_percent, cfg.data.suffixes)
+    check_out_dir(out, cfg, args.resume)
+    nproc = cfg.train.nproc
+    if nproc == 1:
+        run(cfg, out, resume=args.resume, quiet=args.quiet)
+        return 0
+    worker_args = [a for a in argv if a != "--nproc" and not a.startswith("--nproc=")]
+    # drop the value that followed a bare --nproc
+    if "--nproc" in argv:
+        i = argv.index("--nproc")
+        worker_args = argv[:i] + argv[i + 2:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+           "127.0.0.1", "--master-port", str(_free_port()), "-m", "moesaic.train.cli", *worker_args,
+           "--out", str(out), "--set", f"train.nproc={nproc}"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // nproc)))
+    return subprocess.call(cmd, env=env)
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from moesaic import checkpoint
+    from moesaic.models import GPT, GPTConfig
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    root = Path(args.checkpoint)
+    ckpts = root / "checkpoints" if (root / "checkpoints").is_dir() else root
+    folder = checkpoint.resolve(ckpts)
+    manifest = checkpoint.read_manifest(folder)
+    model_cfg = dict((manifest.get("model_config") or {}).get("model") or {})
+    if not model_cfg:
+        raise ValueError(f"{folder}: the checkpoint carries no model config; was it written by `moesaic train`?")
+    model_cfg["ep_size"] = 1  # one process holds every expert, whatever ep_size trained them
+    model = GPT(GPTConfig.from_dict(model_cfg))
+    checkpoint.load(ckpts, model)
+    prompt = args.prompt.encode("utf-8")
+    if not prompt:
+        raise ValueError("--prompt must not be empty")
+    idx = torch.tensor([list(prompt)], dtype=torch.long)
+    g = torch.Generator().manual_seed(args.seed)
+    out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, generator=g)
+    sys.stdout.write(bytes(out[0].tolist()).decode("utf-8", errors="replace") + "\n")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    root = Path(__file__).resolve().parents[3] / "benchmarks"
+    script = root / BENCHES[args.name]
+    if not script.is_file():
+        raise FileNotFoundError(f"{script} not found: benchmarks live in moesaic's source checkout")
+    return subprocess.call([sys.executable, str(script), *args.args])
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return cmd_train(args, argv)
+        if args.command == "generate":
+            return cmd_generate(args)
+        return cmd_bench(args)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:
+        from moesaic.checkpoint import CheckpointError  # noqa: F401  (CheckpointError is a RuntimeError)
+        print(f"moesaic {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        if type(err).__name__ == "CheckpointError":
+            print(f"moesaic {args.command}: error: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
