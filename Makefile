@@ -19,7 +19,7 @@ $(VENV)/.stamp: pyproject.toml
 $(DS_VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(DS_VENV)
 	$(DS_VENV)/bin/pip install -q $(TORCH_PIN) numpy
-	$(DS_VENV)/bin/pip install -q $(DEEPSPEED_PIN) psutil pytest
+	$(DS_VENV)/bin/pip install -q $(DEEPSPEED_PIN) psutil pytest safetensors tensorboard matplotlib
 	$(DS_VENV)/bin/pip install -q --no-deps -e .
 	touch $@
 

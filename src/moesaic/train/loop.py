@@ -100,8 +100,11 @@ def _global_tokens_per_expert(engine, world: int) -> Dict[str, List[int]]:
     return out
 
 
-def run(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False) -> Dict:
-    """Train (see module docstring); returns the final summary on rank 0 (an empty dict elsewhere)."""
+def run(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False, model_factory=None) -> Dict:
+    """Train (see module docstring); returns the final summary on rank 0 (an empty dict elsewhere).
+
+    ``model_factory(cfg.model)`` replaces ``GPT(cfg.model)`` (the benchmark swaps in DeepSpeed's layer).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = 0
     if world > 1:
@@ -123,7 +126,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False) 
     val = validation_batches(split.val, cfg.model.block_size, t.batch_size, t.eval_batches)
     baseline = unigram_baseline_loss(byte_counts(split.train, max_bytes=4 << 20))
 
-    model = GPT(cfg.model)
+    model = model_factory(cfg.model) if model_factory is not None else GPT(cfg.model)
     if world > 1:
         moesaic.setup_expert_parallel(model)
     log_dir = str(out / "logs")
