@@ -102,3 +102,33 @@ def test_four_ranks_ep2_and_ep4_with_clipping_equal_the_global_batch():
 
 def test_sync_is_bucketed():
     run_ranks(_bucket_worker, 2)
+
+
+def _overflow_worker(rank, world, precision):
+    model = Net(ep_size=2)
+    moesaic.setup_expert_parallel(model)
+    cfg = {"train_micro_batch_size_per_gpu": TOKENS, "optimizer": {"type": "SGD", "params": {"lr": 0.1}}}
+    if precision == "fp16":
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 8, "hysteresis": 1}
+    engine, *_ = moesaic.initialize(model=model, config=cfg)
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = _batch(rank)
+    loss = engine(x.to(dtype), y.to(dtype)).float()
+    if rank == 1:
+        loss = loss * float("inf")  # only rank 1 overflows
+    import warnings
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        engine.backward(loss)
+        engine.step()
+    assert engine.skipped_steps == 1, f"rank {rank} must skip too"
+    if precision == "fp16":
+        assert engine.loss_scale == 2 ** 7
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b), f"rank {rank} changed a parameter on a skipped step"
+
+
+def test_an_overflow_on_one_rank_skips_the_step_on_every_rank():
+    run_ranks(_overflow_worker, 2, "fp16")
+    run_ranks(_overflow_worker, 2, "fp32")
