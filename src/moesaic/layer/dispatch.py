@@ -27,6 +27,12 @@ from torch import Tensor
 from .gating import Routing
 
 _CHUNK_ROWS = 4096  # rows per step in combine: full-speed kernels, small temporaries
+_FEW_PIECES = 16    # up to this many pieces (or pieces of >= 1024 rows on average) are handled one by one
+
+
+def _few_large(sizes: Sequence[int]) -> bool:
+    """Whether per-piece kernels beat concatenating: few pieces, or large ones."""
+    return len(sizes) <= _FEW_PIECES or sum(sizes) >= 1024 * len(sizes)
 
 
 def gather_rows(x_SD: Tensor, index_N: Tensor) -> Tensor:
@@ -53,14 +59,17 @@ class _Permute(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: Tensor):
         (index_N,) = ctx.saved_tensors
-        grads = [g if g is not None else index_N.new_zeros(0) for g in grads]
-        width = next((g.shape[1] for g in grads if g.dim() == 2), None)
+        width = next((g.shape[1] for g in grads if g is not None and g.dim() == 2), None)
         if width is None:
             return None, None, None
-        full = [g if g.dim() == 2 else g.new_zeros(size, width) for g, size in zip(grads, ctx.sizes)]
-        # one scatter over all pieces: many small index_adds cost more in launches than a copy
-        grad_SD = full[0].new_zeros(ctx.num_rows, width)
-        grad_SD.index_add_(0, index_N, torch.cat(full) if len(full) > 1 else full[0])
+        ref = next(g for g in grads if g is not None and g.dim() == 2)
+        grad_SD = ref.new_zeros(ctx.num_rows, width)
+        pairs = [(idx, g) for idx, g in zip(index_N.split(ctx.sizes), grads) if g is not None and idx.numel()]
+        if _few_large(ctx.sizes):
+            for idx, g in pairs:
+                grad_SD.index_add_(0, idx, g)
+        elif pairs:  # many small pieces: one copy beats many kernel launches
+            grad_SD.index_add_(0, torch.cat([idx for idx, _ in pairs]), torch.cat([g for _, g in pairs]))
         return grad_SD, None, None
 
 
@@ -72,45 +81,58 @@ def permute(x_SD: Tensor, routing: Routing, sizes: Sequence[int]) -> Tuple[Tenso
 
 
 class _WeightedScatterAdd(torch.autograd.Function):
-    """out[token[n]] += w[n] * y[n] for the concatenated expert outputs y; fp32 accumulation.
+    """out[token[n]] += w[n] * y[n] over the experts' output pieces; fp32 accumulation.
 
-    The pieces are concatenated once (one copy; the pieces themselves are then free), and all
-    work runs in row chunks, so a layer with many small experts costs a few kernel launches,
-    not a few per expert.
+    Work runs in row chunks. Many small pieces (many experts, few tokens each) are concatenated
+    first, so such a layer costs a few kernel launches rather than a few per expert; a few large
+    pieces are read where they are, saving the copy.
     """
 
     @staticmethod
     def forward(ctx, weight_N: Tensor, token_N: Tensor, num_tokens: int, *ys: Tensor) -> Tensor:
-        y_ND = torch.cat(ys) if len(ys) > 1 else ys[0]
-        out_SD = torch.zeros(num_tokens, y_ND.shape[1], dtype=torch.promote_types(y_ND.dtype, weight_N.dtype),
-                             device=y_ND.device)
-        for start in range(0, y_ND.shape[0], _CHUNK_ROWS):
-            rows = slice(start, start + _CHUNK_ROWS)
-            out_SD.index_add_(0, token_N[rows], y_ND[rows] * weight_N[rows, None])
-        ctx.save_for_backward(weight_N, token_N, y_ND)
-        ctx.sizes = [y.shape[0] for y in ys]
-        return out_SD.to(y_ND.dtype)
+        sizes = [y.shape[0] for y in ys]
+        # many small pieces are concatenated once (the pieces are then free); few large ones are read
+        # in place, saving the copy
+        pieces = list(ys) if _few_large(sizes) or len(ys) == 1 else [torch.cat(ys)]
+        dtype = ys[0].dtype
+        out_SD = torch.zeros(num_tokens, ys[0].shape[1], dtype=torch.promote_types(dtype, weight_N.dtype),
+                             device=weight_N.device)
+        offset = 0
+        for y in pieces:
+            for start in range(0, y.shape[0], _CHUNK_ROWS):
+                n = min(_CHUNK_ROWS, y.shape[0] - start)
+                rows = slice(offset + start, offset + start + n)
+                out_SD.index_add_(0, token_N[rows], y[start:start + n] * weight_N[rows, None])
+            offset += y.shape[0]
+        ctx.save_for_backward(weight_N, token_N, *pieces)
+        ctx.sizes = sizes
+        ctx.piece_rows = [y.shape[0] for y in pieces]
+        return out_SD.to(dtype)
 
     @staticmethod
     def backward(ctx, grad_SD: Tensor):
-        weight_N, token_N, y_ND = ctx.saved_tensors
+        weight_N, token_N, *pieces = ctx.saved_tensors
         need_w = ctx.needs_input_grad[0]
         need_y = any(ctx.needs_input_grad[3:])
         grad_w_N = torch.empty_like(weight_N) if need_w else None
         grads_y: List = [None] * len(ctx.sizes)
         if need_w or need_y:
             grad_routes_ND = gather_rows(grad_SD.contiguous(), token_N)  # becomes grad_y in place
-            for start in range(0, y_ND.shape[0], _CHUNK_ROWS):
-                rows = slice(start, start + _CHUNK_ROWS)
-                g = grad_routes_ND[rows]
-                w = weight_N[rows, None]
-                if need_w:
-                    grad_w_N[rows] = torch.linalg.vecdot(g.to(weight_N.dtype), y_ND[rows].to(weight_N.dtype))
-                if need_y:
-                    if g.dtype == weight_N.dtype:
-                        g.mul_(w)
-                    else:  # scale in fp32 as the forward did, then round once
-                        g.copy_(g.to(weight_N.dtype) * w)
+            offset = 0
+            for y in pieces:
+                for start in range(0, y.shape[0], _CHUNK_ROWS):
+                    n = min(_CHUNK_ROWS, y.shape[0] - start)
+                    rows = slice(offset + start, offset + start + n)
+                    g = grad_routes_ND[rows]
+                    w = weight_N[rows, None]
+                    if need_w:
+                        grad_w_N[rows] = torch.linalg.vecdot(g.to(weight_N.dtype), y[start:start + n].to(weight_N.dtype))
+                    if need_y:
+                        if g.dtype == weight_N.dtype:
+                            g.mul_(w)
+                        else:  # scale in fp32 as the forward did, then round once
+                            g.copy_(g.to(weight_N.dtype) * w)
+                offset += y.shape[0]
             if need_y:
                 grads_y = list(grad_routes_ND.split(ctx.sizes))
         return (grad_w_N, None, None, *grads_y)
