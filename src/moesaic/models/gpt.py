@@ -18,29 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_int, check_number
 from ..layer import MoE, name_moe_layers
 
 
 def _check_int(values: Mapping[str, Any], name: str, prefix: str, lo: int, hi: Optional[int] = None,
                hi_text: str = "") -> None:
-    value, key = values[name], prefix + name
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{key} must be an int, got {type(value).__name__}: {value!r}")
-    if value < lo or (hi is not None and value > hi):
-        allowed = f">= {lo}" if hi is None else f"in [{lo}, {hi_text or hi}]"
-        raise ValueError(f"{key} must be an int {allowed}, got {value!r}")
+    check_int(values[name], prefix + name, lo, hi, hi_text=hi_text)
 
 
 def _check_float(values: Mapping[str, Any], name: str, prefix: str, lo: float, hi: float = math.inf,
                  lo_open: bool = False, hi_open: bool = False) -> None:
-    value, key = values[name], prefix + name
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{key} must be a number, got {type(value).__name__}: {value!r}")
-    low_bad = value <= lo if lo_open else value < lo
-    high_bad = value >= hi if hi_open else value > hi
-    if not math.isfinite(value) or low_bad or high_bad:
-        span = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open or hi == math.inf else ']'}"
-        raise ValueError(f"{key} must be a finite number in {span}, got {value!r}")
+    check_number(values[name], prefix + name, lo, hi, lo_open=lo_open, hi_open=hi_open)
 
 
 def check_gpt_fields(values: Mapping[str, Any], prefix: str = "") -> None:

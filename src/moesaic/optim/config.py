@@ -25,6 +25,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
+from .._checks import check_int, check_number
+
 OPTIMIZER_TYPES = ("AdamW", "Adam", "SGD")
 SCHEDULER_TYPES = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
 WARMUP_TYPES = ("log", "linear")
@@ -58,27 +60,12 @@ def _check_keys(value: Any, allowed, path: str) -> Mapping[str, Any]:
 
 
 def _int(value: Any, path: str, lo: Optional[int] = None, allow_none: bool = False) -> Optional[int]:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        what = "an int or null" if allow_none else "an int"
-        raise TypeError(f"{path} must be {what}, got {type(value).__name__}: {value!r}")
-    if lo is not None and value < lo:
-        raise ValueError(f"{path} must be an int >= {lo}, got {value!r}")
-    return value
+    return check_int(value, path, lo, none_word="null" if allow_none else None)
 
 
 def _float(value: Any, path: str, lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False,
            hi_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{path} must be a number, got {type(value).__name__}: {value!r}")
-    value = float(value)
-    too_low = value <= lo if lo_open else value < lo
-    too_high = value >= hi if hi_open else value > hi
-    if not math.isfinite(value) or too_low or too_high:
-        span = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open or hi == math.inf else ']'}"
-        raise ValueError(f"{path} must be a finite number in {span}, got {value!r}")
-    return value
+    return check_number(value, path, lo, hi, lo_open=lo_open, hi_open=hi_open)
 
 
 def _bool(value: Any, path: str) -> bool:

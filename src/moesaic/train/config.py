@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional, Tuple, Union
 
+from .._checks import check_int, check_number
 from ..models.gpt import GPTConfig
 from .data import DEFAULT_SUFFIXES
 
@@ -23,27 +24,12 @@ SPLIT_BY = ("expert", "layer")
 
 
 def _int(value: Any, key: str, lo: int, hi: Optional[int] = None, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{key} must be an int{' or absent' if allow_none else ''}, got {type(value).__name__}: "
-                        f"{value!r}")
-    if value < lo or (hi is not None and value > hi):
-        raise ValueError(f"{key} must be an int {f'>= {lo}' if hi is None else f'in [{lo}, {hi}]'}, got {value!r}")
+    check_int(value, key, lo, hi, none_word="absent" if allow_none else None)
 
 
 def _float(value: Any, key: str, lo: float, hi: float = math.inf, lo_open: bool = False, hi_open: bool = False,
            allow_none: bool = False) -> Optional[float]:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{key} must be a number, got {type(value).__name__}: {value!r}")
-    bad_lo = value <= lo if lo_open else value < lo
-    bad_hi = value >= hi if hi_open else value > hi
-    if not math.isfinite(value) or bad_lo or bad_hi:
-        span = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open or hi == math.inf else ']'}"
-        raise ValueError(f"{key} must be a finite number in {span}, got {value!r}")
-    return float(value)
+    return check_number(value, key, lo, hi, lo_open=lo_open, hi_open=hi_open, allow_none=allow_none)
 
 
 def _set(obj: Any, name: str, value: Any) -> None:
