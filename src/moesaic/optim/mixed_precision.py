@@ -96,6 +96,7 @@ class GroupedMixedPrecisionOptimizer:
             merged.setdefault("name", f"group_{gi}")
             merged.setdefault("lr_scale", 1.0)
             self.param_groups.append(merged)
+        self._where = {id(p): (gi, j) for gi, g in enumerate(self.param_groups) for j, p in enumerate(g["params"])}
         self._master: List[Optional[List[Tensor]]] = [self._make_master(g["params"]) for g in self.param_groups]
         self.state: List[Dict] = [{"step": 0} for _ in self.param_groups]
         self.last_stats: Dict[str, Dict[str, float]] = {}
@@ -238,11 +239,11 @@ class GroupedMixedPrecisionOptimizer:
 
     # --- state ----------------------------------------------------------------------------------
     def _locate(self, p: Tensor):
-        for gi, g in enumerate(self.param_groups):
-            for j, q in enumerate(g["params"]):
-                if q is p:
-                    return gi, j
-        raise KeyError("parameter is not in this optimizer")
+        """(group, position) of a parameter: a dict lookup, so per-parameter checkpointing stays linear."""
+        where = self._where.get(id(p))
+        if where is None:
+            raise KeyError("parameter is not in this optimizer")
+        return where
 
     def param_state(self, p: Tensor) -> Dict[str, Tensor]:
         """The state of one parameter: moments, fp32 master (if separate) and its group's step."""
