@@ -1,13 +1,10 @@
 """Experts: one deep copy of the user's expert module per local expert, each parameter tagged.
 
-Every parameter of expert ``i`` on expert-parallel rank ``r`` carries three attributes, the
-identity that optimizer groups, telemetry and checkpoints are built on:
-
-* ``allreduce = False`` (DeepSpeed's marker: not reduced over the whole data-parallel world);
-* ``group_name``: the layer's ``expert_group_name``;
-* ``expert_number``: the global expert index ``r * num_local_experts + i``.
-
-Nothing downstream re-derives identity from module paths.
+Every parameter of expert ``i`` on expert-parallel rank ``r`` is tagged (see
+:mod:`moesaic.layer.identity`) with the layer's ``expert_group_name`` and the global expert number
+``r * num_local_experts + i``: the identity that optimizer groups, telemetry and checkpoints are
+built on. The tags are written again whenever the container is unpickled or deep-copied (torch
+drops attributes of parameters on ``deepcopy``), so identity survives both.
 """
 
 from __future__ import annotations
@@ -17,6 +14,8 @@ from typing import Iterator, List, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from .identity import ExpertKey, tag_expert_param
 
 
 class Experts(nn.Module):
@@ -54,15 +53,24 @@ class Experts(nn.Module):
         self.expert_group_name = expert_group_name
         self.ep_rank = ep_rank
         for i, expert in enumerate(self.local_experts):
-            for param in expert.parameters():
-                param.allreduce = False
-                param.group_name = expert_group_name
-                param.expert_number = ep_rank * self.num_local_experts + i
+            key = ExpertKey(expert_group_name, ep_rank * self.num_local_experts + i)
+            for name, param in expert.named_parameters():
+                tag_expert_param(param, key, name)
+
+    def __setstate__(self, state) -> None:
+        # pickling keeps parameter attributes but deepcopy does not: stamp them again either way
+        super().__setstate__(state)
+        self.tag(self.expert_group_name, self.ep_rank)
 
     @property
     def first_expert_number(self) -> int:
         """Global number of local expert 0."""
         return self.ep_rank * self.num_local_experts
+
+    @property
+    def local_numbers(self) -> List[int]:
+        """Global numbers of the local experts, in local order."""
+        return [self.first_expert_number + i for i in range(self.num_local_experts)]
 
     def __len__(self) -> int:
         return self.num_local_experts

@@ -18,7 +18,7 @@ Shape legend: S = tokens, E = experts, N = kept routes, D = model dim.
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -224,6 +224,26 @@ class MoE(nn.Module):
     def extra_repr(self) -> str:
         return (f"name={self.expert_group_name!r}, num_experts={self.num_experts}, ep_size={self.ep_size}, "
                 f"k={self.k}, drop_tokens={self.gate.drop_tokens}")
+
+
+def moe_layers(model: nn.Module) -> Dict[str, Tuple[str, "MoE"]]:
+    """``{expert_group_name: (module path, layer)}`` of every MoE layer, in module order.
+
+    The one walk over a model's modules that looks for MoE layers; everything else asks
+    :class:`moesaic.layer.identity.ExpertIndex`. Two layers with the same name are an error:
+    identity (optimizer groups, checkpoints, telemetry) is keyed by layer name.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    out: Dict[str, Tuple[str, MoE]] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, MoE):
+            name = module.expert_group_name
+            if name in out:
+                raise ValueError(f"MoE layers {out[name][0] or '<root>'!r} and {path or '<root>'!r} are both named "
+                                 f"{name!r}; identity is keyed by layer name: call moesaic.name_moe_layers(model)")
+            out[name] = (path, module)
+    return out
 
 
 def name_moe_layers(model: nn.Module, prefix: str = "") -> dict:
