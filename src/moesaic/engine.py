@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .layer.identity import ExpertIndex
 from .optim.build_groups import build_param_groups
 from .optim.config import EngineConfig, load_config
 from .optim.grad_sync import any_non_finite, build_sync_plan, global_grad_norm, non_finite_group_names, sync_gradients
@@ -42,7 +43,7 @@ class MoEEngine:
     """
 
     def __init__(self, model: nn.Module, optimizer: GroupedMixedPrecisionOptimizer, scheduler, config: EngineConfig,
-                 log_dir: Optional[str] = None, telemetry_every: int = 1) -> None:
+                 log_dir: Optional[str] = None, telemetry_every: int = 1, index: Optional[ExpertIndex] = None) -> None:
         self.module = model
         self.optimizer = optimizer
         self.lr_scheduler = scheduler
@@ -53,7 +54,8 @@ class MoEEngine:
         self.micro_steps = 0
         self.skipped_steps = 0
         self.last_metrics: Dict[str, Any] = {}
-        self._plan = build_sync_plan(model)
+        self.index = index if index is not None else ExpertIndex.build(model)
+        self._plan = build_sync_plan(self.index)
         self._losses = []
         self._grad_norm: Optional[float] = None
         self._telemetry_every = telemetry_every
@@ -177,21 +179,13 @@ class MoEEngine:
         if client_state is not None and not isinstance(client_state, dict):
             raise TypeError(f"client_state must be a dict or None, got {type(client_state).__name__}")
         tag = tag if tag is not None else f"global_step{self.global_steps}"
-        # group names carry global expert numbers, so the union over ranks names every group of
-        # every layout: a resharded load finds the lr of each of its groups
-        group_lr = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            parts = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, group_lr)
-            group_lr = {k: v for part in parts for k, v in part.items()}
         state = {"global_steps": self.global_steps, "micro_steps": self.micro_steps,
                  "skipped_steps": self.skipped_steps,
                  "scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
                  "loss_scaler": self.loss_scaler.state_dict() if self.loss_scaler is not None else None,
-                 "group_lr": group_lr,
                  "config": self.config.to_dict()}
         return checkpoint.save(save_dir, self.module, tag=tag, optimizer=self.optimizer, engine_state=state,
-                               client_state=client_state, model_config=model_config)
+                               client_state=client_state, model_config=model_config, index=self.index)
 
     def load_checkpoint(self, load_dir, tag: Optional[str] = None):
         """Load what :meth:`save_checkpoint` wrote, under this run's world and ep sizes.
@@ -200,7 +194,8 @@ class MoEEngine:
         """
         from . import checkpoint
 
-        folder, client_state, state = checkpoint.load(load_dir, self.module, tag=tag, optimizer=self.optimizer)
+        folder, client_state, state = checkpoint.load(load_dir, self.module, tag=tag, optimizer=self.optimizer,
+                                                      index=self.index)
         self.global_steps = state.get("global_steps", 0)
         self.micro_steps = state.get("micro_steps", 0)
         self.skipped_steps = state.get("skipped_steps", 0)
@@ -208,10 +203,6 @@ class MoEEngine:
             self.lr_scheduler.load_state_dict(state["scheduler"])
         if self.loss_scaler is not None and state.get("loss_scaler") is not None:
             self.loss_scaler.load_state_dict(state["loss_scaler"])
-        lrs = state.get("group_lr", {})
-        for g in self.optimizer.param_groups:
-            if g["name"] in lrs:
-                g["lr"] = lrs[g["name"]]
         return folder, client_state
 
     def log_metrics(self, metrics: Dict[str, Any]) -> None:
@@ -261,10 +252,13 @@ def initialize(model: nn.Module, model_parameters=None, config=None, *, log_dir:
     elif cfg.fp16.enabled:
         model.to(torch.float16)
     moe = cfg.moe
+    index = ExpertIndex.build(model)
     groups = build_param_groups(model, model_parameters, split_by=moe.split_by, max_group_size=moe.max_group_size,
-                                lr_scale=moe.lr_scale, freeze=moe.freeze_experts)
+                                lr_scale=moe.lr_scale, freeze=moe.freeze_experts, index=index)
     optimizer = GroupedMixedPrecisionOptimizer(groups, cfg.optimizer.type, dict(cfg.optimizer.params),
-                                               offload=moe.offload, fuse_elems=default_fuse_elems(moe.max_group_size))
+                                               offload=moe.offload, fuse_elems=default_fuse_elems(moe.max_group_size),
+                                               index=index)
     scheduler = build_scheduler(optimizer, cfg.scheduler) if cfg.scheduler is not None else None
-    engine = MoEEngine(model, optimizer, scheduler, cfg, log_dir=log_dir, telemetry_every=telemetry_every)
+    engine = MoEEngine(model, optimizer, scheduler, cfg, log_dir=log_dir, telemetry_every=telemetry_every,
+                       index=index)
     return engine, optimizer, None, scheduler

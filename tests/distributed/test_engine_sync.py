@@ -11,6 +11,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from launch import run_ranks  # noqa: E402
 
 import moesaic  # noqa: E402
+from moesaic.layer.identity import ExpertIndex  # noqa: E402
 from moesaic.optim.grad_sync import build_sync_plan, sync_gradients  # noqa: E402
 
 D, E, TOKENS = 8, 4, 12
@@ -78,7 +79,7 @@ def _bucket_worker(rank, world):
     moesaic.setup_expert_parallel(model)
     x, y = _batch(rank)
     model(x, y).backward()
-    plan = build_sync_plan(model)
+    plan = build_sync_plan(ExpertIndex.build(model))
     n_params = len(plan.dense) + sum(len(ps) for _, _, ps in plan.expert.values())
     calls = sync_gradients(plan, bucket_elems=10**6)
     # one collective for all dense grads, one for the expert grads of the edp group

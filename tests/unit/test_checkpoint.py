@@ -58,7 +58,7 @@ def test_layout_names_experts_by_layer_and_number(tmp_path):
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["format_version"] == 1 and manifest["step"] == 2 and manifest["world_size"] == 1
     assert manifest["moe_layers"] == {"ffn": {"num_experts": 4, "ep_size": 1}}
-    expected = {"dense.safetensors", "dense.optim.safetensors", "rank0.state.pt", "engine.json"}
+    expected = {"dense.safetensors", "dense.optim.safetensors", "rank0.state.pt", "engine.json", "optimizer.json"}
     expected |= {f"experts/ffn/{i}.safetensors" for i in range(4)} | {f"experts/ffn/{i}.optim.safetensors"
                                                                       for i in range(4)}
     assert set(manifest["files"]) == expected
@@ -203,3 +203,15 @@ def test_newer_format_and_mismatched_models_are_refused(tmp_path):
         checkpoint.load(tmp_path / "nowhere", Net())
     with pytest.raises(ValueError, match="tag must be a non-empty name"):
         checkpoint.save(tmp_path, Net(), tag="a/b")
+
+
+def test_adamw_checkpoint_does_not_load_into_an_sgd_engine(tmp_path):
+    engine = make_engine()
+    train(engine, 1)
+    engine.save_checkpoint(tmp_path)
+    cfg = dict(CONFIG, optimizer={"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}})
+    sgd, *_ = moesaic.initialize(model=Net(), config=cfg)
+    before = [p.detach().clone() for p in sgd.module.parameters()]
+    with pytest.raises(CheckpointError, match=r"state is for 'AdamW' but this optimizer is 'SGD'"):
+        sgd.load_checkpoint(tmp_path)
+    assert all(torch.equal(p, b) for p, b in zip(sgd.module.parameters(), before)), "the model is untouched"

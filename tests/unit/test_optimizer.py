@@ -189,3 +189,101 @@ def test_cpu_offload_path_matches():
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
     assert all(m.device.type == "cpu" and m.dtype == torch.float32 for m in opt_a.masters(0))
+
+
+# --- state keyed by identity ----------------------------------------------------------------------
+
+def _opt(m, kind="AdamW", **build):
+    from moesaic.layer.identity import ExpertIndex
+    index = ExpertIndex.build(m)
+    return GroupedMixedPrecisionOptimizer(build_param_groups(m, index=index, **build), kind, dict(lr=1e-2),
+                                          index=index)
+
+
+def test_state_dict_is_keyed_by_tensor_identity():
+    m = model_with_moe()
+    opt = _opt(m)
+    loss_of(m, torch.randn(16, 8)).backward()
+    opt.step()
+    sd = opt.state_dict()
+    assert sd["optimizer"] == "AdamW"
+    # dense tensors by model name, expert tensors as "<layer>/<number>/<name inside the expert>"
+    assert "0.weight" in sd["state"] and "1/3/2.bias" in sd["state"]
+    entry = sd["state"]["1/3/2.bias"]
+    assert set(entry) == {"step", "exp_avg", "exp_avg_sq"} and int(entry["step"]) == 1
+    group = next(g for g in sd["param_groups"] if g["name"] == "params/1/expert_3")
+    assert group["params"] == ["1/3/0.weight", "1/3/0.bias", "1/3/2.weight", "1/3/2.bias"]
+
+
+def test_state_moves_between_group_layouts():
+    # per-expert groups save, per-layer groups capped differently load: names, not positions, match
+    a, b = model_with_moe(), model_with_moe()
+    opt_a = _opt(a, split_by="expert")
+    x = torch.randn(16, 8)
+    loss_of(a, x).backward()
+    opt_a.step()
+    b.load_state_dict(a.state_dict())
+    opt_b = _opt(b, split_by="layer", max_group_size=100)
+    assert [g["name"] for g in opt_b.param_groups] != [g["name"] for g in opt_a.param_groups]
+    opt_b.load_state_dict(opt_a.state_dict())
+    for m, opt in ((a, opt_a), (b, opt_b)):
+        loss_of(m, x).backward()
+        opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_load_state_dict_refuses_mismatches_and_changes_nothing():
+    m = model_with_moe()
+    adam = _opt(m)
+    loss_of(m, torch.randn(16, 8)).backward()
+    adam.step()
+    sgd = _opt(model_with_moe(), kind="SGD")
+    with pytest.raises(ValueError, match=r"state is for 'AdamW' but this optimizer is 'SGD'"):
+        sgd.load_state_dict(adam.state_dict())
+    other = _opt(model_with_moe())
+    before = {k: {f: v.clone() for f, v in e.items()} for k, e in other.state_dict()["state"].items()}
+    sd = adam.state_dict()
+    sd["state"] = dict(sd["state"])
+    del sd["state"]["1/2/0.weight"]
+    with pytest.raises(ValueError, match=r"no entry for tensor '1/2/0.weight'"):
+        other.load_state_dict(sd)
+    sd = adam.state_dict()
+    sd["state"] = {**sd["state"], "1/9/0.weight": sd["state"]["1/0/0.weight"]}
+    with pytest.raises(ValueError, match=r"does not have: \['1/9/0.weight'\]"):
+        other.load_state_dict(sd)
+    after = other.state_dict()["state"]
+    assert all(torch.equal(after[k][f], v) for k, e in before.items() for f, v in e.items())
+
+
+def test_group_names_must_be_unique():
+    p, q = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match=r"param_groups\[0\] and param_groups\[1\] are both named 'decay'"):
+        GroupedMixedPrecisionOptimizer([{"params": [p], "name": "decay"}, {"params": [q], "name": "decay"}])
+
+
+def test_lr_scale_naming_no_layer_or_expert_is_refused():
+    m = model_with_moe()
+    with pytest.raises(ValueError, match=r"moe.lr_scale key 'ffn' names no MoE layer or expert"):
+        build_param_groups(m, lr_scale={"ffn": 0.5})
+    with pytest.raises(ValueError, match=r"moe.lr_scale key '1/4' names no MoE layer or expert"):
+        build_param_groups(m, lr_scale={"1/4": 0.5})
+    assert build_param_groups(m, lr_scale={"1/3": 0.5})[-1]["lr_scale"] == 0.5
+
+
+def test_a_tensor_without_gradient_is_not_stepped_as_in_torch():
+    # torch.optim keeps a step count per tensor: one that got no gradient keeps its count and weights
+    p, q = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
+    p2, q2 = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
+    ours = GroupedMixedPrecisionOptimizer([{"params": [p, q], "name": "g"}], "Adam", dict(lr=0.1))
+    ref = torch.optim.Adam([p2, q2], lr=0.1)
+    for step in range(3):
+        p.grad, p2.grad = torch.full((2,), step + 1.0), torch.full((2,), step + 1.0)
+        if step != 1:
+            q.grad, q2.grad = torch.full((2,), 2.0), torch.full((2,), 2.0)
+        ours.step()
+        ref.step()
+        ref.zero_grad()
+    assert int(ours.state_dict()["state"]["g/1"]["step"]) == 2
+    torch.testing.assert_close(p, p2)
+    torch.testing.assert_close(q, q2)

@@ -22,7 +22,8 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from .store import CheckpointError, moe_layers, save
+from ..layer.moe import moe_layers
+from .store import CheckpointError, save
 
 _EXPERT_KEY = re.compile(r"^(?P<path>.*?)\.?deepspeed_moe\.experts\.deepspeed_experts\.(?P<g>\d+)\.(?P<rest>.+)$")
 

@@ -38,6 +38,8 @@ from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file as st_save_file
 from torch import Tensor, nn
 
+from ..layer.identity import ExpertIndex, LayerInfo
+
 FORMAT_VERSION = 1
 _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moesaic-ckpt-crc")
 
@@ -57,23 +59,9 @@ def _barrier():
         dist.barrier()
 
 
-def moe_layers(model: nn.Module) -> Dict[str, Tuple[str, Any]]:
-    """``{expert_group_name: (module path, layer)}``; names must be unique."""
-    from ..layer.moe import MoE
-
-    out = {}
-    for path, m in model.named_modules():
-        if isinstance(m, MoE):
-            if m.expert_group_name in out:
-                raise CheckpointError(f"two MoE layers are named {m.expert_group_name!r}; checkpoints key experts by "
-                                      "layer name: call moesaic.name_moe_layers(model) first")
-            out[m.expert_group_name] = (path, m)
-    return out
-
-
-def _expert_owner_writes(layer) -> bool:
+def _expert_owner_writes(layer: LayerInfo) -> bool:
     """Of the replicas of an expert (its expert-data-parallel group), the first one writes it."""
-    groups = layer.parallel_groups
+    groups = layer.groups
     return groups is None or dist.get_rank() == groups.edp_ranks[0]
 
 
@@ -135,26 +123,16 @@ def _expert_rel(layer_name: str, number: int, optim: bool = False) -> str:
     return f"experts/{layer_name}/{number}{'.optim' if optim else ''}.safetensors"
 
 
-def _param_names(model: nn.Module) -> Dict[int, str]:
-    """Stable names: dense params by model path, expert params as ``layer/number/relative name``."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    for lname, (_, layer) in moe_layers(model).items():
-        for i, expert in enumerate(layer.experts):
-            number = layer.experts.first_expert_number + i
-            for rel, p in expert.named_parameters():
-                names[id(p)] = f"{lname}/{number}/{rel}"
-    return names
-
-
-def _expert_prefixes(model: nn.Module) -> List[str]:
-    return [f"{path}.experts." if path else "experts." for _, (path, _) in moe_layers(model).items()]
-
-
 # --- save ---------------------------------------------------------------------------------------
 
 def save(directory, model: nn.Module, *, tag: str, optimizer=None, engine_state: Optional[Dict] = None,
-         client_state: Optional[Dict] = None, model_config: Optional[Dict] = None) -> Path:
-    """Write a checkpoint (collectively: every rank calls it). Returns the checkpoint folder."""
+         client_state: Optional[Dict] = None, model_config: Optional[Dict] = None,
+         index: Optional[ExpertIndex] = None) -> Path:
+    """Write a checkpoint (collectively: every rank calls it). Returns the checkpoint folder.
+
+    ``index`` is the model's :class:`ExpertIndex` (built when None); ``optimizer`` anything with
+    the ``state_dict()`` of :class:`~moesaic.optim.mixed_precision.GroupedMixedPrecisionOptimizer`.
+    """
     if not isinstance(tag, str) or not tag or "/" in tag or tag.startswith("."):
         raise ValueError(f"tag must be a non-empty name without '/' that does not start with '.', got {tag!r}")
     rank, world = _dist()
@@ -165,47 +143,51 @@ def save(directory, model: nn.Module, *, tag: str, optimizer=None, engine_state:
         tmp.mkdir(parents=True)
     _barrier()
     files: Dict[str, Dict] = {}
-    layers = moe_layers(model)
-    names = _param_names(model)
+    index = index if index is not None else ExpertIndex.build(model)
+    layers = index.layers
+    optim_state = optimizer.state_dict() if optimizer is not None else None
     # 1. dense tensors and their optimizer state (rank 0; identical on every rank)
     aliases: Dict[str, str] = {}
     if rank == 0:
-        prefixes = _expert_prefixes(model)
-        dense = {k: v for k, v in model.state_dict().items() if not any(k.startswith(p) for p in prefixes)}
-        dense, aliases = _dedupe(dense)
+        dense, aliases = _dedupe(index.dense_state_dict(model))
         _write(tmp / "dense.safetensors", dense, files, tmp)
-        if optimizer is not None:
-            dense_params = [p for p in model.parameters() if getattr(p, "allreduce", True) is not False]
-            _write(tmp / "dense.optim.safetensors", _optim_tensors(optimizer, dense_params, names, strip=""), files, tmp)
+        if optim_state is not None:
+            _write(tmp / "dense.optim.safetensors",
+                   _optim_tensors(optim_state, [r.name for r in index.dense()], strip=""), files, tmp)
     # 2. each expert by its owner
-    for lname, (_, layer) in layers.items():
-        if not _expert_owner_writes(layer):
+    for key in index.experts():
+        if not _expert_owner_writes(layers[key.layer]):
             continue
-        for i, expert in enumerate(layer.experts):
-            number = layer.experts.first_expert_number + i
-            _write(tmp / _expert_rel(lname, number), expert.state_dict(), files, tmp)
-            if optimizer is not None:
-                _write(tmp / _expert_rel(lname, number, optim=True),
-                       _optim_tensors(optimizer, list(expert.parameters()), names, strip=f"{lname}/{number}/"),
-                       files, tmp)
+        _write(tmp / _expert_rel(key.layer, key.number), index.expert_state_dict(key), files, tmp)
+        if optim_state is not None:
+            _write(tmp / _expert_rel(key.layer, key.number, optim=True),
+                   _optim_tensors(optim_state, [r.name for r in index.expert_refs(key)], strip=f"{key}/"), files, tmp)
     # 3. this rank's RNG states and client state
     state = {"rng": _rng_state(), "client_state": client_state or {}}
     torch.save(state, tmp / f"rank{rank}.state.pt")
     files[f"rank{rank}.state.pt"] = _file_meta(tmp / f"rank{rank}.state.pt")
     # 4. rank 0 gathers the file list, writes manifest and engine state, publishes atomically
-    gathered = [files]
+    settings = optim_state["param_groups"] if optim_state is not None else None
+    gathered = [(files, settings)]
     if world > 1:
         gathered = [None] * world
-        dist.all_gather_object(gathered, files)
+        dist.all_gather_object(gathered, (files, settings))
+    groups = [part[1] for part in gathered]
     final = root / tag
     if rank == 0:
-        all_files = {k: v for part in gathered for k, v in part.items()}
+        all_files = {k: v for part in gathered for k, v in part[0].items()}
         if engine_state is not None:
             (tmp / "engine.json").write_text(json.dumps(engine_state))
             all_files["engine.json"] = _file_meta(tmp / "engine.json")
+        if optim_state is not None:
+            # the optimizer type and every group's settings, by group name, from every rank
+            by_name = {g["name"]: {k: v for k, v in g.items() if k != "params"} for part in groups for g in part}
+            (tmp / "optimizer.json").write_text(json.dumps({"optimizer": optim_state["optimizer"],
+                                                            "param_groups": list(by_name.values())}))
+            all_files["optimizer.json"] = _file_meta(tmp / "optimizer.json")
         manifest = {"format_version": FORMAT_VERSION, "tag": tag, "world_size": world,
                     "step": (engine_state or {}).get("global_steps"), "model_config": model_config,
-                    "moe_layers": {n: {"num_experts": l.num_experts, "ep_size": l.ep_size} for n, (_, l) in
+                    "moe_layers": {n: {"num_experts": l.num_experts, "ep_size": l.ep_size} for n, l in
                                    layers.items()},
                     "dense_aliases": aliases, "files": all_files}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -244,18 +226,15 @@ def _file_meta(path: Path) -> Dict:
     return {"crc32": crc, "bytes": size}
 
 
-def _optim_tensors(optimizer, params: List[Tensor], names: Dict[int, str], strip: str) -> Dict[str, Tensor]:
+def _optim_tensors(optim_state: Dict, names: List[str], strip: str) -> Dict[str, Tensor]:
+    """The optimizer state of ``names`` as flat ``"<name>::<field>"`` tensors (``strip`` removed)."""
     out = {}
-    for p in params:
-        if not p.requires_grad:
-            continue
-        try:
-            state = optimizer.param_state(p)
-        except KeyError:
-            continue  # not optimised (e.g. frozen)
-        name = names[id(p)][len(strip):] if strip else names[id(p)]
-        for k, v in state.items():
-            out[f"{name}::{k}"] = v
+    for name in names:
+        entry = optim_state["state"].get(name)
+        if entry is None:
+            continue  # not optimised here (frozen)
+        for field, v in entry.items():
+            out[f"{name[len(strip):]}::{field}"] = v
     return out
 
 
@@ -289,7 +268,8 @@ def read_manifest(folder: Path) -> Dict:
     return manifest
 
 
-def load(directory, model: nn.Module, *, tag: Optional[str] = None, optimizer=None) -> Tuple[Path, Dict, Dict]:
+def load(directory, model: nn.Module, *, tag: Optional[str] = None, optimizer=None,
+         index: Optional[ExpertIndex] = None) -> Tuple[Path, Dict, Dict]:
     """Load a checkpoint into ``model`` (and ``optimizer``) on every rank.
 
     Returns:
@@ -299,10 +279,9 @@ def load(directory, model: nn.Module, *, tag: Optional[str] = None, optimizer=No
     folder = resolve(directory, tag)
     manifest = read_manifest(folder)
     rank, world = _dist()
-    layers = moe_layers(model)
-    names = _param_names(model)
+    index = index if index is not None else ExpertIndex.build(model)
     # 1. read and check everything before touching the model
-    for lname, (_, layer) in layers.items():  # the layer structure first: the clearest message
+    for lname, layer in index.layers.items():  # the layer structure first: the clearest message
         saved = manifest["moe_layers"].get(lname)
         if saved is None:
             raise CheckpointError(f"{folder}: no MoE layer named {lname!r} in the checkpoint "
@@ -314,40 +293,59 @@ def load(directory, model: nn.Module, *, tag: Optional[str] = None, optimizer=No
     for alias, stored in manifest.get("dense_aliases", {}).items():
         if stored in dense:
             dense[alias] = dense[stored]
-    prefixes = _expert_prefixes(model)
-    want = {k: v for k, v in model.state_dict().items() if not any(k.startswith(p) for p in prefixes)}
+    want = index.dense_state_dict(model)
     _check_tensors("dense.safetensors", dense, want, folder)
     expert_states = {}
-    for lname, (_, layer) in layers.items():
-        for i, expert in enumerate(layer.experts):
-            number = layer.experts.first_expert_number + i
-            rel = _expert_rel(lname, number)
-            tensors = _read(folder, rel, manifest)
-            _check_tensors(rel, tensors, expert.state_dict(), folder)
-            expert_states[(lname, i)] = tensors
-    optim_states = {}
+    for key in index.experts():
+        rel = _expert_rel(key.layer, key.number)
+        tensors = _read(folder, rel, manifest)
+        _check_tensors(rel, tensors, index.expert_state_dict(key), folder)
+        expert_states[key] = tensors
+    optim_sd = None
     if optimizer is not None:
-        optim_states.update(_read(folder, "dense.optim.safetensors", manifest))
-        for lname, (_, layer) in layers.items():
-            for i in range(len(layer.experts)):
-                number = layer.experts.first_expert_number + i
-                part = _read(folder, _expert_rel(lname, number, optim=True), manifest)
-                optim_states.update({f"{lname}/{number}/{k}": v for k, v in part.items()})
+        optim_sd = _optimizer_state(folder, manifest, index, optimizer)
+        try:
+            optimizer.check_state_dict(optim_sd)
+        except ValueError as err:
+            raise CheckpointError(f"{folder}: {err}") from err
     state_file = f"rank{rank}.state.pt" if manifest["world_size"] == world else "rank0.state.pt"
     if state_file not in manifest["files"]:
         raise CheckpointError(f"{folder / state_file}: missing from the manifest")
     rank_state = torch.load(folder / state_file, weights_only=False)
     engine_state = json.loads((folder / "engine.json").read_text()) if "engine.json" in manifest["files"] else {}
-    per_param = _group_optim(optim_states, model, optimizer, names, folder) if optimizer is not None else {}
-    # 2. all checks passed: copy in
+    # 2. all checks passed: copy in (the model first: a master weight absent from the state starts from it)
     model.load_state_dict({**dense, **{k: v for k, v in model.state_dict().items() if k not in dense}}, strict=True)
-    for (lname, i), tensors in expert_states.items():
-        layers[lname][1].experts[i].load_state_dict(tensors, strict=True)
-    for p, state in per_param.items():
-        optimizer.set_param_state(p, state)
+    for key, tensors in expert_states.items():
+        index.load_expert_state_dict(key, tensors)
+    if optim_sd is not None:
+        optimizer.load_state_dict(optim_sd)
     if manifest["world_size"] == world:
         _set_rng_state(rank_state["rng"])
     return folder, rank_state.get("client_state", {}), engine_state
+
+
+def _optimizer_state(folder: Path, manifest: Dict, index: ExpertIndex, optimizer) -> Dict:
+    """The optimizer state dict this rank needs, from the dense and per-expert optimizer files."""
+    wanted = set(optimizer.state_names())
+    flat = {}
+    if any(index.ref(n).expert is None for n in wanted):
+        flat.update(_read(folder, "dense.optim.safetensors", manifest))
+    for key in index.experts():
+        if any(r.name in wanted for r in index.expert_refs(key)):
+            part = _read(folder, _expert_rel(key.layer, key.number, optim=True), manifest)
+            flat.update({f"{key}/{k}": v for k, v in part.items()})
+    state: Dict[str, Dict[str, Tensor]] = {}
+    for k, v in flat.items():
+        name, _, field = k.rpartition("::")
+        if name in wanted:
+            state.setdefault(name, {})[field] = v
+    if "optimizer.json" in manifest["files"]:
+        meta = json.loads((folder / "optimizer.json").read_text())
+    else:  # written before optimizer.json existed: the type is not recorded, the lrs are in engine.json
+        engine = json.loads((folder / "engine.json").read_text()) if "engine.json" in manifest["files"] else {}
+        meta = {"optimizer": optimizer.kind,
+                "param_groups": [{"name": n, "lr": lr} for n, lr in engine.get("group_lr", {}).items()]}
+    return {"optimizer": meta["optimizer"], "state": state, "param_groups": meta["param_groups"]}
 
 
 def _check_tensors(rel: str, got: Dict[str, Tensor], want: Dict[str, Tensor], folder: Path) -> None:
@@ -360,31 +358,6 @@ def _check_tensors(rel: str, got: Dict[str, Tensor], want: Dict[str, Tensor], fo
         if tuple(v.shape) != tuple(want[k].shape):
             raise CheckpointError(f"{folder / rel}: {k!r} has shape {tuple(v.shape)} in the checkpoint but "
                                   f"{tuple(want[k].shape)} in the model")
-
-
-def _group_optim(flat: Dict[str, Tensor], model: nn.Module, optimizer, names: Dict[int, str], folder: Path):
-    per_param: Dict[Tensor, Dict[str, Tensor]] = {}
-    by_name = {}
-    for key, v in flat.items():
-        name, _, field = key.rpartition("::")
-        by_name.setdefault(name, {})[field] = v
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        try:
-            optimizer.param_state(p)
-        except KeyError:
-            continue
-        name = names[id(p)]
-        state = by_name.get(name)
-        if state is None:
-            raise CheckpointError(f"{folder}: no optimizer state for parameter {name!r}")
-        for k, v in state.items():
-            if k != "step" and tuple(v.shape) != tuple(p.shape):
-                raise CheckpointError(f"{folder}: optimizer state {name}::{k} has shape {tuple(v.shape)}, "
-                                      f"parameter has {tuple(p.shape)}")
-        per_param[p] = state
-    return per_param
 
 
 def _set_rng_state(state: Dict) -> None:

@@ -10,7 +10,7 @@ drops attributes of parameters on ``deepcopy``), so identity survives both.
 from __future__ import annotations
 
 import copy
-from typing import Iterator, List, Sequence
+from typing import Dict, Iterator, List, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -71,6 +71,21 @@ class Experts(nn.Module):
     def local_numbers(self) -> List[int]:
         """Global numbers of the local experts, in local order."""
         return [self.first_expert_number + i for i in range(self.num_local_experts)]
+
+    def _local(self, number: int) -> nn.Module:
+        i = number - self.first_expert_number
+        if not 0 <= i < self.num_local_experts:
+            raise KeyError(f"expert {number} of layer {self.expert_group_name!r} is not held here (local experts: "
+                           f"{self.local_numbers})")
+        return self.local_experts[i]
+
+    def expert_state_dict(self, number: int, keep_vars: bool = False) -> Dict[str, Tensor]:
+        """Tensors (parameters and buffers) of global expert ``number``, by their names inside it."""
+        return self._local(number).state_dict(keep_vars=keep_vars)
+
+    def load_expert_state_dict(self, number: int, tensors: Dict[str, Tensor]) -> None:
+        """Copy ``tensors`` (as :meth:`expert_state_dict` returns them) into global expert ``number``."""
+        self._local(number).load_state_dict(tensors, strict=True)
 
     def __len__(self) -> int:
         return self.num_local_experts

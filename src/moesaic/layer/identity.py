@@ -278,6 +278,25 @@ class ExpertIndex:
     def layer_of(self, key: ExpertKey) -> LayerInfo:
         return self.layers[key.layer]
 
+    def expert_state_dict(self, key: ExpertKey) -> Dict[str, Tensor]:
+        """Every tensor of expert ``key`` (parameters and buffers) by its name inside the expert."""
+        return self._experts_of(key).expert_state_dict(key.number)
+
+    def load_expert_state_dict(self, key: ExpertKey, tensors: Dict[str, Tensor]) -> None:
+        """Copy ``tensors`` into expert ``key`` (strict: the names must match)."""
+        self._experts_of(key).load_expert_state_dict(key.number, tensors)
+
+    def _experts_of(self, key: ExpertKey):
+        if key not in self._by_expert:
+            raise KeyError(f"expert {key} is not held here")
+        return self.layers[key.layer].module.experts
+
+    def dense_state_dict(self, model: nn.Module) -> Dict[str, Tensor]:
+        """``model.state_dict()`` without the tensors of any expert held here (buffers included)."""
+        expert_ids = {id(t) for key in self._by_expert
+                      for t in self._experts_of(key).expert_state_dict(key.number, keep_vars=True).values()}
+        return {k: v.detach() for k, v in model.state_dict(keep_vars=True).items() if id(v) not in expert_ids}
+
 
 def unique_params(refs: Iterable[ParamRef]) -> List[nn.Parameter]:
     """The distinct parameters behind ``refs``, in first-seen order."""

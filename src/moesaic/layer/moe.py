@@ -226,6 +226,15 @@ class MoE(nn.Module):
                 f"k={self.k}, drop_tokens={self.gate.drop_tokens}")
 
 
+def iter_moe_modules(model: nn.Module):
+    """``(module path, layer)`` for every MoE layer of ``model``, in module order (names may repeat)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for path, module in model.named_modules():
+        if isinstance(module, MoE):
+            yield path, module
+
+
 def moe_layers(model: nn.Module) -> Dict[str, Tuple[str, "MoE"]]:
     """``{expert_group_name: (module path, layer)}`` of every MoE layer, in module order.
 
@@ -233,16 +242,13 @@ def moe_layers(model: nn.Module) -> Dict[str, Tuple[str, "MoE"]]:
     :class:`moesaic.layer.identity.ExpertIndex`. Two layers with the same name are an error:
     identity (optimizer groups, checkpoints, telemetry) is keyed by layer name.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     out: Dict[str, Tuple[str, MoE]] = {}
-    for path, module in model.named_modules():
-        if isinstance(module, MoE):
-            name = module.expert_group_name
-            if name in out:
-                raise ValueError(f"MoE layers {out[name][0] or '<root>'!r} and {path or '<root>'!r} are both named "
-                                 f"{name!r}; identity is keyed by layer name: call moesaic.name_moe_layers(model)")
-            out[name] = (path, module)
+    for path, module in iter_moe_modules(model):
+        name = module.expert_group_name
+        if name in out:
+            raise ValueError(f"MoE layers {out[name][0] or '<root>'!r} and {path or '<root>'!r} are both named "
+                             f"{name!r}; identity is keyed by layer name: call moesaic.name_moe_layers(model)")
+        out[name] = (path, module)
     return out
 
 
@@ -257,11 +263,10 @@ def name_moe_layers(model: nn.Module, prefix: str = "") -> dict:
     if not isinstance(prefix, str):
         raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
     named = {}
-    for path, module in model.named_modules():
-        if isinstance(module, MoE):
-            name = prefix + (path or "moe")
-            module.set_expert_group_name(name)
-            named[name] = module
+    for path, module in iter_moe_modules(model):
+        name = prefix + (path or "moe")
+        module.set_expert_group_name(name)
+        named[name] = module
     return named
 
 
@@ -275,8 +280,7 @@ def setup_expert_parallel(model: nn.Module, use_data_before_expert_parallel_: bo
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     out = {}
-    for module in model.modules():
-        if isinstance(module, MoE):
-            module.set_deepspeed_parallelism(use_data_before_expert_parallel_)
-            out[module.expert_group_name] = module.parallel_groups
+    for _, module in iter_moe_modules(model):
+        module.set_deepspeed_parallelism(use_data_before_expert_parallel_)
+        out[module.expert_group_name] = module.parallel_groups
     return out

@@ -8,6 +8,9 @@
    working set of a step is bounded by the cap, never by the model;
 5. attach ``lr_scale`` per layer or per expert;
 6. check that every trainable parameter of the model is in exactly one group.
+
+Every question of identity (is this an expert, which one, what is it called) is answered by the
+model's :class:`~moesaic.layer.identity.ExpertIndex`.
 """
 
 from __future__ import annotations
@@ -16,28 +19,31 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
+from ..layer.identity import ExpertIndex, ExpertKey
 from .param_groups import split_params_into_different_moe_groups_for_optimizer
 
 
-def freeze_experts(model: nn.Module, spec: Sequence[Union[int, str]]) -> List[str]:
+def freeze_experts(model: nn.Module, spec: Sequence[Union[int, str]], index: Optional[ExpertIndex] = None) -> List[str]:
     """Freeze expert parameters by number (every layer) or by ``"layer_name/number"``.
 
-    Returns the ``"layer/number"`` names frozen; a spec that matches no expert is an error.
-    """
-    from ..layer.moe import MoE
+    Args:
+        model: the model.
+        spec: expert numbers (that expert in every MoE layer) and/or ``"<layer>/<number>"`` strings.
+        index: the model's index (built when None).
 
+    Returns:
+        The ``"layer/number"`` names frozen on this rank; a spec entry that matches no local
+        expert is an error.
+    """
+    index = index if index is not None else ExpertIndex.build(model)
     frozen, matched = [], set()
-    for module in model.modules():
-        if not isinstance(module, MoE):
-            continue
-        for i, expert in enumerate(module.experts):
-            number = module.experts.first_expert_number + i
-            for s in spec:
-                if s == number or s == f"{module.expert_group_name}/{number}":
-                    matched.add(s)
-                    for p in expert.parameters():
-                        p.requires_grad_(False)
-                    frozen.append(f"{module.expert_group_name}/{number}")
+    for key in index.experts():
+        for s in spec:
+            if s == key.number or s == str(key):
+                matched.add(s)
+                for ref in index.expert_refs(key):
+                    ref.param.requires_grad_(False)
+                frozen.append(str(key))
     unmatched = [s for s in spec if s not in matched]
     if unmatched:
         raise ValueError(f"moe.freeze_experts entries {unmatched} match no local expert; use an expert number "
@@ -61,9 +67,25 @@ def _chunk_dense(group: Dict, cap: Optional[int]) -> List[Dict]:
     return [{**group, "params": part, "name": f"{group['name']}/part_{i}"} for i, part in enumerate(parts)]
 
 
+def _check_lr_scale(lr_scale: Dict[str, float], index: ExpertIndex) -> None:
+    """Every key must name a layer of the model, or an expert of one of its layers."""
+    for key in lr_scale:
+        if key in index.layers:
+            continue
+        try:
+            ek = ExpertKey.parse(key)
+        except ValueError:
+            ek = None
+        if ek is not None and ek.layer in index.layers and 0 <= ek.number < index.layers[ek.layer].num_experts:
+            continue
+        raise ValueError(f"moe.lr_scale key {key!r} names no MoE layer or expert of the model; layers: "
+                         f"{sorted(index.layers)} (each with experts 0..num_experts-1), written '<layer>' or "
+                         "'<layer>/<number>'")
+
+
 def build_param_groups(model: nn.Module, model_parameters: Optional[Iterable] = None, *, split_by: str = "expert",
                        max_group_size: Optional[int] = None, lr_scale: Optional[Dict[str, float]] = None,
-                       freeze: Sequence[Union[int, str]] = ()) -> List[Dict]:
+                       freeze: Sequence[Union[int, str]] = (), index: Optional[ExpertIndex] = None) -> List[Dict]:
     """The engine's parameter groups (see module docstring).
 
     Args:
@@ -73,12 +95,16 @@ def build_param_groups(model: nn.Module, model_parameters: Optional[Iterable] = 
         max_group_size: cap in elements for every group (None: no cap).
         lr_scale: ``{"layer": s}`` or ``{"layer/number": s}``; multiplies that group's ``lr``.
         freeze: experts to freeze (see :func:`freeze_experts`).
+        index: the model's index (built when None).
 
     Returns:
         A list of group dicts, each with a unique ``name``.
     """
+    index = index if index is not None else ExpertIndex.build(model)
+    if lr_scale:
+        _check_lr_scale(lr_scale, index)
     if freeze:
-        freeze_experts(model, list(freeze))
+        freeze_experts(model, list(freeze), index)
     if model_parameters is None:
         model_parameters = list(model.parameters())
     items = list(model_parameters)
@@ -107,23 +133,22 @@ def build_param_groups(model: nn.Module, model_parameters: Optional[Iterable] = 
         if g.get("moe") and lr_scale:
             key_expert = f"{g['expert_group_name']}/{g.get('expert_number')}"
             g["lr_scale"] = lr_scale.get(key_expert, lr_scale.get(g["expert_group_name"], g.get("lr_scale", 1.0)))
-    _check_coverage(model, out)
+    _check_coverage(index, out)
     return out
 
 
-def _check_coverage(model: nn.Module, groups: List[Dict]) -> None:
-    names = {id(p): n for n, p in model.named_parameters()}
+def _check_coverage(index: ExpertIndex, groups: List[Dict]) -> None:
     where: Dict[int, int] = {}
     for gi, g in enumerate(groups):
         for p in g["params"]:
-            if id(p) not in names:
+            if p not in index:
                 raise ValueError(f"group {g['name']!r} holds a parameter of shape {tuple(p.shape)} that is not in "
                                  "the model")
             if id(p) in where:
-                raise ValueError(f"parameter {names[id(p)]!r} is in two groups: {groups[where[id(p)]]['name']!r} "
-                                 f"and {g['name']!r}")
+                raise ValueError(f"parameter {index.refs_of(p)[0].name!r} is in two groups: "
+                                 f"{groups[where[id(p)]]['name']!r} and {g['name']!r}")
             where[id(p)] = gi
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in where]
+    missing = [r.name for r in index.refs(trainable_only=True) if id(r.param) not in where]
     if missing:
         raise ValueError(f"trainable parameters in no optimizer group: {missing[:5]}"
                          f"{' ...' if len(missing) > 5 else ''}; pass them in model_parameters or freeze them")

@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..layer.identity import ExpertIndex
+
 DEFAULT_BUCKET_ELEMS = 8 * 1024 * 1024
 
 
@@ -45,26 +47,32 @@ class SyncPlan:
     expert: "OrderedDict[Tuple, Tuple[object, int, List[nn.Parameter]]]" = field(default_factory=OrderedDict)
 
 
-def build_sync_plan(model: nn.Module) -> SyncPlan:
-    """Sort the model's trainable parameters into dense and per-expert-data-parallel-group lists."""
-    from ..layer.moe import MoE
+def build_sync_plan(index: ExpertIndex) -> SyncPlan:
+    """Sort a model's trainable tensors into dense and per-expert-data-parallel-group lists.
 
+    Args:
+        index: the model's :class:`ExpertIndex` (its layers must be on their process groups
+            when the world has more than one rank).
+    """
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     plan = SyncPlan(world_size=world)
-    expert_ids = set()
-    for module in model.modules():
-        if isinstance(module, MoE):
-            groups = module.parallel_groups
-            if world > 1 and groups is None:
-                raise RuntimeError(f"MoE layer {module.expert_group_name!r} has no process groups; call "
-                                   "moesaic.setup_expert_parallel(model) before building the engine")
-            key = (module.ep_size, groups.data_before_expert if groups is not None else False)
-            edp_group = groups.edp_group if groups is not None else None
-            params = [p for p in module.experts.parameters() if p.requires_grad]
-            entry = plan.expert.setdefault(key, (edp_group, module.ep_size, []))
-            entry[2].extend(params)
-            expert_ids.update(id(p) for p in module.experts.parameters())
-    plan.dense = [p for p in model.parameters() if p.requires_grad and id(p) not in expert_ids]
+    for name, layer in index.layers.items():
+        if world > 1 and layer.groups is None:
+            raise RuntimeError(f"MoE layer {name!r} has no process groups; call "
+                               "moesaic.setup_expert_parallel(model) before building the engine")
+    seen = set()
+    for ref in index.refs(trainable_only=True):
+        if id(ref.param) in seen:
+            continue  # a stacked parameter is reduced once, whole
+        seen.add(id(ref.param))
+        if ref.expert is None:
+            plan.dense.append(ref.param)
+            continue
+        layer = index.layers[ref.expert.layer]
+        groups = layer.groups
+        key = (layer.ep_size, groups.data_before_expert if groups is not None else False)
+        entry = plan.expert.setdefault(key, (groups.edp_group if groups is not None else None, layer.ep_size, []))
+        entry[2].append(ref.param)
     return plan
 
 

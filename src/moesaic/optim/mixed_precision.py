@@ -1,8 +1,8 @@
-"""A mixed-precision optimizer that steps parameter groups one at a time.
+"""A mixed-precision optimizer that steps parameter groups one at a time, its state keyed by identity.
 
 The reason MoE parameter groups are capped in size (DeepSpeed issue 5064): only the group being
 stepped needs its gradients in full precision. Model parameters live in bf16/fp16 (or fp32);
-each group keeps an fp32 master copy and its optimizer state. ``step()`` walks the groups in
+each tensor keeps an fp32 master copy and its optimizer state. ``step()`` walks the groups in
 order and, for each: upcasts that group's gradients to fp32, applies the grad scale (loss-scale
 unscaling and the clip coefficient), updates the master weights and state, writes them back into
 the model's low-precision parameters, and releases both the fp32 gradients and the model's
@@ -13,6 +13,13 @@ handful of kernel launches; consecutive groups with identical hyperparameters ar
 stepped together by one ``foreach`` call, up to ``fuse_elems`` elements, keeping their identity,
 names and per-group statistics.
 
+State is addressed by identity, never by ``id()`` or position: every tensor the optimizer steps
+is a :class:`~moesaic.layer.identity.ParamRef` with a stable name (a dense parameter's model name,
+an expert tensor's ``"<layer>/<number>/<name>"``), so :meth:`state_dict` / :meth:`load_state_dict`
+(the shape of torch.distributed.checkpoint's ``Stateful`` protocol) move state between runs of
+different world sizes and expert-parallel layouts. The step counter is kept per tensor, as in
+``torch.optim``: a tensor that received no gradient is not stepped and its count stays.
+
 ``offload="cpu"`` keeps master weights and optimizer state in CPU memory and brings one group's
 gradients there at a time (on a CPU-only machine this is the same copy path, run on the CPU).
 """
@@ -20,17 +27,20 @@ gradients there at a time (on a CPU-only machine this is the same copy path, run
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from ..layer.identity import ExpertIndex, ParamRef
 from .functional import adam_step, sgd_step
 
 OPTIMIZERS = ("AdamW", "Adam", "SGD")
 _HYPER = {"AdamW": ("lr", "betas", "eps", "weight_decay"), "Adam": ("lr", "betas", "eps", "weight_decay"),
           "SGD": ("lr", "momentum", "dampening", "weight_decay", "nesterov")}
+_MOMENTS = {"AdamW": ("exp_avg", "exp_avg_sq"), "Adam": ("exp_avg", "exp_avg_sq"), "SGD": ()}
 FUSE_ELEMS_LIMIT = 1 << 19  # 512K elements (2 MiB in fp32): amortises launches over tiny groups, stays in cache
+_IDENTITY_KEYS = ("params", "name", "moe", "expert_group_name", "expert_number")
 
 
 def default_fuse_elems(max_group_size: Optional[int]) -> int:
@@ -47,21 +57,44 @@ _DEFAULTS = {"AdamW": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0
              "SGD": dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False)}
 
 
+def _refs_of_group(group: Mapping, gi: int, index: Optional[ExpertIndex]) -> List[ParamRef]:
+    """A group's tensors as refs: named by the index, or by group name and position without one."""
+    refs = []
+    for j, p in enumerate(group["params"]):
+        if isinstance(p, ParamRef):
+            refs.append(p)
+        elif not isinstance(p, Tensor):
+            raise TypeError(f"param_groups[{gi}]['params'][{j}] must be a Tensor or a ParamRef, got {type(p).__name__}")
+        elif index is not None and p in index:
+            refs.append(index.ref_of(p))
+        elif index is not None:
+            raise ValueError(f"param_groups[{gi}]['params'][{j}] (shape {tuple(p.shape)}) is not a parameter of the "
+                             "indexed model")
+        else:
+            refs.append(ParamRef(f"{group['name']}/{j}", p))
+    return refs
+
+
 class GroupedMixedPrecisionOptimizer:
-    """Group-by-group optimizer with fp32 master weights.
+    """Group-by-group optimizer with fp32 master weights, state keyed by tensor identity.
 
     Args:
-        param_groups: dicts with ``params`` (model parameters) and optional hyperparameters,
-            ``name`` and ``lr_scale`` (multiplies ``lr``; schedulers set ``lr`` only).
+        param_groups: dicts with ``params`` (model parameters, or :class:`ParamRef` for one
+            expert's slice of a stacked parameter) and optional hyperparameters, ``name`` (unique)
+            and ``lr_scale`` (multiplies ``lr``; schedulers set ``lr`` only).
         optimizer: "AdamW", "Adam" or "SGD".
         defaults: hyperparameters for groups that do not set them.
         offload: "none" or "cpu" (master weights and state in CPU memory).
         fuse_elems: the most elements stepped by one fused call over consecutive groups; None
             steps every group on its own.
+        index: the model's :class:`ExpertIndex`; names every tensor by identity. Without it,
+            tensors are called ``"<group name>/<position>"`` (state then moves only between
+            optimizers built from the same groups).
     """
 
     def __init__(self, param_groups: Sequence[Dict], optimizer: str = "AdamW", defaults: Optional[Dict] = None,
-                 offload: str = "none", fuse_elems: Optional[int] = None) -> None:
+                 offload: str = "none", fuse_elems: Optional[int] = None,
+                 index: Optional[ExpertIndex] = None) -> None:
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
         if offload not in ("none", "cpu"):
@@ -71,6 +104,8 @@ class GroupedMixedPrecisionOptimizer:
             raise ValueError(f"fuse_elems must be a positive int or None, got {fuse_elems!r}")
         if not isinstance(param_groups, (list, tuple)) or not param_groups:
             raise TypeError("param_groups must be a non-empty list of dicts with a 'params' entry")
+        if index is not None and not isinstance(index, ExpertIndex):
+            raise TypeError(f"index must be an ExpertIndex or None, got {type(index).__name__}")
         self.kind = optimizer
         self.defaults = {**_DEFAULTS[optimizer], **(defaults or {})}
         unknown = set(self.defaults) - set(_DEFAULTS[optimizer])
@@ -80,56 +115,88 @@ class GroupedMixedPrecisionOptimizer:
         self.offload = offload
         self.fuse_elems = fuse_elems
         self.param_groups: List[Dict] = []
-        seen = {}
+        self._refs: List[List[ParamRef]] = []
+        seen: Dict[Tuple[int, Optional[int]], int] = {}
+        names_seen: Dict[str, int] = {}
+        names: Dict[str, int] = {}
         for gi, group in enumerate(param_groups):
             if not isinstance(group, dict) or "params" not in group:
                 raise TypeError(f"param_groups[{gi}] must be a dict with a 'params' entry, got {type(group).__name__}")
-            params = [group["params"]] if isinstance(group["params"], Tensor) else list(group["params"])
-            for p in params:
-                if not isinstance(p, Tensor):
-                    raise TypeError(f"param_groups[{gi}]['params'] holds a {type(p).__name__}, not a Tensor")
-                if id(p) in seen:
-                    raise ValueError(f"a parameter of shape {tuple(p.shape)} is in param groups {seen[id(p)]} "
-                                     f"and {gi}; each parameter must be in exactly one group")
-                seen[id(p)] = gi
+            params = [group["params"]] if isinstance(group["params"], (Tensor, ParamRef)) else list(group["params"])
             merged = {**self.defaults, **group, "params": params}
             merged.setdefault("name", f"group_{gi}")
             merged.setdefault("lr_scale", 1.0)
+            if merged["name"] in names:
+                raise ValueError(f"param_groups[{names[merged['name']]}] and param_groups[{gi}] are both named "
+                                 f"{merged['name']!r}; group names must be unique (state and learning rates are "
+                                 "restored by name)")
+            names[merged["name"]] = gi
+            refs = _refs_of_group(merged, gi, index)
+            for ref in refs:
+                where = (id(ref.param), ref.index)
+                if where in seen or ref.name in names_seen:
+                    first = seen.get(where, names_seen.get(ref.name))
+                    raise ValueError(f"a parameter of shape {tuple(ref.shape)} ({ref.name!r}) is in param groups "
+                                     f"{first} and {gi}; each parameter must be in exactly one group")
+                seen[where] = gi
+                names_seen[ref.name] = gi
+            merged["params"] = [r.param if r.index is None else r.data for r in refs]
             self.param_groups.append(merged)
-        self._where = {id(p): (gi, j) for gi, g in enumerate(self.param_groups) for j, p in enumerate(g["params"])}
-        self._master: List[Optional[List[Tensor]]] = [self._make_master(g["params"]) for g in self.param_groups]
-        self.state: List[Dict] = [{"step": 0} for _ in self.param_groups]
+            self._refs.append(refs)
+        self._by_name: Dict[str, Tuple[int, int]] = {r.name: (gi, j) for gi, refs in enumerate(self._refs)
+                                                     for j, r in enumerate(refs)}
+        self._master: Dict[str, Tensor] = {}
+        self._state: Dict[str, Dict[str, Any]] = {}
+        for refs in self._refs:
+            for r in refs:
+                self._init_state(r)
         self.last_stats: Dict[str, Dict[str, float]] = {}
         self.peak_fp32_grad_elems = 0  # largest fp32 gradient working set of any step (elements)
 
-    # --- master weights -------------------------------------------------------------------------
-    def _needs_copy(self, p: Tensor) -> bool:
-        return p.dtype != torch.float32 or (self.offload == "cpu" and p.device.type != "cpu")
+    # --- per-tensor state -----------------------------------------------------------------------
+    def _needs_copy(self, ref: ParamRef) -> bool:
+        return ref.param.dtype != torch.float32 or (self.offload == "cpu" and ref.param.device.type != "cpu")
 
-    def _make_master(self, params: List[Tensor]) -> Optional[List[Tensor]]:
-        if not any(self._needs_copy(p) for p in params):
-            return None  # fp32 parameters on the master device are their own master copy
-        device = "cpu" if self.offload == "cpu" else None
-        return [p.detach().to(device=device or p.device, dtype=torch.float32, copy=True) for p in params]
+    def _init_state(self, ref: ParamRef) -> None:
+        """Master copy (when the model's tensor cannot be its own) and zeroed moments."""
+        if self._needs_copy(ref):
+            device = "cpu" if self.offload == "cpu" else ref.param.device
+            self._master[ref.name] = ref.data.to(device=device, dtype=torch.float32, copy=True)
+        master = self.master(ref)
+        state: Dict[str, Any] = {"step": 0}
+        for key in _MOMENTS[self.kind]:
+            state[key] = torch.zeros_like(master)
+        self._state[ref.name] = state
+
+    def master(self, ref: ParamRef) -> Tensor:
+        """The fp32 master weights of ``ref`` (the model's own tensor when it is fp32 in place)."""
+        m = self._master.get(ref.name)
+        return m if m is not None else ref.data
 
     def masters(self, gi: int) -> List[Tensor]:
-        """fp32 master weights of group ``gi``."""
-        m = self._master[gi]
-        return m if m is not None else [p.detach() for p in self.param_groups[gi]["params"]]
+        """fp32 master weights of group ``gi``, in the order of its ``params``."""
+        return [self.master(r) for r in self._refs[gi]]
+
+    def refs(self, gi: int) -> List[ParamRef]:
+        """The identity of each tensor of group ``gi``."""
+        return list(self._refs[gi])
+
+    def state_names(self) -> List[str]:
+        """Names of every tensor this optimizer holds state for."""
+        return list(self._state)
 
     # --- stepping -------------------------------------------------------------------------------
     def _key(self, gi: int):
         g = self.param_groups[gi]
         return (g["lr"] * g["lr_scale"],) + tuple(
-            tuple(g[h]) if isinstance(g[h], (list, tuple)) else g[h] for h in _HYPER[self.kind] if h != "lr"
-        ) + (self.state[gi]["step"], self._master[gi] is None)
+            tuple(g[h]) if isinstance(g[h], (list, tuple)) else g[h] for h in _HYPER[self.kind] if h != "lr")
 
     def _batches(self) -> List[List[int]]:
         """Consecutive groups with equal hyperparameters, up to ``fuse_elems`` elements each."""
         batches: List[List[int]] = []
         size = 0
-        for gi, g in enumerate(self.param_groups):
-            n = sum(p.numel() for p in g["params"])
+        for gi, refs in enumerate(self._refs):
+            n = sum(r.numel() for r in refs)
             if (batches and self.fuse_elems is not None and size + n <= self.fuse_elems
                     and self._key(batches[-1][0]) == self._key(gi)):
                 batches[-1].append(gi)
@@ -151,31 +218,49 @@ class GroupedMixedPrecisionOptimizer:
         if not math.isfinite(grad_scale):
             raise ValueError(f"grad_scale must be finite, got {grad_scale}")
         self.last_stats = {}
+        remaining = self._refs_per_param()
         for batch in self._batches():
-            self._step_batch(batch, grad_scale, want_stats)
+            self._step_batch(batch, grad_scale, want_stats, remaining)
 
-    def _step_batch(self, batch: List[int], grad_scale: float, want_stats: bool) -> None:
+    def _refs_per_param(self) -> Dict[int, int]:
+        """How many refs of each parameter are still to be stepped (its gradient is freed at 0)."""
+        count: Dict[int, int] = {}
+        for refs in self._refs:
+            for r in refs:
+                count[id(r.param)] = count.get(id(r.param), 0) + 1
+        return count
+
+    def _step_batch(self, batch: List[int], grad_scale: float, want_stats: bool, remaining: Dict[int, int]) -> None:
         group = self.param_groups[batch[0]]
-        owners, params, masters, grads32 = [], [], [], []
+        # tensors with a gradient, split by step count (all equal unless some tensor missed a step)
+        by_step: Dict[int, List[Tuple[int, ParamRef]]] = {}
         for gi in batch:
-            for p, m in zip(self.param_groups[gi]["params"], self.masters(gi)):
-                if p.grad is None:
-                    continue  # no gradient this step (frozen or unused): leave it untouched
-                owners.append(gi)
-                params.append(p)
-                masters.append(m)
-                g = p.grad
-                grads32.append(g if (g.dtype == torch.float32 and g.device == m.device) else
-                               g.to(device=m.device, dtype=torch.float32))
-        if not params:
-            return
+            for r in self._refs[gi]:
+                if r.grad is not None:  # no gradient this step (unused): leave it untouched
+                    by_step.setdefault(self._state[r.name]["step"], []).append((gi, r))
+        for step, members in by_step.items():
+            self._step_tensors(group, members, step + 1, grad_scale, want_stats)
+        for gi in batch:  # release the model's gradients of this batch before the next one
+            for r in self._refs[gi]:
+                remaining[id(r.param)] -= 1
+                if remaining[id(r.param)] == 0:
+                    r.param.grad = None
+
+    def _step_tensors(self, group: Dict, members: List[Tuple[int, ParamRef]], step: int, grad_scale: float,
+                      want_stats: bool) -> None:
+        refs = [r for _, r in members]
+        masters = [self.master(r) for r in refs]
+        grads32 = []
+        for r, m in zip(refs, masters):
+            g = r.grad
+            grads32.append(g if (g.dtype == torch.float32 and g.device == m.device) else
+                           g.to(device=m.device, dtype=torch.float32))
         self.peak_fp32_grad_elems = max(self.peak_fp32_grad_elems,
-                                        sum(g.numel() for g, p in zip(grads32, params) if g is not p.grad))
+                                        sum(g.numel() for g, r in zip(grads32, refs) if g is not r.grad))
         if grad_scale != 1.0:
             torch._foreach_mul_(grads32, grad_scale)
         grad_norms = torch._foreach_norm(grads32) if want_stats else None
-        states = [self._param_state(gi, p, m) for gi, p, m in zip(owners, params, masters)]
-        step = self.state[batch[0]]["step"] + 1
+        states = [self._state[r.name] for r in refs]
         lr = group["lr"] * group["lr_scale"]
         if self.kind == "SGD":
             bufs = [s.get("momentum_buffer") for s in states]
@@ -191,28 +276,15 @@ class GroupedMixedPrecisionOptimizer:
                                step=step, lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
                                weight_decay=group["weight_decay"], decoupled=self.kind == "AdamW",
                                want_update=want_stats, grads_are_scratch=True)
-        for gi in batch:
-            self.state[gi]["step"] = step
+        for s in states:
+            s["step"] = step
         if want_stats:
-            self._record_stats(owners, grad_norms, masters, update)
+            self._record_stats([gi for gi, _ in members], grad_norms, masters, update)
         # write the new weights into the model (a cast for bf16/fp16, a copy for offload)
-        for p, m in zip(params, masters):
-            if m is not p and m.data_ptr() != p.data_ptr():
-                p.copy_(m)
+        for r, m in zip(refs, masters):
+            if r.name in self._master:
+                r.data.copy_(m)
         del grads32  # release this group's fp32 gradients before the next group
-        for p in params:
-            p.grad = None
-
-    def _param_state(self, gi: int, p: Tensor, master: Tensor) -> Dict:
-        per_param = self.state[gi].setdefault("per_param", {})
-        s = per_param.get(id(p))
-        if s is None:
-            s = {}
-            if self.kind != "SGD":
-                s["exp_avg"] = torch.zeros_like(master)
-                s["exp_avg_sq"] = torch.zeros_like(master)
-            per_param[id(p)] = s
-        return s
 
     def _record_stats(self, owners, g_n, masters, update) -> None:
         p_n = torch._foreach_norm(masters)
@@ -224,86 +296,130 @@ class GroupedMixedPrecisionOptimizer:
             s[1] += float(b) ** 2
             s[2] += float(c) ** 2
         for gi, (g2, p2, u2) in acc.items():
+            name = self.param_groups[gi]["name"]
+            prev = self.last_stats.get(name)
+            if prev is not None:  # a group stepped in parts (tensors at different step counts)
+                g2 += prev["grad_norm"] ** 2
+                p2 += prev["param_norm"] ** 2
+                u2 += (prev["update_ratio"] * prev["param_norm"]) ** 2
             pn = math.sqrt(p2)
-            self.last_stats[self.param_groups[gi]["name"]] = {
-                "grad_norm": math.sqrt(g2), "param_norm": pn, "update_ratio": math.sqrt(u2) / pn if pn > 0 else 0.0}
+            self.last_stats[name] = {"grad_norm": math.sqrt(g2), "param_norm": pn,
+                                     "update_ratio": math.sqrt(u2) / pn if pn > 0 else 0.0}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop (or zero) the model gradients of every group."""
-        for g in self.param_groups:
-            for p in g["params"]:
+        for refs in self._refs:
+            for r in refs:
                 if set_to_none:
-                    p.grad = None
-                elif p.grad is not None:
-                    p.grad.zero_()
+                    r.param.grad = None
+                elif r.param.grad is not None:
+                    r.param.grad.zero_()
 
-    # --- state ----------------------------------------------------------------------------------
-    def _locate(self, p: Tensor):
-        """(group, position) of a parameter: a dict lookup, so per-parameter checkpointing stays linear."""
-        where = self._where.get(id(p))
-        if where is None:
-            raise KeyError("parameter is not in this optimizer")
-        return where
+    # --- state (the Stateful protocol) ----------------------------------------------------------
+    def hyperparameters(self, gi: int) -> Dict[str, Any]:
+        """Group ``gi``'s settings without its tensors or identity keys."""
+        return {k: v for k, v in self.param_groups[gi].items() if k not in _IDENTITY_KEYS}
 
-    def param_state(self, p: Tensor) -> Dict[str, Tensor]:
-        """The state of one parameter: moments, fp32 master (if separate) and its group's step."""
-        gi, j = self._locate(p)
-        out = {k: v for k, v in self.state[gi].get("per_param", {}).get(id(p), {}).items() if isinstance(v, Tensor)}
-        if self._master[gi] is not None:
-            out["master"] = self._master[gi][j]
-        out["step"] = torch.tensor(self.state[gi]["step"], dtype=torch.int64)
-        return out
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to continue: per-tensor state by name, per-group settings by group name.
 
-    def set_param_state(self, p: Tensor, state: Dict[str, Tensor]) -> None:
-        """Restore what :meth:`param_state` returned (shapes are checked by the caller)."""
-        gi, j = self._locate(p)
-        self.state[gi]["step"] = int(state["step"])
-        per = {k: v.to(self.masters(gi)[j].device, torch.float32).clone() for k, v in state.items()
-               if k not in ("step", "master")}
-        if per:
-            self.state[gi].setdefault("per_param", {})[id(p)] = per
-        if "master" in state and self._master[gi] is not None:
-            self._master[gi][j].copy_(state["master"])
-        elif self._master[gi] is not None:
-            self._master[gi][j].copy_(p.detach())
+        Returns:
+            ``{"optimizer": kind, "state": {name: {"step", moments..., "master"?}},
+            "param_groups": [{"name", settings..., "params": [names]}]}``. Tensors are the live
+            ones (no copies); ``step`` is a 0-dim int64 tensor, as in ``torch.optim``.
+        """
+        state = {}
+        for name, s in self._state.items():
+            entry = {k: v for k, v in s.items() if isinstance(v, Tensor)}
+            entry["step"] = torch.tensor(s["step"], dtype=torch.int64)
+            if name in self._master:
+                entry["master"] = self._master[name]
+            state[name] = entry
+        groups = [{**self.hyperparameters(gi), "name": g["name"], "params": [r.name for r in self._refs[gi]]}
+                  for gi, g in enumerate(self.param_groups)]
+        return {"optimizer": self.kind, "state": state, "param_groups": groups}
 
-    def state_dict(self) -> Dict:
-        """Hyperparameters, steps, moments and master weights per group, keyed by group name."""
-        groups = []
-        for gi, g in enumerate(self.param_groups):
-            per_param = self.state[gi].get("per_param", {})
-            tensors = {}
-            for j, (p, m) in enumerate(zip(g["params"], self.masters(gi))):
-                s = per_param.get(id(p), {})
-                tensors[j] = {k: v for k, v in s.items() if isinstance(v, Tensor)}
-                if self._master[gi] is not None:
-                    tensors[j]["master"] = m
-            groups.append({"name": g["name"], "step": self.state[gi]["step"],
-                           "hyper": {k: v for k, v in g.items() if k != "params"}, "tensors": tensors})
-        return {"kind": self.kind, "groups": groups}
+    def check_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
+        """Raise the error :meth:`load_state_dict` would raise, changing nothing."""
+        self._read_state_dict(state_dict, strict)
 
-    def load_state_dict(self, state: Dict) -> None:
-        """Restore from :meth:`state_dict`; group names and tensor shapes must match."""
-        if state.get("kind") != self.kind:
-            raise ValueError(f"optimizer state is for {state.get('kind')!r}, this optimizer is {self.kind!r}")
-        names = [g["name"] for g in self.param_groups]
-        saved = [g["name"] for g in state["groups"]]
-        if saved != names:
-            raise ValueError(f"optimizer state holds groups {saved[:5]}... but this optimizer has {names[:5]}...")
-        for gi, sg in enumerate(state["groups"]):
-            params = self.param_groups[gi]["params"]
-            for j, tensors in sg["tensors"].items():
-                p = params[int(j)]
-                for k, v in tensors.items():
-                    if tuple(v.shape) != tuple(p.shape):
-                        raise ValueError(f"group {sg['name']!r} tensor {j} {k}: shape {tuple(v.shape)} != "
-                                         f"{tuple(p.shape)}")
-            self.state[gi] = {"step": sg["step"], "per_param": {}}
-            for j, tensors in sg["tensors"].items():
-                p = params[int(j)]
-                per = {k: v.clone() for k, v in tensors.items() if k != "master"}
-                if per:
-                    self.state[gi]["per_param"][id(p)] = per
-                if "master" in tensors and self._master[gi] is not None:
-                    self._master[gi][int(j)].copy_(tensors["master"])
-            self.param_groups[gi].update({k: v for k, v in sg["hyper"].items() if k not in ("params", "name")})
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
+        """Restore from :meth:`state_dict` output, possibly written under another layout.
+
+        Tensors are matched by name and groups by group name, so a state written with other
+        world or expert-parallel sizes (or other group caps) loads. Everything is checked before
+        anything is copied: on an error this optimizer is unchanged.
+
+        Args:
+            state_dict: ``{"optimizer", "state", "param_groups"}`` as :meth:`state_dict` returns
+                (``param_groups`` may be partial or absent; settings of groups it does not name
+                keep their current values).
+            strict: also refuse state for tensors this optimizer does not hold.
+
+        Raises:
+            ValueError: another optimizer type, a tensor without state, a shape mismatch, or
+                (strict) state for an unknown tensor; each names the tensor.
+        """
+        new_state, new_master, settings = self._read_state_dict(state_dict, strict)
+        # all checked: apply. A master missing from the state (it was written by an fp32 run)
+        # starts from the model's current weights, so load the model first.
+        for name, ref_master in new_master.items():
+            if ref_master is None:
+                gi, j = self._by_name[name]
+                new_master[name] = self._refs[gi][j].data.to(device=self._master[name].device, dtype=torch.float32,
+                                                             copy=True)
+        self._state = new_state
+        self._master.update(new_master)
+        for g in self.param_groups:
+            saved_group = settings.get(g["name"])
+            if saved_group is not None:
+                g.update({k: v for k, v in saved_group.items() if k not in _IDENTITY_KEYS})
+
+    def _read_state_dict(self, state_dict: Mapping[str, Any], strict: bool):
+        """Check a state dict against this optimizer; returns the state to install (nothing applied)."""
+        if not isinstance(state_dict, Mapping) or "state" not in state_dict:
+            raise TypeError("state_dict must be a mapping with 'optimizer', 'state' and 'param_groups' (what "
+                            f"state_dict() returns), got {type(state_dict).__name__}")
+        kind = state_dict.get("optimizer")
+        if kind != self.kind:
+            raise ValueError(f"the optimizer state is for {kind!r} but this optimizer is {self.kind!r}; "
+                             "resume with the optimizer type that wrote it")
+        saved = state_dict["state"]
+        if strict:
+            unknown = sorted(set(saved) - set(self._state))
+            if unknown:
+                raise ValueError(f"the optimizer state holds tensors this optimizer does not have: {unknown[:5]}"
+                                 f"{' ...' if len(unknown) > 5 else ''}")
+        new_state: Dict[str, Dict[str, Any]] = {}
+        new_master: Dict[str, Tensor] = {}
+        for name, current in self._state.items():
+            entry = saved.get(name)
+            if entry is None:
+                raise ValueError(f"the optimizer state has no entry for tensor {name!r}")
+            gi, j = self._by_name[name]
+            ref = self._refs[gi][j]
+            shape = tuple(ref.shape)
+            if "step" not in entry:
+                raise ValueError(f"the optimizer state of {name!r} has no 'step'")
+            for key in _MOMENTS[self.kind]:
+                if key not in entry:
+                    raise ValueError(f"the optimizer state of {name!r} has no {key!r} ({self.kind} keeps "
+                                     f"{list(_MOMENTS[self.kind])})")
+            for key, value in entry.items():
+                if key == "step":
+                    continue
+                if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+                    got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                    raise ValueError(f"the optimizer state {name}::{key} has shape {got} but the tensor has {shape}")
+            master = self.master(ref)
+            s: Dict[str, Any] = {"step": int(entry["step"])}
+            for key, value in entry.items():
+                if key not in ("step", "master"):
+                    s[key] = value.detach().to(device=master.device, dtype=torch.float32).clone()
+            new_state[name] = s
+            if name in self._master:
+                src = entry.get("master")
+                new_master[name] = None if src is None else src.detach().to(device=master.device,
+                                                                            dtype=torch.float32).clone()
+        settings = {g.get("name"): g for g in state_dict.get("param_groups") or ()}
+        return new_state, new_master, settings

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..layer.moe import MoE
+from ..layer.moe import iter_moe_modules
 
 DEFAULT_MAX_GROUP_SIZE = 178956971  # DeepSpeed's default cap, in elements
 SPLIT_BY = ("expert", "layer")
@@ -52,11 +52,8 @@ def has_moe_layers(model: nn.Module) -> Tuple[bool, int]:
     Returns:
         ``(True, num_experts of the first MoE layer)``, or ``(False, 0)``.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    for module in model.modules():
-        if isinstance(module, MoE):
-            return True, module.num_experts
+    for _, module in iter_moe_modules(model):
+        return True, module.num_experts
     return False, 0
 
 

@@ -20,33 +20,14 @@ from typing import Dict, List
 import torch
 from torch import Tensor, nn
 
-from ..layer.moe import MoE
+from ..layer.moe import MoE, moe_layers
 
 __all__ = ["collect_moe_stats", "MoEStatsAccumulator"]
 
 
 def _moe_layers(model: nn.Module) -> Dict[str, MoE]:
-    """Map every MoE layer of ``model`` to its ``expert_group_name``, refusing duplicate names.
-
-    Args:
-        model: the module to search (an ``MoE`` itself counts).
-
-    Returns:
-        ``{expert_group_name: layer}`` in module order.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    layers: Dict[str, MoE] = {}
-    for path, module in model.named_modules():
-        if not isinstance(module, MoE):
-            continue
-        name = module.expert_group_name
-        if name in layers:
-            raise ValueError(f"two MoE layers share expert_group_name {name!r} (the second at module path "
-                             f"{path or '<root>'!r}), so their statistics would overwrite each other; give every "
-                             f"layer its own name, e.g. with moesaic.name_moe_layers(model)")
-        layers[name] = module
-    return layers
+    """``{expert_group_name: layer}`` in module order; duplicate names are an error (stats would mix)."""
+    return {name: layer for name, (_, layer) in moe_layers(model).items()}
 
 
 def _has_run(layer: MoE) -> bool:
