@@ -26,9 +26,10 @@ from torch import nn
 from .layer.identity import ExpertIndex
 from .optim.build_groups import build_param_groups
 from .optim.config import EngineConfig, load_config
-from .optim.grad_sync import any_non_finite, build_sync_plan, global_grad_norm, non_finite_group_names, sync_gradients
+from .optim.pipeline import StepPipeline
+from .optim.sharding import plan_shards
 from .optim.loss_scaler import build_loss_scaler
-from .optim.mixed_precision import GroupedMixedPrecisionOptimizer, default_fuse_elems
+from .optim.mixed_precision import GroupedMixedPrecisionOptimizer, default_fuse_elems, group_refs
 from .optim.schedulers import build_scheduler
 
 
@@ -55,7 +56,8 @@ class MoEEngine:
         self.skipped_steps = 0
         self.last_metrics: Dict[str, Any] = {}
         self.index = index if index is not None else ExpertIndex.build(model)
-        self._plan = build_sync_plan(self.index)
+        self._pipeline = StepPipeline(optimizer)
+        self._log_dir = log_dir
         self._losses = []
         self._grad_norm: Optional[float] = None
         self._telemetry_every = telemetry_every
@@ -114,21 +116,15 @@ class MoEEngine:
         self.micro_steps += 1
         if not boundary:
             return
-        # 1. one synchronisation per step, after every micro-batch has accumulated
-        sync_gradients(self._plan)
-        # 2. non-finite anywhere skips the step everywhere
-        scale = self.loss_scale
-        if any_non_finite(self._plan):
+        # 1-4. reduce, check, clip, step group by group, send updated weights (optim/pipeline.py)
+        want_stats = self._log_dir is not None and (self.global_steps % self._telemetry_every == 0)
+        result = self._pipeline.run(loss_scale=self.loss_scale, clip=self.config.gradient_clipping,
+                                    want_stats=want_stats)
+        if result.skipped:
             self._skip_step()
             return
-        # 3. global norm and clip coefficient (identical on every rank)
-        norm = global_grad_norm(self._plan) / scale
+        norm, coef = result.norm, result.coef
         self._grad_norm = norm
-        clip = self.config.gradient_clipping
-        coef = min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0
-        # 4. group-by-group update
-        want_stats = self._writer is not None and (self.global_steps % self._telemetry_every == 0)
-        self.optimizer.step(grad_scale=coef / scale, want_stats=want_stats)
         # 5. schedules and telemetry
         if self.loss_scaler is not None:
             self.loss_scaler.update_scale(False)
@@ -142,7 +138,7 @@ class MoEEngine:
         if self.loss_scaler is not None:
             self.loss_scaler.update_scale(True)
         else:
-            names = non_finite_group_names(self.optimizer.param_groups)
+            names = self.optimizer.non_finite_group_names()
             warnings.warn(f"step {self.global_steps}: non-finite gradients (on this rank in groups "
                           f"{names if names else '[none here: another rank]'}); the step is skipped on every rank",
                           RuntimeWarning, stacklevel=3)
@@ -160,7 +156,9 @@ class MoEEngine:
             "moe": self._moe_stats.summary(),
         }
         if group_stats:
-            metrics["group"] = self.optimizer.last_stats
+            stats = self._pipeline.gather_stats()  # collective: every group once, from its owner
+            if stats:
+                metrics["group"] = stats
         self._losses = []
         self._moe_stats.reset()
         self.last_metrics = metrics
@@ -219,6 +217,11 @@ class MoEEngine:
             self._writer.close()
 
 
+def _zero_stage(cfg) -> int:
+    zero = getattr(cfg, "zero_optimization", None)
+    return 0 if zero is None else zero.stage
+
+
 def initialize(model: nn.Module, model_parameters=None, config=None, *, log_dir: Optional[str] = None,
                telemetry_every: int = 1):
     """Build the engine, in DeepSpeed's shape.
@@ -255,9 +258,11 @@ def initialize(model: nn.Module, model_parameters=None, config=None, *, log_dir:
     index = ExpertIndex.build(model)
     groups = build_param_groups(model, model_parameters, split_by=moe.split_by, max_group_size=moe.max_group_size,
                                 lr_scale=moe.lr_scale, freeze=moe.freeze_experts, index=index)
+    refs = group_refs(groups, index)
+    shard = plan_shards([g["name"] for g in groups], refs, index, stage=_zero_stage(cfg))
     optimizer = GroupedMixedPrecisionOptimizer(groups, cfg.optimizer.type, dict(cfg.optimizer.params),
                                                offload=moe.offload, fuse_elems=default_fuse_elems(moe.max_group_size),
-                                               index=index)
+                                               index=index, shard=shard)
     scheduler = build_scheduler(optimizer, cfg.scheduler) if cfg.scheduler is not None else None
     engine = MoEEngine(model, optimizer, scheduler, cfg, log_dir=log_dir, telemetry_every=telemetry_every,
                        index=index)

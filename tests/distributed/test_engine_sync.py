@@ -11,8 +11,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 from launch import run_ranks  # noqa: E402
 
 import moesaic  # noqa: E402
-from moesaic.layer.identity import ExpertIndex  # noqa: E402
-from moesaic.optim.grad_sync import build_sync_plan, sync_gradients  # noqa: E402
 
 D, E, TOKENS = 8, 4, 12
 
@@ -77,17 +75,21 @@ def _worker(rank, world, ep_size, clip):
 def _bucket_worker(rank, world):
     model = Net(ep_size=1)  # experts replicated: their grads reduce over the (2-rank) edp group
     moesaic.setup_expert_parallel(model)
+    engine, *_ = moesaic.initialize(model=model, config={
+        "train_micro_batch_size_per_gpu": TOKENS, "optimizer": {"type": "SGD", "params": {"lr": 1.0}}})
+    pipeline = engine._pipeline
+    n_params = len(list(model.parameters()))
     x, y = _batch(rank)
     model(x, y).backward()
-    plan = build_sync_plan(ExpertIndex.build(model))
-    n_params = len(plan.dense) + sum(len(ps) for _, _, ps in plan.expert.values())
-    calls = sync_gradients(plan, bucket_elems=10**6)
+    pipeline.bucket_elems = 10**6
     # one collective for all dense grads, one for the expert grads of the edp group
+    calls = pipeline.reduce()
     assert calls == 2 < n_params, (calls, n_params)
     # a tiny bucket splits into more collectives, still fewer than parameters
     model.zero_grad()
     model(x, y).backward()
-    assert 2 < sync_gradients(plan, bucket_elems=200) < n_params
+    pipeline.bucket_elems = 200
+    assert 2 < pipeline.reduce() < n_params
     dist.barrier()
 
 

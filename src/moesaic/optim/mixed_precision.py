@@ -34,6 +34,7 @@ from torch import Tensor
 
 from ..layer.identity import ExpertIndex, ParamRef
 from .functional import adam_step, sgd_step
+from .sharding import ShardPlan
 
 OPTIMIZERS = ("AdamW", "Adam", "SGD")
 _HYPER = {"AdamW": ("lr", "betas", "eps", "weight_decay"), "Adam": ("lr", "betas", "eps", "weight_decay"),
@@ -55,6 +56,12 @@ def default_fuse_elems(max_group_size: Optional[int]) -> int:
 _DEFAULTS = {"AdamW": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01),
              "Adam": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
              "SGD": dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False)}
+
+
+def group_refs(param_groups: Sequence[Mapping], index: Optional[ExpertIndex] = None) -> List[List[ParamRef]]:
+    """Each group's tensors as refs, exactly as the optimizer will name them."""
+    return [_refs_of_group({**g, "name": g.get("name", f"group_{gi}")}, gi, index)
+            for gi, g in enumerate(param_groups)]
 
 
 def _refs_of_group(group: Mapping, gi: int, index: Optional[ExpertIndex]) -> List[ParamRef]:
@@ -90,11 +97,14 @@ class GroupedMixedPrecisionOptimizer:
         index: the model's :class:`ExpertIndex`; names every tensor by identity. Without it,
             tensors are called ``"<group name>/<position>"`` (state then moves only between
             optimizers built from the same groups).
+        shard: a :class:`~moesaic.optim.sharding.ShardPlan` for these groups (ZeRO-1/2: only the
+            groups this rank owns get master weights and state and are stepped here); None
+            steps every group.
     """
 
     def __init__(self, param_groups: Sequence[Dict], optimizer: str = "AdamW", defaults: Optional[Dict] = None,
                  offload: str = "none", fuse_elems: Optional[int] = None,
-                 index: Optional[ExpertIndex] = None) -> None:
+                 index: Optional[ExpertIndex] = None, shard: Optional[ShardPlan] = None) -> None:
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
         if offload not in ("none", "cpu"):
@@ -145,11 +155,15 @@ class GroupedMixedPrecisionOptimizer:
             self._refs.append(refs)
         self._by_name: Dict[str, Tuple[int, int]] = {r.name: (gi, j) for gi, refs in enumerate(self._refs)
                                                      for j, r in enumerate(refs)}
+        if shard is not None and len(shard.owner) != len(self.param_groups):
+            raise ValueError(f"shard plans {len(shard.owner)} groups but there are {len(self.param_groups)}")
+        self.shard = shard
         self._master: Dict[str, Tensor] = {}
         self._state: Dict[str, Dict[str, Any]] = {}
-        for refs in self._refs:
-            for r in refs:
-                self._init_state(r)
+        for gi, refs in enumerate(self._refs):
+            if self.steps_group(gi):
+                for r in refs:
+                    self._init_state(r)
         self.last_stats: Dict[str, Dict[str, float]] = {}
         self.peak_fp32_grad_elems = 0  # largest fp32 gradient working set of any step (elements)
 
@@ -182,8 +196,26 @@ class GroupedMixedPrecisionOptimizer:
         return list(self._refs[gi])
 
     def state_names(self) -> List[str]:
-        """Names of every tensor this optimizer holds state for."""
+        """Names of every tensor this optimizer holds state for (its own groups' under ZeRO-1/2)."""
         return list(self._state)
+
+    def steps_group(self, gi: int) -> bool:
+        """Whether this rank steps group ``gi`` (and holds its state)."""
+        return self.shard is None or self.shard.steps(gi)
+
+    def owns_group(self, gi: int) -> bool:
+        """Whether this rank is the one that counts, reports and saves group ``gi``."""
+        return self.shard is None or self.shard.owns(gi)
+
+    def writes_state(self, name: str) -> bool:
+        """Whether this rank writes tensor ``name``'s optimizer state into checkpoints."""
+        return self.owns_group(self._by_name[name][0])
+
+    def ownership(self) -> Dict[str, int]:
+        """``{group name: global rank that owns it}`` (all 0 without a shard plan)."""
+        if self.shard is None:
+            return {g["name"]: 0 for g in self.param_groups}
+        return self.shard.ownership()
 
     # --- stepping -------------------------------------------------------------------------------
     def _key(self, gi: int):
@@ -196,6 +228,8 @@ class GroupedMixedPrecisionOptimizer:
         batches: List[List[int]] = []
         size = 0
         for gi, refs in enumerate(self._refs):
+            if not self.steps_group(gi):
+                continue
             n = sum(r.numel() for r in refs)
             if (batches and self.fuse_elems is not None and size + n <= self.fuse_elems
                     and self._key(batches[-1][0]) == self._key(gi)):
@@ -225,7 +259,9 @@ class GroupedMixedPrecisionOptimizer:
     def _refs_per_param(self) -> Dict[int, int]:
         """How many refs of each parameter are still to be stepped (its gradient is freed at 0)."""
         count: Dict[int, int] = {}
-        for refs in self._refs:
+        for gi, refs in enumerate(self._refs):
+            if not self.steps_group(gi):
+                continue
             for r in refs:
                 count[id(r.param)] = count.get(id(r.param), 0) + 1
         return count
@@ -296,6 +332,8 @@ class GroupedMixedPrecisionOptimizer:
             s[1] += float(b) ** 2
             s[2] += float(c) ** 2
         for gi, (g2, p2, u2) in acc.items():
+            if not self.owns_group(gi):
+                continue  # a replica at stage 0: the owner reports it
             name = self.param_groups[gi]["name"]
             prev = self.last_stats.get(name)
             if prev is not None:  # a group stepped in parts (tensors at different step counts)
@@ -305,6 +343,11 @@ class GroupedMixedPrecisionOptimizer:
             pn = math.sqrt(p2)
             self.last_stats[name] = {"grad_norm": math.sqrt(g2), "param_norm": pn,
                                      "update_ratio": math.sqrt(u2) / pn if pn > 0 else 0.0}
+
+    def non_finite_group_names(self) -> List[str]:
+        """Names of the groups holding a non-finite gradient on this rank (for warnings)."""
+        return [g["name"] for gi, g in enumerate(self.param_groups)
+                if any(r.grad is not None and not bool(torch.isfinite(r.grad).all()) for r in self._refs[gi])]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop (or zero) the model gradients of every group."""
