@@ -1,0 +1,348 @@
+"""Peak memory and time of a whole training step: moesaic's engine vs torch's plain recipe vs DeepSpeed.
+
+Model (issue #10): 8 MoE layers x 16 experts (h=512, ffn=2048, top-2, dropless) with a dense
+Linear(h, 4h)-GELU-Linear(4h, h) block before each, bf16 parameters, AdamW, 64 tokens per step.
+
+``single`` (one process):
+
+* ``moesaic``: ``moesaic.initialize`` with bf16, AdamW and ``moe.max_group_size`` = one expert,
+  then ``engine(x)``, ``engine.backward(loss)``, ``engine.step()``;
+* ``plain``: torch's plain mixed-precision recipe: fp32 master copies of every parameter, every
+  gradient upcast to fp32, one ``torch.optim.AdamW`` step (torch's defaults), a copy back;
+* ``deepspeed`` (only where DeepSpeed 0.19.8 is importable): the same model built with
+  ``deepspeed.moe.layer.MoE``, ``deepspeed.initialize`` with ``bf16`` and a torch AdamW over
+  ``split_params_into_different_moe_groups_for_optimizer`` groups (``max_group_size`` = one
+  expert), ZeRO stage 0.
+
+``sharded`` (W processes, gloo, ``ep_size`` P): moesaic with ``zero_optimization.stage`` 0, 1
+and 2 and DeepSpeed with ZeRO-2 and its MoE groups, the same model and batch per rank.
+
+Method: a fresh process per run (per rank); glibc returns large blocks to the OS
+(``MALLOC_MMAP_THRESHOLD_``) so RSS follows the tensors; after two warm-up steps (optimizer
+state exists) the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``) and one training
+step (forward, backward, optimizer step) is measured: ``peak`` is VmHWM during it. ``step peak``
+resets the mark again just before the optimizer step (``engine.step()``, or the recipe's upcast
+and ``AdamW.step()``) and reads it after, so it is the optimizer step's own peak. ``--check-memory``
+shows the method measures a known 256 MiB allocation.
+
+    python benchmarks/bench_step_memory.py single [--repeats 3]
+    .venv-deepspeed/bin/python benchmarks/bench_step_memory.py single sharded   # with the DeepSpeed columns
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import moesaic  # noqa: E402
+
+H, FFN, LAYERS, EXPERTS, TOKENS = 512, 2048, 8, 16, 64
+MIB = 2 ** 20
+ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_TOP_PAD_": "0",
+       "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+
+
+def _have_deepspeed() -> bool:
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def expert_module():
+    return nn.Sequential(nn.Linear(H, FFN), nn.GELU(), nn.Linear(FFN, H))
+
+
+class Model(nn.Module):
+    """Dense block + MoE layer, LAYERS times; ``moe_cls`` is moesaic.MoE or DeepSpeed's MoE."""
+
+    def __init__(self, moe_cls, ep_size=1):
+        super().__init__()
+        torch.manual_seed(0)
+        blocks = []
+        for _ in range(LAYERS):
+            blocks.append(nn.Sequential(nn.Linear(H, 4 * H), nn.GELU(), nn.Linear(4 * H, H)))
+            blocks.append(moe_cls(H, expert_module(), num_experts=EXPERTS, ep_size=ep_size, k=2, drop_tokens=False))
+        self.blocks = nn.ModuleList(blocks)
+        if moe_cls is moesaic.MoE:
+            moesaic.name_moe_layers(self)
+
+    def forward(self, x):
+        aux = 0.0
+        for block in self.blocks:
+            out = block(x)
+            if isinstance(out, tuple):
+                x = x + out[0]
+                aux = aux + out[1]
+            else:
+                x = x + out
+        return x.float().pow(2).mean() + 0.01 * aux
+
+
+def _kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _expert_numel() -> int:
+    return sum(p.numel() for p in expert_module().parameters())
+
+
+class PlainRecipe:
+    """torch's plain mixed precision: fp32 masters, every gradient upcast, one AdamW step, copy back."""
+
+    def __init__(self, model):
+        self.params = list(model.parameters())
+        self.masters = [p.detach().float().clone().requires_grad_(True) for p in self.params]
+        self.opt = torch.optim.AdamW(self.masters, lr=1e-4)
+
+    def step(self):
+        for m, p in zip(self.masters, self.params):
+            m.grad = p.grad.float()
+            p.grad = None
+        self.opt.step()
+        with torch.no_grad():
+            for m, p in zip(self.masters, self.params):
+                p.copy_(m)
+        for m in self.masters:
+            m.grad = None
+
+
+def _state_bytes_moesaic(opt) -> int:
+    sd = opt.state_dict()["state"]
+    return sum(t.numel() * t.element_size() for entry in sd.values() for k, t in entry.items() if k != "step")
+
+
+def _measure_iteration(loss_fn, backward, step, x) -> dict:
+    """Warm up, then measure one iteration: the whole step's peak and the optimizer step's own."""
+    for _ in range(2):
+        backward(loss_fn(x))
+        step()
+    _reset_peak()
+    before = _kib("VmRSS")
+    t0 = time.perf_counter()
+    backward(loss_fn(x))
+    t1 = time.perf_counter()
+    fwd_bwd_peak = _kib("VmHWM")
+    _reset_peak()
+    step_before = _kib("VmRSS")
+    step()
+    t2 = time.perf_counter()
+    step_peak = _kib("VmHWM")
+    return {"peak_mib": max(fwd_bwd_peak, step_peak) / 1024, "step_peak_mib": step_peak / 1024,
+            "step_transient_mib": (step_peak - step_before) / 1024, "before_mib": before / 1024,
+            "iter_s": t2 - t0, "step_s": t2 - t1}
+
+
+def child_single(mode: str) -> dict:
+    torch.set_num_threads(1)
+    x = torch.randn(TOKENS, H).bfloat16()
+    if mode == "moesaic":
+        model = Model(moesaic.MoE)
+        engine, opt, _, _ = moesaic.initialize(model=model, config={
+            "train_micro_batch_size_per_gpu": TOKENS, "bf16": {"enabled": True},
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}, "moe": {"max_group_size": _expert_numel()}})
+        out = _measure_iteration(engine, engine.backward, engine.step, x)
+        out["state_mib"] = _state_bytes_moesaic(opt) / MIB
+    elif mode == "plain":
+        model = Model(moesaic.MoE).to(torch.bfloat16)
+        recipe = PlainRecipe(model)
+        out = _measure_iteration(model, lambda loss: loss.backward(), recipe.step, x)
+    elif mode == "deepspeed":
+        out = _deepspeed_child(x, world=1, ep_size=1, stage=0)
+    else:
+        raise ValueError(mode)
+    out["mode"] = mode
+    return out
+
+
+def _deepspeed_child(x, world: int, ep_size: int, stage: int) -> dict:
+    import logging
+
+    import deepspeed
+    from deepspeed.moe.layer import MoE as DSMoE
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo")
+    model = Model(DSMoE, ep_size=ep_size)
+    groups = split_params_into_different_moe_groups_for_optimizer(
+        {"params": list(model.parameters()), "name": "params"}, max_group_size=_expert_numel())
+    opt = torch.optim.AdamW(groups, lr=1e-4)
+    cfg = {"train_micro_batch_size_per_gpu": TOKENS, "bf16": {"enabled": True},
+           "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    return _measure_iteration(engine, engine.backward, engine.step, x)
+
+
+def _sharded_rank(rank: int, world: int, port: int, mode: str, ep_size: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    torch.manual_seed(rank)
+    x = torch.randn(TOKENS, H).bfloat16()
+    if mode.startswith("deepspeed"):
+        out = _deepspeed_child(x, world, ep_size, stage=int(mode[-1]))
+    else:
+        moesaic.init_distributed(backend="gloo")
+        model = Model(moesaic.MoE, ep_size=ep_size)
+        moesaic.setup_expert_parallel(model)
+        engine, opt, _, _ = moesaic.initialize(model=model, config={
+            "train_micro_batch_size_per_gpu": TOKENS, "bf16": {"enabled": True},
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}, "moe": {"max_group_size": _expert_numel()},
+            "zero_optimization": {"stage": int(mode[-1])}})
+        out = _measure_iteration(engine, engine.backward, engine.step, x)
+        out["state_mib"] = _state_bytes_moesaic(opt) / MIB
+        dense = sum(p.numel() for p in model.parameters() if getattr(p, "allreduce", True))
+        local_experts = sum(p.numel() for p in model.parameters() if not getattr(p, "allreduce", True))
+        out["dense_m"], out["local_experts_m"] = dense / 1e6, local_experts / 1e6
+    out.update(mode=mode, rank=rank)
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
+    torch.distributed.barrier()
+
+
+def child_sharded(mode: str, world: int, ep_size: int) -> dict:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out_dir = tempfile.mkdtemp(prefix="bench-step-memory-")
+    mp.start_processes(_sharded_rank, args=(world, port, mode, ep_size, out_dir), nprocs=world, join=True,
+                       start_method="spawn")
+    ranks = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
+    return {"mode": mode, "ranks": ranks, "peak_mib": max(r["peak_mib"] for r in ranks),
+            "step_s": max(r["step_s"] for r in ranks), "iter_s": max(r["iter_s"] for r in ranks),
+            "state_mib": max(r.get("state_mib", float("nan")) for r in ranks)}
+
+
+def run_child(*args) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", *map(str, args)], env=dict(os.environ, **ENV),
+                         capture_output=True, text=True, timeout=3600)
+    if out.returncode != 0:
+        raise RuntimeError(f"child {args} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def check_memory() -> None:
+    _reset_peak()
+    before = _kib("VmRSS")
+    t = torch.ones(64 * MIB)  # 256 MiB, written
+    del t
+    seen = (_kib("VmHWM") - before) / 1024
+    print(f"known allocation 256.0 MiB -> measured {seen:.1f} MiB")
+    if not 243 <= seen <= 282:
+        raise SystemExit("the memory method failed to measure a known allocation")
+
+
+def _median(runs, key):
+    return statistics.median(r[key] for r in runs)
+
+
+def bench_single(repeats: int) -> dict:
+    modes = ["moesaic", "plain"] + (["deepspeed"] if _have_deepspeed() else [])
+    runs = {m: [] for m in modes}
+    for _ in range(repeats):
+        for mode in modes:  # alternate, so machine noise hits every mode
+            runs[mode].append(run_child("single", mode))
+    summary = {m: {k: _median(rs, k) for k in rs[0] if isinstance(rs[0][k], (int, float))} for m, rs in runs.items()}
+    print("| run | peak RSS MiB (whole step) | optimizer step peak MiB | step time s (fwd+bwd+step) |\n|---|---|---|---|")
+    for m, r in summary.items():
+        print(f"| {m} | {r['peak_mib']:.0f} | {r['step_peak_mib']:.0f} | {r['iter_s']:.2f} |")
+    for peer in modes[1:]:
+        ratio = summary["moesaic"]["peak_mib"] / summary[peer]["peak_mib"]
+        t = statistics.median(a["iter_s"] / b["iter_s"] for a, b in zip(runs["moesaic"], runs[peer]))
+        print(f"moesaic vs {peer}: peak {ratio:.3f}x ({1 - ratio:.1%} lower), time {t:.3f}x")
+        summary[f"vs_{peer}"] = {"peak_ratio": ratio, "time_ratio": t}
+    return {"summary": summary, "runs": runs}
+
+
+def bench_sharded(repeats: int, world: int, ep_size: int) -> dict:
+    modes = ["moesaic-z0", "moesaic-z1", "moesaic-z2"] + (["deepspeed-z2"] if _have_deepspeed() else [])
+    runs = {m: [] for m in modes}
+    for _ in range(repeats):
+        for mode in modes:
+            runs[mode].append(run_child("sharded", mode, world, ep_size))
+    summary = {m: {k: _median(rs, k) for k in ("peak_mib", "step_s", "iter_s", "state_mib")} for m, rs in runs.items()}
+    z0 = runs["moesaic-z0"][0]["ranks"][0]
+    dense, local = z0["dense_m"], z0["local_experts_m"]
+    expected = (dense / world + local / (world // ep_size)) / (dense + local)
+    print(f"| run (W={world}, ep_size={ep_size}) | peak RSS MiB per rank (max) | masters+state MiB per rank (max) | "
+          f"step s |\n|---|---|---|---|")
+    for m, r in summary.items():
+        print(f"| {m} | {r['peak_mib']:.0f} | {r['state_mib']:.0f} | {r['iter_s']:.2f} |")
+    z0s = summary["moesaic-z0"]["state_mib"]
+    for stage in ("moesaic-z1", "moesaic-z2"):
+        got = summary[stage]["state_mib"] / z0s
+        t = statistics.median(a["iter_s"] / b["iter_s"] for a, b in zip(runs[stage], runs["moesaic-z0"]))
+        print(f"{stage}: masters+state {got:.3f} of stage 0's (expected (dense/{world} + local experts/"
+              f"{world // ep_size}) = {expected:.3f} plus one group), time {t:.3f}x stage 0")
+        summary[stage]["state_fraction"] = got
+        summary[stage]["time_vs_z0"] = t
+    summary["expected_state_fraction"] = expected
+    if "deepspeed-z2" in summary:
+        ratio = summary["moesaic-z2"]["peak_mib"] / summary["deepspeed-z2"]["peak_mib"]
+        print(f"moesaic stage 2 vs DeepSpeed ZeRO-2 peak: {ratio:.3f}x")
+        summary["z2_vs_deepspeed_peak"] = ratio
+    return {"summary": summary, "runs": runs}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", nargs="*", help="which comparisons: single and/or sharded (default: single)")
+    ap.add_argument("--repeats", type=int, default=3, help="fresh processes per mode (medians reported)")
+    ap.add_argument("--world", type=int, default=4)
+    ap.add_argument("--ep-size", type=int, default=2)
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    ap.add_argument("--check-memory", action="store_true")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "step_memory.json"))
+    args = ap.parse_args()
+    if args.child:
+        kind, mode, *rest = args.child
+        result = child_single(mode) if kind == "single" else child_sharded(mode, int(rest[0]), int(rest[1]))
+        print(json.dumps(result))
+        return
+    if args.check_memory:
+        if os.environ.get("MALLOC_MMAP_THRESHOLD_") != ENV["MALLOC_MMAP_THRESHOLD_"]:
+            os.execve(sys.executable, [sys.executable, __file__, "--check-memory"], dict(os.environ, **ENV))
+        check_memory()
+        return
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
+    results = {}
+    args.what = args.what or ["single"]
+    if set(args.what) - {"single", "sharded"}:
+        ap.error(f"choose from single, sharded; got {args.what}")
+    if "single" in args.what:
+        results["single"] = bench_single(args.repeats)
+    if "sharded" in args.what:
+        results["sharded"] = bench_sharded(args.repeats, args.world, args.ep_size)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
