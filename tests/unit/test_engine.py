@@ -170,3 +170,16 @@ def test_model_parameters_must_cover_the_model():
         warnings.simplefilter("error")
         moesaic.initialize(model=model, model_parameters=[{"params": list(model.parameters()), "lr": 0.1}],
                            config=config())
+
+
+def test_initialize_takes_an_engine_config_and_says_what_zero_stages_do():
+    cfg = moesaic.engine.load_config(config(zero_optimization={"stage": 0}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # stage 0: nothing to say
+        engine, *_ = moesaic.initialize(model=Net(), config=cfg)
+    assert engine.config is cfg
+    with pytest.warns(RuntimeWarning, match=r"zero_optimization.stage=2: sharded optimizer state is not implemented"):
+        moesaic.initialize(model=Net(), config=config(zero_optimization={"stage": 2}))
+    with pytest.raises(ValueError, match=r"scheduler.params.total_num_steps is required for scheduler type "
+                                         r"WarmupDecayLR"):
+        moesaic.initialize(model=Net(), config=config(scheduler={"type": "WarmupDecayLR"}))

@@ -25,9 +25,10 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .config import OPTIMIZER_TYPES, optimizer_defaults
 from .functional import adam_step, sgd_step
 
-OPTIMIZERS = ("AdamW", "Adam", "SGD")
+OPTIMIZERS = OPTIMIZER_TYPES
 _HYPER = {"AdamW": ("lr", "betas", "eps", "weight_decay"), "Adam": ("lr", "betas", "eps", "weight_decay"),
           "SGD": ("lr", "momentum", "dampening", "weight_decay", "nesterov")}
 FUSE_ELEMS_LIMIT = 1 << 19  # 512K elements (2 MiB in fp32): amortises launches over tiny groups, stays in cache
@@ -42,9 +43,7 @@ def default_fuse_elems(max_group_size: Optional[int]) -> int:
     return FUSE_ELEMS_LIMIT if max_group_size is None else min(int(max_group_size), FUSE_ELEMS_LIMIT)
 
 
-_DEFAULTS = {"AdamW": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01),
-             "Adam": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
-             "SGD": dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False)}
+_DEFAULTS = {kind: optimizer_defaults(kind) for kind in OPTIMIZERS}  # the one place: optim/config.py
 
 
 class GroupedMixedPrecisionOptimizer:
