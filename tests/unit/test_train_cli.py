@@ -116,7 +116,7 @@ def test_generate_from_a_run(tmp_path, corpus):
 def test_help_is_complete():
     res = subprocess.run([sys.executable, "-m", "moesaic", "train", "--help"], capture_output=True, text=True,
                          timeout=60)
-    for flag in ("--config", "--nproc", "--out", "--resume", "--data", "--set"):
+    for flag in ("--config", "--nproc", "--device", "--out", "--resume", "--data", "--set"):
         assert flag in res.stdout
     res = subprocess.run([sys.executable, "-m", "moesaic", "--help"], capture_output=True, text=True, timeout=60)
     for command in ("train", "generate", "bench"):
