@@ -7,7 +7,7 @@ DS_VENV := .venv-deepspeed
 TORCH_PIN := torch==2.13.0
 DEEPSPEED_PIN := deepspeed==0.19.8
 
-.PHONY: test unit parity demo bench bench-ds clean
+.PHONY: test unit parity demo bench bench-ds clean config-reference
 
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ demo: $(VENV)/.stamp
 
 bench: $(VENV)/.stamp
 	$(VENV)/bin/python benchmarks/bench_layer.py
+
+# docs/config-reference.md from the config dataclasses (tests/unit/test_config_reference.py fails when stale)
+config-reference: $(VENV)/.stamp
+	$(VENV)/bin/python -m moesaic.config_reference --out docs/config-reference.md
 
 clean:
 	rm -rf $(VENV) $(DS_VENV) build *.egg-info src/*.egg-info

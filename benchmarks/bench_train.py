@@ -10,7 +10,7 @@ Runs the tiny config for ``--steps`` steps (the same seed, data and schedule) as
 
 Reports tokens (bytes) per second over the run and the validation loss reached.
 
-    python benchmarks/bench_train.py [--steps 150]
+    python benchmarks/bench_train.py [--steps 150] [--device cpu]
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 
-def run_cli(out: Path, steps: int, nproc: int) -> dict:
+def run_cli(out: Path, steps: int, nproc: int, device: str) -> dict:
     cmd = [sys.executable, "-m", "moesaic", "train", str(ROOT / "configs" / "tiny.toml"), "--out", str(out),
            "--nproc", str(nproc), "--set", f"model.ep_size={nproc}", "--set", f"train.steps={steps}",
-           "--set", f"train.eval_every={steps}", "--set", "train.checkpoint_every=0", "--quiet"]
+           "--set", f"train.eval_every={steps}", "--set", "train.checkpoint_every=0", "--device", device, "--quiet"]
     subprocess.run(cmd, check=True, timeout=3600)
     return json.loads((out / "summary.json").read_text())
 
@@ -59,22 +59,24 @@ def deepspeed_factory(model_cfg):
     return model
 
 
-def run_deepspeed(out: Path, steps: int) -> dict:
+def run_deepspeed(out: Path, steps: int, device: str) -> dict:
     import logging
 
     from moesaic.train.config import load_train_config
     from moesaic.train.loop import run
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    cfg = load_train_config(ROOT / "configs" / "tiny.toml").with_overrides({
+    cfg = load_train_config(ROOT / "configs" / "tiny.toml", {
         "model.ep_size": 1, "train.nproc": 1, "train.steps": steps, "train.eval_every": steps,
-        "train.checkpoint_every": 0, "moe.split_by": "layer"})  # DeepSpeed's params carry no expert_number
+        "train.checkpoint_every": 0, "train.device": device,
+        "engine.moe.split_by": "layer"})  # DeepSpeed's params carry no expert_number
     return run(cfg, out, quiet=True, model_factory=deepspeed_factory)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--device", default="cpu", help="train.device of every run (default cpu: the README's figures)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train.json"))
     args = ap.parse_args()
     if args.steps < 2:
@@ -86,10 +88,10 @@ def main() -> None:
         has_ds = False
     results = {}
     with tempfile.TemporaryDirectory(prefix="moesaic-train-bench-") as work:
-        results["moesaic W=1"] = run_cli(Path(work, "w1"), args.steps, 1)
-        results["moesaic W=2 (ep_size=2)"] = run_cli(Path(work, "w2"), args.steps, 2)
+        results["moesaic W=1"] = run_cli(Path(work, "w1"), args.steps, 1, args.device)
+        results["moesaic W=2 (ep_size=2)"] = run_cli(Path(work, "w2"), args.steps, 2, args.device)
         if has_ds:
-            results["DeepSpeed layer W=1"] = run_deepspeed(Path(work, "ds"), args.steps)
+            results["DeepSpeed layer W=1"] = run_deepspeed(Path(work, "ds"), args.steps, args.device)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(f"| run ({args.steps} steps, tiny.toml) | bytes/s | validation loss | unigram baseline |\n|---|---|---|---|")

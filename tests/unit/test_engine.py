@@ -170,3 +170,25 @@ def test_model_parameters_must_cover_the_model():
         warnings.simplefilter("error")
         moesaic.initialize(model=model, model_parameters=[{"params": list(model.parameters()), "lr": 0.1}],
                            config=config())
+
+
+def test_initialize_takes_an_engine_config_and_zero_stages():
+    cfg = moesaic.engine.load_config(config(zero_optimization={"stage": 0}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine, *_ = moesaic.initialize(model=Net(), config=cfg)
+        assert engine.config is cfg
+        # one process owns every group: stage 2 trains exactly as stage 0
+        sharded, opt, *_ = moesaic.initialize(model=Net(), config=config(zero_optimization={"stage": 2}))
+    assert set(opt.ownership().values()) == {0}
+    x, y = batch(9)
+    for e in (engine, sharded):
+        e.backward(e(x, y))
+        e.step()
+    for p, q in zip(engine.module.parameters(), sharded.module.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match=r"zero_optimization.stage=3 \(ZeRO-3, parameter sharding\) is not supported"):
+        moesaic.initialize(model=Net(), config=config(zero_optimization={"stage": 3}))
+    with pytest.raises(ValueError, match=r"scheduler.params.total_num_steps is required for scheduler type "
+                                         r"WarmupDecayLR"):
+        moesaic.initialize(model=Net(), config=config(scheduler={"type": "WarmupDecayLR"}))

@@ -1,11 +1,12 @@
-"""Engine config: loading from dict / JSON / TOML, defaults, and the error messages' key paths."""
+"""Engine config (DeepSpeed's keys): loading from dict / JSON / TOML, defaults, and the error messages' key paths."""
 
 import json
 
 import pytest
 
-from moesaic.optim.config import (DEFAULT_MAX_GROUP_SIZE, EngineConfig, FP16Config, MoEEngineConfig, OptimizerConfig,
-                                  SchedulerConfig, load_config)
+from moesaic.engine import EngineConfig, load_config
+from moesaic.optim.config import (DEFAULT_MAX_GROUP_SIZE, BF16Config, FP16Config, MoEOptimConfig, OptimizerConfig,
+                                  SchedulerConfig, ZeroConfig)
 
 FULL = {
     "train_batch_size": 64,
@@ -82,7 +83,7 @@ def test_toml_file(tmp_path):
     assert cfg.optimizer == OptimizerConfig("SGD", {"lr": 0.1, "momentum": 0.9, "nesterov": True})
     assert cfg.optimizer.params["dampening"] == 0.0 and cfg.optimizer.params["weight_decay"] == 0.0
     assert cfg.scheduler.type == "WarmupCosineLR" and cfg.scheduler.params["cos_min_ratio"] == 0.0001
-    assert cfg.bf16 and not cfg.fp16.enabled
+    assert cfg.bf16.enabled and not cfg.fp16.enabled
     assert cfg.moe.lr_scale == {"ep_size_1/0": 0.1} and cfg.moe.freeze_experts == (1,)
     assert load_config(cfg.to_dict()) == cfg
 
@@ -95,10 +96,11 @@ def test_defaults():
     assert cfg.optimizer.type == "AdamW"
     assert cfg.optimizer.params == {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
     assert OptimizerConfig("Adam").params["weight_decay"] == 0.0
-    assert cfg.scheduler is None and cfg.bf16 is False
+    assert cfg.scheduler is None and cfg.bf16 == BF16Config(enabled=False)
+    assert cfg.zero_optimization == ZeroConfig(stage=0)
     assert cfg.fp16 == FP16Config(enabled=False, loss_scale=0.0, initial_scale_power=16, loss_scale_window=1000,
                                   hysteresis=2, min_loss_scale=1.0)
-    assert cfg.moe == MoEEngineConfig("expert", DEFAULT_MAX_GROUP_SIZE, "none", {}, [])
+    assert cfg.moe == MoEOptimConfig("expert", DEFAULT_MAX_GROUP_SIZE, "none", {}, [])
     assert DEFAULT_MAX_GROUP_SIZE == 178956971
     assert SchedulerConfig("WarmupLR").params == {"warmup_min_lr": 0.0, "warmup_max_lr": None,
                                                   "warmup_num_steps": 1000, "warmup_type": "log",
@@ -177,7 +179,7 @@ def test_errors_name_the_key_path(config, error, pattern):
     ({"optimizer": {"params": {"lr": True}}}, r"optimizer\.params\.lr must be a number, got bool"),
     ({"optimizer": {"params": {"betas": [True, 0.9]}}}, r"optimizer\.params\.betas\[0\] must be a number, got bool"),
     ({"scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": True}}},
-     r"scheduler\.params\.total_num_steps must be an int, got bool"),
+     r"scheduler\.params\.total_num_steps must be an int or null, got bool"),
     ({"moe": {"max_group_size": True}}, r"moe\.max_group_size must be an int or null, got bool"),
     ({"moe": {"lr_scale": {"g": True}}}, r"moe\.lr_scale\['g'\] must be a number, got bool"),
     ({"moe": {"freeze_experts": [False]}}, r"moe\.freeze_experts\[0\] must be a str .* or an int >= 0, got bool"),
@@ -188,8 +190,9 @@ def test_bools_rejected_as_numbers(config, pattern):
 
 
 @pytest.mark.parametrize("config, pattern", [
-    ({"train_batch": 8}, r"unknown key 'train_batch'; allowed keys under the top level: bf16, fp16, .*steps_per_print"),
-    ({"zero_optimization": {"stage": 1}}, r"unknown key 'zero_optimization'"),
+    ({"train_batch": 8}, r"unknown key 'train_batch'; allowed keys at the top level: bf16, fp16, .*steps_per_print"),
+    ({"zero_optimization": {"stage": 1, "offload_param": {}}}, r"unknown key 'zero_optimization\.offload_param'; "
+                                                               r"allowed keys under zero_optimization: stage"),
     ({"optimizer": {"type": "Adam", "param": {}}}, r"unknown key 'optimizer\.param'; allowed keys under optimizer: "
                                                    r"params, type"),
     ({"optimizer": {"type": "Adam", "params": {"momentum": 0.9}}},
@@ -209,7 +212,7 @@ def test_unknown_keys(config, pattern):
 def test_bf16_and_fp16_conflict():
     with pytest.raises(ValueError, match=r"bf16\.enabled and fp16\.enabled are both true"):
         load_config({"bf16": {"enabled": True}, "fp16": {"enabled": True}})
-    assert load_config({"bf16": {"enabled": True}, "fp16": {"enabled": False}}).bf16
+    assert load_config({"bf16": {"enabled": True}, "fp16": {"enabled": False}}).bf16.enabled
 
 
 def test_dataclasses_validate_on_construction():
@@ -221,7 +224,7 @@ def test_dataclasses_validate_on_construction():
     assert cfg.type == "SGD" and cfg.params["lr"] == 1.0 and isinstance(cfg.params["lr"], float)
     with pytest.raises(AttributeError):
         cfg.type = "Adam"  # frozen
-    moe = MoEEngineConfig(lr_scale={"g/03": 2}, freeze_experts=["g/007"])
+    moe = MoEOptimConfig(lr_scale={"g/03": 2}, freeze_experts=["g/007"])
     assert moe.lr_scale == {"g/3": 2.0} and moe.freeze_experts == ("g/7",)  # expert numbers normalized
 
 
@@ -244,3 +247,55 @@ def test_file_errors(tmp_path):
         load_config(top_list)
     with pytest.raises(TypeError, match="config must be a dict, a path"):
         load_config(42)
+
+
+def test_zero_optimization_stages():
+    for stage in (0, 1, 2):
+        assert load_config({"zero_optimization": {"stage": stage}}).zero_optimization.stage == stage
+    with pytest.raises(ValueError, match=r"zero_optimization\.stage=3 \(ZeRO-3, parameter sharding\) is not "
+                                         r"supported by moesaic; allowed stages: 0, 1, 2"):
+        load_config({"zero_optimization": {"stage": 3}})
+    for bad in (4, -1):
+        with pytest.raises(ValueError, match=rf"zero_optimization\.stage must be one of \[0, 1, 2\], got {bad}"):
+            load_config({"zero_optimization": {"stage": bad}})
+    with pytest.raises(TypeError, match=r"zero_optimization\.stage must be an int, got str: '1'"):
+        load_config({"zero_optimization": {"stage": "1"}})
+
+
+def test_schedule_length_is_required_by_the_deepspeed_dict_only():
+    # the section itself may leave total_num_steps open (moesaic train fills it from train.steps) ...
+    cfg = EngineConfig.from_dict({"scheduler": {"type": "WarmupCosineLR"}})
+    assert cfg.scheduler.params["total_num_steps"] is None and cfg.scheduler.needs_total()
+    assert cfg.scheduler.with_total(50).params["total_num_steps"] == 50
+    # ... but moesaic.initialize's config must say how long the schedule is, as DeepSpeed's does
+    with pytest.raises(ValueError, match=r"scheduler\.params\.total_num_steps is required for scheduler type "
+                                         r"WarmupCosineLR"):
+        load_config(cfg)
+    assert not load_config({"scheduler": {"type": "WarmupLR"}}).scheduler.needs_total()  # WarmupLR has no length
+
+
+def test_sections_report_their_path_inside_a_bigger_tree():
+    with pytest.raises(ValueError, match=r"^engine\.fp16\.hysteresis must be an int >= 1, got 0$"):
+        EngineConfig.from_dict({"fp16": {"hysteresis": 0}}, "engine")
+    with pytest.raises(ValueError, match=r"unknown key 'engine\.optimizer\.params\.momentum'"):
+        EngineConfig.from_dict({"optimizer": {"params": {"momentum": 0.9}}}, "engine")
+    with pytest.raises(ValueError, match=r"engine\.bf16\.enabled and engine\.fp16\.enabled are both true"):
+        EngineConfig.from_dict({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "engine")
+    with pytest.raises(ValueError, match=r"set engine\.train_batch_size or engine\.train_micro_batch_size_per_gpu"):
+        EngineConfig().check_batch(1, "engine")
+
+
+def test_each_default_has_one_source():
+    """The optimizer takes its hyperparameter defaults from the config; the schedule constructors agree with it."""
+    import inspect
+
+    from moesaic.optim import mixed_precision, schedulers
+    from moesaic.optim.config import SCHEDULER_PARAMS, optimizer_defaults
+
+    for kind in ("AdamW", "Adam", "SGD"):
+        assert mixed_precision._DEFAULTS[kind] == optimizer_defaults(kind) == OptimizerConfig(kind).params
+    for kind in SCHEDULER_PARAMS:
+        ctor = inspect.signature(getattr(schedulers, kind)).parameters
+        for name, default in SchedulerConfig(kind).params.items():
+            if name != "total_num_steps":  # required by the constructors; the config leaves it open
+                assert ctor[name].default == default, (kind, name)

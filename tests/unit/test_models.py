@@ -92,8 +92,10 @@ def test_generate_length_determinism_and_mode():
     assert model.training  # mode restored
     greedy = model.generate(prompt, 3, temperature=0)
     assert torch.equal(greedy, model.generate(prompt, 3, temperature=0))
-    with pytest.raises(ValueError, match="top_k must be None or an int in"):
+    with pytest.raises(ValueError, match=r"top_k must be an int in \[1, 256\], got 0"):
         model.generate(prompt, 1, top_k=0)
+    with pytest.raises(TypeError, match=r"top_k must be an int or None, got float"):
+        model.generate(prompt, 1, top_k=2.0)
 
 
 def test_forward_rejects_too_long_sequences():
@@ -111,10 +113,10 @@ def test_unigram_baseline_loss():
 
 
 @pytest.mark.parametrize("overrides, exc, match", [
-    (dict(n_embd=30, n_head=4), ValueError, r"n_embd \(30\) must be divisible by n_head \(4\)"),
-    (dict(num_experts=6, ep_size=4), ValueError, r"num_experts \(6\) must be divisible by ep_size \(4\)"),
-    (dict(top_k=5, num_experts=4), ValueError, r"top_k must be an int in \[1, num_experts=4\], got 5"),
-    (dict(top_k=0), ValueError, r"top_k must be an int in \[1, num_experts=4\], got 0"),
+    (dict(n_embd=30, n_head=4), ValueError, r"model.n_embd \(30\) must be divisible by model.n_head \(4\)"),
+    (dict(num_experts=6, ep_size=4), ValueError, r"model.num_experts \(6\) must be divisible by model.ep_size \(4\)"),
+    (dict(top_k=5, num_experts=4), ValueError, r"model.top_k must be an int in \[1, model.num_experts=4\], got 5"),
+    (dict(top_k=0), ValueError, r"model.top_k must be an int in \[1, model.num_experts=4\], got 0"),
     (dict(block_size=0), ValueError, r"block_size must be an int >= 1, got 0"),
     (dict(vocab_size=100), ValueError, r"vocab_size must be an int >= 256, got 100"),
     (dict(dropout=1.0), ValueError, r"dropout must be a finite number in \[0, 1\), got 1.0"),
@@ -132,9 +134,11 @@ def test_config_dict_round_trip_and_prefixed_errors():
     assert cfg.capacity_factor == 2.0 and isinstance(cfg.capacity_factor, float)
     assert GPTConfig.from_dict(cfg.to_dict()) == cfg
     assert GPTConfig.from_dict({"n_layer": 2}).n_embd == 128
-    with pytest.raises(ValueError, match=r"unknown key 'model.n_layers'; allowed keys under model: vocab_size"):
-        GPTConfig.from_dict({"n_layers": 2}, prefix="model.")
+    with pytest.raises(ValueError, match=r"unknown key 'model.n_layers'; allowed keys under model: aux_loss_coef, "):
+        GPTConfig.from_dict({"n_layers": 2})
     with pytest.raises(ValueError, match=r"model.top_k must be an int in \[1, model.num_experts=2\], got 3"):
-        GPTConfig.from_dict({"num_experts": 2, "top_k": 3}, prefix="model.")
+        GPTConfig.from_dict({"num_experts": 2, "top_k": 3})
+    with pytest.raises(ValueError, match=r"^net.top_k must be an int in \[1, net.num_experts=2\], got 3$"):
+        GPTConfig.from_dict({"num_experts": 2, "top_k": 3}, "net")  # inside another tree: its own path
     with pytest.raises(TypeError):
         GPT({"n_layer": 2})

@@ -1,4 +1,4 @@
-"""`moesaic train / generate`: a two-step smoke run, resume, and every refusal before training starts."""
+"""`moesaic train / generate / bench`: a two-step smoke run, resume, and every refusal before training starts."""
 
 import json
 import subprocess
@@ -10,14 +10,14 @@ import torch
 
 from moesaic import checkpoint
 from moesaic.models import GPT, GPTConfig
-from moesaic.train.cli import main
+from moesaic.train.cli import find_benchmarks, main
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.toml")
 SMALL = ["--set", "model.n_layer=2", "--set", "model.n_embd=32", "--set", "model.n_head=2",
          "--set", "model.block_size=32", "--set", "model.ep_size=1", "--set", "train.nproc=1",
-         "--set", "train.batch_size=4", "--set", "train.eval_every=1", "--set", "train.eval_batches=2",
-         "--set", "train.checkpoint_every=1", "--quiet"]
+         "--set", "engine.train_micro_batch_size_per_gpu=4", "--set", "train.eval_every=1",
+         "--set", "train.eval_batches=2", "--set", "train.checkpoint_every=1", "--quiet"]
 
 
 @pytest.fixture
@@ -72,12 +72,20 @@ def test_resume_continues_and_refuses_to_overwrite(tmp_path, corpus, capsys):
 
 @pytest.mark.parametrize("args,message", [
     (["--data", "/no/such/path"], "does not exist"),
-    (["--set", "train.bogus=1"], "bogus"),
+    (["--set", "train.bogus=1"], "unknown key 'train.bogus'"),
+    (["--set", "engine.optimizer.params.lrr=1"], "unknown key 'engine.optimizer.params.lrr'; allowed keys under "
+                                                 "engine.optimizer.params: betas, eps, lr, weight_decay"),
+    (["--set", "engine.optimizer.params.lr=0"], "engine.optimizer.params.lr must be a finite number in (0, inf)"),
+    (["--set", "optim.lr=0.1"], "optim.lr -> engine.optimizer.params.lr"),
+    (["--set", "engine.zero_optimization.stage=3"], "parameter sharding) is not supported"),
+    (["--device", "cuda"], "train.device='cuda' but CUDA is not available"),
+    (["--device", "tpu"], "train.device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got 'tpu'"),
     (["--set", "model.num_experts=3", "--set", "model.ep_size=2"], "num_experts"),
     (["--nproc", "3", "--set", "model.ep_size=2"], "nproc"),
     (["--set", "model.top_k=9"], "top_k"),
 ])
-def test_bad_input_stops_before_training(tmp_path, args, message, capsys):
+def test_bad_input_stops_before_training(tmp_path, args, message, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a GPU machine
     out = tmp_path / "run"
     code = main(["train", TINY, "--out", str(out), *args])
     assert code == 2
@@ -108,8 +116,50 @@ def test_generate_from_a_run(tmp_path, corpus):
 def test_help_is_complete():
     res = subprocess.run([sys.executable, "-m", "moesaic", "train", "--help"], capture_output=True, text=True,
                          timeout=60)
-    for flag in ("--config", "--nproc", "--out", "--resume", "--data", "--set"):
+    for flag in ("--config", "--nproc", "--device", "--out", "--resume", "--data", "--set"):
         assert flag in res.stdout
     res = subprocess.run([sys.executable, "-m", "moesaic", "--help"], capture_output=True, text=True, timeout=60)
     for command in ("train", "generate", "bench"):
         assert command in res.stdout
+
+
+def test_set_reaches_every_section_and_the_run_records_it(tmp_path, corpus):
+    out = tmp_path / "run"
+    assert train(out, corpus, "--set", "train.steps=2", "--device", "cpu", "--set", "engine.optimizer.params.lr=0.01",
+                 "--set", "engine.gradient_clipping=0.5", "--set", "engine.moe.split_by=layer",
+                 "--set", "engine.scheduler.params.warmup_num_steps=1") == 0
+    saved = json.loads((out / "run.json").read_text())["config"]
+    assert saved["train"]["device"] == "cpu" and saved["engine"]["optimizer"]["params"]["lr"] == 0.01
+    assert saved["engine"]["gradient_clipping"] == 0.5 and saved["engine"]["moe"]["split_by"] == "layer"
+    assert saved["engine"]["scheduler"]["params"]["total_num_steps"] is None  # follows train.steps in the run
+    groups = checkpoint.read_manifest(checkpoint.resolve(out / "checkpoints"))["model_config"]
+    assert groups == saved  # the manifest carries the same tree
+
+
+def test_resume_of_a_checkpoint_written_by_the_former_layout(tmp_path, corpus):
+    """A checkpoint's manifest written before the config tree was unified (sections model, data, optim, train,
+    moe) still resumes: --resume compares the model and data sections only, which kept their keys."""
+    out = tmp_path / "run"
+    assert train(out, corpus, "--set", "train.steps=2") == 0
+    folder = checkpoint.resolve(out / "checkpoints")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    new = manifest["model_config"]
+    manifest["model_config"] = {  # the former TrainConfig.to_dict() layout
+        "model": new["model"], "data": new["data"],
+        "optim": {"lr": 3e-3, "weight_decay": 0.1, "betas": [0.9, 0.95], "warmup_steps": 20, "grad_clip": 1.0,
+                  "min_lr_ratio": 0.1},
+        "train": {"steps": 2, "batch_size": 4, "grad_accum": 1, "eval_every": 1, "eval_batches": 2,
+                  "checkpoint_every": 1, "log_every": 10, "seed": 1337, "bf16": False, "nproc": 1,
+                  "max_minutes": 4.5},
+        "moe": {"split_by": "expert", "max_group_size": None}}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    assert train(out, corpus, "--set", "train.steps=3", "--resume") == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
+def test_bench_finds_benchmarks_from_the_working_directory(tmp_path, monkeypatch, capsys):
+    assert find_benchmarks(ROOT / "src" / "moesaic") == ROOT / "benchmarks"  # from inside the checkout
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "layer"]) == 2
+    err = capsys.readouterr().err
+    assert f"no benchmarks/ folder of a moesaic checkout in {tmp_path} or above it" in err

@@ -1,5 +1,5 @@
 """Example models built on moesaic's public MoE layer."""
 
-from .gpt import GPT, GPTConfig, check_gpt_fields, unigram_baseline_loss
+from .gpt import GPT, GPTConfig, unigram_baseline_loss
 
-__all__ = ["GPT", "GPTConfig", "check_gpt_fields", "unigram_baseline_loss"]
+__all__ = ["GPT", "GPTConfig", "unigram_baseline_loss"]

@@ -11,124 +11,75 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping, Optional, Tuple
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_int, check_number
+from .._checks import check_bool, check_int, check_number, join_key
+from .._config import Section, setting
 from ..layer import MoE, name_moe_layers
 
 
-def _check_int(values: Mapping[str, Any], name: str, prefix: str, lo: int, hi: Optional[int] = None,
-               hi_text: str = "") -> None:
-    check_int(values[name], prefix + name, lo, hi, hi_text=hi_text)
-
-
-def _check_float(values: Mapping[str, Any], name: str, prefix: str, lo: float, hi: float = math.inf,
-                 lo_open: bool = False, hi_open: bool = False) -> None:
-    check_number(values[name], prefix + name, lo, hi, lo_open=lo_open, hi_open=hi_open)
-
-
-def check_gpt_fields(values: Mapping[str, Any], prefix: str = "") -> None:
-    """Validate every GPTConfig field, naming keys as ``prefix + field`` (e.g. ``"model.top_k"``).
-
-    Args:
-        values: a complete mapping of GPTConfig field names to values.
-        prefix: prepended to every key in error messages (the config section path).
-
-    Raises:
-        TypeError: a field has the wrong type (``bool`` is never a number).
-        ValueError: a field is out of range or fields contradict each other.
-    """
-    p = prefix
-    # byte-level: every byte value 0..255 must have a token
-    _check_int(values, "vocab_size", p, 256)
-    for name in ("block_size", "n_layer", "n_head", "n_embd", "ffn_mult", "num_experts", "ep_size"):
-        _check_int(values, name, p, 1)
-    _check_int(values, "moe_every", p, 0)  # 0: no MoE layer at all (a dense baseline)
-    _check_int(values, "min_capacity", p, 0)
-    _check_int(values, "top_k", p, 1, values["num_experts"], hi_text=f"{p}num_experts={values['num_experts']}")
-    _check_float(values, "dropout", p, 0.0, 1.0, hi_open=True)
-    _check_float(values, "capacity_factor", p, 0.0, lo_open=True)
-    _check_float(values, "eval_capacity_factor", p, 0.0, lo_open=True)
-    _check_float(values, "aux_loss_coef", p, 0.0)
-    for name in ("drop_tokens", "use_residual"):
-        if not isinstance(values[name], bool):
-            raise TypeError(f"{p}{name} must be a bool (true/false), got {type(values[name]).__name__}: "
-                            f"{values[name]!r}")
-    if values["n_embd"] % values["n_head"]:
-        raise ValueError(f"{p}n_embd ({values['n_embd']}) must be divisible by {p}n_head ({values['n_head']}); "
-                         f"allowed n_head values divide n_embd")
-    if values["num_experts"] % values["ep_size"]:
-        raise ValueError(f"{p}num_experts ({values['num_experts']}) must be divisible by {p}ep_size "
-                         f"({values['ep_size']}): each expert-parallel rank holds num_experts / ep_size experts")
+_int = partial(check_int, lo=1)
+_nonneg_int = partial(check_int, lo=0)
 
 
 @dataclass(frozen=True)
-class GPTConfig:
-    """Shape of the GPT and of its MoE layers; validated on construction.
+class GPTConfig(Section):
+    """Shape of the GPT and of its MoE layers (the ``model`` section of a training config); checked on construction.
 
     ``moe_every = m`` puts an MoE feed-forward in blocks ``m-1, 2m-1, ...`` (2: blocks 1, 3, 5..;
     1: every block; 0: none). ``aux_loss_coef`` weighs the summed load-balancing loss in
     :meth:`GPT.objective`.
     """
 
-    vocab_size: int = 256
-    block_size: int = 128
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    ffn_mult: int = 4
-    dropout: float = 0.0
-    moe_every: int = 2
-    num_experts: int = 4
-    top_k: int = 2
-    capacity_factor: float = 1.25
-    eval_capacity_factor: float = 2.0
-    min_capacity: int = 4
-    drop_tokens: bool = True
-    use_residual: bool = False
-    ep_size: int = 1
-    aux_loss_coef: float = 0.01
+    PATH = "model"
 
-    def __post_init__(self) -> None:
-        check_gpt_fields(asdict(self))
-        for f in fields(self):  # an int from TOML (capacity_factor = 2) is stored as 2.0
-            if f.type == "float":
-                object.__setattr__(self, f.name, float(getattr(self, f.name)))
+    vocab_size: int = setting(256, check=partial(check_int, lo=256),  # byte-level: every byte needs a token
+                              doc="Vocabulary size; tokens are bytes, so at least 256.")
+    block_size: int = setting(128, check=_int, doc="Context length in bytes (tokens).")
+    n_layer: int = setting(4, check=_int, doc="Transformer blocks.")
+    n_head: int = setting(4, check=_int, doc="Attention heads per block; must divide n_embd.")
+    n_embd: int = setting(128, check=_int, doc="Model width.")
+    ffn_mult: int = setting(4, check=_int, doc="Feed-forward (and expert) hidden width = ffn_mult * n_embd.")
+    dropout: float = setting(0.0, check=partial(check_number, lo=0.0, hi=1.0, hi_open=True),
+                             doc="Dropout on attention, residual and embedding outputs.")
+    moe_every: int = setting(2, check=_nonneg_int,
+                             doc="Every moe_every-th block has an MoE feed-forward (2: blocks 1, 3, ...; 0: none).")
+    num_experts: int = setting(4, check=_int, doc="Experts per MoE layer.")
+    top_k: int = setting(2, doc="Experts each token is routed to; in [1, num_experts].")  # checked with num_experts
+    capacity_factor: float = setting(1.25, check=partial(check_number, lo=0.0, lo_open=True),
+                                     doc="Training capacity per expert, as a multiple of an even share of the tokens.")
+    eval_capacity_factor: float = setting(2.0, check=partial(check_number, lo=0.0, lo_open=True),
+                                          doc="The same, in evaluation.")
+    min_capacity: int = setting(4, check=_nonneg_int, doc="Least capacity per expert.")
+    drop_tokens: bool = setting(True, check=check_bool,
+                                doc="Drop tokens over capacity (false: dropless, every token is computed).")
+    use_residual: bool = setting(False, check=check_bool, doc="Residual MoE (a dense MLP mixed in per token).")
+    ep_size: int = setting(1, check=_int, doc="Expert-parallel size: processes that share one layer's experts; "
+                                              "must divide num_experts and train.nproc.")
+    aux_loss_coef: float = setting(0.01, check=partial(check_number, lo=0.0),
+                                   doc="Weight of the summed load-balancing loss in the objective.")
+
+    @classmethod
+    def check_values(cls, values: Dict[str, Any], path: str) -> None:
+        key = partial(join_key, path)
+        check_int(values["top_k"], key("top_k"), 1, values["num_experts"],
+                  hi_text=f"{key('num_experts')}={values['num_experts']}")
+        if values["n_embd"] % values["n_head"]:
+            raise ValueError(f"{key('n_embd')} ({values['n_embd']}) must be divisible by {key('n_head')} "
+                             f"({values['n_head']}); allowed n_head values divide n_embd")
+        if values["num_experts"] % values["ep_size"]:
+            raise ValueError(f"{key('num_experts')} ({values['num_experts']}) must be divisible by {key('ep_size')} "
+                             f"({values['ep_size']}): each expert-parallel rank holds num_experts / ep_size experts")
 
     def is_moe_block(self, i: int) -> bool:
         """Whether block ``i`` (0-based) has an MoE feed-forward."""
         return self.moe_every > 0 and (i + 1) % self.moe_every == 0
-
-    def to_dict(self) -> dict:
-        """Plain ``{field: value}`` dict (for checkpoints and TOML/JSON)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any], prefix: str = "") -> "GPTConfig":
-        """Build a config from a (possibly partial) mapping; missing fields take their defaults.
-
-        Args:
-            values: ``{field: value}``; unknown keys are errors.
-            prefix: key path used in error messages (``"model."`` inside a training config).
-
-        Returns:
-            The validated GPTConfig.
-        """
-        where = prefix.rstrip(".") or "the model config"
-        if not isinstance(values, Mapping):
-            raise TypeError(f"{where} must be a mapping (dict / TOML table), got {type(values).__name__}: {values!r}")
-        allowed = [f.name for f in fields(cls)]
-        for key in values:
-            if key not in allowed:
-                raise ValueError(f"unknown key {prefix + key!r}; allowed keys under {where}: {', '.join(allowed)}")
-        merged = {**asdict(cls()), **values}
-        check_gpt_fields(merged, prefix)  # first, so errors carry the full key path
-        return cls(**merged)
 
 
 def make_mlp(n_embd: int, hidden: int) -> nn.Sequential:
@@ -292,13 +243,9 @@ class GPT(nn.Module):
         """
         if idx.dim() != 2 or idx.shape[1] < 1:
             raise ValueError(f"idx must have shape (batch, time >= 1), got {tuple(idx.shape)}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-        V = self.config.vocab_size
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= V):
-            raise ValueError(f"top_k must be None or an int in [1, {V}], got {top_k!r}")
+        check_int(max_new_tokens, "max_new_tokens", lo=0)
+        check_number(temperature, "temperature", lo=0.0)
+        check_int(top_k, "top_k", 1, self.config.vocab_size, none_word="None")
         was_training = self.training
         self.eval()
         try:

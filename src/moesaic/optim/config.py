@@ -1,15 +1,18 @@
-"""Typed, validated training-engine config with DeepSpeed's key names, read from a dict, JSON or TOML.
+"""The optimizer room's config sections, with DeepSpeed's key names and defaults.
 
-Every dataclass checks itself in ``__post_init__``; bad values raise ``ValueError``, bad types
-``TypeError``, and each message names the full key path (``optimizer.params.betas``), the value
-and what is allowed. Unknown keys are errors at every level, so a typo never silently falls back
-to a default. ``bool`` is never accepted where a number is expected.
+``optimizer``, ``scheduler``, ``fp16``, ``bf16``, ``zero_optimization`` and ``moe`` are sections of
+the engine config (:class:`moesaic.engine.EngineConfig`), built by the machinery of
+:mod:`moesaic._config`: unknown keys are errors at every level, messages name the full key path
+(``engine.optimizer.params.betas[1]`` under ``moesaic train``, ``optimizer.params.betas[1]`` in
+``moesaic.initialize``'s dict), the value and what is allowed.
+
+The optimizer's hyperparameter defaults live here, in :data:`OPTIMIZER_PARAMS`, and nowhere else;
+the scheduler params mirror the constructors of :mod:`moesaic.optim.schedulers` (a unit test pins
+that the two agree).
 
 Differences from DeepSpeed's config, on purpose: only the keys moesaic implements are accepted
-(``fp16.auto_cast``, ``zero_optimization`` ... are unknown keys, not silently ignored);
-``fp16`` values are checked even when fp16 is off or the scale is static; ``optimizer`` defaults
-to AdamW; ``gradient_accumulation_steps`` defaults to 1 instead of being derived from
-``train_batch_size``, so a mismatch is reported by :meth:`EngineConfig.check_batch`.
+(``fp16.auto_cast``, ``zero_optimization.offload_param`` ... are unknown keys, not silently
+ignored); ``fp16`` values are checked even when fp16 is off; ``optimizer`` defaults to AdamW.
 ``moe.lr_scale`` and ``moe.freeze_experts`` name experts as ``"<expert_group_name>/<expert_number>"``
 (a group name may not itself contain ``/``); a bare group name in ``lr_scale`` covers the whole
 layer, a bare int in ``freeze_experts`` that expert number in every MoE layer.
@@ -17,257 +20,223 @@ layer, a bare int in ``freeze_experts`` that expert number in every MoE layer.
 
 from __future__ import annotations
 
-import json
-import math
-import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, fields
 from functools import partial
-from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Type, Union
 
-from .._checks import check_int, check_number
+from .._checks import check_bool, check_choice, check_int, check_list, check_mapping, check_number, join_key
+from .._config import Section, section, setting
+from .param_groups import DEFAULT_MAX_GROUP_SIZE, SPLIT_BY
 
 OPTIMIZER_TYPES = ("AdamW", "Adam", "SGD")
 SCHEDULER_TYPES = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
 WARMUP_TYPES = ("log", "linear")
-SPLIT_BY = ("expert", "layer")
 OFFLOAD = ("none", "cpu")
-DEFAULT_MAX_GROUP_SIZE = 178956971  # DeepSpeed's default cap on elements per param group
-_REQUIRED = object()  # marks a parameter without a default
+ZERO_STAGES = (0, 1, 2)  # 3 (parameter sharding) is refused with its own message
+
+_positive = partial(check_number, lo=0.0, lo_open=True)
+_nonneg = partial(check_number, lo=0.0)
+_ratio = partial(check_number, lo=0.0, hi=1.0)
+_beta = partial(check_number, lo=0.0, hi=1.0, hi_open=True)
+_betas = partial(check_list, item=_beta, length=2, what="2 numbers in [0, 1)")
+_steps = partial(check_int, lo=1)
+_steps_or_none = partial(check_int, lo=1, none_word="null")
+_last_iter = partial(check_int, lo=-1)
+_warmup_type = partial(check_choice, choices=WARMUP_TYPES)
 
 
-def _join(path: str, key: Any) -> str:
-    return f"{path}.{key}" if path else str(key)
-
-
-def _mapping(value: Any, path: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise TypeError(f"{path or 'config'} must be a mapping (dict / JSON object / TOML table), "
-                        f"got {type(value).__name__}: {value!r}")
-    for key in value:
-        if not isinstance(key, str):
-            raise TypeError(f"{path or 'config'} keys must be str, got {type(key).__name__}: {key!r}")
-    return value
-
-
-def _check_keys(value: Any, allowed, path: str) -> Mapping[str, Any]:
-    _mapping(value, path)
-    for key in value:
-        if key not in allowed:
-            raise ValueError(f"unknown key {_join(path, key)!r}; allowed keys under "
-                             f"{path or 'the top level'}: {', '.join(sorted(allowed))}")
-    return value
-
-
-def _int(value: Any, path: str, lo: Optional[int] = None, allow_none: bool = False) -> Optional[int]:
-    return check_int(value, path, lo, none_word="null" if allow_none else None)
-
-
-def _float(value: Any, path: str, lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False,
-           hi_open: bool = False) -> float:
-    return check_number(value, path, lo, hi, lo_open=lo_open, hi_open=hi_open)
-
-
-def _bool(value: Any, path: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{path} must be a bool (true/false), got {type(value).__name__}: {value!r}")
-    return value
-
-
-def _choice(value: Any, path: str, choices: Tuple[str, ...], fold_case: bool = False) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{path} must be a str, one of {list(choices)}, got {type(value).__name__}: {value!r}")
-    for choice in choices:
-        if value == choice or (fold_case and value.lower() == choice.lower()):
-            return choice
-    raise ValueError(f"{path} must be one of {list(choices)}{' (any case)' if fold_case else ''}, got {value!r}")
-
-
-_pos = partial(_float, lo=0.0, lo_open=True)
-_nonneg = partial(_float, lo=0.0)
-_ratio = partial(_float, lo=0.0, hi=1.0)
-_steps = partial(_int, lo=1)
-_last_iter = partial(_int, lo=-1)
-_warmup_type = partial(_choice, choices=WARMUP_TYPES)
-
-
-def _betas(value: Any, path: str) -> Tuple[float, float]:
-    if not isinstance(value, (list, tuple)):
-        raise TypeError(f"{path} must be a list of 2 numbers in [0, 1), got {type(value).__name__}: {value!r}")
-    if len(value) != 2:
-        raise ValueError(f"{path} must be a list of 2 numbers in [0, 1), got {len(value)} values: {value!r}")
-    return tuple(_float(v, f"{path}[{i}]", lo=0.0, hi=1.0, hi_open=True) for i, v in enumerate(value))
-
-
-def _lrs(value: Any, path: str, allow_none: bool = False) -> Union[None, float, list]:
+def _lrs(value: Any, key: str, allow_none: bool = False) -> Union[None, float, Tuple[float, ...]]:
     # DeepSpeed takes one lr for every param group or a list with one lr per group; the list
     # length can only be checked against the optimizer, which the scheduler does.
     if value is None and allow_none:
         return None
     if isinstance(value, (list, tuple)):
-        if not value:
-            raise ValueError(f"{path} must be a number >= 0 or a non-empty list of them, got {value!r}")
-        return [_nonneg(v, f"{path}[{i}]") for i, v in enumerate(value)]
-    return _nonneg(value, path)
+        return check_list(value, key, _nonneg, min_length=1, what="numbers >= 0")
+    return _nonneg(value, key)
 
 
-Spec = Dict[str, Tuple[Any, Callable[[Any, str], Any]]]  # name -> (default, checker)
+# --- optimizer ------------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class AdamParams(Section):
+    """``optimizer.params`` of ``Adam`` (torch.optim.Adam's names and defaults)."""
 
-def _fill(params: Any, spec: Spec, path: str, owner: str) -> Dict[str, Any]:
-    """Check ``params`` against ``spec`` and return a new dict with every default filled in."""
-    _check_keys(params, spec, path)
-    out = {}
-    for name, (default, check) in spec.items():
-        if name in params:
-            out[name] = check(params[name], _join(path, name))
-        elif default is _REQUIRED:
-            raise ValueError(f"{_join(path, name)} is required for {owner} (allowed keys: {', '.join(spec)})")
-        else:
-            out[name] = default
-    return out
+    PATH = "optimizer.params"
 
-
-def _plain(value: Any) -> Any:
-    """Turn tuples into lists so ``to_dict`` output is JSON-ready and reloads to an equal config."""
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _set(obj: Any, name: str, value: Any) -> None:
-    object.__setattr__(obj, name, value)  # frozen dataclasses store their normalized values this way
-
-
-class _Section:
-    """``from_dict`` / ``to_dict`` shared by the config dataclasses; ``_PATH`` prefixes error messages."""
-
-    _PATH = ""
-
-    @classmethod
-    def from_dict(cls, value: Any):
-        """Build the section from its mapping.
-
-        Args:
-            value: the section's mapping; unknown keys are errors.
-
-        Returns:
-            The validated section.
-        """
-        _check_keys(value, [f.name for f in fields(cls)], cls._PATH)
-        return cls(**value)
-
-    def to_dict(self) -> Dict[str, Any]:
-        """Return the section as plain data.
-
-        Returns:
-            A JSON-ready dict (tuples as lists) that ``from_dict`` reads back to an equal object.
-        """
-        return _plain(asdict(self))
-
-
-_ADAM: Spec = {"lr": (1e-3, _pos), "betas": ((0.9, 0.999), _betas), "eps": (1e-8, _pos),
-               "weight_decay": (0.0, _nonneg)}
-_OPTIMIZER_SPECS: Dict[str, Spec] = {
-    "Adam": _ADAM,
-    "AdamW": {**_ADAM, "weight_decay": (0.01, _nonneg)},
-    "SGD": {"lr": (1e-3, _pos), "momentum": (0.0, _nonneg), "weight_decay": (0.0, _nonneg),
-            "nesterov": (False, _bool), "dampening": (0.0, _nonneg)},
-}
-# DeepSpeed's constructor argument names and defaults (deepspeed/runtime/lr_schedules.py).
-_WARMUP: Spec = {"warmup_min_lr": (0.0, _lrs), "warmup_max_lr": (None, partial(_lrs, allow_none=True)),
-                 "warmup_num_steps": (1000, _steps), "warmup_type": ("log", _warmup_type),
-                 "last_batch_iteration": (-1, _last_iter)}
-_SCHEDULER_SPECS: Dict[str, Spec] = {
-    "WarmupLR": _WARMUP,
-    "WarmupDecayLR": {"total_num_steps": (_REQUIRED, _steps), **_WARMUP, "warmup_max_lr": (0.001, _lrs)},
-    "WarmupCosineLR": {"total_num_steps": (_REQUIRED, _steps), "warmup_min_ratio": (0.0, _ratio),
-                       "warmup_num_steps": (1000, _steps), "cos_min_ratio": (0.0001, _ratio),
-                       "warmup_type": ("log", _warmup_type), "last_batch_iteration": (-1, _last_iter)},
-}
+    lr: float = setting(1e-3, doc="Learning rate (the peak, when a scheduler warms it up).", check=_positive)
+    betas: Tuple[float, float] = setting((0.9, 0.999), doc="Coefficients of the running averages of the gradient "
+                                                           "and of its square.", check=_betas)
+    eps: float = setting(1e-8, doc="Added to the denominator for numerical stability.", check=_positive)
+    weight_decay: float = setting(0.0, doc="L2 penalty: weight_decay * weight is added to the gradient.",
+                                  check=_nonneg)
 
 
 @dataclass(frozen=True)
-class OptimizerConfig(_Section):
+class AdamWParams(AdamParams):
+    """``optimizer.params`` of ``AdamW``: Adam's keys, decoupled weight decay 0.01 by default."""
+
+    weight_decay: float = setting(0.01, doc="Decoupled weight decay: each step first scales the weights by "
+                                            "1 - lr * weight_decay.", check=_nonneg)
+
+
+@dataclass(frozen=True)
+class SGDParams(Section):
+    """``optimizer.params`` of ``SGD`` (torch.optim.SGD's names and defaults)."""
+
+    PATH = "optimizer.params"
+
+    lr: float = setting(1e-3, doc="Learning rate.", check=_positive)
+    momentum: float = setting(0.0, doc="Momentum factor (0: plain SGD).", check=_nonneg)
+    dampening: float = setting(0.0, doc="Dampening of the momentum.", check=_nonneg)
+    weight_decay: float = setting(0.0, doc="L2 penalty added to the gradient.", check=_nonneg)
+    nesterov: bool = setting(False, doc="Nesterov momentum (needs momentum > 0 and dampening 0).", check=check_bool)
+
+    @classmethod
+    def check_values(cls, values: Dict[str, Any], path: str) -> None:
+        # torch.optim.SGD rejects this combination only when the optimizer is built; fail at load time.
+        if values["nesterov"] and (values["momentum"] <= 0 or values["dampening"] != 0):
+            raise ValueError(f"{join_key(path, 'nesterov')}=True requires momentum > 0 and dampening == 0, "
+                             f"got momentum={values['momentum']!r}, dampening={values['dampening']!r}")
+
+
+OPTIMIZER_PARAMS: Dict[str, Type[Section]] = {"AdamW": AdamWParams, "Adam": AdamParams, "SGD": SGDParams}
+
+
+def _values(obj: Section) -> Dict[str, Any]:
+    """A section's fields as a dict of its own (normalised) values, tuples kept."""
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}
+
+
+def optimizer_defaults(kind: str) -> Dict[str, Any]:
+    """Every hyperparameter of optimizer ``kind`` ("AdamW", "Adam", "SGD") with its default."""
+    return _values(OPTIMIZER_PARAMS[check_choice(kind, "optimizer", OPTIMIZER_TYPES)]())
+
+
+@dataclass(frozen=True)
+class OptimizerConfig(Section):
     """The ``optimizer`` section: a type and its params, every default filled in."""
 
-    _PATH = "optimizer"
+    PATH = "optimizer"
 
-    type: str = "AdamW"
-    params: Dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self):
-        kind = _choice(self.type, "optimizer.type", OPTIMIZER_TYPES, fold_case=True)
-        params = _fill(self.params, _OPTIMIZER_SPECS[kind], "optimizer.params", f"optimizer type {kind}")
-        # torch.optim.SGD rejects this combination only when the optimizer is built; fail at load time.
-        if kind == "SGD" and params["nesterov"] and (params["momentum"] <= 0 or params["dampening"] != 0):
-            raise ValueError(f"optimizer.params.nesterov=True requires momentum > 0 and dampening == 0, "
-                             f"got momentum={params['momentum']!r}, dampening={params['dampening']!r}")
-        _set(self, "type", kind)
-        _set(self, "params", params)
-
-
-
-@dataclass(frozen=True)
-class SchedulerConfig(_Section):
-    """The ``scheduler`` section: a DeepSpeed lr schedule name and its params, defaults filled in."""
-
-    _PATH = "scheduler"
-
-    type: str
-    params: Dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self):
-        kind = _choice(self.type, "scheduler.type", SCHEDULER_TYPES)
-        _set(self, "type", kind)
-        _set(self, "params", _fill(self.params, _SCHEDULER_SPECS[kind], "scheduler.params", f"scheduler type {kind}"))
+    type: str = setting("AdamW", doc=f"One of {', '.join(OPTIMIZER_TYPES)} (any case).",
+                        check=partial(check_choice, choices=OPTIMIZER_TYPES, fold_case=True))
+    params: Dict[str, Any] = setting(default_factory=dict, type_text="table",
+                                     doc="Hyperparameters of the chosen type; missing ones take the defaults below.",
+                                     variants=OPTIMIZER_PARAMS)
 
     @classmethod
-    def from_dict(cls, value: Any) -> "SchedulerConfig":
-        """Build from the ``scheduler`` mapping.
+    def check_values(cls, values: Dict[str, Any], path: str) -> None:
+        spec = OPTIMIZER_PARAMS[values["type"]]
+        values["params"] = _values(spec.from_dict(values["params"], join_key(path, "params")))
 
-        Args:
-            value: ``{"type": ..., "params": {...}}``; ``type`` is required.
 
-        Returns:
-            The validated section.
-        """
-        _check_keys(value, ("type", "params"), "scheduler")
-        if "type" not in value:
-            raise ValueError(f"scheduler.type is required, one of {list(SCHEDULER_TYPES)}")
-        return super().from_dict(value)
+# --- scheduler ------------------------------------------------------------------------------------------------
+
+_TOTAL_DOC = ("Steps of the whole schedule. Required in moesaic.initialize's config; under `moesaic train`, "
+              "absent (null) means train.steps.")
 
 
 @dataclass(frozen=True)
-class FP16Config(_Section):
+class WarmupLRParams(Section):
+    """``scheduler.params`` of ``WarmupLR``: warm up, then hold the peak."""
+
+    PATH = "scheduler.params"
+
+    warmup_min_lr: Union[float, Tuple[float, ...]] = setting(0.0, check=_lrs, type_text="float or list of float",
+                                                             doc="Learning rate at step 0 (one, or one per group).")
+    warmup_max_lr: Optional[Union[float, Tuple[float, ...]]] = setting(
+        None, check=partial(_lrs, allow_none=True), type_text="float, list of float or null",
+        doc="Peak learning rate (one, or one per group); null takes each group's optimizer lr.")
+    warmup_num_steps: int = setting(1000, doc="Steps of the warmup.", check=_steps)
+    warmup_type: str = setting("log", doc="Warmup curve: 'log' or 'linear'.", check=_warmup_type)
+    last_batch_iteration: int = setting(-1, doc="Step the schedule starts after (-1: a fresh start).",
+                                        check=_last_iter)
+
+
+@dataclass(frozen=True)
+class WarmupDecayLRParams(WarmupLRParams):
+    """``scheduler.params`` of ``WarmupDecayLR``: warm up, then decay linearly to 0 at ``total_num_steps``."""
+
+    total_num_steps: Optional[int] = setting(None, doc=_TOTAL_DOC, check=_steps_or_none)
+    warmup_max_lr: Union[float, Tuple[float, ...]] = setting(0.001, check=_lrs, type_text="float or list of float",
+                                                             doc="Peak learning rate (one, or one per group).")
+
+
+@dataclass(frozen=True)
+class WarmupCosineLRParams(Section):
+    """``scheduler.params`` of ``WarmupCosineLR``: ratios of each group's optimizer lr."""
+
+    PATH = "scheduler.params"
+
+    total_num_steps: Optional[int] = setting(None, doc=_TOTAL_DOC, check=_steps_or_none)
+    warmup_min_ratio: float = setting(0.0, doc="lr at step 0, as a fraction of the optimizer lr.", check=_ratio)
+    warmup_num_steps: int = setting(1000, doc="Steps of the warmup.", check=_steps)
+    cos_min_ratio: float = setting(0.0001, doc="lr at total_num_steps, as a fraction of the optimizer lr.",
+                                   check=_ratio)
+    warmup_type: str = setting("log", doc="Warmup curve: 'log' or 'linear'.", check=_warmup_type)
+    last_batch_iteration: int = setting(-1, doc="Step the schedule starts after (-1: a fresh start).",
+                                        check=_last_iter)
+
+
+SCHEDULER_PARAMS: Dict[str, Type[Section]] = {"WarmupLR": WarmupLRParams, "WarmupDecayLR": WarmupDecayLRParams,
+                                              "WarmupCosineLR": WarmupCosineLRParams}
+
+
+@dataclass(frozen=True)
+class SchedulerConfig(Section):
+    """The ``scheduler`` section: a DeepSpeed lr schedule name and its params, defaults filled in."""
+
+    PATH = "scheduler"
+
+    type: str = setting(doc=f"One of {', '.join(SCHEDULER_TYPES)}.",
+                        check=partial(check_choice, choices=SCHEDULER_TYPES))
+    params: Dict[str, Any] = setting(default_factory=dict, type_text="table",
+                                     doc="Parameters of the chosen schedule; missing ones take the defaults below.",
+                                     variants=SCHEDULER_PARAMS)
+
+    @classmethod
+    def check_values(cls, values: Dict[str, Any], path: str) -> None:
+        spec = SCHEDULER_PARAMS[values["type"]]
+        values["params"] = _values(spec.from_dict(values["params"], join_key(path, "params")))
+
+    def needs_total(self) -> bool:
+        """Whether the schedule needs ``total_num_steps`` and has none yet."""
+        return "total_num_steps" in self.params and self.params["total_num_steps"] is None
+
+    def with_total(self, total_num_steps: int) -> "SchedulerConfig":
+        """This schedule with ``total_num_steps`` set where it is absent (a copy; self when nothing changes)."""
+        if not self.needs_total():
+            return self
+        return SchedulerConfig(self.type, {**self.params, "total_num_steps": total_num_steps})
+
+
+# --- precision ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FP16Config(Section):
     """The ``fp16`` section; ``loss_scale`` 0 means dynamic loss scaling (DeepSpeed's keys and defaults)."""
 
-    _PATH = "fp16"
+    PATH = "fp16"
 
-    enabled: bool = False
-    loss_scale: float = 0.0
-    initial_scale_power: int = 16
-    loss_scale_window: int = 1000
-    hysteresis: int = 2
-    min_loss_scale: float = 1.0
-    consecutive_hysteresis: bool = False
+    enabled: bool = setting(False, doc="Train with fp16 weights and a loss scale.", check=check_bool)
+    loss_scale: float = setting(0.0, doc="0: dynamic loss scaling; > 0: this static scale.", check=_nonneg)
+    initial_scale_power: int = setting(16, doc="The dynamic scale starts at 2**initial_scale_power.",
+                                       check=partial(check_int, lo=0, hi=127))  # 2**power must be a finite fp32
+    loss_scale_window: int = setting(1000, doc="Overflow-free steps before the dynamic scale doubles.",
+                                     check=_steps)  # used as a modulus
+    hysteresis: int = setting(2, doc="Overflows tolerated before the dynamic scale halves.",
+                              check=_steps)  # 0 would never lower the scale at all
+    min_loss_scale: float = setting(1.0, doc="Floor of the dynamic scale.", check=_positive)
+    consecutive_hysteresis: bool = setting(False, doc="Refill the hysteresis after every overflow-free step.",
+                                           check=check_bool)
 
-    def __post_init__(self):
-        _bool(self.enabled, "fp16.enabled")
-        _set(self, "loss_scale", _nonneg(self.loss_scale, "fp16.loss_scale"))
-        if _int(self.initial_scale_power, "fp16.initial_scale_power", lo=0) > 127:
-            raise ValueError(f"fp16.initial_scale_power must be an int in [0, 127] (2**power must be a finite "
-                             f"fp32), got {self.initial_scale_power!r}")
-        _int(self.loss_scale_window, "fp16.loss_scale_window", lo=1)  # used as a modulus
-        _int(self.hysteresis, "fp16.hysteresis", lo=1)  # 0 would never lower the scale at all
-        _set(self, "min_loss_scale", _pos(self.min_loss_scale, "fp16.min_loss_scale"))
-        _bool(self.consecutive_hysteresis, "fp16.consecutive_hysteresis")
+    @classmethod
+    def check_values(cls, values: Dict[str, Any], path: str) -> None:
         # A floor above the start would make the first overflow *raise* the scale.
-        if self.loss_scale == 0 and self.min_loss_scale > 2.0 ** self.initial_scale_power:
-            raise ValueError(f"fp16.min_loss_scale must be <= 2**fp16.initial_scale_power "
-                             f"({2.0 ** self.initial_scale_power:g}), got {self.min_loss_scale!r}")
+        start = 2.0 ** values["initial_scale_power"]
+        if values["loss_scale"] == 0 and values["min_loss_scale"] > start:
+            raise ValueError(f"{join_key(path, 'min_loss_scale')} must be <= 2**"
+                             f"{join_key(path, 'initial_scale_power')} ({start:g}), got {values['min_loss_scale']!r}")
 
     @property
     def dynamic(self) -> bool:
@@ -275,194 +244,89 @@ class FP16Config(_Section):
         return self.loss_scale == 0
 
 
-def _expert_ref(value: Any, path: str, allow_group: bool) -> Union[str, int]:
+@dataclass(frozen=True)
+class BF16Config(Section):
+    """The ``bf16`` section (DeepSpeed's nesting of one flag)."""
+
+    PATH = "bf16"
+
+    enabled: bool = setting(False, doc="Train with bf16 weights (fp32 master weights in the optimizer).",
+                            check=check_bool)
+
+
+# --- ZeRO -----------------------------------------------------------------------------------------------------
+
+def _zero_stage(value: Any, key: str) -> int:
+    check_int(value, key)
+    if value == 3:
+        raise ValueError(f"{key}=3 (ZeRO-3, parameter sharding) is not supported by moesaic; allowed stages: "
+                         f"{', '.join(map(str, ZERO_STAGES))} (2 shards gradients and optimizer state)")
+    return check_choice(value, key, ZERO_STAGES)
+
+
+@dataclass(frozen=True)
+class ZeroConfig(Section):
+    """The ``zero_optimization`` section (DeepSpeed's key): how optimizer state is sharded over ranks."""
+
+    PATH = "zero_optimization"
+
+    stage: int = setting(0, check=_zero_stage,
+                         doc="DeepSpeed's ZeRO stage. 0: every rank keeps the whole optimizer state; 1: optimizer "
+                             "state sharded over the data-parallel ranks; 2: gradients too; 3 (parameters) is "
+                             "refused. Until sharding lands (#10), 1 and 2 run as 0 with a warning.")
+
+
+# --- MoE parameter groups -------------------------------------------------------------------------------------
+
+def _expert_ref(value: Any, key: str, allow_group: bool) -> Union[str, int]:
     """Check an expert reference: ``"<group>/<n>"``, a bare group name, or (freeze) an int."""
     form = "'<expert_group_name>/<expert_number>'" + (" or '<expert_group_name>'" if allow_group else "")
     if not allow_group and isinstance(value, int) and not isinstance(value, bool):
-        return _int(value, path, lo=0)
+        return check_int(value, key, lo=0)
     if not isinstance(value, str):
         extra = "" if allow_group else " or an int >= 0"
-        raise TypeError(f"{path} must be a str {form}{extra}, got {type(value).__name__}: {value!r}")
+        raise TypeError(f"{key} must be a str {form}{extra}, got {type(value).__name__}: {value!r}")
     group, slash, number = value.rpartition("/")
     if slash:
         if not group or not (number.isascii() and number.isdigit()):
-            raise ValueError(f"{path} must look like {form} with expert_number an int >= 0, got {value!r}")
+            raise ValueError(f"{key} must look like {form} with expert_number an int >= 0, got {value!r}")
         return f"{group}/{int(number)}"  # "g/03" and "g/3" name the same expert
     if not allow_group or not value:
-        raise ValueError(f"{path} must look like {form}, got {value!r}")
+        raise ValueError(f"{key} must look like {form}, got {value!r}")
     return value
 
 
-@dataclass(frozen=True)
-class MoEEngineConfig(_Section):
-    """The ``moe`` section: how expert params are grouped, offloaded, scaled and frozen."""
-
-    _PATH = "moe"
-
-    split_by: str = "expert"
-    max_group_size: Optional[int] = DEFAULT_MAX_GROUP_SIZE
-    offload: str = "none"
-    lr_scale: Dict[str, float] = field(default_factory=dict)
-    freeze_experts: Tuple[Union[str, int], ...] = ()
-
-    def __post_init__(self):
-        _choice(self.split_by, "moe.split_by", SPLIT_BY)
-        _int(self.max_group_size, "moe.max_group_size", lo=1, allow_none=True)
-        _choice(self.offload, "moe.offload", OFFLOAD)
-        _mapping(self.lr_scale, "moe.lr_scale")
-        scales = {}
-        for key, scale in self.lr_scale.items():
-            path = f"moe.lr_scale[{key!r}]"
-            scales[_expert_ref(key, path, allow_group=True)] = _pos(scale, path)
-        if not isinstance(self.freeze_experts, (list, tuple)):
-            raise TypeError(f"moe.freeze_experts must be a list, got {type(self.freeze_experts).__name__}: "
-                            f"{self.freeze_experts!r}")
-        frozen = tuple(_expert_ref(v, f"moe.freeze_experts[{i}]", allow_group=False)
-                       for i, v in enumerate(self.freeze_experts))
-        _set(self, "lr_scale", scales)
-        _set(self, "freeze_experts", frozen)
+def _lr_scale(value: Any, key: str) -> Dict[str, float]:
+    check_mapping(value, key)
+    scales = {}
+    for ref, scale in value.items():
+        item = f"{key}[{ref!r}]"
+        scales[_expert_ref(ref, item, allow_group=True)] = _positive(scale, item)
+    return scales
 
 
-_TOP_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
-             "scheduler", "bf16", "fp16", "gradient_clipping", "moe", "steps_per_print")
+def _freeze(value: Any, key: str) -> Tuple[Union[str, int], ...]:
+    return check_list(value, key, partial(_expert_ref, allow_group=False),
+                      what="expert numbers or '<expert_group_name>/<expert_number>' str")
 
 
 @dataclass(frozen=True)
-class EngineConfig(_Section):
-    """The whole training-engine config; build it with :func:`load_config`."""
+class MoEOptimConfig(Section):
+    """The ``moe`` section: how expert parameters are grouped, offloaded, scaled and frozen in the optimizer."""
 
-    train_micro_batch_size_per_gpu: Optional[int] = None
-    gradient_accumulation_steps: int = 1
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    scheduler: Optional[SchedulerConfig] = None
-    bf16: bool = False
-    fp16: FP16Config = field(default_factory=FP16Config)
-    gradient_clipping: float = 0.0
-    moe: MoEEngineConfig = field(default_factory=MoEEngineConfig)
-    steps_per_print: int = 10
-    train_batch_size: Optional[int] = None
+    PATH = "moe"
 
-    def __post_init__(self):
-        _int(self.train_micro_batch_size_per_gpu, "train_micro_batch_size_per_gpu", lo=1, allow_none=True)
-        _int(self.gradient_accumulation_steps, "gradient_accumulation_steps", lo=1)
-        _int(self.train_batch_size, "train_batch_size", lo=1, allow_none=True)
-        for name, cls, optional in (("optimizer", OptimizerConfig, False), ("scheduler", SchedulerConfig, True),
-                                    ("fp16", FP16Config, False), ("moe", MoEEngineConfig, False)):
-            value = getattr(self, name)
-            if not isinstance(value, cls) and not (optional and value is None):
-                raise TypeError(f"{name} must be a {cls.__name__}, got {type(value).__name__}: {value!r}")
-        _bool(self.bf16, "bf16.enabled")
-        if self.bf16 and self.fp16.enabled:
-            raise ValueError("bf16.enabled and fp16.enabled are both true; enable at most one of them")
-        _set(self, "gradient_clipping", _nonneg(self.gradient_clipping, "gradient_clipping"))
-        _int(self.steps_per_print, "steps_per_print", lo=1)
-        # Inconsistency visible without the world size: it must be a multiple of micro * gas.
-        micro, gas, total = self.train_micro_batch_size_per_gpu, self.gradient_accumulation_steps, \
-            self.train_batch_size
-        if micro is not None and total is not None and total % (micro * gas):
-            raise ValueError(f"train_batch_size ({total}) must be a multiple of train_micro_batch_size_per_gpu "
-                             f"({micro}) * gradient_accumulation_steps ({gas})")
-
-    @classmethod
-    def from_dict(cls, value: Any) -> "EngineConfig":
-        """Build from a DeepSpeed-style config mapping.
-
-        Args:
-            value: the whole config; unknown keys at any level are errors.
-
-        Returns:
-            The validated config.
-        """
-        _check_keys(value, _TOP_KEYS, "")
-        kwargs = {k: v for k, v in value.items() if k not in ("optimizer", "scheduler", "bf16", "fp16", "moe")}
-        if "optimizer" in value:
-            kwargs["optimizer"] = OptimizerConfig.from_dict(value["optimizer"])
-        if value.get("scheduler") is not None:
-            kwargs["scheduler"] = SchedulerConfig.from_dict(value["scheduler"])
-        if "bf16" in value:
-            kwargs["bf16"] = _bool(_check_keys(value["bf16"], ("enabled",), "bf16").get("enabled", False),
-                                   "bf16.enabled")
-        if "fp16" in value:
-            kwargs["fp16"] = FP16Config.from_dict(value["fp16"])
-        if "moe" in value:
-            kwargs["moe"] = MoEEngineConfig.from_dict(value["moe"])
-        return cls(**kwargs)
-
-    def check_batch(self, world_size: int) -> Tuple[int, int, int]:
-        """Resolve and check the batch sizes for ``world_size`` data-parallel ranks.
-
-        Args:
-            world_size: number of data-parallel ranks.
-
-        Returns:
-            ``(train_batch_size, train_micro_batch_size_per_gpu, gradient_accumulation_steps)``.
-
-        Raises:
-            ValueError: neither batch size is set, or train_batch_size != micro * gas * world_size.
-        """
-        _int(world_size, "world_size", lo=1)
-        micro, gas, total = self.train_micro_batch_size_per_gpu, self.gradient_accumulation_steps, \
-            self.train_batch_size
-        if micro is None and total is None:
-            raise ValueError("set train_batch_size or train_micro_batch_size_per_gpu (both are missing)")
-        if micro is None:
-            micro = max(1, total // (gas * world_size))
-        if total is None:
-            total = micro * gas * world_size
-        if total != micro * gas * world_size:
-            raise ValueError(f"train_batch_size ({total}) != train_micro_batch_size_per_gpu ({micro}) * "
-                             f"gradient_accumulation_steps ({gas}) * world_size ({world_size}) "
-                             f"= {micro * gas * world_size}")
-        return total, micro, gas
-
-    def to_dict(self) -> Dict[str, Any]:
-        """Return the config as plain data.
-
-        Returns:
-            A JSON-ready dict, DeepSpeed's layout, that :func:`load_config` reads back to an equal config.
-        """
-        out = super().to_dict()
-        out["bf16"] = {"enabled": self.bf16}  # DeepSpeed nests the flag in a section
-        return out
-
-
-def _read_file(path: Path) -> Any:
-    suffix = path.suffix.lower()
-    if suffix not in (".json", ".toml"):
-        raise ValueError(f"config file {str(path)!r} must end in .json or .toml, got suffix {suffix!r}")
-    text = path.read_text(encoding="utf-8")
-    if suffix == ".json":
-        loads = json.loads
-    else:
-        try:
-            import tomllib as toml  # Python 3.11+
-        except ImportError:  # Python 3.10: the same parser ships as 'tomli'
-            try:
-                import tomli as toml
-            except ImportError:
-                raise ImportError("reading a TOML config on Python 3.10 needs the 'tomli' package "
-                                  "(pip install tomli); or write the config as JSON") from None
-        loads = toml.loads
-    try:
-        return loads(text)
-    except ValueError as err:  # json.JSONDecodeError and TOMLDecodeError both derive from ValueError
-        raise ValueError(f"{path}: invalid {suffix[1:].upper()}: {err}") from err
-
-
-def load_config(config: Union[Mapping[str, Any], str, os.PathLike, EngineConfig]) -> EngineConfig:
-    """Load and validate an engine config.
-
-    Args:
-        config: a mapping, a path (str or PathLike) to a ``.json`` or ``.toml`` file, or an EngineConfig.
-
-    Returns:
-        The validated :class:`EngineConfig`.
-    """
-    if isinstance(config, EngineConfig):
-        return config
-    if isinstance(config, (str, os.PathLike)):
-        config = _read_file(Path(config))
-    elif not isinstance(config, Mapping):
-        raise TypeError(f"config must be a dict, a path to a .json/.toml file or an EngineConfig, "
-                        f"got {type(config).__name__}")
-    return EngineConfig.from_dict(config)
+    split_by: str = setting("expert", check=partial(check_choice, choices=SPLIT_BY),
+                            doc="'expert': one optimizer group per expert; 'layer': the experts of one layer "
+                                "packed together (never two layers in one group).")
+    max_group_size: Optional[int] = setting(DEFAULT_MAX_GROUP_SIZE, check=partial(check_int, lo=1, none_word="null"),
+                                            doc="Most elements per parameter group (DeepSpeed's default); bounds "
+                                                "the fp32 working set of a step. null: no size split.")
+    offload: str = setting("none", check=partial(check_choice, choices=OFFLOAD),
+                           doc="'cpu' keeps fp32 master weights and optimizer state in CPU memory.")
+    lr_scale: Dict[str, float] = setting(default_factory=dict, check=_lr_scale,
+                                         doc="lr multipliers: {'<expert_group_name>': s} for a layer's experts, "
+                                             "{'<expert_group_name>/<n>': s} for one expert.")
+    freeze_experts: Tuple[Union[str, int], ...] = setting(
+        default_factory=tuple, check=_freeze, type_text="list of int or str",
+        doc="Experts left out of training: n (expert n of every MoE layer) or '<expert_group_name>/<n>'.")

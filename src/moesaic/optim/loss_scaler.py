@@ -19,11 +19,12 @@ Differences: the error is :class:`LossScaleUnderflowError` rather than a bare ``
 
 from __future__ import annotations
 
-import math
+from functools import partial
 from typing import Any, Dict, Iterable, Mapping, Optional, Union
 
 import torch
 
+from .._checks import check_bool, check_int, check_number
 from .config import FP16Config
 
 _STATE_KEYS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
@@ -33,20 +34,8 @@ class LossScaleUnderflowError(RuntimeError):
     """Gradients overflowed while the dynamic loss scale was already at its minimum."""
 
 
-def _positive(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}: {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return value
-
-
-def _count(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
+_positive = partial(check_number, lo=0.0, lo_open=True)
+_count = partial(check_int, lo=1)
 
 
 class _LossScalerBase:
@@ -144,16 +133,12 @@ class DynamicLossScaler(_LossScalerBase):
             raise_error_at_min_scale: raise :class:`LossScaleUnderflowError` on overflow at ``min_scale``.
         """
         self.cur_scale = _positive(init_scale, "init_scale")
-        self.scale_factor = _positive(scale_factor, "scale_factor")
-        if scale_factor <= 1:
-            raise ValueError(f"scale_factor must be > 1, got {scale_factor!r}")
+        self.scale_factor = check_number(scale_factor, "scale_factor", 1.0, lo_open=True)
         self.scale_window = _count(scale_window, "scale_window")
         self.min_scale = _positive(min_scale, "min_scale")
         self.delayed_shift = _count(delayed_shift, "delayed_shift")
-        for name, flag in (("consecutive_hysteresis", consecutive_hysteresis),
-                           ("raise_error_at_min_scale", raise_error_at_min_scale)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}: {flag!r}")
+        check_bool(consecutive_hysteresis, "consecutive_hysteresis")
+        check_bool(raise_error_at_min_scale, "raise_error_at_min_scale")
         self.consecutive_hysteresis = consecutive_hysteresis
         self.raise_error_at_min_scale = raise_error_at_min_scale
         self.cur_iter = 0

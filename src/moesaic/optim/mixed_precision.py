@@ -33,10 +33,11 @@ import torch
 from torch import Tensor
 
 from ..layer.identity import ExpertIndex, ParamRef
+from .config import OPTIMIZER_TYPES, optimizer_defaults
 from .functional import adam_step, sgd_step
 from .sharding import ShardPlan
 
-OPTIMIZERS = ("AdamW", "Adam", "SGD")
+OPTIMIZERS = OPTIMIZER_TYPES
 _HYPER = {"AdamW": ("lr", "betas", "eps", "weight_decay"), "Adam": ("lr", "betas", "eps", "weight_decay"),
           "SGD": ("lr", "momentum", "dampening", "weight_decay", "nesterov")}
 _MOMENTS = {"AdamW": ("exp_avg", "exp_avg_sq"), "Adam": ("exp_avg", "exp_avg_sq"), "SGD": ()}
@@ -53,9 +54,7 @@ def default_fuse_elems(max_group_size: Optional[int]) -> int:
     return FUSE_ELEMS_LIMIT if max_group_size is None else min(int(max_group_size), FUSE_ELEMS_LIMIT)
 
 
-_DEFAULTS = {"AdamW": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01),
-             "Adam": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
-             "SGD": dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False)}
+_DEFAULTS = {kind: optimizer_defaults(kind) for kind in OPTIMIZERS}  # the one place: optim/config.py
 
 
 def group_refs(param_groups: Sequence[Mapping], index: Optional[ExpertIndex] = None) -> List[List[ParamRef]]:

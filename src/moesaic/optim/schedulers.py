@@ -25,7 +25,8 @@ from typing import Any, Dict, List, Sequence, Union
 
 import torch
 
-from .config import SchedulerConfig
+from .._checks import check_choice, check_int
+from .config import WARMUP_TYPES, SchedulerConfig
 
 WARMUP_LOG_RATE = "log"
 WARMUP_LINEAR_RATE = "linear"
@@ -61,17 +62,13 @@ def _write_lrs(groups: List[Dict[str, Any]], lrs: Sequence[Any]) -> List[Any]:
 
 
 def _check_common(warmup_num_steps: Any, warmup_type: Any, last_batch_iteration: Any) -> None:
-    if isinstance(warmup_num_steps, bool) or not isinstance(warmup_num_steps, int) or warmup_num_steps <= 0:
-        raise ValueError(f"warmup_num_steps must be a positive int, got {warmup_num_steps!r}")
-    if warmup_type not in (WARMUP_LOG_RATE, WARMUP_LINEAR_RATE):
-        raise ValueError(f"warmup_type must be '{WARMUP_LOG_RATE}' or '{WARMUP_LINEAR_RATE}', got {warmup_type!r}")
-    if isinstance(last_batch_iteration, bool) or not isinstance(last_batch_iteration, int):
-        raise TypeError(f"last_batch_iteration must be an int, got {last_batch_iteration!r}")
+    check_int(warmup_num_steps, "warmup_num_steps", lo=1)
+    check_choice(warmup_type, "warmup_type", WARMUP_TYPES)
+    check_int(last_batch_iteration, "last_batch_iteration")
 
 
 def _check_total(total_num_steps: Any, warmup_num_steps: int) -> None:
-    if isinstance(total_num_steps, bool) or not isinstance(total_num_steps, int) or total_num_steps <= 0:
-        raise ValueError(f"total_num_steps must be a positive int, got {total_num_steps!r}")
+    check_int(total_num_steps, "total_num_steps", lo=1)
     if total_num_steps < warmup_num_steps:
         warnings.warn(f"total_num_steps {total_num_steps} is less than warmup_num_steps {warmup_num_steps}")
 

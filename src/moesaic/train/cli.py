@@ -1,12 +1,14 @@
 """``moesaic``: the command line. ``train`` a MoE language model, ``generate`` text, run the ``bench``es.
 
-    moesaic train configs/tiny.toml [--nproc N] [--out runs/NAME] [--resume] [--set train.steps=50]
+    moesaic train configs/tiny.toml [--nproc N] [--device auto|cpu|cuda] [--out runs/NAME] [--resume]
+                  [--set engine.optimizer.params.lr=1e-3] ...
     moesaic generate --checkpoint runs/NAME --prompt "def "
     moesaic bench layer|ep|optimizer|mixed-precision|checkpoint|train [args...]
 
 ``train`` with ``--nproc N > 1`` starts N processes itself through ``torch.distributed.run``
 (torchrun) on 127.0.0.1; started by an external ``torchrun`` it joins that group instead. Every
-config, data and output-folder check runs before any process starts.
+config, data and output-folder check runs before any process starts. ``--set key.path=value``
+reaches every key of the config tree (``docs/config-reference.md``); the value is TOML.
 """
 
 from __future__ import annotations
@@ -18,6 +20,18 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import List, Optional
+
+import torch
+
+from moesaic import checkpoint
+from moesaic._config import parse_override
+from moesaic.checkpoint import CheckpointError
+from moesaic.models import GPT, GPTConfig
+from moesaic.parallel.launch import LaunchEnv, resolve_device
+
+from .config import load_train_config
+from .data import load_corpus
+from .loop import check_out_dir, run
 
 BENCHES = {"layer": "bench_layer.py", "ep": "bench_ep.py", "optimizer": "bench_param_groups.py",
            "mixed-precision": "bench_mixed_precision.py", "checkpoint": "bench_checkpoint.py",
@@ -31,15 +45,19 @@ def _parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a byte-level MoE language model",
                         description="Train a byte-level MoE GPT on the Python standard library's sources (or "
                                     "--set data.path=...). Writes checkpoints, CSV/TensorBoard logs and PNG plots.")
-    tr.add_argument("config_file", nargs="?", help="TOML config (same as --config)")
-    tr.add_argument("--config", dest="config_flag", help="TOML config, e.g. configs/tiny.toml")
+    tr.add_argument("config_file", nargs="?", help="TOML or JSON config (same as --config)")
+    tr.add_argument("--config", dest="config_flag", help="TOML or JSON config, e.g. configs/tiny.toml")
     tr.add_argument("--nproc", type=int, help="processes to run (overrides train.nproc); each holds "
                                               "num_experts/ep_size experts of every MoE layer")
+    tr.add_argument("--device", help="'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:<index>' "
+                                     "(overrides train.device)")
     tr.add_argument("--out", help="run folder (default runs/<config name>)")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     tr.add_argument("--data", help="a text file or folder to train on instead of the standard library")
     tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config value, e.g. --set train.steps=50 (TOML syntax for the value)")
+                    help="override any config key by its path, e.g. --set train.steps=50 or "
+                         "--set engine.optimizer.params.lr=1e-3 (TOML syntax for the value; keys: "
+                         "docs/config-reference.md)")
     tr.add_argument("--quiet", action="store_true", help="no progress output")
 
     gen = sub.add_parser("generate", help="sample text from a trained run",
@@ -52,8 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=None, help="sample among the k most likely bytes")
     gen.add_argument("--seed", type=int, default=0)
 
-    be = sub.add_parser("bench", help="run a benchmark from benchmarks/",
-                        description="Run one of the benchmark scripts of a source checkout; extra arguments are "
+    be = sub.add_parser("bench", help="run a benchmark from a source checkout's benchmarks/",
+                        description="Run one of the benchmark scripts of a moesaic source checkout, found as "
+                                    "benchmarks/ in the working directory or one above it; extra arguments are "
                                     "passed through (see each script's --help).")
     be.add_argument("name", choices=sorted(BENCHES))
     be.add_argument("args", nargs=argparse.REMAINDER)
@@ -67,41 +86,32 @@ def _free_port() -> int:
 
 
 def _load_config(args):
-    from .config import load_train_config, parse_override
-
     path = args.config_flag or args.config_file
     if args.config_flag and args.config_file and args.config_flag != args.config_file:
         raise ValueError(f"two configs given: {args.config_file!r} and --config {args.config_flag!r}")
     if path is None:
         raise ValueError("no config: pass one, e.g. `moesaic train configs/tiny.toml`")
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"config file {path!r} does not exist")
-    cfg = load_train_config(path)
     overrides = dict(parse_override(o) for o in args.overrides)
-    if args.nproc is not None:
-        overrides["train.nproc"] = args.nproc
-    if args.data is not None:
-        overrides["data.path"] = args.data
-    if overrides:
-        cfg = cfg.with_overrides(overrides)
-    return cfg, path
+    for flag, key in (("nproc", "train.nproc"), ("data", "data.path"), ("device", "train.device")):
+        if getattr(args, flag) is not None:
+            overrides[key] = getattr(args, flag)
+    return load_train_config(path, overrides), path
 
 
 def cmd_train(args, argv: List[str]) -> int:
-    from .data import load_corpus
-    from .loop import check_out_dir, run
-
     cfg, path = _load_config(args)
     out = Path(args.out or Path("runs") / Path(path).stem)
-    if "RANK" in os.environ:  # started by torchrun: this is one rank of the run
-        run(cfg, out, resume=args.resume, quiet=args.quiet)
+    env = LaunchEnv.from_environ()
+    if env.launched:  # started by torchrun: this is one rank of the run
+        run(cfg, out, resume=args.resume, quiet=args.quiet, env=env)
         return 0
     # checks that must fail before any process starts
+    resolve_device(cfg.train.device, key="train.device")
     load_corpus(cfg.data.path, cfg.data.val_percent, cfg.data.suffixes)
     check_out_dir(out, cfg, args.resume)
     nproc = cfg.train.nproc
     if nproc == 1:
-        run(cfg, out, resume=args.resume, quiet=args.quiet)
+        run(cfg, out, resume=args.resume, quiet=args.quiet, env=env)
         return 0
     worker_args = [a for a in argv if a != "--nproc" and not a.startswith("--nproc=")]
     # drop the value that followed a bare --nproc
@@ -111,16 +121,11 @@ def cmd_train(args, argv: List[str]) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
            "127.0.0.1", "--master-port", str(_free_port()), "-m", "moesaic.train.cli", *worker_args,
            "--out", str(out), "--set", f"train.nproc={nproc}"]
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.call(cmd, env=env)
+    env_vars = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // nproc)))
+    return subprocess.call(cmd, env=env_vars)
 
 
 def cmd_generate(args) -> int:
-    import torch
-
-    from moesaic import checkpoint
-    from moesaic.models import GPT, GPTConfig
-
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.temperature < 0:
@@ -145,11 +150,23 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def find_benchmarks(start: Path) -> Path:
+    """The ``benchmarks/`` folder of the moesaic checkout holding ``start`` (``start`` itself or a parent).
+
+    Benchmarks are scripts of a source checkout, not part of the installed package; an installed
+    ``moesaic`` finds them from the working directory, as ``git`` finds its repository.
+    """
+    for folder in (start, *start.parents):
+        if (folder / "benchmarks" / BENCHES["layer"]).is_file():
+            return folder / "benchmarks"
+    raise FileNotFoundError(f"no benchmarks/ folder of a moesaic checkout in {start} or above it: `moesaic bench` "
+                            f"runs the scripts of a source checkout; cd into one (git clone ... moesaic) first")
+
+
 def cmd_bench(args) -> int:
-    root = Path(__file__).resolve().parents[3] / "benchmarks"
-    script = root / BENCHES[args.name]
+    script = find_benchmarks(Path.cwd()) / BENCHES[args.name]
     if not script.is_file():
-        raise FileNotFoundError(f"{script} not found: benchmarks live in moesaic's source checkout")
+        raise FileNotFoundError(f"{script} not found in this checkout")
     return subprocess.call([sys.executable, str(script), *args.args])
 
 
@@ -162,15 +179,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "generate":
             return cmd_generate(args)
         return cmd_bench(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:
-        from moesaic.checkpoint import CheckpointError  # noqa: F401  (CheckpointError is a RuntimeError)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, CheckpointError) as err:
         print(f"moesaic {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except RuntimeError as err:
-        if type(err).__name__ == "CheckpointError":
-            print(f"moesaic {args.command}: error: {err}", file=sys.stderr)
-            return 2
-        raise
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .._checks import check_int
+
 DEFAULT_SUFFIXES = (".txt", ".md", ".py", ".rst")
 # test suites and vendored/legacy code are not what "the standard library" should teach; installed
 # third-party packages would make the corpus machine-dependent (Debian calls them dist-packages)
@@ -101,11 +103,6 @@ class CorpusSplit(NamedTuple):
     val: ByteCorpus
 
 
-def _check_int(name: str, value, lo: int, hi: Optional[int] = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
-        raise ValueError(f"{name} must be an int {f'>= {lo}' if hi is None else f'in [{lo}, {hi}]'}, got {value!r}")
-
-
 def _is_text(path: Path) -> bool:
     # empty, unreadable or binary (NUL in the first 8 KiB) files are skipped
     try:
@@ -164,7 +161,7 @@ def load_corpus(path: Optional[str] = None, val_percent: int = 5,
     Raises:
         ValueError: the path does not exist, or holds no readable text file.
     """
-    _check_int("val_percent", val_percent, 1, 50)
+    check_int(val_percent, "val_percent", 1, 50)
     suffixes = tuple(suffixes)
     if path is None:
         root = Path(sysconfig.get_paths()["stdlib"])
@@ -201,8 +198,8 @@ def _seed(*parts) -> int:
 
 
 def _check_window(corpus: ByteCorpus, block_size: int, batch_size: int) -> None:
-    _check_int("block_size", block_size, 1)
-    _check_int("batch_size", batch_size, 1)
+    check_int(block_size, "block_size", 1)
+    check_int(batch_size, "batch_size", 1)
     if corpus.num_bytes < block_size + 1:
         raise ValueError(f"{corpus.name} has {corpus.num_bytes} bytes; a window needs block_size + 1 = "
                          f"{block_size + 1}: use more data or a smaller block_size")
@@ -234,10 +231,10 @@ class BatchStream:
     def __init__(self, corpus: ByteCorpus, block_size: int, batch_size: int, seed: int, rank: int = 0,
                  world_size: int = 1, buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> None:
         _check_window(corpus, block_size, batch_size)
-        _check_int("seed", seed, 0)
-        _check_int("world_size", world_size, 1)
-        _check_int("rank", rank, 0, world_size - 1)
-        _check_int("buffer_bytes", buffer_bytes, block_size + 1)
+        check_int(seed, "seed", 0)
+        check_int(world_size, "world_size", 1)
+        check_int(rank, "rank", 0, world_size - 1)
+        check_int(buffer_bytes, "buffer_bytes", block_size + 1)
         self.corpus, self.block_size, self.batch_size = corpus, block_size, batch_size
         self.seed, self.rank, self.world_size, self.buffer_bytes = seed, rank, world_size, buffer_bytes
         units = [(i, s, min(s + UNIT_BYTES, span.end - span.start))
@@ -340,7 +337,7 @@ def validation_batches(corpus: ByteCorpus, block_size: int, batch_size: int,
         A list of ``(x, y)`` int64 `(batch_size, block_size)` pairs.
     """
     _check_window(corpus, block_size, batch_size)
-    _check_int("max_batches", max_batches, 1)
+    check_int(max_batches, "max_batches", 1)
     n, last = max_batches * batch_size, corpus.num_bytes - (block_size + 1)
     positions = [i * last // max(1, n - 1) for i in range(n)]
     flat = torch.frombuffer(bytearray().join(corpus.read_range(p, block_size + 1) for p in positions),
@@ -362,7 +359,7 @@ def byte_counts(corpus: ByteCorpus, max_bytes: Optional[int] = None, chunk_bytes
         `(256,)` int64 counts.
     """
     if max_bytes is not None:
-        _check_int("max_bytes", max_bytes, 1)
+        check_int(max_bytes, "max_bytes", 1)
     total = corpus.num_bytes
     if max_bytes is None or max_bytes >= total:
         chunks = [(pos, min(chunk_bytes, total - pos)) for pos in range(0, total, chunk_bytes)]

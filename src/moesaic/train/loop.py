@@ -2,12 +2,14 @@
 
 One function, :func:`run`, executed by every process (one process, or each rank under torchrun):
 
-1. join the process group (when launched by torchrun) and seed;
+1. read the launcher's environment once, pick the device (``train.device``), join the process
+   group (when launched by torchrun; NCCL on CUDA, gloo on the CPU) and seed;
 2. open the corpus (the standard library's sources by default) and this rank's batch stream;
-3. build the MoE GPT, put its MoE layers on their expert-parallel groups, build the engine;
+3. build the MoE GPT on the device, put its MoE layers on their expert-parallel groups, build the
+   engine from the config's ``engine`` section;
 4. resume from ``<out>/checkpoints`` when asked (model, optimizer, scheduler, RNG, data position,
    history); refuse a checkpoint written with another model or data config;
-5. train: micro-batches through ``engine``; a progress line on rank 0; every ``eval_every`` steps
+5. train: micro-batches (moved to the device) through ``engine``; a progress line on rank 0; every ``eval_every`` steps
    the validation loss; every ``checkpoint_every`` steps and at the end a checkpoint;
 6. at the end, rank 0 writes ``history.json`` and PNG plots and prints where everything is.
 """
@@ -29,27 +31,13 @@ import moesaic
 from moesaic.checkpoint import CheckpointError, read_manifest, resolve
 from moesaic.models import GPT, unigram_baseline_loss
 
+from moesaic.parallel.launch import LaunchEnv, backend_for, resolve_device
+
 from .config import TrainConfig
 from .data import BatchStream, byte_counts, load_corpus, validation_batches
 from .progress import Progress
 
 RUN_FILE = "run.json"
-
-
-def engine_config(cfg: TrainConfig) -> Dict:
-    """The engine config (DeepSpeed's keys) for a training config."""
-    o, t = cfg.optim, cfg.train
-    return {
-        "train_micro_batch_size_per_gpu": t.batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "optimizer": {"type": "AdamW", "params": {"lr": o.lr, "betas": list(o.betas), "weight_decay": o.weight_decay}},
-        "scheduler": {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": t.steps, "warmup_num_steps": max(o.warmup_steps, 2), "warmup_min_ratio": 0.0,
-            "cos_min_ratio": o.min_lr_ratio, "warmup_type": "linear"}},
-        "gradient_clipping": o.grad_clip,
-        "bf16": {"enabled": t.bf16},
-        "moe": {"split_by": cfg.moe.split_by, "max_group_size": cfg.moe.max_group_size},
-    }
 
 
 def _param_groups(model: GPT) -> List[Dict]:
@@ -78,40 +66,47 @@ def check_out_dir(out: Path, cfg: TrainConfig, resume: bool) -> None:
                                   f"[{section}] config ({saved.get(section)} vs {now[section]})")
 
 
-def _evaluate(engine, model: GPT, batches) -> float:
+def _evaluate(engine, model: GPT, batches, device: torch.device) -> float:
     engine.eval()
     total = 0.0
     with torch.no_grad():
         for x, y in batches:
-            _, loss, _ = model(x, y)
+            _, loss, _ = model(x.to(device), y.to(device))
             total += float(loss)
     engine.train()
     return total / max(len(batches), 1)
 
 
-def _global_tokens_per_expert(engine, world: int) -> Dict[str, List[int]]:
+def _global_tokens_per_expert(engine, world: int, device: torch.device) -> Dict[str, List[int]]:
     stats = engine.last_metrics.get("moe", {})
     out = {}
     for name in sorted(stats):
-        counts = torch.tensor(stats[name]["tokens_per_expert"], dtype=torch.int64)
+        # on the run's device: NCCL reduces CUDA tensors only
+        counts = torch.tensor(stats[name]["tokens_per_expert"], dtype=torch.int64, device=device)
         if world > 1:
             dist.all_reduce(counts)  # every rank routed its own tokens: the layer's load is the sum
         out[name] = counts.tolist()
     return out
 
 
-def run(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False, model_factory=None) -> Dict:
+def run(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False, model_factory=None,
+        env: Optional[LaunchEnv] = None) -> Dict:
     """Train (see module docstring); returns the final summary on rank 0 (an empty dict elsewhere).
 
-    ``model_factory(cfg.model)`` replaces ``GPT(cfg.model)`` (the benchmark swaps in DeepSpeed's layer).
+    ``model_factory(cfg.model)`` replaces ``GPT(cfg.model)`` (the benchmark swaps in DeepSpeed's layer);
+    ``env`` is this process's launch environment (default: read from ``os.environ``).
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = 0
-    if world > 1:
-        rank, world = moesaic.init_distributed(timeout_s=300)
+    env = LaunchEnv.from_environ() if env is None else env
     t = cfg.train
+    device = resolve_device(t.device, env.local_rank, "train.device")
+    rank, world = env.rank, env.world_size
+    if world > 1:
+        rank, world = moesaic.init_distributed(backend=backend_for(device), timeout_s=300)
     if world != t.nproc:
         raise ValueError(f"train.nproc={t.nproc} but {world} processes are running; launch with --nproc {t.nproc}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    _, micro, accum = cfg.batch()
     torch.manual_seed(t.seed + rank)
     random.seed(t.seed + rank)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -122,16 +117,17 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False, 
         dist.barrier()  # nobody starts before rank 0 checked the output folder
 
     split = load_corpus(cfg.data.path, cfg.data.val_percent, cfg.data.suffixes)
-    stream = BatchStream(split.train, cfg.model.block_size, t.batch_size, seed=t.seed, rank=rank, world_size=world)
-    val = validation_batches(split.val, cfg.model.block_size, t.batch_size, t.eval_batches)
+    stream = BatchStream(split.train, cfg.model.block_size, micro, seed=t.seed, rank=rank, world_size=world)
+    val = validation_batches(split.val, cfg.model.block_size, micro, t.eval_batches)
     baseline = unigram_baseline_loss(byte_counts(split.train, max_bytes=4 << 20))
 
     model = model_factory(cfg.model) if model_factory is not None else GPT(cfg.model)
+    model.to(device)
     if world > 1:
         moesaic.setup_expert_parallel(model)
     log_dir = str(out / "logs")
     engine, _, _, _ = moesaic.initialize(model=model, model_parameters=_param_groups(model),
-                                         config=engine_config(cfg), log_dir=log_dir, telemetry_every=t.log_every)
+                                         config=cfg.engine_config(), log_dir=log_dir, telemetry_every=t.log_every)
     history: Dict = {"train": [], "val": [], "load": {}, "unigram_baseline": baseline}
     if resume:
         _, client = engine.load_checkpoint(out / "checkpoints")
@@ -140,7 +136,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False, 
     elif rank == 0:
         (out / RUN_FILE).write_text(json.dumps({"config": cfg.to_dict(), "world_size": world}, indent=1))
 
-    bytes_per_step = t.batch_size * t.grad_accum * cfg.model.block_size * world
+    bytes_per_step = micro * accum * cfg.model.block_size * world
     progress = Progress(total=t.steps, start=engine.global_steps, enabled=rank == 0 and not quiet)
     deadline = time.monotonic() + 60 * t.max_minutes if t.max_minutes else None
     start_step = engine.global_steps
@@ -153,24 +149,24 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False, 
 
     while engine.global_steps < t.steps:
         step_loss = step_aux = 0.0
-        for _ in range(t.grad_accum):
+        for _ in range(accum):
             x, y = next(stream)
-            _, loss, aux = engine(x, y)
+            _, loss, aux = engine(x.to(device), y.to(device))
             engine.backward(model.objective(loss, aux))
             engine.step()
-            step_loss += float(loss.detach()) / t.grad_accum
-            step_aux += float(aux.detach()) / t.grad_accum
+            step_loss += float(loss.detach()) / accum
+            step_aux += float(aux.detach()) / accum
         step = engine.global_steps
         dropped = _dropped_fraction(engine)
         history["train"].append([step, step_loss, step_aux, dropped])
-        load = _global_tokens_per_expert(engine, world)
+        load = _global_tokens_per_expert(engine, world, device)
         for name, counts in load.items():
             history["load"].setdefault(name, []).append([step] + counts)
         elapsed = time.perf_counter() - t0
         tps = bytes_per_step * (step - start_step) / max(elapsed, 1e-9)
         progress.update(step, loss=step_loss, aux=step_aux, dropped=dropped, tokens_per_s=tps)
         if step % t.eval_every == 0 or step == t.steps:
-            val_loss = _evaluate(engine, model, val)
+            val_loss = _evaluate(engine, model, val, device)
             history["val"].append([step, val_loss])
             engine.log_metrics({"val": {"loss": val_loss, "unigram_baseline": baseline}})
             progress.note(f"step {step}: val loss {val_loss:.3f} (unigram baseline {baseline:.3f})")

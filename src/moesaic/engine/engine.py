@@ -15,7 +15,6 @@ accumulation boundary:
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Dict, Optional
 
@@ -23,14 +22,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .layer.identity import ExpertIndex
-from .optim.build_groups import build_param_groups
-from .optim.config import EngineConfig, load_config
-from .optim.pipeline import StepPipeline
-from .optim.sharding import plan_shards
-from .optim.loss_scaler import build_loss_scaler
-from .optim.mixed_precision import GroupedMixedPrecisionOptimizer, default_fuse_elems, group_refs
-from .optim.schedulers import build_scheduler
+from .. import checkpoint
+from .._checks import check_int
+from ..layer.identity import ExpertIndex
+from ..layer.moe import iter_moe_modules, setup_expert_parallel
+from ..optim.build_groups import build_param_groups
+from ..optim.loss_scaler import build_loss_scaler
+from ..optim.mixed_precision import GroupedMixedPrecisionOptimizer, default_fuse_elems, group_refs
+from ..optim.pipeline import StepPipeline
+from ..optim.schedulers import build_scheduler
+from ..optim.sharding import plan_shards
+from ..telemetry import MetricsWriter, MoEStatsAccumulator
+from .config import EngineConfig, load_config
 
 
 class MoEEngine:
@@ -62,7 +65,6 @@ class MoEEngine:
         self._grad_norm: Optional[float] = None
         self._telemetry_every = telemetry_every
         self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        from .telemetry import MetricsWriter, MoEStatsAccumulator
         self._moe_stats = MoEStatsAccumulator()
         self._writer = MetricsWriter(log_dir) if (log_dir is not None and self.rank == 0) else None
 
@@ -172,8 +174,6 @@ class MoEEngine:
 
         Returns the checkpoint folder. ``tag`` defaults to ``global_step<N>`` as in DeepSpeed.
         """
-        from . import checkpoint
-
         if client_state is not None and not isinstance(client_state, dict):
             raise TypeError(f"client_state must be a dict or None, got {type(client_state).__name__}")
         tag = tag if tag is not None else f"global_step{self.global_steps}"
@@ -190,8 +190,6 @@ class MoEEngine:
 
         Returns ``(folder, client_state)`` as DeepSpeed does.
         """
-        from . import checkpoint
-
         folder, client_state, state = checkpoint.load(load_dir, self.module, tag=tag, optimizer=self.optimizer,
                                                       index=self.index)
         self.global_steps = state.get("global_steps", 0)
@@ -217,11 +215,6 @@ class MoEEngine:
             self._writer.close()
 
 
-def _zero_stage(cfg) -> int:
-    zero = getattr(cfg, "zero_optimization", None)
-    return 0 if zero is None else zero.stage
-
-
 def initialize(model: nn.Module, model_parameters=None, config=None, *, log_dir: Optional[str] = None,
                telemetry_every: int = 1):
     """Build the engine, in DeepSpeed's shape.
@@ -230,7 +223,9 @@ def initialize(model: nn.Module, model_parameters=None, config=None, *, log_dir:
         model: the model; MoE layers with ``ep_size > 1`` must already be on their process groups
             (``moesaic.setup_expert_parallel(model)``; done here when the world is initialised).
         model_parameters: None (all parameters), parameters, or param-group dicts.
-        config: a dict, or a path to a JSON or TOML file, with DeepSpeed's keys plus ``moe``.
+        config: a dict, or a path to a JSON or TOML file, with DeepSpeed's keys plus ``moe`` (see
+            :class:`moesaic.engine.EngineConfig`; the same keys as ``moesaic train``'s ``[engine]``), or
+            an EngineConfig.
         log_dir: where rank 0 writes TensorBoard events and ``metrics.csv`` (None: no files).
         telemetry_every: per-group statistics every this many steps (they cost a few norms).
 
@@ -241,16 +236,13 @@ def initialize(model: nn.Module, model_parameters=None, config=None, *, log_dir:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if config is None:
         raise ValueError("config is required: a dict or a path to a JSON/TOML file")
-    if isinstance(telemetry_every, bool) or not isinstance(telemetry_every, int) or telemetry_every < 1:
-        raise ValueError(f"telemetry_every must be an int >= 1, got {telemetry_every!r}")
-    cfg = config if isinstance(config, EngineConfig) else load_config(config)
+    check_int(telemetry_every, "telemetry_every", lo=1)
+    cfg = load_config(config)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     cfg.check_batch(world)
-    if world > 1:
-        from .layer.moe import MoE, setup_expert_parallel
-        if any(isinstance(m, MoE) and m.parallel_groups is None for m in model.modules()):
-            setup_expert_parallel(model)
-    if cfg.bf16:
+    if world > 1 and any(m.parallel_groups is None for _, m in iter_moe_modules(model)):
+        setup_expert_parallel(model)
+    if cfg.bf16.enabled:
         model.to(torch.bfloat16)
     elif cfg.fp16.enabled:
         model.to(torch.float16)
@@ -259,7 +251,7 @@ def initialize(model: nn.Module, model_parameters=None, config=None, *, log_dir:
     groups = build_param_groups(model, model_parameters, split_by=moe.split_by, max_group_size=moe.max_group_size,
                                 lr_scale=moe.lr_scale, freeze=moe.freeze_experts, index=index)
     refs = group_refs(groups, index)
-    shard = plan_shards([g["name"] for g in groups], refs, index, stage=_zero_stage(cfg))
+    shard = plan_shards([g["name"] for g in groups], refs, index, stage=cfg.zero_optimization.stage)
     optimizer = GroupedMixedPrecisionOptimizer(groups, cfg.optimizer.type, dict(cfg.optimizer.params),
                                                offload=moe.offload, fuse_elems=default_fuse_elems(moe.max_group_size),
                                                index=index, shard=shard)

@@ -1,0 +1,6 @@
+"""The training engine (``moesaic.initialize``, :class:`MoEEngine`) and its config (:class:`EngineConfig`)."""
+
+from .config import EngineConfig, load_config
+from .engine import MoEEngine, initialize
+
+__all__ = ["EngineConfig", "MoEEngine", "initialize", "load_config"]
