@@ -7,6 +7,8 @@ Linear(h, 4h)-GELU-Linear(4h, h) block before each, bf16 parameters, AdamW, 64 t
 
 * ``moesaic``: ``moesaic.initialize`` with bf16, AdamW and ``moe.max_group_size`` = one expert,
   then ``engine(x)``, ``engine.backward(loss)``, ``engine.step()``;
+* ``moesaic-in-backward``: the same with ``optimizer_in_backward: true`` (each group steps during
+  backward as soon as its gradients are complete);
 * ``plain``: torch's plain mixed-precision recipe: fp32 master copies of every parameter, every
   gradient upcast to fp32, one ``torch.optim.AdamW`` step (torch's defaults), a copy back;
 * ``deepspeed`` (only where DeepSpeed 0.19.8 is importable): the same model built with
@@ -157,11 +159,12 @@ def _measure_iteration(loss_fn, backward, step, x) -> dict:
 def child_single(mode: str) -> dict:
     torch.set_num_threads(1)
     x = torch.randn(TOKENS, H).bfloat16()
-    if mode == "moesaic":
+    if mode in ("moesaic", "moesaic-in-backward"):
         model = Model(moesaic.MoE)
         engine, opt, _, _ = moesaic.initialize(model=model, config={
             "train_micro_batch_size_per_gpu": TOKENS, "bf16": {"enabled": True},
-            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}, "moe": {"max_group_size": _expert_numel()}})
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}, "moe": {"max_group_size": _expert_numel()},
+            "optimizer_in_backward": mode == "moesaic-in-backward"})
         out = _measure_iteration(engine, engine.backward, engine.step, x)
         out["state_mib"] = _state_bytes_moesaic(opt) / MIB
     elif mode == "plain":
@@ -263,7 +266,7 @@ def _median(runs, key):
 
 
 def bench_single(repeats: int) -> dict:
-    modes = ["moesaic", "plain"] + (["deepspeed"] if _have_deepspeed() else [])
+    modes = ["moesaic", "moesaic-in-backward", "plain"] + (["deepspeed"] if _have_deepspeed() else [])
     runs = {m: [] for m in modes}
     for _ in range(repeats):
         for mode in modes:  # alternate, so machine noise hits every mode
@@ -272,11 +275,12 @@ def bench_single(repeats: int) -> dict:
     print("| run | peak RSS MiB (whole step) | optimizer step peak MiB | step time s (fwd+bwd+step) |\n|---|---|---|---|")
     for m, r in summary.items():
         print(f"| {m} | {r['peak_mib']:.0f} | {r['step_peak_mib']:.0f} | {r['iter_s']:.2f} |")
-    for peer in modes[1:]:
-        ratio = summary["moesaic"]["peak_mib"] / summary[peer]["peak_mib"]
-        t = statistics.median(a["iter_s"] / b["iter_s"] for a, b in zip(runs["moesaic"], runs[peer]))
-        print(f"moesaic vs {peer}: peak {ratio:.3f}x ({1 - ratio:.1%} lower), time {t:.3f}x")
-        summary[f"vs_{peer}"] = {"peak_ratio": ratio, "time_ratio": t}
+    for ours in ("moesaic", "moesaic-in-backward"):
+        for peer in modes[2:]:
+            ratio = summary[ours]["peak_mib"] / summary[peer]["peak_mib"]
+            t = statistics.median(a["iter_s"] / b["iter_s"] for a, b in zip(runs[ours], runs[peer]))
+            print(f"{ours} vs {peer}: peak {ratio:.3f}x ({1 - ratio:.1%} lower), time {t:.3f}x")
+            summary[f"{ours}_vs_{peer}"] = {"peak_ratio": ratio, "time_ratio": t}
     return {"summary": summary, "runs": runs}
 
 

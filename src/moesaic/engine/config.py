@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
-from .._checks import check_int, check_number, join_key
+from .._checks import check_bool, check_int, check_number, join_key
 from .._config import Section, load_source, section, setting
 from ..optim.config import (BF16Config, FP16Config, MoEOptimConfig, OptimizerConfig, SchedulerConfig,
                             ZeroConfig)
@@ -44,6 +44,11 @@ class EngineConfig(Section):
     steps_per_print: int = setting(10, check=partial(check_int, lo=1),
                                    doc="DeepSpeed's print interval; accepted for compatibility (moesaic logs through "
                                        "log_dir instead).")
+    optimizer_in_backward: bool = setting(
+        False, check=check_bool,
+        doc="Step each optimizer group during backward as soon as its gradients are complete, so the model's "
+            "gradients never all exist at once (lower peak memory). One process only; no gradient clipping, no "
+            "fp16, ZeRO stage 0.")
     optimizer: OptimizerConfig = section(OptimizerConfig, doc="The optimizer.")
     scheduler: Optional[SchedulerConfig] = section(SchedulerConfig, optional=True,
                                                    doc="The learning-rate schedule; absent: a constant lr.")

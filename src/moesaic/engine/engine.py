@@ -28,6 +28,7 @@ from ..layer.identity import ExpertIndex
 from ..layer.moe import iter_moe_modules, setup_expert_parallel
 from ..optim.build_groups import build_param_groups
 from ..optim.loss_scaler import build_loss_scaler
+from ..optim.in_backward import InBackwardStepper, check_in_backward_config
 from ..optim.mixed_precision import GroupedMixedPrecisionOptimizer, default_fuse_elems, group_refs
 from ..optim.pipeline import StepPipeline
 from ..optim.schedulers import build_scheduler
@@ -60,6 +61,7 @@ class MoEEngine:
         self.last_metrics: Dict[str, Any] = {}
         self.index = index if index is not None else ExpertIndex.build(model)
         self._pipeline = StepPipeline(optimizer)
+        self._in_backward = InBackwardStepper(optimizer) if config.optimizer_in_backward else None
         self._log_dir = log_dir
         self._losses = []
         self._grad_norm: Optional[float] = None
@@ -101,6 +103,8 @@ class MoEEngine:
             raise TypeError(f"loss must be a scalar tensor, got {type(loss).__name__}"
                             f"{'' if not isinstance(loss, torch.Tensor) else ' of shape ' + str(tuple(loss.shape))}")
         self._losses.append(float(loss.detach()))
+        if self._in_backward is not None and self.is_gradient_accumulation_boundary():
+            self._in_backward.arm(want_stats=self._want_stats())
         (loss.float() * (self.loss_scale / self.gradient_accumulation_steps)).backward()
 
     def zero_grad(self) -> None:
@@ -118,10 +122,14 @@ class MoEEngine:
         self.micro_steps += 1
         if not boundary:
             return
-        # 1-4. reduce, check, clip, step group by group, send updated weights (optim/pipeline.py)
-        want_stats = self._log_dir is not None and (self.global_steps % self._telemetry_every == 0)
-        result = self._pipeline.run(loss_scale=self.loss_scale, clip=self.config.gradient_clipping,
-                                    want_stats=want_stats)
+        # 1-4. reduce, check, clip, step group by group, send updated weights (optim/pipeline.py),
+        # or, with optimizer_in_backward, step what the backward hooks left (optim/in_backward.py)
+        want_stats = self._want_stats()
+        if self._in_backward is not None and self._in_backward.armed:
+            result = self._in_backward.finish()
+        else:
+            result = self._pipeline.run(loss_scale=self.loss_scale, clip=self.config.gradient_clipping,
+                                        want_stats=want_stats)
         if result.skipped:
             self._skip_step()
             return
@@ -135,6 +143,10 @@ class MoEEngine:
         self.global_steps += 1
         self._record(norm, coef, want_stats)
         self.zero_grad()
+
+    def _want_stats(self) -> bool:
+        """Per-group statistics this step? (The same answer on every rank: gathering them is collective.)"""
+        return self._log_dir is not None and self.global_steps % self._telemetry_every == 0
 
     def _skip_step(self) -> None:
         if self.loss_scaler is not None:
@@ -240,6 +252,11 @@ def initialize(model: nn.Module, model_parameters=None, config=None, *, log_dir:
     cfg = load_config(config)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     cfg.check_batch(world)
+    if cfg.optimizer_in_backward:
+        why = check_in_backward_config(clip=cfg.gradient_clipping, fp16=cfg.fp16.enabled, world_size=world,
+                                       stage=cfg.zero_optimization.stage)
+        if why is not None:
+            raise ValueError(why)
     if world > 1 and any(m.parallel_groups is None for _, m in iter_moe_modules(model)):
         setup_expert_parallel(model)
     if cfg.bf16.enabled:

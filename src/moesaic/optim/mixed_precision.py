@@ -154,6 +154,10 @@ class GroupedMixedPrecisionOptimizer:
             self._refs.append(refs)
         self._by_name: Dict[str, Tuple[int, int]] = {r.name: (gi, j) for gi, refs in enumerate(self._refs)
                                                      for j, r in enumerate(refs)}
+        self._ref_count: Dict[int, int] = {}  # refs per parameter (several for a stacked one)
+        for refs in self._refs:
+            for r in refs:
+                self._ref_count[id(r.param)] = self._ref_count.get(id(r.param), 0) + 1
         if shard is not None and len(shard.owner) != len(self.param_groups):
             raise ValueError(f"shard plans {len(shard.owner)} groups but there are {len(self.param_groups)}")
         self.shard = shard
@@ -240,20 +244,36 @@ class GroupedMixedPrecisionOptimizer:
         return batches
 
     @torch.no_grad()
-    def step(self, grad_scale: float = 1.0, want_stats: bool = False) -> None:
-        """Update every group, one (fused) batch of groups at a time.
+    def step(self, grad_scale: float = 1.0, want_stats: bool = False, groups: Optional[Sequence[int]] = None) -> None:
+        """Update every group (or ``groups``), one (fused) batch of groups at a time.
 
         Args:
             grad_scale: multiplies every gradient first (``clip_coef / loss_scale``).
             want_stats: record per-group grad norm, parameter norm and update/param ratio in
                 ``last_stats`` (costs a few norms per group).
+            groups: indices of the groups to step now (each stepped alone, no fusing); None:
+                every group this rank steps.
         """
         if not math.isfinite(grad_scale):
             raise ValueError(f"grad_scale must be finite, got {grad_scale}")
-        self.last_stats = {}
-        remaining = self._refs_per_param()
-        for batch in self._batches():
-            self._step_batch(batch, grad_scale, want_stats, remaining)
+        if groups is None:
+            self.last_stats = {}
+            remaining = self._refs_per_param()
+            for batch in self._batches():
+                self._step_batch(batch, grad_scale, want_stats, remaining)
+            return
+        for gi in groups:
+            if not self.steps_group(gi):
+                raise ValueError(f"group {self.param_groups[gi]['name']!r} is not stepped on this rank")
+            # a parameter's gradient is freed once all its refs are stepped: one whose refs live
+            # in other groups too (a stacked parameter) keeps it until zero_grad()
+            remaining: Dict[int, int] = {}
+            for r in self._refs[gi]:
+                remaining[id(r.param)] = remaining.get(id(r.param), 0) + 1
+            for key, n in remaining.items():
+                if n < self._ref_count[key]:
+                    remaining[key] = n + 1
+            self._step_batch([gi], grad_scale, want_stats, remaining)
 
     def _refs_per_param(self) -> Dict[int, int]:
         """How many refs of each parameter are still to be stepped (its gradient is freed at 0)."""
