@@ -35,6 +35,12 @@ from ..optim.schedulers import build_scheduler
 from ..optim.sharding import plan_shards
 from ..telemetry import MetricsWriter, MoEStatsAccumulator
 from .config import EngineConfig, load_config
+from .replicas import sync_replicas
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 class MoEEngine:
@@ -44,7 +50,9 @@ class MoEEngine:
         module: the wrapped model.
         global_steps: optimizer steps taken (skipped steps included, as DeepSpeed counts).
         skipped_steps: steps skipped for non-finite gradients.
-        last_metrics: the metrics of the last optimizer step (also written to ``log_dir``).
+        last_metrics: the metrics of the last optimizer step (also written to ``log_dir``); its
+            ``"moe"`` figures (tokens per expert, dropped routes, ``l_aux``) cover every rank's tokens,
+            every expert by its global number, the same on every rank.
     """
 
     def __init__(self, model: nn.Module, optimizer: GroupedMixedPrecisionOptimizer, scheduler, config: EngineConfig,
@@ -66,7 +74,9 @@ class MoEEngine:
         self._losses = []
         self._grad_norm: Optional[float] = None
         self._telemetry_every = telemetry_every
-        self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        joined = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if joined else 0
+        self.world_size = dist.get_world_size() if joined else 1
         self._moe_stats = MoEStatsAccumulator()
         self._writer = MetricsWriter(log_dir) if (log_dir is not None and self.rank == 0) else None
 
@@ -163,6 +173,8 @@ class MoEEngine:
         self.zero_grad()
 
     def _record(self, norm: float, coef: float, group_stats: bool) -> None:
+        if self.world_size > 1:
+            self._moe_stats.all_reduce()  # collective: every expert's load over every rank's tokens
         metrics: Dict[str, Any] = {
             "train": {"loss": sum(self._losses) / len(self._losses) if self._losses else float("nan"),
                       "grad_norm": norm, "clip_coef": coef, "lr": self.get_lr()[0],
@@ -265,6 +277,8 @@ def initialize(model: nn.Module, model_parameters=None, config=None, *, log_dir:
         model.to(torch.float16)
     moe = cfg.moe
     index = ExpertIndex.build(model)
+    # replicas agree on config and layout, then start from the same weights (replicas.py)
+    sync_replicas(index, cfg.to_dict(), _model_device(model))
     groups = build_param_groups(model, model_parameters, split_by=moe.split_by, max_group_size=moe.max_group_size,
                                 lr_scale=moe.lr_scale, freeze=moe.freeze_experts, index=index)
     refs = group_refs(groups, index)

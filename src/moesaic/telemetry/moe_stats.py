@@ -9,8 +9,11 @@ plain Python dicts keyed by ``expert_group_name``, ready for ``MetricsWriter``::
      "l_aux": float, "z_loss": float,
      "load_imbalance": float}      # max / mean of routes_per_expert (0 when there are no routes)
 
-With expert parallelism the numbers cover this rank's tokens only (all ``E`` experts, numbered
-globally); reduce them over the data-parallel ranks yourself if you need global figures.
+With expert parallelism the numbers of one layer cover this rank's tokens only (all ``E`` experts,
+numbered globally): each rank routes its own tokens to every expert of the layer. The layer's load
+over the whole run is the sum over all ranks: :meth:`MoEStatsAccumulator.all_reduce` sums the
+accumulated figures over a process group (the engine does this every step, so its metrics and the
+trainer's load plots show every expert with the tokens of every rank).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 from typing import Dict, List
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..layer.moe import MoE, moe_layers
@@ -151,6 +155,46 @@ class MoEStatsAccumulator:
             self._num_dropped[name] += int(layer.num_dropped_routes)
             self._forwards[name] += 1
             self._seen[name] = layer.tokens_per_expert
+
+    def all_reduce(self, group=None) -> None:
+        """Sum the figures accumulated so far over the ranks of ``group`` (collective: every rank calls it).
+
+        Afterwards :meth:`summary` describes the tokens of all ranks: tokens and routes per expert
+        are the sums, ``dropped_fraction`` is the share of all ranks' routes, ``l_aux`` and ``z_loss``
+        are averaged over every forward of every rank. Every rank must have accumulated the same
+        layers (true whenever the ranks run the same model: with ``ep_size > 1`` each forward is
+        itself collective). One collective for all layers; a no-op on one process.
+
+        Args:
+            group: the process group (default: the world).
+        """
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+            return
+        names = sorted(self._forwards)
+        if not names:
+            return
+        device = self._tokens[names[0]].device
+        # per layer: tokens (E), routes (E), l_aux, z_loss, routes, dropped routes, forwards; float64 holds
+        # counts exactly up to 2**53
+        parts = []
+        for name in names:
+            parts += [self._tokens[name].to(device, torch.float64), self._routes[name].to(device, torch.float64),
+                      torch.tensor([float(self._l_aux[name]), float(self._z_loss[name]), self._num_routes[name],
+                                    self._num_dropped[name], self._forwards[name]], dtype=torch.float64,
+                                   device=device)]
+        flat = torch.cat(parts)
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for name in names:
+            E = self._tokens[name].numel()
+            self._tokens[name] = flat[offset:offset + E].round().to(torch.int64)
+            self._routes[name] = flat[offset + E:offset + 2 * E].round().to(torch.int64)
+            l_aux, z_loss, routes, dropped, forwards = flat[offset + 2 * E:offset + 2 * E + 5].tolist()
+            self._l_aux[name] = torch.tensor(l_aux, dtype=torch.float64)
+            self._z_loss[name] = torch.tensor(z_loss, dtype=torch.float64)
+            self._num_routes[name], self._num_dropped[name] = int(round(routes)), int(round(dropped))
+            self._forwards[name] = int(round(forwards))
+            offset += 2 * E + 5
 
     def summary(self) -> Dict[str, dict]:
         """The accumulated statistics, one dict per layer (the shape ``collect_moe_stats`` returns).
