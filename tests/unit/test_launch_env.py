@@ -60,3 +60,16 @@ def test_resolve_device_with_cuda(monkeypatch):
     with pytest.raises(ValueError, match=r"gives this process \(local rank 2\) GPU 2, but this machine has 2"):
         resolve_device("cuda", local_rank=2)
     assert backend_for(torch.device("cuda", 0)) == "nccl"
+
+
+def test_error_file_and_round_trip_for_a_launcher():
+    """moesaic's launcher writes the variables torchrun writes; a worker reads them back unchanged."""
+    env = LaunchEnv(launched=True, rank=1, world_size=2, local_rank=1, local_world_size=2, master_addr="127.0.0.1",
+                    master_port=29501, error_file="/tmp/rank1.json")
+    assert env.to_environ()["TORCHELASTIC_ERROR_FILE"] == "/tmp/rank1.json"
+    assert LaunchEnv.from_environ(env.to_environ()) == env
+    assert LaunchEnv.from_environ({"TORCHELASTIC_ERROR_FILE": "/x"}).error_file == "/x"  # not launched, still reads it
+    with pytest.raises(ValueError, match="describes a single process"):
+        LaunchEnv().to_environ()
+    with pytest.raises(ValueError, match="needs master_addr and master_port"):
+        LaunchEnv(launched=True, world_size=2).to_environ()

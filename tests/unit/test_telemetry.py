@@ -4,6 +4,7 @@ read back with TensorBoard's own reader and with ``read_csv_metrics``."""
 import math
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -220,14 +221,48 @@ def test_writer_rejects_bad_input(tmp_path):
         MetricsWriter(tmp_path, tensorboard=False, csv=False)
 
 
-def test_missing_tensorboard_names_pip_command(tmp_path, monkeypatch):
+def test_missing_tensorboard_degrades_to_csv_with_one_warning(tmp_path, monkeypatch):
+    """`pip install moesaic` without extras: the engine's log_dir must work (CSV only), warning once."""
+    import moesaic.telemetry.writer as writer
+
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard -> ImportError
-    with pytest.raises(ImportError, match="pip install tensorboard"):
-        MetricsWriter(tmp_path / "tb")
+    monkeypatch.setattr(writer, "_warned_no_tensorboard", False)
+    with pytest.raises(ImportError, match=r"pip install 'moesaic\[train\]'"):  # asked for explicitly: an error
+        MetricsWriter(tmp_path / "tb", tensorboard=True)
     assert not (tmp_path / "tb").exists()
+    with pytest.warns(RuntimeWarning, match="tensorboard package is not installed: metrics go to metrics.csv only"):
+        w = MetricsWriter(tmp_path / "auto")
+    with w:
+        w.write(0, {"a": 1})
+    assert read_csv_metrics(tmp_path / "auto") == {"a": [(0, 1)]}
+    assert not [f for f in os.listdir(tmp_path / "auto") if "tfevents" in f]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second writer of the process stays silent
+        MetricsWriter(tmp_path / "auto2").close()
     with MetricsWriter(tmp_path / "csv_only", tensorboard=False) as w:  # CSV works without it
         w.write(0, {"a": 1})
     assert read_csv_metrics(tmp_path / "csv_only") == {"a": [(0, 1)]}
+
+
+def test_discard_after_drops_replayed_steps_from_csv_and_tensorboard(tmp_path):
+    """A run resumed from step 2 replays steps 3 and 4: each must appear once in metrics.csv and TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with MetricsWriter(tmp_path) as w:  # the first session: steps 1..4, then killed; checkpoint at 2
+        for step in (1, 2, 3, 4):
+            w.write(step, {"loss": float(step)})
+    with MetricsWriter(tmp_path) as w:  # the resumed session
+        assert w.discard_after(2) == 2
+        for step in (3, 4, 5):
+            w.write(step, {"loss": 10.0 * step})
+        with pytest.raises(RuntimeError, match="before the first write"):
+            w.discard_after(3)
+    assert read_csv_metrics(tmp_path)["loss"] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0), (5, 50.0)]
+    ea = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    ea.Reload()
+    assert [(e.step, e.value) for e in ea.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0), (5, 50.0)]
+    with pytest.raises(ValueError, match="step must be an int >= 0"):
+        MetricsWriter(tmp_path, tensorboard=False).discard_after(-1)
 
 
 def test_stats_feed_the_writer(net, tmp_path):

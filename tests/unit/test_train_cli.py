@@ -67,7 +67,112 @@ def test_resume_continues_and_refuses_to_overwrite(tmp_path, corpus, capsys):
     assert train(out, corpus, "--set", "train.steps=3", "--resume") == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
     assert train(out, corpus, "--set", "train.steps=4", "--set", "model.n_embd=64", "--resume") == 2
-    assert "written with another [model] config" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--resume: model.n_embd is 64 here but the checkpoint in" in err and "was written with 32" in err
+    assert err.count("\n") == 1, "one line naming the key, not two config dicts"
+    assert train(out, corpus, "--set", "train.steps=4", "--set", "data.val_percent=10", "--resume") == 2
+    assert "--resume: data.val_percent is 10 here" in capsys.readouterr().err
+
+
+def test_resume_of_a_finished_run_says_so_and_leaves_it_alone(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    assert train(out, corpus, "--set", "train.steps=2") == 0
+    before = {name: (out / name).read_bytes() for name in ("summary.json", "history.json")}
+    capsys.readouterr()
+    assert train(out, corpus, "--set", "train.steps=2", "--resume") == 0
+    said = capsys.readouterr().out
+    assert "the run already finished at step 2 (train.steps=2); nothing to train" in said
+    assert "--set train.steps=4" in said and "bytes/s" not in said
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
+def test_resume_under_other_processes_and_ep_size_is_allowed(tmp_path, corpus):
+    """Only the keys that fix the tensors must match: ep_size, the loop and the engine may change."""
+    out = tmp_path / "run"
+    assert train(out, corpus, "--set", "train.steps=2") == 0
+    assert train(out, corpus, "--set", "train.steps=3", "--set", "model.capacity_factor=2.0",
+                 "--set", "engine.optimizer.params.lr=1e-3", "--resume") == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
+def test_impossible_micro_batch_is_refused_with_the_estimate_before_anything_runs(tmp_path, capsys):
+    import time
+
+    start = time.perf_counter()
+    code = main(["train", TINY, "--out", str(tmp_path / "run"), "--set",
+                 "engine.train_micro_batch_size_per_gpu=100000000"])
+    err = capsys.readouterr().err
+    assert code == 2 and time.perf_counter() - start < 10
+    assert "engine.train_micro_batch_size_per_gpu is too large for this machine: a training step needs about" in err
+    assert "activations" in err and ("this machine's memory is" in err or "memory limit is" in err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_without_tensorboard_and_matplotlib_the_run_writes_csv_with_one_warning_each(tmp_path, corpus, monkeypatch,
+                                                                                    capsys):
+    """`pip install moesaic` without extras: training works, metrics.csv only, no plots, one warning per package."""
+    import warnings
+
+    import moesaic.telemetry.writer as writer
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(writer, "_warned_no_tensorboard", False)
+    out = tmp_path / "run"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = main(["train", TINY, "--out", str(out), "--data", str(corpus), *SMALL[:-1], "--set", "train.steps=2"])
+    assert code == 0
+    texts = [str(w.message) for w in caught]
+    assert sum("tensorboard package is not installed" in t for t in texts) == 1, texts
+    assert sum("matplotlib is not installed" in t for t in texts) == 1, texts
+    assert (out / "logs" / "metrics.csv").exists() and not list((out / "logs").glob("events.out.tfevents.*"))
+    said = capsys.readouterr().out
+    assert "(metrics.csv)" in said and "plots: none (matplotlib is not installed" in said
+
+
+def test_keep_last_reaches_the_engine(tmp_path, corpus, monkeypatch):
+    """train.keep_last is passed to engine.save_checkpoint(keep_last=N) (pruning itself: the engine's tests)."""
+    from moesaic.engine import MoEEngine
+    from moesaic.train import loop
+
+    seen = []
+    original = MoEEngine.save_checkpoint
+    native = loop.supports_keep_last()
+
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, model_config=None, keep_last=None):
+        seen.append(keep_last)
+        kwargs = {"keep_last": keep_last} if native else {}
+        return original(self, save_dir, tag=tag, client_state=client_state, model_config=model_config, **kwargs)
+
+    if not native:  # TODO(#11): the checkpoint branch adds keep_last; until then it is refused
+        assert train(tmp_path / "refused", corpus, "--set", "train.steps=2", "--set", "train.keep_last=1") == 2
+        assert not (tmp_path / "refused").exists()
+    monkeypatch.setattr(MoEEngine, "save_checkpoint", save_checkpoint)
+    assert train(tmp_path / "run", corpus, "--set", "train.steps=2", "--set", "train.keep_last=1") == 0
+    assert seen == [1, 1]  # checkpoint_every=1: steps 1 and 2
+
+
+def test_dist_timeout_reaches_init_distributed(tmp_path, monkeypatch):
+    """train.dist_timeout_s bounds the wait for a stopped or dead peer (it was a hard-coded 300 s)."""
+    import moesaic
+    from moesaic.parallel.launch import LaunchEnv
+    from moesaic.train.config import load_train_config
+    from moesaic.train.loop import run
+
+    class Joined(Exception):
+        pass
+
+    def init_distributed(backend=None, timeout_s=300.0):
+        raise Joined(timeout_s)
+
+    monkeypatch.setattr(moesaic, "init_distributed", init_distributed)
+    cfg = load_train_config(TINY, {"train.dist_timeout_s": 7.5, "train.device": "cpu"})
+    with pytest.raises(Joined) as joined:
+        run(cfg, tmp_path / "run", env=LaunchEnv(launched=True, rank=0, world_size=2, local_world_size=2,
+                                                  master_addr="127.0.0.1", master_port=1))
+    assert joined.value.args == (7.5,)
+    assert load_train_config(TINY).train.dist_timeout_s == 300.0  # the default of before
 
 
 @pytest.mark.parametrize("args,message", [
@@ -83,6 +188,8 @@ def test_resume_continues_and_refuses_to_overwrite(tmp_path, corpus, capsys):
     (["--set", "model.num_experts=3", "--set", "model.ep_size=2"], "num_experts"),
     (["--nproc", "3", "--set", "model.ep_size=2"], "nproc"),
     (["--set", "model.top_k=9"], "top_k"),
+    (["--set", "train.dist_timeout_s=0"], "train.dist_timeout_s must be a finite number in (0, inf)"),
+    (["--set", "train.keep_last=0"], "train.keep_last must be an int >= 1, got 0"),
 ])
 def test_bad_input_stops_before_training(tmp_path, args, message, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a GPU machine

@@ -212,7 +212,9 @@ class MoEEngine:
     def load_checkpoint(self, load_dir, tag: Optional[str] = None):
         """Load what :meth:`save_checkpoint` wrote, under this run's world and ep sizes.
 
-        Returns ``(folder, client_state)`` as DeepSpeed does.
+        Returns ``(folder, client_state)`` as DeepSpeed does. Metrics that an earlier session wrote to
+        ``log_dir`` after the checkpoint's step are discarded (CSV rows removed, TensorBoard events
+        purged), since those steps are trained again.
         """
         folder, client_state, state = checkpoint.load(load_dir, self.module, tag=tag, optimizer=self.optimizer,
                                                       index=self.index)
@@ -223,6 +225,9 @@ class MoEEngine:
             self.lr_scheduler.load_state_dict(state["scheduler"])
         if self.loss_scaler is not None and state.get("loss_scaler") is not None:
             self.loss_scaler.load_state_dict(state["loss_scaler"])
+        if self._writer is not None:
+            # the steps after the checkpoint will be trained again: their old rows and events go
+            self._writer.discard_after(self.global_steps)
         return folder, client_state
 
     def log_metrics(self, metrics: Dict[str, Any]) -> None:
@@ -250,7 +255,8 @@ def initialize(model: nn.Module, model_parameters=None, config=None, *, log_dir:
         config: a dict, or a path to a JSON or TOML file, with DeepSpeed's keys plus ``moe`` (see
             :class:`moesaic.engine.EngineConfig`; the same keys as ``moesaic train``'s ``[engine]``), or
             an EngineConfig.
-        log_dir: where rank 0 writes TensorBoard events and ``metrics.csv`` (None: no files).
+        log_dir: where rank 0 writes ``metrics.csv`` and TensorBoard events (None: no files; events only
+            when the ``tensorboard`` package is installed, else one warning and CSV only).
         telemetry_every: per-group statistics every this many steps (they cost a few norms).
 
     Returns:

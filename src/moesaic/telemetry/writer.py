@@ -14,7 +14,8 @@ import csv as _csv  # the ``csv`` flag of MetricsWriter would shadow the module
 import math
 import numbers
 import os
-from typing import Dict, List, Tuple, Union
+import warnings
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -83,13 +84,28 @@ def _parse(text: str) -> Number:
         return float(text)
 
 
+_warned_no_tensorboard = False
+
+
+def tensorboard_available() -> bool:
+    """Whether the ``tensorboard`` package (which torch's ``SummaryWriter`` needs) can be imported."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 class MetricsWriter:
     """Write nested metric dicts as TensorBoard scalars and ``metrics.csv`` rows (``step,tag,value``).
 
     Args:
         log_dir: folder for the event files and ``metrics.csv`` (created if missing; an existing
-            ``metrics.csv`` is appended to, so a resumed run continues the same file).
-        tensorboard: write TensorBoard event files (needs the ``tensorboard`` package).
+            ``metrics.csv`` is appended to, so a resumed run continues the same file: call
+            :meth:`discard_after` with the step it resumes from first).
+        tensorboard: True: write TensorBoard event files (needs the ``tensorboard`` package, an
+            ImportError otherwise); False: never; None (default): when the package is installed,
+            else CSV only, with one warning per process naming the extra that brings it.
         csv: append rows to ``log_dir/metrics.csv``.
         flush_every: flush both outputs every this many ``write`` calls.
 
@@ -98,45 +114,102 @@ class MetricsWriter:
         ValueError: both outputs disabled, or an existing ``metrics.csv`` has another header.
     """
 
-    def __init__(self, log_dir: Union[str, os.PathLike], *, tensorboard: bool = True, csv: bool = True,
+    def __init__(self, log_dir: Union[str, os.PathLike], *, tensorboard: Optional[bool] = None, csv: bool = True,
                  flush_every: int = 1) -> None:
+        global _warned_no_tensorboard
         if not isinstance(log_dir, (str, os.PathLike)):
             raise TypeError(f"log_dir must be a str or path, got {type(log_dir).__name__}")
+        if tensorboard is not None and not isinstance(tensorboard, bool):
+            raise TypeError(f"tensorboard must be True, False or None (when installed), got {tensorboard!r}")
         if isinstance(flush_every, bool) or not isinstance(flush_every, int) or flush_every < 1:
             raise ValueError(f"flush_every must be an int >= 1, got {flush_every!r}")
+        if tensorboard is None:
+            tensorboard = tensorboard_available()
+            if not tensorboard and csv and not _warned_no_tensorboard:
+                _warned_no_tensorboard = True
+                warnings.warn("the tensorboard package is not installed: metrics go to metrics.csv only "
+                              "(pip install 'moesaic[train]' or tensorboard for event files)", RuntimeWarning,
+                              stacklevel=2)
+        elif tensorboard and not tensorboard_available():
+            raise ImportError("MetricsWriter(tensorboard=True) needs the tensorboard package: pip install "
+                              "'moesaic[train]' (or tensorboard), or pass tensorboard=None to write CSV only "
+                              "when it is missing")
         if not tensorboard and not csv:
             raise ValueError("MetricsWriter with tensorboard=False and csv=False would write nothing; "
                              "enable at least one")
         self.log_dir = os.fspath(log_dir)
+        self.tensorboard = tensorboard
         self.flush_every = flush_every
         self._writes = 0
         self._closed = False
-        self._tb = None
+        self._tb = None  # created at the first write, so discard_after can still set its purge step
+        self._purge_step: Optional[int] = None
         self._csv_file = None
         self._csv = None
-        if tensorboard:
-            try:
-                import tensorboard as _tb_package  # noqa: F401  (torch's SummaryWriter needs it)
-            except ImportError as exc:
-                raise ImportError("MetricsWriter(tensorboard=True) needs the tensorboard package: "
-                                  "pip install tensorboard (or pass tensorboard=False)") from exc
-            from torch.utils.tensorboard import SummaryWriter
         os.makedirs(self.log_dir, exist_ok=True)
-        csv_path = os.path.join(self.log_dir, CSV_NAME)
-        csv_exists = csv and os.path.exists(csv_path) and os.path.getsize(csv_path) > 0
+        self._csv_path = os.path.join(self.log_dir, CSV_NAME)
+        csv_exists = csv and os.path.exists(self._csv_path) and os.path.getsize(self._csv_path) > 0
         if csv_exists:  # check before creating anything, so a refusal leaves no files behind
-            with open(csv_path, newline="") as f:
+            with open(self._csv_path, newline="") as f:
                 header = next(_csv.reader(f), None)
             if header != CSV_HEADER:
-                raise ValueError(f"{csv_path} exists with header {header}, not {CSV_HEADER}; use another log_dir")
-        if tensorboard:
-            self._tb = SummaryWriter(log_dir=self.log_dir)
+                raise ValueError(f"{self._csv_path} exists with header {header}, not {CSV_HEADER}; use another "
+                                 "log_dir")
         if csv:
-            self._csv_file = open(csv_path, "a", newline="")
-            self._csv = _csv.writer(self._csv_file)
-            if not csv_exists:
-                self._csv.writerow(CSV_HEADER)
-                self._csv_file.flush()
+            self._open_csv(write_header=not csv_exists)
+
+    def _open_csv(self, write_header: bool) -> None:
+        self._csv_file = open(self._csv_path, "a", newline="")
+        self._csv = _csv.writer(self._csv_file)
+        if write_header:
+            self._csv.writerow(CSV_HEADER)
+            self._csv_file.flush()
+
+    def _tensorboard(self):
+        if self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: TensorBoard hides events at and after it from earlier sessions (a resumed run)
+            self._tb = SummaryWriter(log_dir=self.log_dir, purge_step=self._purge_step)
+        return self._tb
+
+    def discard_after(self, step: int) -> int:
+        """Forget what earlier sessions wrote after ``step`` (a run resumed from a checkpoint at ``step``).
+
+        Rows of ``metrics.csv`` with a larger step are removed (the file is rewritten atomically), and
+        TensorBoard is told to purge events after ``step`` when this writer writes its first event,
+        so the steps replayed after a resume appear once, not twice.
+
+        Args:
+            step: the last step to keep, an int >= 0.
+
+        Returns:
+            The number of CSV rows removed.
+
+        Raises:
+            RuntimeError: the writer is closed, or TensorBoard events were already written by it.
+        """
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        if self._closed:
+            raise RuntimeError(f"MetricsWriter({self.log_dir!r}) is closed")
+        if self._tb is not None:
+            raise RuntimeError("discard_after must be called before the first write (TensorBoard purges at start)")
+        self._purge_step = int(step) + 1
+        if self._csv is None:
+            return 0
+        self._csv_file.close()
+        with open(self._csv_path, newline="") as f:
+            rows = list(_csv.reader(f))
+        kept = [rows[0]] + [r for r in rows[1:] if len(r) == 3 and r[0].isdigit() and int(r[0]) <= step]
+        tmp = self._csv_path + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            _csv.writer(f).writerows(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._csv_path)
+        self._open_csv(write_header=False)
+        return len(rows) - len(kept)
 
     def write(self, step: int, metrics: dict) -> None:
         """Write one step's metrics (validated completely before anything is written).
@@ -164,13 +237,14 @@ class MetricsWriter:
         scalars, histograms = _flatten(metrics)
         if self._csv is not None:
             self._csv.writerows([step, tag, _format(value)] for tag, value in scalars)
-        if self._tb is not None:
+        if self.tensorboard:
+            tb = self._tensorboard()
             for tag, value in scalars:
-                self._tb.add_scalar(tag, float(value), step)
+                tb.add_scalar(tag, float(value), step)
             for tag, values in histograms:
                 finite = [float(v) for v in values if math.isfinite(v)]
                 if finite:
-                    self._tb.add_histogram(tag, torch.tensor(finite, dtype=torch.float64), step)
+                    tb.add_histogram(tag, torch.tensor(finite, dtype=torch.float64), step)
         self._writes += 1
         if self._writes % self.flush_every == 0:
             self.flush()

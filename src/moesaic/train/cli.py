@@ -5,9 +5,10 @@
     moesaic generate --checkpoint runs/NAME --prompt "def "
     moesaic bench layer|ep|optimizer|mixed-precision|checkpoint|train [args...]
 
-``train`` with ``--nproc N > 1`` starts N processes itself through ``torch.distributed.run``
-(torchrun) on 127.0.0.1; started by an external ``torchrun`` it joins that group instead. Every
-config, data and output-folder check runs before any process starts. ``--set key.path=value``
+``train`` with ``--nproc N > 1`` starts N processes itself on 127.0.0.1 with torchrun's environment
+(:mod:`moesaic.train.launcher`: Ctrl-C/SIGTERM stop every rank after the same step with a checkpoint,
+and a failing rank's error is shown once); started by an external ``torchrun`` it joins that group
+instead. Every config, memory, data and output-folder check runs before any process starts. ``--set key.path=value``
 reaches every key of the config tree (``docs/config-reference.md``); the value is TOML.
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -27,11 +28,14 @@ from moesaic import checkpoint
 from moesaic._config import parse_override
 from moesaic.checkpoint import CheckpointError
 from moesaic.models import GPT, GPTConfig
+from moesaic.parallel.comm import CollectiveError
 from moesaic.parallel.launch import LaunchEnv, resolve_device
 
 from .config import load_train_config
 from .data import load_corpus
-from .loop import check_out_dir, run
+from .launcher import launch, write_error_file
+from .loop import check_keep_last, check_memory, check_out_dir, finished_message, run
+from .stop import Stopped
 
 BENCHES = {"layer": "bench_layer.py", "ep": "bench_ep.py", "optimizer": "bench_param_groups.py",
            "mixed-precision": "bench_mixed_precision.py", "checkpoint": "bench_checkpoint.py",
@@ -59,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
                          "--set engine.optimizer.params.lr=1e-3 (TOML syntax for the value; keys: "
                          "docs/config-reference.md)")
     tr.add_argument("--quiet", action="store_true", help="no progress output")
+    tr.add_argument("--resume-command", help=argparse.SUPPRESS)  # from the launcher: what the user typed, resumed
 
     gen = sub.add_parser("generate", help="sample text from a trained run",
                          description="Load a run's latest checkpoint on one process (whatever ep_size trained it) "
@@ -79,12 +84,6 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _load_config(args):
     path = args.config_flag or args.config_file
     if args.config_flag and args.config_file and args.config_flag != args.config_file:
@@ -98,31 +97,55 @@ def _load_config(args):
     return load_train_config(path, overrides), path
 
 
-def cmd_train(args, argv: List[str]) -> int:
+def _program() -> List[str]:
+    """How the user started moesaic: the console script as typed (``.venv/bin/moesaic``) or the module."""
+    arg0 = sys.argv[0] if sys.argv else ""
+    return [arg0] if os.path.basename(arg0) == "moesaic" else ["python", "-m", "moesaic"]
+
+
+def _drop_flag(argv: List[str], flag: str, takes_value: bool) -> List[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = takes_value
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out
+
+
+def resume_command(argv: List[str], out: Path) -> str:
+    """The command that continues this run: the same arguments with ``--out`` and ``--resume``."""
+    args = _drop_flag(_drop_flag(argv, "--resume", False), "--resume-command", True)
+    if "--out" not in args and not any(a.startswith("--out=") for a in args):
+        args += ["--out", str(out)]
+    return shlex.join(_program() + args + ["--resume"])
+
+
+def cmd_train(args, argv: List[str], env: LaunchEnv) -> int:
     cfg, path = _load_config(args)
     out = Path(args.out or Path("runs") / Path(path).stem)
-    env = LaunchEnv.from_environ()
-    if env.launched:  # started by torchrun: this is one rank of the run
-        run(cfg, out, resume=args.resume, quiet=args.quiet, env=env)
+    command = args.resume_command or resume_command(argv, out)
+    if env.launched:  # one rank of a launch (moesaic's launcher or torchrun)
+        run(cfg, out, resume=args.resume, quiet=args.quiet, env=env, resume_command=command)
         return 0
     # checks that must fail before any process starts
-    resolve_device(cfg.train.device, key="train.device")
+    device = resolve_device(cfg.train.device, key="train.device")
+    check_keep_last(cfg)
+    check_memory(cfg, device, cfg.train.nproc)
     load_corpus(cfg.data.path, cfg.data.val_percent, cfg.data.suffixes)
-    check_out_dir(out, cfg, args.resume)
+    step = check_out_dir(out, cfg, args.resume)
+    if args.resume and step is not None and step >= cfg.train.steps:
+        print(finished_message(out, step, cfg))
+        return 0
     nproc = cfg.train.nproc
     if nproc == 1:
-        run(cfg, out, resume=args.resume, quiet=args.quiet, env=env)
+        run(cfg, out, resume=args.resume, quiet=args.quiet, env=env, resume_command=command)
         return 0
-    worker_args = [a for a in argv if a != "--nproc" and not a.startswith("--nproc=")]
-    # drop the value that followed a bare --nproc
-    if "--nproc" in argv:
-        i = argv.index("--nproc")
-        worker_args = argv[:i] + argv[i + 2:]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-           "127.0.0.1", "--master-port", str(_free_port()), "-m", "moesaic.train.cli", *worker_args,
-           "--out", str(out), "--set", f"train.nproc={nproc}"]
-    env_vars = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.call(cmd, env=env_vars)
+    worker_args = _drop_flag(argv, "--nproc", True) + ["--out", str(out), "--set", f"train.nproc={nproc}",
+                                                       "--resume-command", command]
+    return launch(worker_args, nproc, threads_per_process=max(1, (os.cpu_count() or 1) // nproc))
 
 
 def cmd_generate(args) -> int:
@@ -170,18 +193,47 @@ def cmd_bench(args) -> int:
     return subprocess.call([sys.executable, str(script), *args.args])
 
 
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, CheckpointError, CollectiveError)
+
+
+def _fail(command: str, err: BaseException, env: LaunchEnv, user_error: bool) -> int:
+    """Report an error that ends this process: to the launcher's error file when there is one (it shows
+    the root cause once), else on stderr (a configuration error as one line)."""
+    if env.error_file is not None:
+        write_error_file(env.error_file, err, env.rank, user_error=user_error)
+        return 2 if user_error else 1
+    if not user_error:
+        raise err
+    print(f"moesaic {command}: error: {err}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     try:
+        env = LaunchEnv.from_environ()
+    except ValueError as err:
+        print(f"moesaic {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    try:
         if args.command == "train":
-            return cmd_train(args, argv)
+            return cmd_train(args, argv, env)
         if args.command == "generate":
             return cmd_generate(args)
         return cmd_bench(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, CheckpointError) as err:
-        print(f"moesaic {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except Stopped as stop:
+        if env.rank == 0:
+            print(stop.line(), flush=True)
+        return stop.exit_code
+    except KeyboardInterrupt:  # a second signal: no checkpoint of the current step
+        if env.rank == 0:
+            print(f"moesaic {args.command}: aborted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        return _fail(args.command, err, env, user_error=True)
+    except Exception as err:  # a bug: its traceback, once (through the launcher when there is one)
+        return _fail(args.command, err, env, user_error=False)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,12 @@ class LoopConfig(Section):
                              "of every MoE layer).")
     max_minutes: Optional[float] = setting(None, check=partial(check_number, lo=0.0, lo_open=True, allow_none=True),
                                            doc="Stop (with a checkpoint) after this many minutes; absent: never.")
+    keep_last: Optional[int] = setting(None, check=partial(check_int, lo=1, none_word="null"),
+                                       doc="Keep only this many newest checkpoints in <out>/checkpoints (older ones "
+                                           "are removed after each save); absent: keep every checkpoint.")
+    dist_timeout_s: float = setting(300.0, check=partial(check_number, lo=0.0, lo_open=True),
+                                    doc="Seconds joining the process group or any collective waits for a peer "
+                                        "before failing (a stopped or dead rank is reported after this long).")
     device: str = setting("auto", check=check_device,
                           doc="'auto' (CUDA when present, else CPU), 'cpu', 'cuda' (GPU = local rank) or "
                               "'cuda:<index>'; the model and every batch go there.")

@@ -1,17 +1,30 @@
 """PNG plots of a run: training and validation loss, and the expert load of each MoE layer over steps.
 
 matplotlib runs with the headless Agg backend, so plots are written on machines without a screen.
+Without matplotlib (``pip install moesaic`` with no extras) no plots are written, with one warning;
+``history.json`` holds the same figures.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Dict, List
 
 
 def write_plots(history: Dict, folder: Path) -> List[Path]:
-    """Write ``loss.png`` and one ``load_<layer>.png`` heatmap per MoE layer; returns their paths."""
-    import matplotlib
+    """Write ``loss.png`` and one ``load_<layer>.png`` heatmap per MoE layer; returns their paths.
+
+    The load heatmaps have one row per expert of the layer (global expert numbers) and show each
+    expert's share of the layer's kept routes over all ranks (the trainer records the engine's
+    figures, summed over every rank's tokens). Returns ``[]`` (with a warning) without matplotlib.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        warnings.warn("matplotlib is not installed: no plots (pip install 'moesaic[train]'); history.json holds "
+                      "the figures", RuntimeWarning, stacklevel=2)
+        return []
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

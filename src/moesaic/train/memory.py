@@ -1,0 +1,172 @@
+"""How much memory a training run needs, estimated before anything is allocated, and what the machine has.
+
+A typo such as ``--set engine.train_micro_batch_size_per_gpu=100000000`` used to grow a process at
+~90 MB/s with no output until the machine gave up. :func:`check_fits` compares an estimate of one
+process's training memory times the processes sharing the device with what the device has, and
+refuses a run that cannot fit on it (more than its total memory) with both figures in the message.
+
+The estimate counts what a training step must hold, per process:
+
+* parameters (dense and this rank's ``num_experts / ep_size`` experts per MoE layer) and their
+  gradients, in the model dtype; with bf16/fp16 also the fp32 master copies;
+* optimizer state: AdamW/Adam two fp32 moments per parameter, SGD with momentum one (ZeRO stage >= 1
+  shards the dense part over the replicas);
+* activations saved for backward by one micro-batch of the GPT, counted layer by layer below.
+  Measured against the memory a forward of the GPT adds to a fresh process (``tests/unit/
+  test_train_memory.py``), the count is within about 15% for dense, MoE, dropless and wider shapes.
+
+Only a run whose estimate exceeds the device's total memory is refused (it cannot fit however idle the
+machine is); one that exceeds what is free right now gets a warning. The Python runtime, allocator
+slack and the data buffer come on top of the estimate.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from ..models.gpt import GPTConfig
+
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes one training process needs, by kind."""
+
+    params: int
+    grads: int
+    master: int
+    optimizer: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.master + self.optimizer + self.activations
+
+    def describe(self) -> str:
+        parts = [("activations", self.activations), ("parameters", self.params + self.grads + self.master),
+                 ("optimizer state", self.optimizer)]
+        return f"{_gib(self.total)} (" + ", ".join(f"{name} {_gib(n)}" for name, n in parts) + ")"
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.3g} GiB" if n >= 0.1 * GIB else f"{n / (1 << 20):.3g} MiB"
+
+
+def param_counts(model: GPTConfig) -> Tuple[int, int]:
+    """``(dense, per-expert)`` parameter counts of the GPT (tied embedding once)."""
+    D, F, V = model.n_embd, model.ffn_mult * model.n_embd, model.vocab_size
+    mlp = D * F + F + F * D + D
+    attn = D * 3 * D + 3 * D + D * D + D
+    norms = 2 * 2 * D
+    n_moe = sum(model.is_moe_block(i) for i in range(model.n_layer))
+    dense = V * D + model.block_size * D + 2 * D  # wte (= lm_head), wpe, ln_f
+    dense += model.n_layer * (attn + norms) + (model.n_layer - n_moe) * mlp
+    dense += n_moe * (D * model.num_experts + (mlp + D * 2 + 2 if model.use_residual else 0))  # gates (+ residual)
+    return dense, mlp
+
+
+def activation_elements(model: GPTConfig, micro_batch: int) -> Tuple[int, int]:
+    """``(model-dtype elements, fp32 elements)`` autograd saves for one micro-batch of ``block_size`` tokens."""
+    T = micro_batch * model.block_size
+    D, F, V, H = model.n_embd, model.ffn_mult * model.n_embd, model.vocab_size, model.n_head
+    # 1. per block: layer-norm inputs (2 x D), qkv (3 D), attention output (D), proj input (D), residual sums;
+    #    the attention kernel keeps its log-sum-exp (H per token)
+    per_block = T * (2 * D + 3 * D + D + D + D) + T * H
+    dense_mlp = T * (D + 2 * F)  # fc input, fc output, GELU output
+    # 2. an MoE feed-forward: each token's k routes (at most capacity_factor times an even share per
+    #    expert, at least every token's k routes when dropless) pass through fc, GELU and proj
+    routes = model.top_k * T * (1.0 if not model.drop_tokens else min(1.0, model.capacity_factor))
+    moe = int(routes * (D + 2 * F + D)) + T * D  # gathered input, fc out, GELU out, expert output; combine
+    n_moe = sum(model.is_moe_block(i) for i in range(model.n_layer))
+    lowp = model.n_layer * per_block + (model.n_layer - n_moe) * dense_mlp + n_moe * moe + T * 2 * D  # + ln_f
+    # 3. the LM head: logits, and the fp32 log-softmax the loss keeps
+    fp32 = T * V + n_moe * T * model.num_experts  # log-softmax; gate probabilities (fp32 router)
+    lowp += T * V
+    return lowp, fp32
+
+
+def estimate(model: GPTConfig, micro_batch: int, *, dtype_bytes: int = 4, optimizer: str = "AdamW",
+             momentum: bool = False, zero_stage: int = 0, replicas: int = 1) -> MemoryEstimate:
+    """Estimate one process's training memory (see the module docstring).
+
+    Args:
+        model: the GPT's config (its ``ep_size`` sets the experts each process holds).
+        micro_batch: sequences per micro-batch (``engine.train_micro_batch_size_per_gpu``).
+        dtype_bytes: 4 (fp32), or 2 (bf16/fp16: fp32 master copies are added).
+        optimizer: the optimizer type (AdamW/Adam: two moments; SGD: one with momentum, else none).
+        momentum: SGD's momentum is not zero.
+        zero_stage: ZeRO stage; >= 1 shards the dense optimizer state over ``replicas``.
+        replicas: processes holding a copy of the dense parameters (the world size).
+    """
+    if micro_batch < 1:
+        raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+    dense, per_expert = param_counts(model)
+    n_moe = sum(model.is_moe_block(i) for i in range(model.n_layer))
+    params = dense + n_moe * per_expert * (model.num_experts // model.ep_size)
+    moments = 2 if optimizer.lower() in ("adamw", "adam") else (1 if momentum else 0)
+    sharded = dense * (1 - 1 / replicas) if zero_stage >= 1 else 0
+    lowp, fp32 = activation_elements(model, micro_batch)
+    return MemoryEstimate(params=params * dtype_bytes, grads=params * dtype_bytes,
+                          master=params * 4 if dtype_bytes < 4 else 0,
+                          optimizer=int(moments * 4 * (params - sharded)),
+                          activations=lowp * dtype_bytes + fp32 * 4)
+
+
+def machine_memory(device: torch.device) -> Tuple[int, Optional[int], str]:
+    """``(total, available or None, what)`` bytes of the memory a process on ``device`` draws from.
+
+    CPU: physical memory, or a smaller cgroup limit (containers); available = ``MemAvailable``.
+    CUDA: the GPU's total and free memory.
+    """
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return total, free, f"GPU {device.index} ({torch.cuda.get_device_name(device)})"
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    what = "this machine's memory"
+    try:  # cgroup v2 limit of a container
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit.isdigit() and int(limit) < total:
+            total, what = int(limit), "this container's memory limit"
+    except OSError:
+        pass
+    available = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = min(total, int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    return total, available, what
+
+
+def check_fits(need: MemoryEstimate, processes: int, device: torch.device, *, key: str) -> Optional[str]:
+    """Refuse a run that cannot fit in the device's memory; returns a warning text when it may not fit now.
+
+    Args:
+        need: one process's estimate.
+        processes: processes drawing from the same memory (the processes on this machine for the CPU,
+            1 per GPU).
+        device: the run's device.
+        key: the setting to name (the micro-batch size's key path).
+
+    Raises:
+        ValueError: the estimate exceeds the total memory; the message gives both.
+    """
+    total, available, what = machine_memory(device)
+    want = need.total * processes
+    per = f"{processes} processes x " if processes > 1 else ""
+    if want > total:
+        raise ValueError(f"{key} is too large for this machine: a training step needs about {per}{need.describe()}"
+                         f" = {_gib(want)}, but {what} is {_gib(total)}; lower {key} (or the model size) and raise "
+                         "engine.gradient_accumulation_steps to keep the global batch")
+    if available is not None and want > available:
+        return (f"a training step needs about {_gib(want)} ({per}{need.describe()}) but only {_gib(available)} of "
+                f"{what} is free now; the run may swap or be killed")
+    return None
