@@ -1,9 +1,10 @@
-"""Ranks that start equal and agree (issue 11, items 6, 8, 11), on 2 gloo ranks.
+"""Ranks that start equal and agree (issue 11, items 6, 7, 8, 11), on 2 gloo ranks.
 
 * ``initialize`` gives every rank rank 0's dense weights and each expert's weights from the first rank
   of its expert-data-parallel group (a model seeded with ``seed + rank`` used to keep its per-rank
   dense weights for the whole run, so a checkpoint, which stores one copy, could not resume it exactly);
 * ranks with another engine config or another model are an error naming what differs;
+* a stop (signal or deadline) seen by one rank stops every rank after the same step;
 * the engine's MoE metrics cover every rank's tokens and every expert by its global number.
 """
 
@@ -85,6 +86,19 @@ def _disagree(rank, world, what):
         assert 'dense.extra.weight: rank 0 = <absent>, rank 1 = [[3, 8], "torch.float32"]' in text, text
 
 
+def _stop_agreement(rank, world):
+    """A signal that reached rank 1 only, or a deadline passed on rank 0 only, stops both after the same step."""
+    import signal
+
+    from moesaic.train.stop import StopRequest
+
+    with StopRequest() as stop:
+        assert stop.agree() == (None, False)
+        if rank == 1:
+            signal.raise_signal(signal.SIGTERM)
+        assert stop.agree(out_of_time=rank == 0) == (signal.SIGTERM, True)
+
+
 def _nested_difference(rank, world):
     value = {"train": {"steps": 10 + rank, "seed": 1}, "model": {"n_layer": 2}}
     with pytest.raises(ValueError, match=r"the training config differs between ranks") as err:
@@ -131,6 +145,7 @@ def _replicated_experts(rank, world):
     _disagree(rank, world, "lr")
     _disagree(rank, world, "model")
     _nested_difference(rank, world)
+    _stop_agreement(rank, world)
 
 
 def _sharded_experts(rank, world, log_dir):

@@ -151,6 +151,30 @@ def test_telemetry_files(tmp_path):
     assert list(tmp_path.glob("events.out.tfevents.*"))
 
 
+def test_load_checkpoint_discards_metrics_of_the_steps_trained_again(tmp_path):
+    """A run killed at step 3 after a checkpoint at step 1: the resumed engine trains steps 2-3 again, and
+    metrics.csv must hold each step once (it used to get the replayed steps' rows a second time)."""
+    logs, ckpt = tmp_path / "logs", tmp_path / "ckpt"
+    engine, *_ = moesaic.initialize(model=Net(), config=config(), log_dir=str(logs))
+    x, y = batch(6)
+    for step in (1, 2, 3):
+        engine.backward(engine(x, y))
+        engine.step()
+        if step == 1:
+            engine.save_checkpoint(ckpt)
+    engine.close()  # killed here
+    assert [s for s, _ in read_csv_metrics(logs)["train/loss"]] == [1, 2, 3]
+    again, *_ = moesaic.initialize(model=Net(), config=config(), log_dir=str(logs))
+    again.load_checkpoint(ckpt)
+    for _ in (2, 3):
+        again.backward(again(x, y))
+        again.step()
+    again.close()
+    series = read_csv_metrics(logs)
+    assert [s for s, _ in series["train/loss"]] == [1, 2, 3]
+    assert all(len({s for s, _ in rows}) == len(rows) for rows in series.values())
+
+
 def test_config_file_and_bad_config(tmp_path):
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(config()))

@@ -211,6 +211,7 @@ def test_empty_and_binary_data_are_refused(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.subprocess
 def test_generate_from_a_run(tmp_path, corpus):
     out = tmp_path / "run"
     assert train(out, corpus, "--set", "train.steps=2") == 0
@@ -220,6 +221,7 @@ def test_generate_from_a_run(tmp_path, corpus):
     assert res.stdout.startswith("def ") and len(res.stdout.encode()) >= 20
 
 
+@pytest.mark.subprocess
 def test_help_is_complete():
     res = subprocess.run([sys.executable, "-m", "moesaic", "train", "--help"], capture_output=True, text=True,
                          timeout=60)

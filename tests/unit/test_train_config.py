@@ -101,7 +101,7 @@ def test_numbers_are_normalised():
                                                r"got 'gpu'"),
     ({"train": {"device": 0}}, TypeError, r"train.device must be a str"),
     ({"train": {"stepz": 3}}, ValueError, r"unknown key 'train.stepz'; allowed keys under train: checkpoint_every, "
-                                          r"device, eval_batches"),
+                                          r"device, dist_timeout_s, eval_batches"),
     ({"trian": {}}, ValueError, r"unknown key 'trian'; allowed keys at the top level: data, engine, model, train"),
     ({"model": {"n_layers": 2}}, ValueError, r"unknown key 'model.n_layers'; allowed keys under model: aux_loss_coef"),
     ({"model": {"num_experts": 6, "ep_size": 4}}, ValueError,

@@ -177,8 +177,8 @@ class MetricsWriter:
         """Forget what earlier sessions wrote after ``step`` (a run resumed from a checkpoint at ``step``).
 
         Rows of ``metrics.csv`` with a larger step are removed (the file is rewritten atomically), and
-        TensorBoard is told to purge events after ``step`` when this writer writes its first event,
-        so the steps replayed after a resume appear once, not twice.
+        the next TensorBoard event file starts with a purge of the events after ``step`` (TensorBoard's
+        ``purge_step``), so the steps trained again after a resume appear once, not twice.
 
         Args:
             step: the last step to keep, an int >= 0.
@@ -187,14 +187,16 @@ class MetricsWriter:
             The number of CSV rows removed.
 
         Raises:
-            RuntimeError: the writer is closed, or TensorBoard events were already written by it.
+            ValueError: ``step`` is not an int >= 0.
+            RuntimeError: the writer is closed.
         """
         if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
         if self._closed:
             raise RuntimeError(f"MetricsWriter({self.log_dir!r}) is closed")
-        if self._tb is not None:
-            raise RuntimeError("discard_after must be called before the first write (TensorBoard purges at start)")
+        if self._tb is not None:  # TensorBoard purges when a writer starts: the next write starts a new one
+            self._tb.close()
+            self._tb = None
         self._purge_step = int(step) + 1
         if self._csv is None:
             return 0

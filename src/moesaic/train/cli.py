@@ -35,7 +35,7 @@ from .config import load_train_config
 from .data import load_corpus
 from .launcher import launch, write_error_file
 from .loop import check_keep_last, check_memory, check_out_dir, finished_message, run
-from .stop import Stopped
+from .stop import Aborted, Stopped, abort_on_signals
 
 BENCHES = {"layer": "bench_layer.py", "ep": "bench_ep.py", "optimizer": "bench_param_groups.py",
            "mixed-precision": "bench_mixed_precision.py", "checkpoint": "bench_checkpoint.py",
@@ -218,6 +218,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         if args.command == "train":
+            if env.launched:
+                abort_on_signals()  # SIGTERM during start-up: a clean "aborted", as Ctrl-C
             return cmd_train(args, argv, env)
         if args.command == "generate":
             return cmd_generate(args)
@@ -226,10 +228,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if env.rank == 0:
             print(stop.line(), flush=True)
         return stop.exit_code
-    except KeyboardInterrupt:  # a second signal: no checkpoint of the current step
+    except KeyboardInterrupt as stop:  # a second signal, or one before training began: nothing saved
         if env.rank == 0:
-            print(f"moesaic {args.command}: aborted", file=sys.stderr)
-        return 130
+            print(f"moesaic {args.command}: aborted, nothing saved", file=sys.stderr)
+        return stop.exit_code if isinstance(stop, Aborted) else 130
     except USER_ERRORS as err:
         return _fail(args.command, err, env, user_error=True)
     except Exception as err:  # a bug: its traceback, once (through the launcher when there is one)

@@ -174,7 +174,7 @@ def launch(args: List[str], nproc: int, *, threads_per_process: int, grace_s: fl
                 start_new_session=True, preexec_fn=_parent_death_signal))
         failed_at = None
         while any(p.poll() is None for p in procs):
-            stop_codes = {128 + s for s in received}
+            stop_codes = {128 + s for s in received} | {-s for s in received}
             if failed_at is None and any(p.returncode not in (None, 0) and p.returncode not in stop_codes
                                          for p in procs):
                 failed_at = time.monotonic()
@@ -203,12 +203,12 @@ def launch(args: List[str], nproc: int, *, threads_per_process: int, grace_s: fl
         shutil.rmtree(folder, ignore_errors=True)
     if all(not r.failed for r in results):
         return 0
-    stop_codes = {128 + s for s in received}
+    stop_codes = {128 + s for s in received} | {-s for s in received}
     if received and all(r.code == 0 or r.code in stop_codes for r in results):
-        return 128 + received[0]  # stopped as asked; rank 0 said where the checkpoint is
+        return 128 + received[0]  # stopped as asked; rank 0 said where the checkpoint is (or that none is)
     cause = root_cause(results)
-    if received and cause.error is None and cause.code in (-signal.SIGKILL, 128 + signal.SIGINT):
-        print("moesaic train: aborted", file=stderr)
+    if len(received) > 1 and cause.error is None:  # the second signal killed them
+        print("moesaic train: aborted, nothing saved", file=stderr)
         return 128 + received[0]
     print(f"moesaic train: {describe_failure(cause, nproc)}", file=stderr)
     if cause.code > 0:

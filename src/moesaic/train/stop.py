@@ -7,7 +7,8 @@ save a checkpoint together. The time limit (``train.max_minutes``) goes through 
 clocks of different ranks cross the deadline at different steps, and a rank that stopped alone would
 leave the others waiting in the checkpoint's collectives.
 
-A second signal aborts at once without saving (``KeyboardInterrupt``).
+A second signal aborts at once without saving (:class:`Aborted`, a ``KeyboardInterrupt``); so does a
+signal before the loop has started (:func:`abort_on_signals`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,29 @@ class Stopped(Exception):
         return 128 + self.signum
 
 
+class Aborted(KeyboardInterrupt):
+    """A stop signal that arrived where no step can be finished first (start-up), or a second signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def abort_on_signals() -> None:
+    """Outside the training loop, SIGINT and SIGTERM raise :class:`Aborted` (SIGTERM would otherwise end the
+    process without a word). Call in the main thread."""
+    def handler(signum, frame):
+        raise Aborted(signum)
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, handler)
+
+
 class StopRequest:
     """Turns SIGINT/SIGTERM into a flag while installed (a context manager); see the module docstring.
 
@@ -75,7 +99,7 @@ class StopRequest:
     def _handle(self, signum: int, frame) -> None:
         if self.signum is not None:  # the second signal: abort now, without saving
             self.__exit__()
-            raise KeyboardInterrupt
+            raise Aborted(signum)
         self.signum = signum
         if self._on_first is not None:
             self._on_first(signum)
