@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.toml")
 W2 = ["--nproc", "2", "--device", "cpu", "--set", "model.n_layer=2", "--set", "model.n_embd=32", "--set", "model.n_head=2",
       "--set", "model.block_size=32", "--set", "model.ep_size=2", "--set", "engine.train_micro_batch_size_per_gpu=4",
-      "--set", "train.eval_every=2", "--set", "train.eval_batches=1", "--set", "train.log_every=1",
-      "--set", "train.checkpoint_every=0", "--set", "engine.scheduler.params.total_num_steps=4", "--quiet"]
+      "--set", "train.eval_every=100000", "--set", "train.eval_batches=1", "--set", "train.log_every=1",
+      "--set", "train.checkpoint_every=0", "--set", "engine.scheduler.params.total_num_steps=1000", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -52,27 +52,6 @@ def weights(run: Path) -> dict:
     return model.state_dict()
 
 
-def test_w2_ep2_resume_is_bitwise_and_metrics_are_not_duplicated(tmp_path, corpus):
-    """2 ranks, ep_size=2: 2 steps + resume to 4 == 4 steps, tensor for tensor (it was 3e-2 apart: each rank
-    kept the dense weights of its own seed, and a checkpoint stores one copy)."""
-    whole, halves = tmp_path / "whole", tmp_path / "halves"
-    args = ["train", TINY, "--data", str(corpus), *W2]
-    res = moesaic(*args, "--out", str(whole), "--set", "train.steps=4")
-    assert res.returncode == 0, res.stderr
-    res = moesaic(*args, "--out", str(halves), "--set", "train.steps=2")
-    assert res.returncode == 0, res.stderr
-    res = moesaic(*args, "--out", str(halves), "--set", "train.steps=4", "--resume")
-    assert res.returncode == 0, res.stderr
-    a, b = weights(whole), weights(halves)
-    assert a.keys() == b.keys() and len(a) > 10
-    for name in a:
-        assert torch.equal(a[name], b[name]), f"{name}: max diff {(a[name] - b[name]).abs().max()}"
-    want, got = read_csv_metrics(whole / "logs"), read_csv_metrics(halves / "logs")
-    for tag in ("train/loss", "train/grad_norm", "moe/blocks.1.ffn/tokens_per_expert/3"):
-        assert got[tag] == want[tag], tag  # steps 1..4 once each, the same numbers
-    assert [s for s, _ in got["train/loss"]] == [1, 2, 3, 4]
-
-
 def _wait_for(predicate, timeout_s, proc):
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -92,31 +71,51 @@ def _trained_steps(run: Path) -> int:
         return 0
 
 
-def test_sigterm_stops_both_ranks_at_one_step_with_a_checkpoint_then_one_error_line(tmp_path, corpus):
-    run = tmp_path / "run"
+def test_w2_ep2_sigterm_stops_at_one_step_resume_is_bitwise_and_a_failure_is_one_line(tmp_path, corpus):
+    """2 ranks, ep_size=2, as a user runs them:
+
+    1. SIGTERM to the launcher (as a batch scheduler sends it) stops both ranks after the same step N,
+       with a checkpoint, one 'stopped at step N' line and exit code 143 (it used to exit at once, unsaved);
+    2. resumed to N + 2, the weights equal an uninterrupted run of N + 2 steps tensor for tensor (they
+       were 3e-2 apart: each rank kept the dense weights of its own seed, and a checkpoint stores one copy),
+       and metrics.csv holds each step once with the same figures;
+    3. a rank that fails (a checkpoint missing one expert's file) shows its error once, as one line.
+    """
+    stopped, whole = tmp_path / "stopped", tmp_path / "whole"
+    args = ["train", TINY, "--data", str(corpus), *W2]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "moesaic", "train", TINY, "--data", str(corpus), *W2[:-1], "--out", str(run),
-           "--set", "train.steps=100000", "--set", "train.eval_every=100000"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    _wait_for(lambda: _trained_steps(run) >= 2, 180, proc)
-    proc.send_signal(signal.SIGTERM)  # as a batch scheduler does: to the launcher only
+    proc = subprocess.Popen([sys.executable, "-m", "moesaic", *args, "--out", str(stopped), "--set", "train.steps=1000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    _wait_for(lambda: _trained_steps(stopped) >= 2, 180, proc)
+    proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, (out, err)
     lines = [line for line in out.splitlines() if line.startswith("stopped at step")]
     assert len(lines) == 1, out
     step = int(lines[0].split()[3])
-    assert f"({'SIGTERM'}), checkpoint {run / 'checkpoints' / f'step{step}'}; resume with: " in lines[0]
+    assert f"(SIGTERM), checkpoint {stopped / 'checkpoints' / f'step{step}'}; resume with: " in lines[0]
     assert "--resume" in lines[0] and "--out" in lines[0]
     assert "Traceback" not in err and "ChildFailedError" not in err, err
-    manifest = checkpoint.read_manifest(checkpoint.resolve(run / "checkpoints"))
-    assert manifest["step"] == step == _trained_steps(run)  # both ranks stopped after this step and saved it
+    manifest = checkpoint.read_manifest(checkpoint.resolve(stopped / "checkpoints"))
+    assert manifest["step"] == step == _trained_steps(stopped)  # both ranks stopped after this step and saved it
 
-    # a rank that fails shows its error once: a checkpoint missing one expert's file fails both ranks' loads
-    folder = checkpoint.resolve(run / "checkpoints")
+    res = moesaic(*args, "--out", str(stopped), "--set", f"train.steps={step + 2}", "--resume")
+    assert res.returncode == 0, res.stderr
+    res = moesaic(*args, "--out", str(whole), "--set", f"train.steps={step + 2}")
+    assert res.returncode == 0, res.stderr
+    a, b = weights(whole), weights(stopped)
+    assert a.keys() == b.keys() and len(a) > 10
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name}: max diff {(a[name] - b[name]).abs().max()}"
+    want, got = read_csv_metrics(whole / "logs"), read_csv_metrics(stopped / "logs")
+    for tag in ("train/loss", "train/grad_norm", "moe/blocks.1.ffn/tokens_per_expert/3"):
+        assert got[tag] == want[tag], tag  # steps 1..N+2 once each, the same numbers
+    assert [s for s, _ in got["train/loss"]] == list(range(1, step + 3))
+
+    folder = checkpoint.resolve(stopped / "checkpoints")
     victim = sorted((folder / "experts").rglob("*.safetensors"))[0]
     victim.unlink()
-    res = moesaic("train", TINY, "--data", str(corpus), *W2, "--out", str(run), "--set", "train.steps=100000",
-                  "--resume")
+    res = moesaic(*args, "--out", str(stopped), "--set", "train.steps=1000", "--resume")
     assert res.returncode == 2, res.stderr
     errors = [line for line in res.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and errors[0].startswith("moesaic train: error (rank "), res.stderr

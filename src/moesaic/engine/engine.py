@@ -259,6 +259,12 @@ def initialize(model: nn.Module, model_parameters=None, config=None, *, log_dir:
             when the ``tensorboard`` package is installed, else one warning and CSV only).
         telemetry_every: per-group statistics every this many steps (they cost a few norms).
 
+    With several processes, the ranks first compare the engine config and the model's parameter
+    layout (a ValueError names every key that differs), then every rank takes rank 0's dense weights
+    and each expert's weights from the first rank of its expert-data-parallel group, as DeepSpeed's
+    engine does (:mod:`moesaic.engine.replicas`): replicas must start equal for data parallelism,
+    and for a checkpoint (one copy of each tensor) to resume them exactly.
+
     Returns:
         ``(engine, optimizer, None, lr_scheduler)``.
     """
