@@ -100,7 +100,7 @@ def _load_config(args):
 def _program() -> List[str]:
     """How the user started moesaic: the console script as typed (``.venv/bin/moesaic``) or the module."""
     arg0 = sys.argv[0] if sys.argv else ""
-    return [arg0] if os.path.basename(arg0) == "moesaic" else ["python", "-m", "moesaic"]
+    return [arg0] if os.path.basename(arg0) == "moesaic" else [sys.executable, "-m", "moesaic"]
 
 
 def _drop_flag(argv: List[str], flag: str, takes_value: bool) -> List[str]:

@@ -205,6 +205,9 @@ def launch(args: List[str], nproc: int, *, threads_per_process: int, grace_s: fl
         return 0
     stop_codes = {128 + s for s in received} | {-s for s in received}
     if received and all(r.code == 0 or r.code in stop_codes for r in results):
+        if results[0].code < 0:  # rank 0 ended by the signal itself, before it could say anything
+            print(f"moesaic train: stopped by {signal.Signals(received[0]).name} during start-up; nothing saved",
+                  file=stderr)
         return 128 + received[0]  # stopped as asked; rank 0 said where the checkpoint is (or that none is)
     cause = root_cause(results)
     if len(received) > 1 and cause.error is None:  # the second signal killed them
