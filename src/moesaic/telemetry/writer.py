@@ -14,6 +14,7 @@ import csv as _csv  # the ``csv`` flag of MetricsWriter would shadow the module
 import math
 import numbers
 import os
+import time
 import warnings
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -169,9 +170,26 @@ class MetricsWriter:
         if self._tb is None:
             from torch.utils.tensorboard import SummaryWriter
 
+            if self._purge_step is not None:
+                self._after_existing_event_files()
             # purge_step: TensorBoard hides events at and after it from earlier sessions (a resumed run)
             self._tb = SummaryWriter(log_dir=self.log_dir, purge_step=self._purge_step)
         return self._tb
+
+    def _after_existing_event_files(self) -> None:
+        """Wait (at most a second) until a new event file's name sorts after every existing one.
+
+        TensorBoard reads a folder's event files in name order, and a name starts with the second the
+        file was created; a file created in the same second as an earlier one can sort before it, so the
+        purge it carries would come before the events it must hide.
+        """
+        newest = 0
+        for name in os.listdir(self.log_dir):
+            parts = name.split(".")
+            if name.startswith("events.out.tfevents.") and len(parts) > 3 and parts[3].isdigit():
+                newest = max(newest, int(parts[3]))
+        while int(time.time()) <= newest:
+            time.sleep(0.05)
 
     def discard_after(self, step: int) -> int:
         """Forget what earlier sessions wrote after ``step`` (a run resumed from a checkpoint at ``step``).
