@@ -208,6 +208,14 @@ def _fail(command: str, err: BaseException, env: LaunchEnv, user_error: bool) ->
     return 2
 
 
+def _end_worker(code: int) -> None:
+    """A launched rank that failed ends at once: its error is recorded, and a process group left in the middle
+    of a collective can abort the interpreter's normal exit (C++ ``terminate`` from a live gloo thread)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
@@ -216,6 +224,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as err:
         print(f"moesaic {args.command}: error: {err}", file=sys.stderr)
         return 2
+    code = _main(args, argv, env)
+    if code not in (0, None) and env.launched and args.command == "train":
+        _end_worker(code)
+    return code
+
+
+def _main(args, argv: List[str], env: LaunchEnv) -> int:
     try:
         if args.command == "train":
             if env.launched:

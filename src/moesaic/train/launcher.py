@@ -214,6 +214,8 @@ def launch(args: List[str], nproc: int, *, threads_per_process: int, grace_s: fl
         print("moesaic train: aborted, nothing saved", file=stderr)
         return 128 + received[0]
     print(f"moesaic train: {describe_failure(cause, nproc)}", file=stderr)
+    if cause.error is not None:  # its own code, even if the process then died on the way out
+        return 2 if cause.error.get("user_error") else 1
     if cause.code > 0:
         return cause.code
     return 128 - cause.code  # killed by a signal: the shell's convention
