@@ -5,9 +5,12 @@ Linear(h,4h)-GELU-Linear(4h,h), fp32, one thread per process (2 processes on 2 c
 runs one forward+backward of every contender, with a barrier before each, and the medians over
 rounds are reported by rank 0. DeepSpeed 0.19.8's layer runs side by side when it is installed.
 
-Bytes: the rows each rank hands to all-to-all per step (dispatch and return), times h x 4 bytes.
-Capacity mode moves fixed [E, C, h] buffers both ways (as DeepSpeed); dropless mode moves exactly
-the routed rows; DeepSpeed's dropless mode pads every expert to the largest count in the group.
+Bytes: the rows each rank sends to its peers per step (dispatch and return), times h x 4 bytes,
+worked out from the routing counts (the layer keeps no traffic counters). A rank's block for its
+own experts is not traffic: moesaic keeps it out of the collective, DeepSpeed copies it locally.
+Capacity mode moves fixed [L, C, h] blocks to each peer both ways (as DeepSpeed); dropless mode
+moves exactly the routed rows; DeepSpeed's dropless mode pads every expert to the largest count
+in the group.
 
     python benchmarks/bench_ep.py [--rounds 9] [--tokens 8192]
 """
@@ -31,6 +34,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import moesaic  # noqa: E402
+from moesaic.layer.router import expert_capacity  # noqa: E402
 
 H, E, K = 256, 16, 2
 
@@ -91,20 +95,29 @@ def worker(rank: int, world: int, port: int, args, out_path: str) -> None:
                 dist.barrier()
                 times[name].append(time.perf_counter() - t0)
         routes = int(ours.tokens_per_expert.sum())
+        # every rank's kept routes per expert: row p = what rank p routed to each global expert
+        counts = [torch.zeros_like(ours.tokens_per_expert) for _ in range(world)]
+        dist.all_gather(counts, ours.tokens_per_expert)
+        counts_PE = torch.stack(counts)
+        L = E // world
+        mine = slice(rank * L, (rank + 1) * L)
         row = {f"{n}_ms": 1000 * statistics.median(t) for n, t in times.items()}
         if "deepspeed" in times:
             row["speedup_vs_deepspeed"] = statistics.median(d / m for d, m in zip(times["deepspeed"], times["moesaic"]))
-        disp = ours._dispatcher
-        row["moesaic_a2a_mib"] = disp.sent_bytes / 2**20
         row["routes"] = routes
+        mib = H * 4 / 2**20  # per row
         if mode == "capacity":
-            C = moesaic.layer.gating.expert_capacity(args.tokens, E, args.capacity_factor, K, 4)
+            C = expert_capacity(args.tokens, E, args.capacity_factor, K, 4)
             row["capacity"] = C
-            row["deepspeed_a2a_mib"] = 2 * E * C * H * 4 / 2**20  # DeepSpeed moves the same [E, C, D] buffers
+            # one [L, C, h] block to each peer, and one back: the same buffers as DeepSpeed's
+            row["moesaic_a2a_mib"] = row["deepspeed_a2a_mib"] = 2 * (world - 1) * L * C * mib
         else:
+            sent = int(counts_PE[rank].sum() - counts_PE[rank, mine].sum())  # my routes to peers' experts
+            returned = int(counts_PE[:, mine].sum() - counts_PE[rank, mine].sum())  # peers' routes to mine
+            row["moesaic_a2a_mib"] = (sent + returned) * mib
             cmax = ours.exp_counts.max().clone()
             dist.all_reduce(cmax, op=dist.ReduceOp.MAX)  # DeepSpeed pads every expert to this count
-            row["deepspeed_a2a_mib"] = 2 * E * int(cmax) * H * 4 / 2**20
+            row["deepspeed_a2a_mib"] = 2 * (world - 1) * L * int(cmax) * mib
         results[mode] = row
     if rank == 0:
         Path(out_path).write_text(json.dumps(results))
@@ -131,7 +144,7 @@ def main() -> None:
     print(json.dumps(results, indent=1))
     has_ds = any("deepspeed_ms" in r for r in results.values())
     head = ["mode", "moesaic ms"] + (["DeepSpeed ms", "speed-up"] if has_ds else []) + \
-        ["a2a MiB/rank moesaic", "DeepSpeed (same settings)", "routes kept on rank 0"]
+        ["a2a MiB/rank to peers moesaic", "DeepSpeed (same settings)", "routes kept on rank 0"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for mode, r in results.items():
         cells = [mode, f"{r['moesaic_ms']:.0f}"]

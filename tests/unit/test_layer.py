@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import moesaic
-from moesaic.layer.gating import compute_routing, expert_capacity
+from moesaic.layer.router import RouterConfig, compute_routing, expert_capacity
 
 D = 8
 
@@ -22,7 +22,10 @@ def mlp(d=D, h=16):
 def test_top1_routing_by_position_keeps_first_tokens():
     # 5 tokens, 2 experts; tokens 0,1,3,4 prefer expert 0, token 2 prefers expert 1.
     logits = torch.tensor([[2.0, 0.0], [3.0, 0.0], [0.0, 1.0], [1.0, 0.0], [4.0, 0.0]])
-    r = compute_routing(logits, k=1, capacity=2, drop_policy="position", use_rts=False)
+    # capacity = max(ceil(5 / 2 * 0.1 * 1), min_capacity=2) = 2
+    config = RouterConfig(num_experts=2, k=1, capacity_factor=0.1, min_capacity=2, use_rts=False)
+    r = compute_routing(logits, config, training=True)
+    assert r.capacity == 2
     # expert-major order: expert 0 keeps tokens 0 and 1 (3 and 4 dropped), expert 1 keeps token 2
     assert r.token_idx_N.tolist() == [0, 1, 2]
     assert r.expert_idx_N.tolist() == [0, 0, 1]
@@ -41,7 +44,10 @@ def test_top1_routing_by_position_keeps_first_tokens():
 def test_top2_places_first_choices_ahead_of_second_choices():
     # 3 tokens, 3 experts. Choices (1st, 2nd): t0 (1, 0), t1 (0, 1), t2 (1, 2).
     logits = torch.tensor([[1.0, 2.0, 0.0], [2.0, 1.0, 0.0], [0.0, 2.0, 1.0]])
-    r = compute_routing(logits, k=2, capacity=2, drop_policy="position", use_rts=False)
+    # capacity = max(ceil(3 / 3 * 0.1 * 2), min_capacity=2) = 2
+    config = RouterConfig(num_experts=3, k=2, capacity_factor=0.1, min_capacity=2, top2_2nd_expert_sampling=False)
+    r = compute_routing(logits, config, training=True)
+    assert r.capacity == 2 and r.expert_ids_SK.tolist() == [[1, 0], [0, 1], [1, 2]]
     # expert 1 receives t0 (1st), t2 (1st) and t1 (2nd): first choices win, t1's 2nd choice is dropped
     assert r.exp_counts_E.tolist() == [2, 3, 1]
     pairs = list(zip(r.expert_idx_N.tolist(), r.token_idx_N.tolist()))
@@ -57,7 +63,9 @@ def test_top2_places_first_choices_ahead_of_second_choices():
 def test_topk_probs_policy_keeps_highest_probabilities():
     # 4 tokens, 4 experts, k=3, capacity 2: expert 0 is chosen by all four tokens.
     logits = torch.tensor([[0.5, 3, 2, 1], [3.0, 2, 1, 0], [1.0, 0, 2, 3], [2.5, 0, 1, 3]])
-    r = compute_routing(logits, k=3, capacity=2, drop_policy="probs", use_rts=False)
+    # capacity = max(ceil(4 / 4 * 0.1 * 3), min_capacity=2) = 2; drop_policy defaults to "probs" for k > 2
+    r = compute_routing(logits, RouterConfig(num_experts=4, k=3, capacity_factor=0.1, min_capacity=2), training=True)
+    assert r.capacity == 2 and r.config.drop_policy == "probs"
     g = torch.softmax(logits, 1)
     kept = sorted(t for e, t in zip(r.expert_idx_N.tolist(), r.token_idx_N.tolist()) if e == 0)
     want = sorted(g[:, 0].argsort(descending=True)[:2].tolist())
@@ -66,7 +74,8 @@ def test_topk_probs_policy_keeps_highest_probabilities():
 
 def test_dropless_keeps_every_route_and_weights_sum_to_one():
     logits = torch.randn(64, 8, generator=torch.Generator().manual_seed(0)) * 5
-    r = compute_routing(logits, k=2, capacity=None, drop_policy="position", use_rts=False)
+    r = compute_routing(logits, RouterConfig(num_experts=8, k=2, drop_tokens=False), training=False)
+    assert r.capacity is None
     assert r.num_dropped == 0 and r.token_idx_N.numel() == 128
     per_token = torch.zeros(64).index_add(0, r.token_idx_N, r.weight_N)
     torch.testing.assert_close(per_token, torch.ones(64))
@@ -79,7 +88,9 @@ def test_rts_keeps_exactly_capacity_and_is_random():
     kept = set()
     for seed in range(3):
         torch.manual_seed(seed)
-        r = compute_routing(logits, k=1, capacity=10, drop_policy="position", use_rts=True)
+        # capacity = ceil(40 / 2 * 0.5) = 10
+        r = compute_routing(logits, RouterConfig(num_experts=2, k=1, capacity_factor=0.5, min_capacity=0),
+                            training=True)
         assert r.tokens_per_expert_E.tolist() == [10, 0]
         kept.add(tuple(sorted(r.token_idx_N.tolist())))
     assert len(kept) > 1, "random token selection must not always keep the same tokens"
@@ -229,30 +240,36 @@ def test_unused_experts_get_zero_grads_not_none():
             assert p.grad is not None and torch.all(p.grad == 0)
 
 
-def test_use_tutel_warns_once_and_is_ignored():
-    import moesaic.layer.moe as moe_mod
-    moe_mod._warned.discard("use_tutel")
+def test_use_tutel_warns_once_per_calling_line_and_is_ignored():
     with pytest.warns(UserWarning, match="use_tutel is ignored"):
         moesaic.MoE(D, mlp(), num_experts=2, use_tutel=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        moesaic.MoE(D, mlp(), num_experts=2, use_tutel=True)
+    # Python's default filter reports a warning once per location; the location is the caller's line
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        for _ in range(3):
+            moe = moesaic.MoE(D, mlp(), num_experts=2, use_tutel=True)
+    assert [str(w.message) for w in seen] == ["MoE(use_tutel=True): moesaic always dispatches by index; "
+                                              "use_tutel is ignored"]
+    assert seen[0].filename == __file__
+    out, _, _ = moe(torch.randn(4, D))
+    assert out.shape == (4, D)
 
 
 # --- bad input ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs,exc,match", [
     (dict(num_experts=6, ep_size=4), ValueError, r"num_experts \(6\) must be divisible .* ep_size \(4\)"),
-    (dict(num_experts=4, k=0), ValueError, r"k must be >= 1, got k=0"),
-    (dict(num_experts=4, k=5), ValueError, r"k must be in \[1, num_experts=4\], got k=5"),
+    (dict(num_experts=4, k=0), ValueError, r"k must be an int in \[1, num_experts=4\], got 0"),
+    (dict(num_experts=4, k=5), ValueError, r"k must be an int in \[1, num_experts=4\], got 5"),
     (dict(num_experts=4, noisy_gate_policy="Gaussian"), ValueError, r"Unknown noisy_gate_policy 'Gaussian'"),
     (dict(num_experts=4, drop_policy="random"), ValueError, r"Unknown drop_policy 'random'"),
-    (dict(num_experts=4, capacity_factor=0.0), ValueError, r"capacity_factor must be a finite number > 0"),
+    (dict(num_experts=4, capacity_factor=0.0), ValueError, r"capacity_factor must be a finite number in \(0, inf\), got 0.0"),
     (dict(num_experts=4, eval_capacity_factor=-1), ValueError, r"eval_capacity_factor must be"),
-    (dict(num_experts=4, min_capacity=-1), ValueError, r"min_capacity must be >= 0, got min_capacity=-1"),
-    (dict(num_experts=4, k=1.5), TypeError, r"k must be an int, got float 1.5"),
+    (dict(num_experts=4, min_capacity=-1), ValueError, r"min_capacity must be an int >= 0, got -1"),
+    (dict(num_experts=4, k=1.5), TypeError, r"k must be an int, got float: 1.5"),
+    (dict(num_experts=4, drop_tokens=1), TypeError, r"drop_tokens must be a bool, got int: 1"),
     (dict(num_experts=4, expert_group_name=""), ValueError, r"expert_group_name must be a non-empty str"),
-    (dict(num_experts=4, z_loss_coef=-1.0), ValueError, r"z_loss_coef must be a finite number >= 0"),
+    (dict(num_experts=4, z_loss_coef=-1.0), ValueError, r"z_loss_coef must be a finite number in \[0, inf\), got -1.0"),
     (dict(num_experts=4, enable_expert_tensor_parallelism=True), ValueError, r"no tensor parallelism"),
 ])
 def test_bad_constructor_arguments(kwargs, exc, match):
@@ -263,7 +280,7 @@ def test_bad_constructor_arguments(kwargs, exc, match):
 def test_bad_expert_and_hidden_size():
     with pytest.raises(TypeError, match="expert must be a torch.nn.Module"):
         moesaic.MoE(D, lambda x: x, num_experts=2)
-    with pytest.raises(ValueError, match="hidden_size must be >= 1"):
+    with pytest.raises(ValueError, match="hidden_size must be an int >= 1, got 0"):
         moesaic.MoE(0, mlp(), num_experts=2)
 
 
@@ -293,8 +310,9 @@ def test_capacity_never_exceeded_over_many_shapes():
             for cf in (0.5, 1.0, 1.5):
                 logits = torch.randn(S, 4, generator=g) * 3
                 cap = expert_capacity(S, 4, cf, k, 1)
-                r = compute_routing(logits, k=k, capacity=cap, drop_policy="position" if k < 3 else "probs",
-                                    use_rts=False)
+                config = RouterConfig(num_experts=4, k=k, capacity_factor=cf, eval_capacity_factor=cf, min_capacity=1)
+                r = compute_routing(logits, config, training=False)
+                assert r.capacity == cap
                 assert int(r.tokens_per_expert_E.max()) <= cap
                 assert torch.equal(r.tokens_per_expert_E, r.exp_counts_E.clamp(max=cap))
                 assert r.token_idx_N.numel() == int(r.tokens_per_expert_E.sum())

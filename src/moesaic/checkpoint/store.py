@@ -38,6 +38,8 @@ from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file as st_save_file
 from torch import Tensor, nn
 
+from ..layer.moe import upgrade_legacy_keys
+
 FORMAT_VERSION = 1
 _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moesaic-ckpt-crc")
 
@@ -147,7 +149,9 @@ def _param_names(model: nn.Module) -> Dict[int, str]:
 
 
 def _expert_prefixes(model: nn.Module) -> List[str]:
-    return [f"{path}.experts." if path else "experts." for _, (path, _) in moe_layers(model).items()]
+    # state_dict keys of the experts (DeepSpeed's module structure: <layer>.deepspeed_moe.experts.*)
+    return [f"{path}.deepspeed_moe.experts." if path else "deepspeed_moe.experts."
+            for _, (path, _) in moe_layers(model).items()]
 
 
 # --- save ---------------------------------------------------------------------------------------
@@ -310,8 +314,9 @@ def load(directory, model: nn.Module, *, tag: Optional[str] = None, optimizer=No
         if saved["num_experts"] != layer.num_experts:
             raise CheckpointError(f"{folder}: layer {lname!r} has {saved['num_experts']} experts in the checkpoint "
                                   f"but {layer.num_experts} in the model")
-    dense = _read(folder, "dense.safetensors", manifest)
-    for alias, stored in manifest.get("dense_aliases", {}).items():
+    # checkpoints written before the layer took DeepSpeed's module names say "<layer>.gate.*"
+    dense = upgrade_legacy_keys(_read(folder, "dense.safetensors", manifest), model)
+    for alias, stored in upgrade_legacy_keys(manifest.get("dense_aliases", {}), model).items():
         if stored in dense:
             dense[alias] = dense[stored]
     prefixes = _expert_prefixes(model)
@@ -327,7 +332,7 @@ def load(directory, model: nn.Module, *, tag: Optional[str] = None, optimizer=No
             expert_states[(lname, i)] = tensors
     optim_states = {}
     if optimizer is not None:
-        optim_states.update(_read(folder, "dense.optim.safetensors", manifest))
+        optim_states.update(upgrade_legacy_keys(_read(folder, "dense.optim.safetensors", manifest), model))
         for lname, (_, layer) in layers.items():
             for i in range(len(layer.experts)):
                 number = layer.experts.first_expert_number + i
