@@ -184,15 +184,16 @@ class SavedPieces:
 
     def __init__(self, pieces: Sequence[Tensor], rebuild: Callable[[int], Tensor]) -> None:
         self._rebuild = rebuild
-        self._keys = {_key(p): i for i, p in enumerate(pieces) if p.numel()}
+        # a piece is matched by storage, shape and strides, and must not have been modified since
+        self._keys = {_key(p): (i, p._version) for i, p in enumerate(pieces) if p.numel()}
         self._device = pieces[0].device if len(pieces) else None
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def _pack(self, t: Tensor):
-        if t.numel() and t._version == 0 and t.device == self._device:
-            i = self._keys.get(_key(t))
-            if i is not None:
-                return _PieceRef(i)
+        if t.numel() and t.device == self._device:
+            found = self._keys.get(_key(t))
+            if found is not None and found[1] == t._version:
+                return _PieceRef(found[0])
         return t
 
     def _unpack(self, packed):
