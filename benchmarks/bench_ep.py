@@ -12,7 +12,11 @@ Capacity mode moves fixed [L, C, h] blocks to each peer both ways (as DeepSpeed)
 moves exactly the routed rows; DeepSpeed's dropless mode pads every expert to the largest count
 in the group.
 
-    python benchmarks/bench_ep.py [--rounds 9] [--tokens 8192]
+Memory (``--memory``, instead of timing): the transient peak RSS of one forward+backward on each
+rank (peak minus RSS before the step, the kernel's peak mark reset first), with glibc told to
+return freed blocks to the OS so RSS follows the tensors (bench_layer's method); the larger rank.
+
+    python benchmarks/bench_ep.py [--rounds 9] [--tokens 8192] [--memory]
 """
 
 from __future__ import annotations
@@ -86,6 +90,15 @@ def worker(rank: int, world: int, port: int, args, out_path: str) -> None:
 
         for layer in layers.values():
             step(layer)  # warm-up
+        if args.memory:
+            peaks = {}
+            for name, layer in layers.items():
+                dist.barrier()
+                peaks[name] = transient_mib(lambda: step(layer))
+            rows = [None] * world
+            dist.all_gather_object(rows, peaks)
+            results[mode] = {f"{n}_peak_mib": max(r[n] for r in rows) for n in layers}
+            continue
         times = {name: [] for name in layers}
         for _ in range(args.rounds):
             for name, layer in layers.items():
@@ -125,23 +138,51 @@ def worker(rank: int, world: int, port: int, args, out_path: str) -> None:
     dist.destroy_process_group()
 
 
+def _kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def transient_mib(fn) -> float:
+    """MiB of peak RSS above the RSS before ``fn()``."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    before = _kib("VmRSS")
+    fn()
+    return (_kib("VmHWM") - before) / 1024
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--tokens", type=int, default=8192, help="tokens per rank")
     ap.add_argument("--capacity-factor", type=float, default=1.0)
     ap.add_argument("--no-deepspeed", action="store_true")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "ep.json"))
+    ap.add_argument("--memory", action="store_true", help="measure transient peak RSS per rank instead of time")
+    ap.add_argument("--out", default=None, help="results file (default: results/ep.json, ep_memory.json with --memory)")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = str(Path(__file__).parent / "results" / ("ep_memory.json" if args.memory else "ep.json"))
     if args.rounds < 1 or args.tokens < 1:
         ap.error("--rounds and --tokens must be >= 1")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    if args.memory:  # the ranks are fresh processes: glibc reads these when they start
+        os.environ.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", MALLOC_TOP_PAD_="0")
     mp.start_processes(worker, args=(2, port, args, args.out), nprocs=2, join=True, start_method="spawn")
     results = json.loads(Path(args.out).read_text())
     print(json.dumps(results, indent=1))
+    if args.memory:
+        names = [k[:-len("_peak_mib")] for k in next(iter(results.values()))]
+        print("| mode | " + " | ".join(f"peak MiB {n}" for n in names) + " |\n|" + "---|" * (len(names) + 1))
+        for mode, r in results.items():
+            print(f"| {mode} | " + " | ".join(f"{r[n + '_peak_mib']:.0f}" for n in names) + " |")
+        return
     has_ds = any("deepspeed_ms" in r for r in results.values())
     head = ["mode", "moesaic ms"] + (["DeepSpeed ms", "speed-up"] if has_ds else []) + \
         ["a2a MiB/rank to peers moesaic", "DeepSpeed (same settings)", "routes kept on rank 0"]

@@ -65,6 +65,11 @@ class Blocks:
     sizes: Tuple[int, ...]
     recv_rows: int
 
+    @property
+    def padded(self) -> bool:
+        """Whether the received buffer holds rows no route fills (capacity mode's empty slots)."""
+        return self.recv_rows != sum(sum(row) for p, row in enumerate(self.counts) if p != self.me)
+
     @classmethod
     def build(cls, counts: List[List[int]], me: int, capacity: Optional[int]) -> "Blocks":
         """Layout for ``counts[p][l]`` (from the header); capacity None means dropless."""
@@ -99,8 +104,8 @@ def assemble_piece(blocks: Blocks, l: int, x_SD: Tensor, recv: Tensor, self_inde
     """Piece l (no autograd): its rows from every source rank, this rank's own from ``x_SD``."""
     out = x_SD.new_empty(blocks.sizes[l], x_SD.shape[1])
     for p, c, at, src in blocks.segments(l):
-        if p == blocks.me:
-            out[at:at + c] = gather_rows(x_SD, self_index[src:src + c])
+        if p == blocks.me:  # gathered in place: no temporary
+            torch.index_select(x_SD, 0, self_index[src:src + c], out=out[at:at + c])
         else:
             out[at:at + c] = recv[src:src + c]
     return out
@@ -123,7 +128,9 @@ class _Assemble(torch.autograd.Function):
         if ref is None:
             return None, None, None, None
         grad_x = ref.new_zeros(ctx.num_tokens, ref.shape[1])
-        grad_recv = ref.new_zeros(blocks.recv_rows, ref.shape[1])  # padding rows go home as zeros
+        # every row is written below, except capacity mode's empty slots, which go home as zeros
+        missing = any(g is None for g in grads)
+        grad_recv = (ref.new_zeros if blocks.padded or missing else ref.new_empty)(blocks.recv_rows, ref.shape[1])
         for l, g in enumerate(grads):
             if g is None:
                 continue
@@ -142,7 +149,7 @@ class _Return(torch.autograd.Function):
     def forward(ctx, blocks: Blocks, *ys: Tensor) -> Tuple[Tensor, Tensor]:
         ctx.blocks = blocks
         D = ys[0].shape[1]
-        home = ys[0].new_zeros(blocks.recv_rows, D)
+        home = (ys[0].new_zeros if blocks.padded else ys[0].new_empty)(blocks.recv_rows, D)
         own = ys[0].new_empty(sum(blocks.counts[blocks.me]), D)
         for l, y in enumerate(ys):
             for p, c, at, dst in blocks.segments(l):
@@ -154,8 +161,9 @@ class _Return(torch.autograd.Function):
         blocks = ctx.blocks
         ref = grad_home if grad_home is not None else grad_own
         grads = []
+        new = ref.new_empty if grad_home is not None and grad_own is not None else ref.new_zeros
         for l, size in enumerate(blocks.sizes):
-            g = ref.new_zeros(size, ref.shape[1])
+            g = new(size, ref.shape[1])  # every row of piece l belongs to one block
             for p, c, at, src in blocks.segments(l):
                 source = grad_own if p == blocks.me else grad_home
                 if source is not None:
@@ -175,8 +183,7 @@ class _Send(torch.autograd.Function):
         if dest_rows is None:
             return rows
         out = x_SD.new_zeros(num_rows, x_SD.shape[1])  # empty slots: sent, never read
-        out[dest_rows] = rows
-        return out
+        return out.index_copy_(0, dest_rows, rows)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
