@@ -7,7 +7,7 @@ DS_VENV := .venv-deepspeed
 TORCH_PIN := torch==2.13.0
 DEEPSPEED_PIN := deepspeed==0.19.8
 
-.PHONY: test unit parity demo bench bench-ds clean config-reference gpu-check
+.PHONY: test unit parity gpu-check demo bench bench-ds clean config-reference
 
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,7 @@ unit: $(VENV)/.stamp
 # Parity with DeepSpeed 0.19.8: same weights, same inputs, compared to fp32 round-off.
 parity: $(DS_VENV)/.stamp
 	$(DS_VENV)/bin/python -m pytest -q tests/reference
+
 
 # The main job: a byte-level MoE LM on the standard library's sources, 2 processes, ep_size=2.
 demo: $(VENV)/.stamp
