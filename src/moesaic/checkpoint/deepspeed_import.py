@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from ..layer.moe import moe_layers
-from .store import CheckpointError, save
+from .errors import CheckpointError
+from .store import save
 
 _EXPERT_KEY = re.compile(r"^(?P<path>.*?)\.?deepspeed_moe\.experts\.deepspeed_experts\.(?P<g>\d+)\.(?P<rest>.+)$")
 
