@@ -244,6 +244,19 @@ def test_a_crafted_pickle_in_a_format1_checkpoint_is_refused_without_running(tmp
     assert not marker.exists()
 
 
+def test_a_crafted_pickle_in_a_deepspeed_checkpoint_needs_explicit_trust(tmp_path):
+    ds = tmp_path / "ds" / "global_step1"
+    ds.mkdir(parents=True)
+    (tmp_path / "ds" / "latest").write_text("global_step1")
+    marker = tmp_path / "pwned"
+    torch.save({"module": {}, "evil": _RunsCode(marker)}, ds / "mp_rank_00_model_states.pt")
+    with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states.pt: .*trust_pickle=True"):
+        checkpoint.convert_deepspeed_checkpoint(tmp_path / "ds", Net(), tmp_path / "out")
+    assert not marker.exists(), "unpickling ran code"
+    with pytest.raises(TypeError, match="trust_pickle must be a bool"):
+        checkpoint.convert_deepspeed_checkpoint(tmp_path / "ds", Net(), tmp_path / "out", trust_pickle="yes")
+
+
 # --- verification -------------------------------------------------------------------------------
 
 @pytest.fixture
