@@ -181,10 +181,12 @@ class MoEEngine:
 
     # --- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self, save_dir, tag: Optional[str] = None, client_state: Optional[Dict] = None,
-                        model_config: Optional[Dict] = None):
+                        model_config: Optional[Dict] = None, keep_last: Optional[int] = None):
         """Save model, optimizer, scheduler, loss scaler, counters and RNG (every rank calls it).
 
-        Returns the checkpoint folder. ``tag`` defaults to ``global_step<N>`` as in DeepSpeed.
+        Returns the checkpoint folder. ``tag`` defaults to ``global_step<N>`` as in DeepSpeed;
+        ``client_state`` holds JSON data and tensors (never pickled); ``keep_last=N`` removes all
+        but the N newest checkpoints of ``save_dir`` after this one is published (None keeps all).
         """
         if client_state is not None and not isinstance(client_state, dict):
             raise TypeError(f"client_state must be a dict or None, got {type(client_state).__name__}")
@@ -195,7 +197,8 @@ class MoEEngine:
                  "loss_scaler": self.loss_scaler.state_dict() if self.loss_scaler is not None else None,
                  "config": self.config.to_dict()}
         return checkpoint.save(save_dir, self.module, tag=tag, optimizer=self.optimizer, engine_state=state,
-                               client_state=client_state, model_config=model_config, index=self.index)
+                               client_state=client_state, model_config=model_config, index=self.index,
+                               keep_last=keep_last)
 
     def load_checkpoint(self, load_dir, tag: Optional[str] = None):
         """Load what :meth:`save_checkpoint` wrote, under this run's world and ep sizes.
