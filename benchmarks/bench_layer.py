@@ -229,7 +229,8 @@ def main() -> None:
     ap.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory measurements")
     ap.add_argument("--check-memory", action="store_true", help="validate the memory method and exit")
     ap.add_argument("--system-malloc", action="store_true", help="time with glibc's default allocator settings")
-    ap.add_argument("--out", default=None, help="results JSON (default results/layer.json, layer_fine.json with --fine)")
+    ap.add_argument("--out", default=None,
+                    help="results JSON (default results/layer.json, layer_fine.json with --fine)")
     ap.add_argument("--memory-child", nargs=2, metavar=("WHICH", "POINT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
@@ -276,7 +277,8 @@ def print_table(rows: list) -> None:
     has_ds = any("deepspeed_ms" in r for r in rows)
     has_mem = any("moesaic_peak_mib" in r for r in rows)
     has_stacked = any("stacked_ms" in r for r in rows)
-    head = ["point", "routed", "limit ms", "moesaic ms", "ratio"] + (["stacked ms", "stacked ratio"] if has_stacked else [])
+    head = ["point", "routed", "limit ms", "moesaic ms", "ratio"]
+    head += ["stacked ms", "stacked ratio"] if has_stacked else []
     if has_ds:
         head += ["DeepSpeed ms", "DS ratio", "speed-up vs DS"]
     if has_mem:

@@ -96,7 +96,8 @@ def test_stacked_params_are_tagged_and_survive_copies():
 @pytest.mark.parametrize("expert,match", [
     (nn.Linear(D, D), r"standard FFN/GLU shape: moesaic.FFNExpert, moesaic.GLUExpert or nn.Sequential\(.*got Linear"),
     (nn.Sequential(nn.Linear(D, F), nn.Tanh(), nn.Linear(F, D)), r"activation Tanh\(\) is not one of GELU, ReLU, SiLU"),
-    (nn.Sequential(nn.Linear(D, F), nn.GELU(), nn.Linear(F, D + 1)), r"its \(in, out\) features are \[\(8, 12\), \(12, 9\)\]"),
+    (nn.Sequential(nn.Linear(D, F), nn.GELU(), nn.Linear(F, D + 1)),
+     r"its \(in, out\) features are \[\(8, 12\), \(12, 9\)\]"),
     (nn.Sequential(nn.Linear(D, F), nn.GELU(), nn.Linear(F, D), nn.GELU()), r"got Sequential \(a Sequential of"),
     (nn.Sequential(nn.Linear(D, F, bias=False), nn.GELU(), nn.Linear(F, D)), r"one Linear has a bias"),
 ])
@@ -246,6 +247,7 @@ def test_stacked_checkpoint_detects_a_shape_mismatch(tmp_path):
                             stacked_experts=True)
     other.inp = nn.Linear(D, D)
     with pytest.raises(checkpoint.CheckpointError,
-                       match=r"experts/ffn/0.safetensors: '\w+_proj.weight' has shape \(\d+, \d+\) in the checkpoint but"):
+                       match=r"experts/ffn/0.safetensors: '\w+_proj.weight' has shape \(\d+, \d+\) in the "
+                             r"checkpoint but"):
         checkpoint.load(tmp_path, other, tag="a")
     assert isinstance(other.ffn.experts, StackedExperts)

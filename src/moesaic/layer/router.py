@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_int, check_number
+from .expert_choice import expert_choice_routing
 from .losses import load_balancing_loss, router_z_loss, sequence_balance_loss
 from .routing import (Routing, combine_weights, count_routes, mask_unused_tokens, multiplicative_jitter,
                       normalised_scores, place_routes, route_priority, score_tokens, select_experts, select_topk,
@@ -262,8 +263,7 @@ def compute_routing(logits_SE: Tensor, config: RouterConfig, *, training: bool,
     S, E = logits_SE.shape
     if E != config.num_experts:
         raise ValueError(f"logits_SE has {E} experts but config.num_experts={config.num_experts}")
-    if config.routing_type == "expert_choice":
-        from .expert_choice import expert_choice_routing  # one rule of its own
+    if config.routing_type == "expert_choice":  # a rule of its own, into the same record
         return expert_choice_routing(logits_SE, config, training=training, used_token_S=used_token_S)
     if config.enable_expert_bias and expert_bias_E is None:
         raise ValueError("config.enable_expert_bias is set: pass the gate's expert_bias_E")
@@ -304,7 +304,8 @@ def compute_routing(logits_SE: Tensor, config: RouterConfig, *, training: bool,
         weight_N = combine_weights(scores_SE, placed.token_idx_N, placed.expert_idx_N, k) * config.routed_scaling_factor
     else:
         weight_N = topk_weights(scores_SE, logits_SE, expert_ids_SK, placed.route_N,
-                                norm_topk_prob=bool(config.norm_topk_prob), softmax_after_topk=config.softmax_after_topk,
+                                norm_topk_prob=bool(config.norm_topk_prob),
+                                softmax_after_topk=config.softmax_after_topk,
                                 scale=config.routed_scaling_factor)
     return Routing(probs_SE=probs_SE, expert_ids_SK=expert_ids_SK, token_idx_N=placed.token_idx_N,
                    expert_idx_N=placed.expert_idx_N, slot_N=placed.slot_N, weight_N=weight_N,

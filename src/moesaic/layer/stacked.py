@@ -68,8 +68,8 @@ class ExpertShape:
 
 
 def _shape_error(expert: nn.Module, why: str) -> ValueError:
-    return ValueError(f"stacked experts need an expert of a standard FFN/GLU shape: moesaic.FFNExpert, moesaic.GLUExpert "
-                      f"or nn.Sequential(nn.Linear(D, F), <nn.GELU | nn.ReLU | nn.SiLU>, nn.Linear(F, D)); got "
+    return ValueError(f"stacked experts need an expert of a standard FFN/GLU shape: moesaic.FFNExpert, "
+                      f"moesaic.GLUExpert or nn.Sequential(nn.Linear(D, F), <nn.GELU | nn.ReLU | nn.SiLU>, nn.Linear(F, D)); got "
                       f"{type(expert).__name__} ({why})")
 
 

@@ -53,9 +53,10 @@ def freeze_experts(model: nn.Module, spec: Sequence[Union[int, str]], index: Opt
     chosen = {(id(r.param), r.index) for r in refs}
     for r in refs:
         if r.index is not None and any((id(o.param), o.index) not in chosen for o in index.refs_of(r.param)):
+            held = index.layers[r.expert.layer].local_numbers
             raise ValueError(f"moe.freeze_experts would freeze only some experts of stacked tensor {r.name!r} "
-                             f"(layer {r.expert.layer!r} stores its experts {index.layers[r.expert.layer].local_numbers} "
-                             "in one tensor); freeze all of them, or build the layer with per-module experts")
+                             f"(layer {r.expert.layer!r} stores its experts {held} in one tensor); freeze all of "
+                             "them, or build the layer with per-module experts")
     for r in refs:
         r.param.requires_grad_(False)
     return frozen
