@@ -24,6 +24,7 @@ from torch import nn
 
 from .. import checkpoint
 from .._checks import check_int
+from ..layer.balancing import update_expert_bias
 from ..layer.identity import ExpertIndex
 from ..layer.moe import iter_moe_modules, setup_expert_parallel
 from ..optim.build_groups import build_param_groups
@@ -130,6 +131,7 @@ class MoEEngine:
         else:
             result = self._pipeline.run(loss_scale=self.loss_scale, clip=self.config.gradient_clipping,
                                         want_stats=want_stats)
+        update_expert_bias(self.module, apply=not result.skipped)  # aux-loss-free balancing: after each applied step
         if result.skipped:
             self._skip_step()
             return
