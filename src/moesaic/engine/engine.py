@@ -24,6 +24,7 @@ from torch import nn
 
 from .. import checkpoint
 from .._checks import check_int
+from ..layer.balancing import update_expert_bias
 from ..layer.identity import ExpertIndex
 from ..layer.moe import iter_moe_modules, setup_expert_parallel
 from ..optim.build_groups import build_param_groups
@@ -140,6 +141,7 @@ class MoEEngine:
         else:
             result = self._pipeline.run(loss_scale=self.loss_scale, clip=self.config.gradient_clipping,
                                         want_stats=want_stats)
+        update_expert_bias(self.module, apply=not result.skipped)  # aux-loss-free balancing: after each applied step
         if result.skipped:
             self._skip_step()
             return
@@ -193,10 +195,12 @@ class MoEEngine:
 
     # --- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self, save_dir, tag: Optional[str] = None, client_state: Optional[Dict] = None,
-                        model_config: Optional[Dict] = None):
+                        model_config: Optional[Dict] = None, keep_last: Optional[int] = None):
         """Save model, optimizer, scheduler, loss scaler, counters and RNG (every rank calls it).
 
-        Returns the checkpoint folder. ``tag`` defaults to ``global_step<N>`` as in DeepSpeed.
+        Returns the checkpoint folder. ``tag`` defaults to ``global_step<N>`` as in DeepSpeed;
+        ``client_state`` holds JSON data and tensors (never pickled); ``keep_last=N`` removes all
+        but the N newest checkpoints of ``save_dir`` after this one is published (None keeps all).
         """
         if client_state is not None and not isinstance(client_state, dict):
             raise TypeError(f"client_state must be a dict or None, got {type(client_state).__name__}")
@@ -207,7 +211,8 @@ class MoEEngine:
                  "loss_scaler": self.loss_scaler.state_dict() if self.loss_scaler is not None else None,
                  "config": self.config.to_dict()}
         return checkpoint.save(save_dir, self.module, tag=tag, optimizer=self.optimizer, engine_state=state,
-                               client_state=client_state, model_config=model_config, index=self.index)
+                               client_state=client_state, model_config=model_config, index=self.index,
+                               keep_last=keep_last)
 
     def load_checkpoint(self, load_dir, tag: Optional[str] = None):
         """Load what :meth:`save_checkpoint` wrote, under this run's world and ep sizes.
