@@ -121,26 +121,13 @@ def test_without_tensorboard_and_matplotlib_the_run_writes_csv_with_one_warning_
     assert "(metrics.csv)" in said and "plots: none (matplotlib is not installed" in said
 
 
-def test_keep_last_reaches_the_engine(tmp_path, corpus, monkeypatch):
-    """train.keep_last is passed to engine.save_checkpoint(keep_last=N) (pruning itself: the engine's tests)."""
-    from moesaic.engine import MoEEngine
-    from moesaic.train import loop
-
-    seen = []
-    original = MoEEngine.save_checkpoint
-    native = loop.supports_keep_last()
-
-    def save_checkpoint(self, save_dir, tag=None, client_state=None, model_config=None, keep_last=None):
-        seen.append(keep_last)
-        kwargs = {"keep_last": keep_last} if native else {}
-        return original(self, save_dir, tag=tag, client_state=client_state, model_config=model_config, **kwargs)
-
-    if not native:  # TODO(#11): the checkpoint branch adds keep_last; until then it is refused
-        assert train(tmp_path / "refused", corpus, "--set", "train.steps=2", "--set", "train.keep_last=1") == 2
-        assert not (tmp_path / "refused").exists()
-    monkeypatch.setattr(MoEEngine, "save_checkpoint", save_checkpoint)
-    assert train(tmp_path / "run", corpus, "--set", "train.steps=2", "--set", "train.keep_last=1") == 0
-    assert seen == [1, 1]  # checkpoint_every=1: steps 1 and 2
+def test_keep_last_prunes_the_run_s_checkpoints(tmp_path, corpus):
+    """train.keep_last reaches engine.save_checkpoint(keep_last=N): a 3-step run saving every step keeps 2."""
+    out = tmp_path / "run"
+    assert train(out, corpus, "--set", "train.steps=3", "--set", "train.keep_last=2") == 0
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir() and p.name.startswith("step"))
+    assert kept == ["step2", "step3"]
+    assert checkpoint.resolve(out / "checkpoints").name == "step3"
 
 
 def test_dist_timeout_reaches_init_distributed(tmp_path, monkeypatch):

@@ -34,7 +34,7 @@ from moesaic.parallel.launch import LaunchEnv, resolve_device
 from .config import load_train_config
 from .data import load_corpus
 from .launcher import launch, write_error_file
-from .loop import check_keep_last, check_memory, check_out_dir, finished_message, run
+from .loop import check_memory, check_out_dir, finished_message, run
 from .stop import Aborted, Stopped, abort_on_signals
 
 BENCHES = {"layer": "bench_layer.py", "ep": "bench_ep.py", "optimizer": "bench_param_groups.py",
@@ -132,7 +132,6 @@ def cmd_train(args, argv: List[str], env: LaunchEnv) -> int:
         return 0
     # checks that must fail before any process starts
     device = resolve_device(cfg.train.device, key="train.device")
-    check_keep_last(cfg)
     check_memory(cfg, device, cfg.train.nproc)
     load_corpus(cfg.data.path, cfg.data.val_percent, cfg.data.suffixes)
     step = check_out_dir(out, cfg, args.resume)

@@ -21,7 +21,6 @@ One function, :func:`run`, executed by every process (one process, or each rank 
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -36,7 +35,6 @@ import torch.distributed as dist
 
 import moesaic
 from moesaic.checkpoint import CheckpointError, read_manifest, resolve
-from moesaic.engine import MoEEngine
 from moesaic.models import GPT, GPTConfig, unigram_baseline_loss
 from moesaic.parallel.agree import check_same_on_all_ranks
 from moesaic.parallel.launch import LaunchEnv, backend_for, resolve_device
@@ -102,19 +100,6 @@ def finished_message(out: Path, step: int, cfg: TrainConfig) -> str:
     """What ``--resume`` of a run that already reached ``train.steps`` says."""
     return (f"{out}: the run already finished at step {step} (train.steps={cfg.train.steps}); nothing to train. "
             f"To train further, resume with a larger train.steps, e.g. --set train.steps={2 * cfg.train.steps}")
-
-
-def supports_keep_last() -> bool:
-    """Whether ``MoEEngine.save_checkpoint`` takes ``keep_last`` (it arrives with issue 11's checkpoint work)."""
-    return "keep_last" in inspect.signature(MoEEngine.save_checkpoint).parameters
-
-
-def check_keep_last(cfg: TrainConfig) -> None:
-    """Refuse ``train.keep_last`` while the engine cannot prune (never silently keep every checkpoint)."""
-    # TODO(#11): remove once engine.save_checkpoint(keep_last=...) from the checkpoint branch is merged
-    if cfg.train.keep_last is not None and not supports_keep_last():
-        raise ValueError(f"train.keep_last={cfg.train.keep_last} needs engine.save_checkpoint(keep_last=...), which "
-                         "this build of moesaic does not have yet; leave train.keep_last unset (keep every checkpoint)")
 
 
 def memory_estimate(cfg: TrainConfig) -> memory.MemoryEstimate:
@@ -190,7 +175,6 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False, 
                             device=device)
     if world != t.nproc:
         raise ValueError(f"train.nproc={t.nproc} but {world} processes are running; launch with --nproc {t.nproc}")
-    check_keep_last(cfg)
     note = check_memory(cfg, device, env.local_world_size)
     if note and rank == 0 and not quiet:
         warnings.warn(note, RuntimeWarning, stacklevel=2)
@@ -254,12 +238,11 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False, 
     deadline = time.monotonic() + 60 * t.max_minutes if t.max_minutes else None
     start_step = engine.global_steps
     saved: Optional[Path] = None
-    save_kwargs = {"keep_last": t.keep_last} if t.keep_last is not None else {}
 
     def save(step: int) -> Path:
         client = {"data": stream.state_dict(), "history": history}
         return engine.save_checkpoint(out / "checkpoints", tag=f"step{step}", client_state=client,
-                                      model_config=cfg.to_dict(), **save_kwargs)
+                                      model_config=cfg.to_dict(), keep_last=t.keep_last)
 
     def on_signal(signum: int) -> None:
         if rank == 0 and not quiet:
