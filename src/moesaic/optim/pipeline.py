@@ -11,8 +11,11 @@ Both end up as the gradient of the mean loss over the global batch, whatever ``e
 :class:`StepPipeline` then runs, per the :class:`~moesaic.optim.sharding.ShardPlan`:
 
 1. **reduce** (bucketed; :mod:`moesaic.parallel.collectives`): all-reduce at ZeRO stages 0-1,
-   reduce onto each group's owner at stage 2 (the other replicas drop their copies at once);
-   at stage 1 non-owners drop theirs after the norm;
+   reduce onto each group's owner at stage 2 (the other replicas drop their copies at once;
+   with ``reduce_scatter=False``, DeepSpeed's switch, an all-reduce and the same drop after the
+   norm); at stage 1 non-owners drop theirs after the norm. The engine runs this stage at the
+   end of the boundary's backward, so gradients read after ``engine.backward`` are the averaged
+   ones, as in DeepSpeed;
 2. **norm and finiteness** in one pass: every rank sums the squares of the groups it owns (each
    group is owned exactly once in the world), reading each gradient in place, and one all-reduce of two
    numbers gives the exact global norm and whether any gradient anywhere is non-finite;
@@ -78,15 +81,25 @@ class StepPipeline:
 
     Args:
         optimizer: the engine's optimizer; its ``shard`` plan says who owns what.
-        bucket_elems: most elements per collective.
+        bucket_elems: most elements per gradient reduction (DeepSpeed's ``reduce_bucket_size``).
+        broadcast_bucket_elems: most elements per broadcast of updated weights (DeepSpeed's
+            ``allgather_bucket_size``); None: ``bucket_elems``.
+        reduce_scatter: stage 2 reduces each gradient onto its owner only; False all-reduces it
+            (DeepSpeed's ``reduce_scatter``).
     """
 
-    def __init__(self, optimizer: GroupedMixedPrecisionOptimizer, bucket_elems: int = DEFAULT_BUCKET_ELEMS) -> None:
+    def __init__(self, optimizer: GroupedMixedPrecisionOptimizer, bucket_elems: int = DEFAULT_BUCKET_ELEMS,
+                 broadcast_bucket_elems: Optional[int] = None, reduce_scatter: bool = True) -> None:
         if optimizer.shard is None:
             raise ValueError("the optimizer needs a shard plan (moesaic.optim.sharding.plan_shards), even at stage 0")
+        for name, value in (("bucket_elems", bucket_elems), ("broadcast_bucket_elems", broadcast_bucket_elems)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self.optimizer = optimizer
         self.plan = optimizer.shard
         self.bucket_elems = bucket_elems
+        self.broadcast_bucket_elems = broadcast_bucket_elems if broadcast_bucket_elems is not None else bucket_elems
+        self.reduce_scatter = bool(reduce_scatter)
         self.world_size = self.plan.world_size
         # per replica set, the groups on it in optimizer order (identical on every member)
         self._groups_by_set: Dict[Tuple, List[int]] = {}
@@ -103,7 +116,7 @@ class StepPipeline:
         opt = self.optimizer
         for key, gis in self._groups_by_set.items():
             rs = self._sets[key]
-            if self.plan.stage < 2:
+            if self.plan.stage < 2 or not self.reduce_scatter:
                 refs = [r for gi in gis for r in opt.refs(gi)]
                 calls += reduce_gradients([(self._getter(r), _set_grad(r), r.data) for r in refs], rs.group,
                                           self.world_size, bucket_elems=self.bucket_elems)
@@ -159,13 +172,18 @@ class StepPipeline:
             for gi in gis:
                 by_owner.setdefault(self.plan.owner[gi], []).extend(r.data for r in opt.refs(gi))
             for owner, tensors in by_owner.items():
-                calls += broadcast_tensors(tensors, rs.group, owner, bucket_elems=self.bucket_elems)
+                calls += broadcast_tensors(tensors, rs.group, owner, bucket_elems=self.broadcast_bucket_elems)
         return calls
 
     # --- the whole boundary -----------------------------------------------------------------------
-    def run(self, *, loss_scale: float = 1.0, clip: float = 0.0, want_stats: bool = False) -> BoundaryResult:
-        """Reduce, check, clip, step, broadcast. A non-finite gradient anywhere skips the step everywhere."""
-        self.reduce()
+    def run(self, *, loss_scale: float = 1.0, clip: float = 0.0, want_stats: bool = False,
+            reduced: bool = False) -> BoundaryResult:
+        """Reduce, check, clip, step, broadcast. A non-finite gradient anywhere skips the step everywhere.
+
+        ``reduced``: the gradients were already reduced (:meth:`reduce`, at the end of backward).
+        """
+        if not reduced:
+            self.reduce()
         norm, finite = self.norm(loss_scale)
         if not finite:
             return BoundaryResult(norm=float("nan"), coef=0.0, skipped=True)
