@@ -185,7 +185,7 @@ def split_client_groups(base_groups: Sequence[Dict[str, Any]], split) -> List[Di
     """Split each client group on its own (``split`` is the MoE splitting helper); names stay unique."""
     out: List[Dict[str, Any]] = []
     for g in base_groups:
-        out.extend(split([g]))
+        out.extend(part for part in split([g]) if part["params"])
     names: Dict[str, int] = {}
     for g in out:
         names[g["name"]] = names.get(g["name"], 0) + 1

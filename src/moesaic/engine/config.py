@@ -57,12 +57,13 @@ class EngineConfig(Section):
         None, check=partial(check_int, lo=1, none_word="null"),
         doc="Micro-batches accumulated before each optimizer step; null: derived as DeepSpeed does "
             "(train_batch_size / micro batch / data-parallel ranks, or 1).")
-    gradient_clipping: float = setting(0.0, check=partial(check_number, lo=0.0),
+    gradient_clipping: float = setting(1.0, check=partial(check_number, lo=0.0),
                                        doc="Clip the global gradient norm (dense once, each expert once) to this; "
-                                           "0 disables clipping.")
-    steps_per_print: Optional[int] = setting(10, check=partial(check_int, lo=1, none_word="null"),
+                                           "0 disables clipping. 1.0 by default, as in DeepSpeed.")
+    steps_per_print: Optional[int] = setting(None, check=partial(check_int, lo=1, none_word="null"),
                                              doc="Rank 0 logs 'step=N, skipped=S, lr=[...], mom=[...]' every this "
-                                                 "many optimizer steps, as DeepSpeed does; null: never.")
+                                                 "many optimizer steps, as DeepSpeed does; null (DeepSpeed's "
+                                                 "default): never.")
     wall_clock_breakdown: bool = setting(False, check=check_bool,
                                          doc="Time forward, backward and step; rank 0 logs their mean milliseconds "
                                              "with the steps_per_print line.")

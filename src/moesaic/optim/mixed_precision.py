@@ -200,6 +200,32 @@ class GroupedMixedPrecisionOptimizer(torch.optim.Optimizer):
                     out[p] = self._state[r.name]
         return out
 
+    cur_scale = 1.0  # the loss scale of the step being taken (set by the step pipeline)
+    clip_grad = 0.0  # the clipping threshold of the global norm (set by the step pipeline; 0: none)
+
+    def unscale_and_clip_grads(self, total_norm: float, apply_scale: bool = True) -> float:
+        """The divisor of every gradient before the update: the loss scale times the clip ratio (DeepSpeed's hook).
+
+        Args:
+            total_norm: the global norm of the (loss-scaled) gradients.
+            apply_scale: also divide this rank's gradients by it, in place (the step pipeline
+                passes False and folds the factor into the update instead).
+
+        Returns:
+            ``cur_scale * max(1, (total_norm / cur_scale + 1e-6) / clip_grad)``.
+        """
+        combined = self.cur_scale
+        if self.clip_grad > 0:
+            ratio = (total_norm / self.cur_scale + 1e-6) / self.clip_grad
+            if ratio > 1:
+                combined = ratio * self.cur_scale
+        if apply_scale:
+            grads = [r.grad for gi in range(len(self.param_groups)) if self.steps_group(gi)
+                     for r in self._refs[gi] if r.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, 1.0 / combined)
+        return combined
+
     def refresh_masters(self) -> None:
         """Copy the model's current weights into the fp32 master weights (after loading weights alone)."""
         with torch.no_grad():

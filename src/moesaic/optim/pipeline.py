@@ -30,6 +30,7 @@ memory of a step is therefore bounded by the group cap plus fixed buffers, not b
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -65,6 +66,15 @@ def sum_of_squares(grads: List[Tensor]) -> float:
         return 0.0
     norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
     return float(torch.stack(norms).double().pow(2).sum())
+
+
+def _call_scale_hook(hook, total_norm: float) -> float:
+    """Call ``unscale_and_clip_grads``; a replacement with DeepSpeed's fused-optimizer signature
+    ``(grad_groups_flat, total_norm, apply_scale)`` gets None for the flat groups it has no use for here."""
+    params = list(inspect.signature(hook).parameters)
+    if params and params[0] in ("grads_groups_flat", "grad_groups_flat"):
+        return float(hook(None, total_norm, apply_scale=False))
+    return float(hook(total_norm, apply_scale=False))
 
 
 @dataclass
@@ -188,8 +198,13 @@ class StepPipeline:
         if not finite:
             return BoundaryResult(norm=float("nan"), coef=0.0, skipped=True)
         self.drop_unowned_gradients()
-        coef = min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0
-        self.optimizer.step(grad_scale=coef / loss_scale, want_stats=want_stats)
+        # the optimizer's unscale_and_clip_grads (DeepSpeed's hook, which a user may replace) gives the
+        # divisor: loss scale x clip ratio; it is folded into the update instead of a pass over the grads
+        opt = self.optimizer
+        opt.cur_scale, opt.clip_grad = loss_scale, clip
+        combined = _call_scale_hook(opt.unscale_and_clip_grads, norm * loss_scale)
+        coef = loss_scale / combined
+        opt.step(grad_scale=1.0 / combined, want_stats=want_stats)
         self.broadcast()
         return BoundaryResult(norm=norm, coef=coef, skipped=False)
 
