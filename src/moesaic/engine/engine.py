@@ -47,6 +47,7 @@ from ..optim.mixed_precision import GroupedMixedPrecisionOptimizer
 from ..optim.pipeline import StepPipeline
 from ..parallel.collectives import DEFAULT_BUCKET_ELEMS
 from ..telemetry import MetricsWriter, MoEStatsAccumulator
+from . import param_access
 from .config import EngineConfig
 
 _LOG = logging.getLogger("moesaic.engine")
@@ -158,6 +159,8 @@ class MoEEngine(nn.Module):
         self._timers = _Timers(config.wall_clock_breakdown)
         self._moe_stats = MoEStatsAccumulator()
         self._writer = MetricsWriter(log_dir) if (log_dir is not None and self.global_rank == 0) else None
+        if optimizer is not None:
+            param_access.link(self)  # safe_get_full_grad & co. (moesaic's and DeepSpeed's) on its parameters
 
     def __getattr__(self, name: str):
         """Attributes the engine does not have are the model's, as in DeepSpeed (``engine.moe_1``)."""
