@@ -7,7 +7,7 @@ DS_VENV := .venv-deepspeed
 TORCH_PIN := torch==2.13.0
 DEEPSPEED_PIN := deepspeed==0.19.8
 
-.PHONY: test unit parity demo bench bench-ds clean config-reference
+.PHONY: test unit parity gpu-check demo bench bench-ds clean config-reference
 
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,7 @@ unit: $(VENV)/.stamp
 parity: $(DS_VENV)/.stamp
 	$(DS_VENV)/bin/python -m pytest -q tests/reference
 
+
 # The main job: a byte-level MoE LM on the standard library's sources, 2 processes, ep_size=2.
 demo: $(VENV)/.stamp
 	$(VENV)/bin/moesaic train configs/tiny.toml --out runs/tiny-$$(date +%Y%m%d-%H%M%S)
@@ -44,8 +45,22 @@ config-reference: $(VENV)/.stamp
 	$(VENV)/bin/python -m moesaic.config_reference --out docs/config-reference.md
 
 clean:
-	rm -rf $(VENV) $(DS_VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(DS_VENV) $(GPU_VENV) build *.egg-info src/*.egg-info
 
 # The same benchmarks with DeepSpeed's layer side by side (builds .venv-deepspeed).
 bench-ds: $(DS_VENV)/.stamp
 	$(DS_VENV)/bin/python benchmarks/bench_layer.py
+
+# On a machine with a GPU: every CUDA/NCCL check in one command (tests/gpu; skipped without CUDA).
+# Builds .venv-gpu with a CUDA build of torch (GPU_TORCH; pin it to the machine's CUDA if needed).
+GPU_VENV := .venv-gpu
+GPU_TORCH ?= torch>=2.4
+$(GPU_VENV)/.stamp: pyproject.toml
+	$(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/pip install -q '$(GPU_TORCH)'
+	$(GPU_VENV)/bin/pip install -q -e '.[test,train]'
+	touch $@
+
+gpu-check: $(GPU_VENV)/.stamp
+	$(GPU_VENV)/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: no CUDA device visible to torch ' + torch.__version__)"
+	$(GPU_VENV)/bin/python -m pytest -q -rs tests/gpu

@@ -46,15 +46,12 @@ def deepspeed_factory(model_cfg):
         ours = block.ffn
         if not isinstance(ours, moesaic.MoE):
             continue
-        g = ours.gate
+        c = ours.gate.config
         ds = DSMoE(ours.hidden_size, ours.experts[0], num_experts=ours.num_experts, ep_size=1, k=ours.k,
-                   capacity_factor=g.capacity_factor, eval_capacity_factor=g.eval_capacity_factor,
-                   min_capacity=g.min_capacity, drop_tokens=g.drop_tokens, use_rts=g.use_rts,
-                   top2_2nd_expert_sampling=g.top2_2nd_expert_sampling)
-        state = {k.replace("gate.", "deepspeed_moe.gate.", 1).replace("experts.local_experts.",
-                                                                    "deepspeed_moe.experts.deepspeed_experts."): v
-                 for k, v in ours.state_dict().items()}
-        ds.load_state_dict(state)
+                   capacity_factor=c.capacity_factor, eval_capacity_factor=c.eval_capacity_factor,
+                   min_capacity=c.min_capacity, drop_tokens=c.drop_tokens, use_rts=c.use_rts,
+                   top2_2nd_expert_sampling=c.top2_2nd_expert_sampling)
+        ds.load_state_dict(ours.state_dict())  # the same module structure, the same keys
         block.ffn = ds
     return model
 

@@ -1,4 +1,4 @@
-"""Spawn 2-4 gloo ranks on 127.0.0.1 for a test; every process is joined with a timeout.
+"""Spawn 2-4 ranks (gloo; NCCL for GPU tests) on 127.0.0.1 for a test; every process is joined with a timeout.
 
 Each rank runs ``fn(rank, world_size, *args)`` after joining the process group. A rank that raises
 writes its traceback to a file; the parent fails the test with every rank's traceback. A rank that
@@ -25,14 +25,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world_size, port, errdir, fn, args, pg_timeout_s):
+def _entry(rank, world_size, port, errdir, fn, args, pg_timeout_s, backend):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     import torch
 
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size,
+        if backend == "nccl":
+            torch.cuda.set_device(rank)  # NCCL needs one device per rank
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=pg_timeout_s))
         fn(rank, world_size, *args)
         dist.barrier()
@@ -43,14 +45,16 @@ def _entry(rank, world_size, port, errdir, fn, args, pg_timeout_s):
 
 
 def run_ranks(fn, world_size: int, *args, timeout_s: float = 120.0, pg_timeout_s: float = 60.0,
-              expect_failure: bool = False) -> dict:
-    """Run ``fn`` on ``world_size`` gloo ranks; returns ``{rank: traceback}`` of failed ranks.
+              expect_failure: bool = False, backend: str = "gloo") -> dict:
+    """Run ``fn`` on ``world_size`` ranks (``backend`` "gloo" or "nccl"); returns ``{rank: traceback}`` of failed ranks.
 
     Raises AssertionError when a rank fails (unless ``expect_failure``) or when the ranks
     outlive ``timeout_s``.
     """
     errdir = tempfile.mkdtemp(prefix="moesaic-ranks-")
-    ctx = mp.start_processes(_entry, args=(world_size, free_port(), errdir, fn, args, pg_timeout_s),
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    ctx = mp.start_processes(_entry, args=(world_size, free_port(), errdir, fn, args, pg_timeout_s, backend),
                              nprocs=world_size, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s
     while not all(not p.is_alive() for p in ctx.processes):

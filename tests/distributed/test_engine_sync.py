@@ -64,9 +64,10 @@ def _worker(rank, world, ep_size, clip):
     coef = min(1.0, clip / (ref_norm + 1e-6)) if clip else 1.0
     for n, p in model.named_parameters():
         ref_name = n
-        if n.startswith("ffn.experts.local_experts."):
-            i, rest = n[len("ffn.experts.local_experts."):].split(".", 1)
-            ref_name = f"ffn.experts.local_experts.{first + int(i)}.{rest}"
+        experts = "ffn.deepspeed_moe.experts.deepspeed_experts."
+        if n.startswith(experts):
+            i, rest = n[len(experts):].split(".", 1)
+            ref_name = f"{experts}{first + int(i)}.{rest}"
         step = before[n] - p.detach()  # SGD with lr=1: the applied (clipped) gradient
         torch.testing.assert_close(step, coef * ref_grads[ref_name], atol=2e-6, rtol=2e-5,
                                    msg=lambda m: f"{tag} {n}: {m}")

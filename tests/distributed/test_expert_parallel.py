@@ -6,9 +6,12 @@ and each expert's gradient on its owning rank must equal the sum over the expert
 that expert's ep_size=1 gradients. P = 2 and 4, k = 1 and 2, capacity and dropless mode.
 """
 
+import contextlib
+import gc
 import os
 import sys
 import time
+import weakref
 
 import pytest
 import torch
@@ -19,7 +22,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from launch import run_ranks  # noqa: E402
 
 import moesaic  # noqa: E402
-from moesaic.parallel import CollectiveError, layout, reset_expert_parallel_groups  # noqa: E402
+from moesaic.layer.all_to_all import AllToAllDispatcher  # noqa: E402
+from moesaic.parallel import CollectiveError, GroupRegistry, layout, reset_expert_parallel_groups  # noqa: E402
 
 D, E = 16, 8
 
@@ -28,12 +32,24 @@ def _expert():
     return nn.Sequential(nn.Linear(D, 24), nn.GELU(), nn.Linear(24, D))
 
 
-def _pair(ep_size, k, drop_tokens, name="ffn"):
+class _InPlaceFirst(nn.Module):
+    """An expert that scales its input in place before its first matmul (its piece cannot be re-made)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(D, D)
+
+    def forward(self, x):
+        x.mul_(2.0)
+        return self.lin(x)
+
+
+def _pair(ep_size, k, drop_tokens, name="ffn", expert=_expert):
     kw = dict(num_experts=E, k=k, capacity_factor=1.0, min_capacity=2, drop_tokens=drop_tokens, use_rts=False,
               top2_2nd_expert_sampling=False)
     torch.manual_seed(0)  # identical reference weights on every rank
-    ref = moesaic.MoE(D, _expert(), ep_size=1, expert_group_name=name, **kw)
-    ep = moesaic.MoE(D, _expert(), ep_size=ep_size, expert_group_name=name, **kw)
+    ref = moesaic.MoE(D, expert(), ep_size=1, expert_group_name=name, **kw)
+    ep = moesaic.MoE(D, expert(), ep_size=ep_size, expert_group_name=name, **kw)
     ep.set_deepspeed_parallelism()
     L = E // ep_size
     first = ep.parallel_groups.ep_rank * L
@@ -53,8 +69,8 @@ def _fwd_bwd(layer, x):
     return out.detach(), l_aux.detach(), counts, x.grad
 
 
-def _check_equivalence(rank, world, ep_size, k, drop_tokens, tokens):
-    ref, ep = _pair(ep_size, k, drop_tokens)
+def _check_equivalence(rank, world, ep_size, k, drop_tokens, tokens, expert=_expert):
+    ref, ep = _pair(ep_size, k, drop_tokens, expert=expert)
     g = torch.Generator().manual_seed(100 + rank)  # every rank its own batch
     x = torch.randn(tokens, D, generator=g) * 2
     r_out, r_aux, r_counts, r_xg = _fwd_bwd(ref, x)
@@ -87,6 +103,8 @@ def _check_equivalence(rank, world, ep_size, k, drop_tokens, tokens):
 def _equivalence_worker(rank, world, cases):
     for ep_size, k, drop_tokens in cases:
         _check_equivalence(rank, world, ep_size, k, drop_tokens, tokens=40)
+    # an expert that edits its input in place: the saved-input re-assembly must step aside
+    _check_equivalence(rank, world, cases[0][0], 2, False, tokens=40, expert=_InPlaceFirst)
 
 
 def test_layout_matches_deepspeed():
@@ -183,3 +201,76 @@ def test_ep_without_process_group_is_a_clear_error():
     layer = moesaic.MoE(D, _expert(), num_experts=4, ep_size=2)
     with pytest.raises(RuntimeError, match="ep_size=2 needs torch.distributed"):
         layer.set_deepspeed_parallelism()
+
+
+def _device_worker(rank, world):
+    # "meta" as the default device: a tensor the all-to-all path made without device=... would land
+    # there, and the header exchange or the first op mixing it with CPU tensors would fail
+    for drop_tokens in (True, False):
+        ref, ep = _pair(2, 2, drop_tokens)
+        x = torch.randn(40, D, generator=torch.Generator().manual_seed(rank))
+        want = _fwd_bwd(ref, x)
+        w = torch.linspace(-1, 1, x.numel()).reshape(x.shape)  # _fwd_bwd's loss weights, made on the CPU
+        xi = x.clone().requires_grad_(True)
+        torch.set_default_device("meta")
+        try:
+            out, l_aux, _ = ep(xi)
+            (torch.sum(out * w) + 0.5 * l_aux).backward()
+        finally:
+            torch.set_default_device(None)
+        torch.testing.assert_close(out.detach(), want[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(xi.grad, want[3], atol=1e-5, rtol=1e-5)
+
+
+def test_all_to_all_path_makes_every_tensor_on_the_input_device():
+    run_ranks(_device_worker, 2)
+
+
+def _saved_inputs_worker(rank, world):
+    # dropless on 2 ranks: the received buffer is smaller than the pieces (a rank's own rows are not
+    # in it), so the experts' saved inputs are kept as (layer input, received buffer) + indices and
+    # no piece outlives the forward; with the plain context every piece stays alive
+    _, ep = _pair(2, 2, drop_tokens=False)
+    dispatcher = ep.deepspeed_moe.dispatcher
+    assert isinstance(dispatcher, AllToAllDispatcher)
+    x = torch.randn(40, D, generator=torch.Generator().manual_seed(rank))
+    results = []
+    for use_saved in (False, True):
+        xi = x.clone().requires_grad_(True)
+        routing = ep.gate(xi)
+        pieces, meta = dispatcher.dispatch(xi, routing)
+        assert meta.recv is not None and meta.recv.shape[0] < sum(p.shape[0] for p in pieces)
+        refs = [weakref.ref(p) for p in pieces]
+        with dispatcher.saved_inputs(pieces, meta) if use_saved else contextlib.nullcontext():
+            outputs = ep.experts(pieces)
+        del pieces
+        gc.collect()
+        alive = sum(r() is not None for r in refs)
+        ep.zero_grad()
+        dispatcher.combine(outputs, meta).pow(2).sum().backward()
+        results.append((alive, [xi.grad] + [p.grad.clone() for p in ep.experts.parameters()]))
+    (alive_plain, grads_plain), (alive_saved, grads_saved) = results
+    assert alive_plain == E // 2 and alive_saved == 0, (alive_plain, alive_saved)
+    for a, b in zip(grads_plain, grads_saved):
+        torch.testing.assert_close(a, b)
+
+
+def test_all_to_all_keeps_saved_expert_inputs_as_indices():
+    run_ranks(_saved_inputs_worker, 2)
+
+
+def _registry_worker(rank, world):
+    # an explicit registry builds its own groups; the default one is untouched
+    registry = GroupRegistry()
+    model = nn.Sequential(moesaic.MoE(D, _expert(), num_experts=4, ep_size=2, expert_group_name="a"))
+    groups = moesaic.setup_expert_parallel(model, registry=registry)
+    assert len(registry) == 1 and groups["a"] is registry.get(2)
+    assert groups["a"] is not moesaic.parallel.get_expert_parallel_groups(2)
+    registry.reset()
+    assert len(registry) == 0
+    out, _, _ = model[0](torch.randn(8, D))
+    assert out.shape == (8, D)
+
+
+def test_group_registry_is_explicit():
+    run_ranks(_registry_worker, 2)

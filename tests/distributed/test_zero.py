@@ -41,27 +41,35 @@ def _batch(rank, step, micro):
     return torch.randn(TOKENS, D, generator=g), torch.randn(TOKENS, D, generator=g)
 
 
-def _train(rank, ep_size, stage, clip, accum):
+def _train(rank, ep_size, stage, clip, accum, log_dir=None):
     model = Net(ep_size)
     moesaic.setup_expert_parallel(model)
     expert = sum(p.numel() for p in model.ffn.experts[0].parameters())
     engine, opt, _, _ = moesaic.initialize(model=model, config={
         "train_micro_batch_size_per_gpu": TOKENS, "gradient_accumulation_steps": accum, "gradient_clipping": clip,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.1}},
-        "moe": {"max_group_size": expert}, "zero_optimization": {"stage": stage}})
+        "moe": {"max_group_size": expert}, "zero_optimization": {"stage": stage}}, log_dir=log_dir)
     norms = []
     for step in range(STEPS):
         for micro in range(accum):
             engine.backward(engine(*_batch(rank, step, micro)))
             engine.step()
         norms.append(engine.get_global_grad_norm())
-    return model, opt, norms
+    engine.close()
+    return model, opt, norms, engine
 
 
-def _worker(rank, world, ep_size, clip, accum):
-    ref, ref_opt, ref_norms = _train(rank, ep_size, 0, clip, accum)
+def _worker(rank, world, ep_size, clip, accum, log_dir=None):
+    ref, ref_opt, ref_norms, _ = _train(rank, ep_size, 0, clip, accum)
     for stage in (1, 2):
-        model, opt, norms = _train(rank, ep_size, stage, clip, accum)
+        model, opt, norms, engine = _train(rank, ep_size, stage, clip, accum, log_dir)
+        if log_dir is not None:
+            # telemetry: every group of every rank exactly once, gathered from its owner onto rank 0
+            names = [None] * world
+            dist.all_gather_object(names, [g["name"] for g in opt.param_groups])
+            if rank == 0:
+                reported = set(engine.last_metrics.get("group", {}))
+                assert reported == {n for part in names for n in part}, (stage, reported)
         tag = f"rank {rank} W={world} P={ep_size} stage={stage} clip={clip} accum={accum}"
         for a, b in zip(norms, ref_norms):
             assert abs(a - b) <= 1e-5 * b, (tag, norms, ref_norms)
@@ -83,8 +91,8 @@ def _worker(rank, world, ep_size, clip, accum):
 
 
 @pytest.mark.parametrize("ep_size", [1, 2])
-def test_two_ranks(ep_size):
-    run_ranks(_worker, 2, ep_size, 0.0, 1, timeout_s=240)
+def test_two_ranks(ep_size, tmp_path):
+    run_ranks(_worker, 2, ep_size, 0.0, 1, str(tmp_path), timeout_s=240)
     run_ranks(_worker, 2, ep_size, 0.05, 2, timeout_s=240)
 
 

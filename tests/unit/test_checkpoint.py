@@ -68,7 +68,7 @@ def test_layout_names_experts_by_layer_and_number(tmp_path):
     assert {"0.weight::exp_avg", "0.weight::exp_avg_sq", "0.weight::step"} <= set(optim)
     assert int(optim["0.weight::step"]) == 2
     dense_optim = load_file(folder / "dense.optim.safetensors")
-    assert "inp.weight::exp_avg" in dense_optim and "ffn.gate.wg.weight::exp_avg" in dense_optim
+    assert "inp.weight::exp_avg" in dense_optim and "ffn.deepspeed_moe.gate.wg.weight::exp_avg" in dense_optim
 
 
 def _run(path, steps_before, steps_after, kill_after_save, out, bf16):

@@ -1,96 +1,23 @@
-"""The MoE layer on one process: routing worked out by hand, dense equivalences, identity tags, errors."""
+"""The MoE layer on one process: dense equivalences, identity tags, DeepSpeed's structure, devices, errors."""
 
-import math
+import contextlib
+import gc
 import warnings
+import weakref
 
 import pytest
 import torch
 from torch import nn
 
 import moesaic
-from moesaic.layer.gating import compute_routing, expert_capacity
+from moesaic.layer import Dispatcher, LocalDispatcher
+from moesaic.layer.moe import upgrade_legacy_keys
 
 D = 8
 
 
 def mlp(d=D, h=16):
     return nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, d))
-
-
-# --- routing by hand ----------------------------------------------------------------------------
-
-def test_top1_routing_by_position_keeps_first_tokens():
-    # 5 tokens, 2 experts; tokens 0,1,3,4 prefer expert 0, token 2 prefers expert 1.
-    logits = torch.tensor([[2.0, 0.0], [3.0, 0.0], [0.0, 1.0], [1.0, 0.0], [4.0, 0.0]])
-    r = compute_routing(logits, k=1, capacity=2, drop_policy="position", use_rts=False)
-    # expert-major order: expert 0 keeps tokens 0 and 1 (3 and 4 dropped), expert 1 keeps token 2
-    assert r.token_idx_N.tolist() == [0, 1, 2]
-    assert r.expert_idx_N.tolist() == [0, 0, 1]
-    assert r.slot_N.tolist() == [0, 1, 0]
-    assert r.exp_counts_E.tolist() == [4, 1]
-    assert r.tokens_per_expert_E.tolist() == [2, 1]
-    assert r.num_dropped == 2
-    gates = torch.softmax(logits, 1)
-    # k=1 weights are the raw probabilities (no renormalisation)
-    torch.testing.assert_close(r.weight_N, gates[[0, 1, 2], [0, 0, 1]])
-    # l_aux = E * sum_e mean_prob_e * frac_e = 2 * (me0 * 4/5 + me1 * 1/5)
-    me = gates.mean(0)
-    torch.testing.assert_close(r.l_aux, 2 * (me[0] * 0.8 + me[1] * 0.2))
-
-
-def test_top2_places_first_choices_ahead_of_second_choices():
-    # 3 tokens, 3 experts. Choices (1st, 2nd): t0 (1, 0), t1 (0, 1), t2 (1, 2).
-    logits = torch.tensor([[1.0, 2.0, 0.0], [2.0, 1.0, 0.0], [0.0, 2.0, 1.0]])
-    r = compute_routing(logits, k=2, capacity=2, drop_policy="position", use_rts=False)
-    # expert 1 receives t0 (1st), t2 (1st) and t1 (2nd): first choices win, t1's 2nd choice is dropped
-    assert r.exp_counts_E.tolist() == [2, 3, 1]
-    pairs = list(zip(r.expert_idx_N.tolist(), r.token_idx_N.tolist()))
-    # inside a block routes stand in priority order: expert 0 holds t1 (a 1st choice) before t0 (a 2nd)
-    assert pairs == [(0, 1), (0, 0), (1, 0), (1, 2), (2, 2)]
-    # t1 lost its 2nd route, so its 1st route's weight renormalises to exactly 1
-    w = dict(zip(pairs, r.weight_N.tolist()))
-    assert w[(0, 1)] == pytest.approx(1.0)
-    g = torch.softmax(logits, 1)
-    assert w[(1, 0)] == pytest.approx((g[0, 1] / (g[0, 1] + g[0, 0])).item())
-
-
-def test_topk_probs_policy_keeps_highest_probabilities():
-    # 4 tokens, 4 experts, k=3, capacity 2: expert 0 is chosen by all four tokens.
-    logits = torch.tensor([[0.5, 3, 2, 1], [3.0, 2, 1, 0], [1.0, 0, 2, 3], [2.5, 0, 1, 3]])
-    r = compute_routing(logits, k=3, capacity=2, drop_policy="probs", use_rts=False)
-    g = torch.softmax(logits, 1)
-    kept = sorted(t for e, t in zip(r.expert_idx_N.tolist(), r.token_idx_N.tolist()) if e == 0)
-    want = sorted(g[:, 0].argsort(descending=True)[:2].tolist())
-    assert kept == want == [1, 3]
-
-
-def test_dropless_keeps_every_route_and_weights_sum_to_one():
-    logits = torch.randn(64, 8, generator=torch.Generator().manual_seed(0)) * 5
-    r = compute_routing(logits, k=2, capacity=None, drop_policy="position", use_rts=False)
-    assert r.num_dropped == 0 and r.token_idx_N.numel() == 128
-    per_token = torch.zeros(64).index_add(0, r.token_idx_N, r.weight_N)
-    torch.testing.assert_close(per_token, torch.ones(64))
-    assert torch.all(r.expert_idx_N[1:] >= r.expert_idx_N[:-1]), "routes must be in expert order"
-
-
-def test_rts_keeps_exactly_capacity_and_is_random():
-    logits = torch.zeros(40, 2)
-    logits[:, 0] = 1.0  # all 40 tokens want expert 0
-    kept = set()
-    for seed in range(3):
-        torch.manual_seed(seed)
-        r = compute_routing(logits, k=1, capacity=10, drop_policy="position", use_rts=True)
-        assert r.tokens_per_expert_E.tolist() == [10, 0]
-        kept.add(tuple(sorted(r.token_idx_N.tolist())))
-    assert len(kept) > 1, "random token selection must not always keep the same tokens"
-
-
-def test_capacity_formula():
-    # ceil(S / E * factor * k), floored at min_capacity
-    assert expert_capacity(64, 8, 1.0, 1, 4) == 8
-    assert expert_capacity(64, 8, 1.25, 2, 4) == 20
-    assert expert_capacity(10, 8, 1.0, 1, 4) == 4  # ceil(1.25) = 2 < min_capacity 4
-    assert expert_capacity(100, 3, 1.0, 1, 0) == 34
 
 
 # --- the layer ----------------------------------------------------------------------------------
@@ -229,30 +156,36 @@ def test_unused_experts_get_zero_grads_not_none():
             assert p.grad is not None and torch.all(p.grad == 0)
 
 
-def test_use_tutel_warns_once_and_is_ignored():
-    import moesaic.layer.moe as moe_mod
-    moe_mod._warned.discard("use_tutel")
+def test_use_tutel_warns_once_per_calling_line_and_is_ignored():
     with pytest.warns(UserWarning, match="use_tutel is ignored"):
         moesaic.MoE(D, mlp(), num_experts=2, use_tutel=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        moesaic.MoE(D, mlp(), num_experts=2, use_tutel=True)
+    # Python's default filter reports a warning once per location; the location is the caller's line
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        for _ in range(3):
+            moe = moesaic.MoE(D, mlp(), num_experts=2, use_tutel=True)
+    assert [str(w.message) for w in seen] == ["MoE(use_tutel=True): moesaic always dispatches by index; "
+                                              "use_tutel is ignored"]
+    assert seen[0].filename == __file__
+    out, _, _ = moe(torch.randn(4, D))
+    assert out.shape == (4, D)
 
 
 # --- bad input ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs,exc,match", [
     (dict(num_experts=6, ep_size=4), ValueError, r"num_experts \(6\) must be divisible .* ep_size \(4\)"),
-    (dict(num_experts=4, k=0), ValueError, r"k must be >= 1, got k=0"),
-    (dict(num_experts=4, k=5), ValueError, r"k must be in \[1, num_experts=4\], got k=5"),
+    (dict(num_experts=4, k=0), ValueError, r"k must be an int in \[1, num_experts=4\], got 0"),
+    (dict(num_experts=4, k=5), ValueError, r"k must be an int in \[1, num_experts=4\], got 5"),
     (dict(num_experts=4, noisy_gate_policy="Gaussian"), ValueError, r"Unknown noisy_gate_policy 'Gaussian'"),
     (dict(num_experts=4, drop_policy="random"), ValueError, r"Unknown drop_policy 'random'"),
-    (dict(num_experts=4, capacity_factor=0.0), ValueError, r"capacity_factor must be a finite number > 0"),
+    (dict(num_experts=4, capacity_factor=0.0), ValueError, r"capacity_factor must be a finite number in \(0, inf\), got 0.0"),
     (dict(num_experts=4, eval_capacity_factor=-1), ValueError, r"eval_capacity_factor must be"),
-    (dict(num_experts=4, min_capacity=-1), ValueError, r"min_capacity must be >= 0, got min_capacity=-1"),
-    (dict(num_experts=4, k=1.5), TypeError, r"k must be an int, got float 1.5"),
+    (dict(num_experts=4, min_capacity=-1), ValueError, r"min_capacity must be an int >= 0, got -1"),
+    (dict(num_experts=4, k=1.5), TypeError, r"k must be an int, got float: 1.5"),
+    (dict(num_experts=4, drop_tokens=1), TypeError, r"drop_tokens must be a bool, got int: 1"),
     (dict(num_experts=4, expert_group_name=""), ValueError, r"expert_group_name must be a non-empty str"),
-    (dict(num_experts=4, z_loss_coef=-1.0), ValueError, r"z_loss_coef must be a finite number >= 0"),
+    (dict(num_experts=4, z_loss_coef=-1.0), ValueError, r"z_loss_coef must be a finite number in \[0, inf\), got -1.0"),
     (dict(num_experts=4, enable_expert_tensor_parallelism=True), ValueError, r"no tensor parallelism"),
 ])
 def test_bad_constructor_arguments(kwargs, exc, match):
@@ -263,7 +196,7 @@ def test_bad_constructor_arguments(kwargs, exc, match):
 def test_bad_expert_and_hidden_size():
     with pytest.raises(TypeError, match="expert must be a torch.nn.Module"):
         moesaic.MoE(D, lambda x: x, num_experts=2)
-    with pytest.raises(ValueError, match="hidden_size must be >= 1"):
+    with pytest.raises(ValueError, match="hidden_size must be an int >= 1, got 0"):
         moesaic.MoE(0, mlp(), num_experts=2)
 
 
@@ -284,21 +217,6 @@ def test_expert_parallel_layer_without_process_group_says_what_to_do():
     assert moe.num_local_experts == 2 and len(moe.experts) == 2
     with pytest.raises(RuntimeError, match="no expert-parallel process group"):
         moe(torch.randn(4, D))
-
-
-def test_capacity_never_exceeded_over_many_shapes():
-    g = torch.Generator().manual_seed(0)
-    for S in (1, 3, 17, 64):
-        for k in (1, 2, 3):
-            for cf in (0.5, 1.0, 1.5):
-                logits = torch.randn(S, 4, generator=g) * 3
-                cap = expert_capacity(S, 4, cf, k, 1)
-                r = compute_routing(logits, k=k, capacity=cap, drop_policy="position" if k < 3 else "probs",
-                                    use_rts=False)
-                assert int(r.tokens_per_expert_E.max()) <= cap
-                assert torch.equal(r.tokens_per_expert_E, r.exp_counts_E.clamp(max=cap))
-                assert r.token_idx_N.numel() == int(r.tokens_per_expert_E.sum())
-                assert math.isfinite(float(r.l_aux))
 
 
 class _InPlaceFirst(nn.Module):
@@ -336,3 +254,140 @@ def test_grads_match_a_per_token_reference(expert_factory):
     want = [x2.grad] + [p.grad for p in moe.experts.parameters()]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# --- DeepSpeed's module structure and state_dict keys -------------------------------------------
+
+def test_module_structure_and_keys_are_deepspeeds():
+    moe = moesaic.MoE(D, mlp(), num_experts=2, k=1, use_residual=True)
+    assert list(moe.state_dict()) == [
+        "deepspeed_moe.gate.wg.weight",
+        "deepspeed_moe.experts.deepspeed_experts.0.0.weight", "deepspeed_moe.experts.deepspeed_experts.0.0.bias",
+        "deepspeed_moe.experts.deepspeed_experts.0.2.weight", "deepspeed_moe.experts.deepspeed_experts.0.2.bias",
+        "deepspeed_moe.experts.deepspeed_experts.1.0.weight", "deepspeed_moe.experts.deepspeed_experts.1.0.bias",
+        "deepspeed_moe.experts.deepspeed_experts.1.2.weight", "deepspeed_moe.experts.deepspeed_experts.1.2.bias",
+        "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "coefficient.weight", "coefficient.bias"]
+    # the short names are views, not second registrations
+    assert moe.gate is moe.deepspeed_moe.gate and moe.experts is moe.deepspeed_moe.experts
+    assert [n for n, _ in moe.named_children()] == ["deepspeed_moe", "mlp", "coefficient"]
+    with pytest.raises(AttributeError, match="read-only view of deepspeed_moe.gate"):
+        moe.gate = moesaic.TopKGate(D, 2)
+
+
+def test_moesaic_state_dicts_from_before_deepspeeds_keys_still_load():
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("inp", nn.Linear(D, D))
+    model.add_module("ffn", moesaic.MoE(D, mlp(), num_experts=2))
+    old_names = {"inp.weight": "inp.weight", "inp.bias": "inp.bias",
+                 "ffn.gate.wg.weight": "ffn.deepspeed_moe.gate.wg.weight"}
+    for i in range(2):
+        for rest in ("0.weight", "0.bias", "2.weight", "2.bias"):
+            old_names[f"ffn.experts.local_experts.{i}.{rest}"] = f"ffn.deepspeed_moe.experts.deepspeed_experts.{i}.{rest}"
+    source = {old: torch.randn_like(model.state_dict()[new]) for old, new in old_names.items()}
+    model.load_state_dict(source, strict=True)
+    for old, new in old_names.items():
+        assert torch.equal(model.state_dict()[new], source[old]), old
+    # the same renaming for names with a suffix (optimizer state "name::field") and at the root
+    up = upgrade_legacy_keys({"ffn.gate.wg.weight::exp_avg": 1, "inp.weight::exp_avg": 2}, model)
+    assert up == {"ffn.deepspeed_moe.gate.wg.weight::exp_avg": 1, "inp.weight::exp_avg": 2}
+    root = moesaic.MoE(D, mlp(), num_experts=2)
+    root.load_state_dict({k[len("ffn."):]: v for k, v in source.items() if k.startswith("ffn.")}, strict=True)
+    assert torch.equal(root.gate.wg.weight, source["ffn.gate.wg.weight"])
+
+
+# --- the dispatcher interface -------------------------------------------------------------------
+
+class _MaskDispatcher(Dispatcher):
+    """A deliberately naive dispatcher: boolean masks per expert, a Python loop to combine."""
+
+    def __init__(self, num_experts):
+        self.num_local_experts = num_experts
+
+    def dispatch(self, x_SD, routing):
+        masks = [routing.expert_idx_N == e for e in range(self.num_local_experts)]
+        pieces = [x_SD[routing.token_idx_N[m]] for m in masks]
+        return pieces, (routing, masks, x_SD.shape[0])
+
+    def combine(self, outputs, meta):
+        routing, masks, S = meta
+        out = outputs[0].new_zeros(S, outputs[0].shape[1])
+        for m, y in zip(masks, outputs):
+            out = out.index_add(0, routing.token_idx_N[m], y * routing.weight_N[m, None].to(y.dtype))
+        return out
+
+
+def test_any_dispatcher_drives_the_same_layer():
+    # MOELayer.forward has one path: swapping the dispatcher changes how tokens move, not the result
+    torch.manual_seed(0)
+    moe = moesaic.MoE(D, mlp(), num_experts=4, k=2, capacity_factor=0.75, top2_2nd_expert_sampling=False)
+    x = torch.randn(24, D)
+    runs = []
+    for dispatcher in (LocalDispatcher(4), _MaskDispatcher(4)):
+        moe.deepspeed_moe.set_dispatcher(dispatcher)
+        moe.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        out, l_aux, _ = moe(xi)
+        (out.pow(2).sum() + l_aux).backward()
+        runs.append([out.detach(), xi.grad] + [p.grad.clone() for p in moe.parameters()])
+    assert moe.num_dropped_routes > 0  # capacity 0.75 drops routes: the kept set is exercised
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="the dispatcher feeds 2 local experts, this layer holds 4"):
+        moe.deepspeed_moe.set_dispatcher(LocalDispatcher(2))
+    with pytest.raises(TypeError, match="dispatcher must be a moesaic Dispatcher"):
+        moe.deepspeed_moe.set_dispatcher(object())
+
+
+def _pieces_kept_alive(moe, x, use_saved_inputs):
+    """Run dispatch + experts + combine by hand; returns (pieces still alive after forward, grads)."""
+    dispatcher = moe.deepspeed_moe.dispatcher
+    x = x.clone().requires_grad_(True)
+    routing = moe.gate(x)
+    pieces, meta = dispatcher.dispatch(x, routing)
+    refs = [weakref.ref(p) for p in pieces]
+    with dispatcher.saved_inputs(pieces, meta) if use_saved_inputs else contextlib.nullcontext():
+        outputs = moe.experts(pieces)
+    del pieces
+    gc.collect()
+    alive = sum(r() is not None for r in refs)
+    moe.zero_grad()
+    dispatcher.combine(outputs, meta).pow(2).sum().backward()
+    return alive, [x.grad] + [p.grad.clone() for p in moe.experts.parameters()]
+
+
+def test_local_dispatcher_keeps_saved_expert_inputs_as_indices():
+    # the experts' first layers save their input pieces; the dispatcher has them stored as indices
+    # into the layer input (alive anyway), so no piece outlives the forward, and the grads agree
+    torch.manual_seed(0)
+    moe = moesaic.MoE(D, mlp(), num_experts=3, k=2, drop_tokens=False, top2_2nd_expert_sampling=False)
+    x = torch.randn(16, D)
+    alive_plain, grads_plain = _pieces_kept_alive(moe, x, use_saved_inputs=False)
+    alive_saved, grads_saved = _pieces_kept_alive(moe, x, use_saved_inputs=True)
+    assert alive_plain == 3 and alive_saved == 0
+    for a, b in zip(grads_plain, grads_saved):
+        torch.testing.assert_close(a, b)
+
+
+# --- devices ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k,drop_tokens,extra", [
+    (1, True, dict(use_rts=True)), (1, True, dict(use_rts=False, noisy_gate_policy="Jitter", z_loss_coef=1e-2)),
+    (2, True, {}), (2, False, dict(noisy_gate_policy="RSample")), (4, True, {}), (3, False, {})])
+def test_every_tensor_is_made_on_the_input_device(k, drop_tokens, extra):
+    # With the default device set to "meta", a tensor made without device=... lands on meta and the
+    # first op that mixes it with the CPU inputs (or reads its values) fails: a forward and backward
+    # that pass here made every tensor on its inputs' device, which is what NCCL on CUDA needs.
+    torch.manual_seed(0)
+    moe = moesaic.MoE(D, mlp(), num_experts=4, k=k, drop_tokens=drop_tokens, use_residual=True, **extra)
+    x = torch.randn(2, 16, D, requires_grad=True)
+    used = torch.ones(2, 16)
+    used[1, 5:] = 0
+    torch.set_default_device("meta")
+    try:
+        out, l_aux, counts = moe(x, used)
+        (out.sum() + l_aux + moe.z_loss).backward()
+    finally:
+        torch.set_default_device(None)
+    assert out.device.type == counts.device.type == x.grad.device.type == "cpu"
+    assert torch.isfinite(out).all() and int(counts.sum()) == 21 * k

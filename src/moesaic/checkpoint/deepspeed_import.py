@@ -8,7 +8,8 @@ modules numbered in ``named_modules`` order) and global expert G, keyed
 ``<path>.coefficient.*``.
 
 The target is the same architecture built with ``moesaic.MoE`` at the same module paths, with
-every expert local (``ep_size=1``); the converted checkpoint then loads under any ``ep_size``.
+every expert local (``ep_size=1``); moesaic's ``MoE`` has DeepSpeed's module structure, so every
+key is taken as it is. The converted checkpoint then loads under any ``ep_size``.
 DeepSpeed's optimizer files index state by position and are not converted: training resumes with
 fresh optimizer state.
 """
@@ -63,9 +64,7 @@ def convert_deepspeed_checkpoint(ds_dir, model: nn.Module, out_dir, *, ds_tag: O
             raise ValueError(f"convert into a model whose MoE layers have ep_size=1 (all experts local); layer "
                              f"{path!r} has ep_size={layer.ep_size}")
     dense = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    state: Dict[str, torch.Tensor] = {}
-    for key, value in dense.items():
-        state[key.replace("deepspeed_moe.gate.", "gate.")] = value
+    state: Dict[str, torch.Tensor] = dict(dense)  # moesaic's MoE has DeepSpeed's module structure: same keys
     for layer_id, (path, layer) in enumerate(layers):
         for g in range(layer.num_experts):
             file = folder / f"layer_{layer_id}_expert_{g}_mp_rank_00_model_states.pt"
@@ -75,8 +74,7 @@ def convert_deepspeed_checkpoint(ds_dir, model: nn.Module, out_dir, *, ds_tag: O
                 m = _EXPERT_KEY.match(key)
                 if m is None or m.group("path") != path or int(m.group("g")) != g:
                     raise CheckpointError(f"{file}: unexpected key {key!r} for layer {path!r} expert {g}")
-                prefix = f"{path}." if path else ""
-                state[f"{prefix}experts.local_experts.{g}.{m.group('rest')}"] = value
+                state[key] = value  # with ep_size=1, global number g is local expert g
     want = model.state_dict()
     missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
     if missing or extra:

@@ -39,6 +39,7 @@ from safetensors.torch import save_file as st_save_file
 from torch import Tensor, nn
 
 from ..layer.identity import ExpertIndex, LayerInfo
+from ..layer.moe import upgrade_legacy_keys
 
 FORMAT_VERSION = 1
 _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moesaic-ckpt-crc")
@@ -289,8 +290,9 @@ def load(directory, model: nn.Module, *, tag: Optional[str] = None, optimizer=No
         if saved["num_experts"] != layer.num_experts:
             raise CheckpointError(f"{folder}: layer {lname!r} has {saved['num_experts']} experts in the checkpoint "
                                   f"but {layer.num_experts} in the model")
-    dense = _read(folder, "dense.safetensors", manifest)
-    for alias, stored in manifest.get("dense_aliases", {}).items():
+    # checkpoints written before the layer took DeepSpeed's module names say "<layer>.gate.*"
+    dense = upgrade_legacy_keys(_read(folder, "dense.safetensors", manifest), model)
+    for alias, stored in upgrade_legacy_keys(manifest.get("dense_aliases", {}), model).items():
         if stored in dense:
             dense[alias] = dense[stored]
     want = index.dense_state_dict(model)
@@ -303,7 +305,7 @@ def load(directory, model: nn.Module, *, tag: Optional[str] = None, optimizer=No
         expert_states[key] = tensors
     optim_sd = None
     if optimizer is not None:
-        optim_sd = _optimizer_state(folder, manifest, index, optimizer)
+        optim_sd = _optimizer_state(folder, manifest, index, optimizer, model)
         try:
             optimizer.check_state_dict(optim_sd)
         except ValueError as err:
@@ -324,12 +326,12 @@ def load(directory, model: nn.Module, *, tag: Optional[str] = None, optimizer=No
     return folder, rank_state.get("client_state", {}), engine_state
 
 
-def _optimizer_state(folder: Path, manifest: Dict, index: ExpertIndex, optimizer) -> Dict:
+def _optimizer_state(folder: Path, manifest: Dict, index: ExpertIndex, optimizer, model: nn.Module) -> Dict:
     """The optimizer state dict this rank needs, from the dense and per-expert optimizer files."""
     wanted = set(optimizer.state_names())
     flat = {}
     if any(index.ref(n).expert is None for n in wanted):
-        flat.update(_read(folder, "dense.optim.safetensors", manifest))
+        flat.update(upgrade_legacy_keys(_read(folder, "dense.optim.safetensors", manifest), model))
     for key in index.experts():
         if any(r.name in wanted for r in index.expert_refs(key)):
             part = _read(folder, _expert_rel(key.layer, key.number, optim=True), manifest)

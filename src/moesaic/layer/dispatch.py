@@ -1,206 +1,92 @@
-"""Index-based token dispatch and combine for the experts held by this process.
+"""The dispatcher interface, and the dispatcher for a layer whose experts are all on this process.
 
-``permute`` gathers each kept route's token into expert order, one piece per expert; ``combine`` multiplies each
-expert output by its route weight and scatter-adds it back onto its token. Memory is
-O(routes x D): no one-hot ``[S, E, C]`` tensor and no padded ``[E, C, D]`` buffer, so experts
-only ever compute on slots that hold a token.
+A dispatcher moves tokens between the router's decision and the experts, and brings the outputs
+back. It has three methods, and ``MOELayer.forward`` calls exactly these, whatever the
+parallelism::
 
-Both are small autograd Functions:
+    pieces, meta = dispatcher.dispatch(x_SD, routing)   # one input piece per local expert
+    with dispatcher.saved_inputs(pieces, meta):         # experts' saved inputs kept as indices
+        outputs = experts(pieces)                       # experts only compute
+    y_SD = dispatcher.combine(outputs, meta)            # weighted sum back onto the tokens
 
-* gathers use ``F.embedding`` (a row gather several times faster than ``index_select`` on CPU
-  for unsorted indices) and their backward is one ``index_add_``;
-* ``combine`` works in row chunks, so neither its forward nor its backward materialises the
-  ``(N, D)`` weighted products that ``y * w`` followed by ``index_add`` would (extra ``(N, D)``
-  tensors at the layer's memory peak).
+``meta`` is whatever the dispatcher needs to bring the outputs home (a frozen dataclass);
+nothing else reads it. A new dispatcher (a different transport, a different layout) implements
+:class:`Dispatcher` and is installed with ``MOELayer.set_dispatcher``; routers and experts do not
+change. ``MoE.set_deepspeed_parallelism`` picks the one for a layer's process groups.
 
 Shape legend: S = tokens, N = kept routes, D = model dim.
 """
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+import contextlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ContextManager, List, Sequence, Tuple
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .gating import Routing
-
-_CHUNK_ROWS = 4096  # rows per step in combine: full-speed kernels, small temporaries
-_FEW_PIECES = 16    # up to this many pieces (or pieces of >= 1024 rows on average) are handled one by one
-
-
-def _few_large(sizes: Sequence[int]) -> bool:
-    """Whether per-piece kernels beat concatenating: few pieces, or large ones."""
-    return len(sizes) <= _FEW_PIECES or sum(sizes) >= 1024 * len(sizes)
+from .._checks import check_int
+from .ops import SavedPieces, gather_pieces, gather_rows, weighted_combine
+from .routing import Routing
 
 
-def gather_rows(x_SD: Tensor, index_N: Tensor) -> Tensor:
-    """``x_SD[index_N]`` without autograd (a fast row gather)."""
-    if x_SD.dim() != 2:
-        raise ValueError(f"gather_rows expects a 2-D tensor, got shape {tuple(x_SD.shape)}")
-    return F.embedding(index_N, x_SD)
+class Dispatcher(ABC):
+    """Moves routed tokens to this rank's experts and their outputs back (see module docstring)."""
+
+    #: experts held by this rank, i.e. pieces ``dispatch`` returns
+    num_local_experts: int
+
+    @abstractmethod
+    def dispatch(self, x_SD: Tensor, routing: Routing) -> Tuple[List[Tensor], Any]:
+        """Returns one `(N_l, D)` input piece per local expert (in local order) and the metadata."""
+
+    @abstractmethod
+    def combine(self, outputs: Sequence[Tensor], meta: Any) -> Tensor:
+        """The experts' outputs (one per piece) weighted and summed back onto the `(S, D)` tokens."""
+
+    def saved_inputs(self, pieces: Sequence[Tensor], meta: Any) -> ContextManager:
+        """A context for the experts' forward that stores their saved inputs cheaply (default: as they are)."""
+        return contextlib.nullcontext()
 
 
-class _Permute(torch.autograd.Function):
-    """Piece i = x[index[rows of piece i]]; backward scatter-adds each piece's gradient back.
+@dataclass(frozen=True)
+class LocalMeta:
+    """What :class:`LocalDispatcher` needs to combine: the routing, the input, the piece sizes."""
 
-    Returning one tensor per expert (rather than one tensor the experts then split) means the
-    backward never concatenates the experts' input gradients into an `(N, D)` copy.
-    """
-
-    @staticmethod
-    def forward(ctx, x_SD: Tensor, index_N: Tensor, sizes: Sequence[int]) -> Tuple[Tensor, ...]:
-        ctx.save_for_backward(index_N)
-        ctx.num_rows = x_SD.shape[0]
-        ctx.sizes = list(sizes)
-        return tuple(gather_rows(x_SD.detach(), piece) for piece in index_N.split(ctx.sizes))
-
-    @staticmethod
-    def backward(ctx, *grads: Tensor):
-        (index_N,) = ctx.saved_tensors
-        width = next((g.shape[1] for g in grads if g is not None and g.dim() == 2), None)
-        if width is None:
-            return None, None, None
-        ref = next(g for g in grads if g is not None and g.dim() == 2)
-        grad_SD = ref.new_zeros(ctx.num_rows, width)
-        pairs = [(idx, g) for idx, g in zip(index_N.split(ctx.sizes), grads) if g is not None and idx.numel()]
-        if _few_large(ctx.sizes):
-            for idx, g in pairs:
-                grad_SD.index_add_(0, idx, g)
-        elif pairs:  # many small pieces: one copy beats many kernel launches
-            grad_SD.index_add_(0, torch.cat([idx for idx, _ in pairs]), torch.cat([g for _, g in pairs]))
-        return grad_SD, None, None
+    routing: Routing
+    x_SD: Tensor
+    sizes: Tuple[int, ...]
 
 
-def permute(x_SD: Tensor, routing: Routing, sizes: Sequence[int]) -> Tuple[Tensor, ...]:
-    """Tokens of the kept routes in expert order, one `(N_i, D)` piece per entry of ``sizes``."""
-    if sum(sizes) != routing.token_idx_N.numel():
-        raise ValueError(f"sizes add up to {sum(sizes)} but the routing kept {routing.token_idx_N.numel()} routes")
-    return _Permute.apply(x_SD, routing.token_idx_N, list(sizes))
-
-
-class _WeightedScatterAdd(torch.autograd.Function):
-    """out[token[n]] += w[n] * y[n] over the experts' output pieces; fp32 accumulation.
-
-    Work runs in row chunks. Many small pieces (many experts, few tokens each) are concatenated
-    first, so such a layer costs a few kernel launches rather than a few per expert; a few large
-    pieces are read where they are, saving the copy.
-    """
-
-    @staticmethod
-    def forward(ctx, weight_N: Tensor, token_N: Tensor, num_tokens: int, *ys: Tensor) -> Tensor:
-        sizes = [y.shape[0] for y in ys]
-        # many small pieces are concatenated once (the pieces are then free); few large ones are read
-        # in place, saving the copy
-        pieces = list(ys) if _few_large(sizes) or len(ys) == 1 else [torch.cat(ys)]
-        dtype = ys[0].dtype
-        out_SD = torch.zeros(num_tokens, ys[0].shape[1], dtype=torch.promote_types(dtype, weight_N.dtype),
-                             device=weight_N.device)
-        offset = 0
-        for y in pieces:
-            for start in range(0, y.shape[0], _CHUNK_ROWS):
-                n = min(_CHUNK_ROWS, y.shape[0] - start)
-                rows = slice(offset + start, offset + start + n)
-                out_SD.index_add_(0, token_N[rows], y[start:start + n] * weight_N[rows, None])
-            offset += y.shape[0]
-        ctx.save_for_backward(weight_N, token_N, *pieces)
-        ctx.sizes = sizes
-        ctx.piece_rows = [y.shape[0] for y in pieces]
-        return out_SD.to(dtype)
-
-    @staticmethod
-    def backward(ctx, grad_SD: Tensor):
-        weight_N, token_N, *pieces = ctx.saved_tensors
-        need_w = ctx.needs_input_grad[0]
-        need_y = any(ctx.needs_input_grad[3:])
-        grad_w_N = torch.empty_like(weight_N) if need_w else None
-        grads_y: List = [None] * len(ctx.sizes)
-        if need_w or need_y:
-            grad_routes_ND = gather_rows(grad_SD.contiguous(), token_N)  # becomes grad_y in place
-            offset = 0
-            for y in pieces:
-                for start in range(0, y.shape[0], _CHUNK_ROWS):
-                    n = min(_CHUNK_ROWS, y.shape[0] - start)
-                    rows = slice(offset + start, offset + start + n)
-                    g = grad_routes_ND[rows]
-                    w = weight_N[rows, None]
-                    if need_w:
-                        grad_w_N[rows] = torch.linalg.vecdot(g.to(weight_N.dtype), y[start:start + n].to(weight_N.dtype))
-                    if need_y:
-                        if g.dtype == weight_N.dtype:
-                            g.mul_(w)
-                        else:  # scale in fp32 as the forward did, then round once
-                            g.copy_(g.to(weight_N.dtype) * w)
-                offset += y.shape[0]
-            if need_y:
-                grads_y = list(grad_routes_ND.split(ctx.sizes))
-        return (grad_w_N, None, None, *grads_y)
-
-
-def combine(ys: Sequence[Tensor], routing: Routing, num_tokens: int) -> Tensor:
-    """Weighted scatter-add of expert outputs back onto their tokens.
-
-    The products and the sum over a token's routes are formed in fp32 (the router weights'
-    dtype), as DeepSpeed's decode does, then cast back to the experts' dtype. Tokens whose every
-    route was dropped come out as zeros.
+class LocalDispatcher(Dispatcher):
+    """All experts on this process: gather tokens into expert order, scatter-add outputs back.
 
     Args:
-        ys: the experts' outputs in routing order, one `(N_i, D)` piece per expert (or one
-            `(N, D)` tensor); the pieces' rows add up to N.
-        routing: the routing that produced the order.
-        num_tokens: S.
-
-    Returns:
-        `(S, D)` combined output in the experts' dtype.
-    """
-    if isinstance(ys, Tensor):
-        ys = [ys]
-    total = sum(y.shape[0] for y in ys)
-    if total != routing.token_idx_N.numel():
-        raise ValueError(f"expert outputs hold {total} rows but the routing kept {routing.token_idx_N.numel()} routes")
-    return _WeightedScatterAdd.apply(routing.weight_N, routing.token_idx_N, num_tokens, *ys)
-
-
-class regather_saved_pieces:
-    """Context manager: experts that save their gathered input for backward keep an index instead.
-
-    An expert's first layer saves its input (the gathered `(N_i, D)` piece) for its weight
-    gradient. That copy is redundant: the layer's input ``x_SD`` stays alive anyway (the router
-    saves it), and a row gather is cheap next to an expert's matmuls. Inside this context a saved
-    tensor that *is* one of the pieces (same storage, shape and strides, never modified in place)
-    is packed as its piece number and re-gathered when backward needs it, which takes one
-    `(N, D)` tensor off the layer's memory peak.
+        num_experts: E, the experts of the layer (all local).
     """
 
-    def __init__(self, x_SD: Tensor, routing: Routing, sizes: Sequence[int], pieces: Sequence[Tensor]) -> None:
-        self._x = x_SD.detach()
-        self._index = routing.token_idx_N.split(list(sizes))
-        self._keys = {(p.data_ptr(), tuple(p.shape), p.stride()): i for i, p in enumerate(pieces) if p.numel()}
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+    def __init__(self, num_experts: int) -> None:
+        check_int(num_experts, "num_experts", 1)
+        self.num_local_experts = num_experts
 
-    def _pack(self, t: Tensor):
-        if t.numel() and t._version == 0 and t.device == self._x.device:
-            i = self._keys.get((t.data_ptr(), tuple(t.shape), t.stride()))
-            if i is not None:
-                return _PieceRef(i)
-        return t
+    def dispatch(self, x_SD: Tensor, routing: Routing) -> Tuple[List[Tensor], LocalMeta]:
+        if routing.tokens_per_expert_E.numel() != self.num_local_experts:
+            raise ValueError(f"routing is over {routing.tokens_per_expert_E.numel()} experts but this dispatcher "
+                             f"holds {self.num_local_experts}")
+        sizes = tuple(routing.tokens_per_expert_E.tolist())
+        pieces = gather_pieces(x_SD, routing.token_idx_N, sizes)
+        return list(pieces), LocalMeta(routing, x_SD.detach(), sizes)
 
-    def _unpack(self, packed):
-        if isinstance(packed, _PieceRef):
-            return gather_rows(self._x, self._index[packed.i])
-        return packed
+    def saved_inputs(self, pieces: Sequence[Tensor], meta: LocalMeta) -> ContextManager:
+        # the layer input stays alive (the router saved it): re-gather a piece instead of keeping it
+        index = meta.routing.token_idx_N.split(list(meta.sizes))
+        return SavedPieces(pieces, lambda i: gather_rows(meta.x_SD, index[i]))
 
-    def __enter__(self):
-        self._hooks.__enter__()
-        return self
+    def combine(self, outputs: Sequence[Tensor], meta: LocalMeta) -> Tensor:
+        r = meta.routing
+        return weighted_combine(outputs, r.weight_N, r.token_idx_N, meta.x_SD.shape[0])
 
-    def __exit__(self, *exc):
-        return self._hooks.__exit__(*exc)
+    def __repr__(self) -> str:
+        return f"LocalDispatcher(num_experts={self.num_local_experts})"
 
-
-class _PieceRef:
-    __slots__ = ("i",)
-
-    def __init__(self, i: int) -> None:
-        self.i = i

@@ -1,5 +1,9 @@
 """Experts: one deep copy of the user's expert module per local expert, each parameter tagged.
 
+The copies live in ``deepspeed_experts`` (DeepSpeed's attribute name, so ``state_dict`` keys
+read ``deepspeed_experts.<i>.*`` as in DeepSpeed). ``Experts`` only computes: it receives one
+piece of tokens per local expert from a dispatcher and returns one output per piece.
+
 Every parameter of expert ``i`` on expert-parallel rank ``r`` is tagged (see
 :mod:`moesaic.layer.identity`) with the layer's ``expert_group_name`` and the global expert number
 ``r * num_local_experts + i``: the identity that optimizer groups, telemetry and checkpoints are
@@ -12,9 +16,9 @@ from __future__ import annotations
 import copy
 from typing import Dict, Iterator, List, Sequence
 
-import torch
 from torch import Tensor, nn
 
+from .._checks import check_int
 from .identity import ExpertKey, tag_expert_param
 
 
@@ -34,11 +38,10 @@ class Experts(nn.Module):
         super().__init__()
         if not isinstance(expert, nn.Module):
             raise TypeError(f"expert must be a torch.nn.Module, got {type(expert).__name__}")
-        if isinstance(num_local_experts, bool) or not isinstance(num_local_experts, int) or num_local_experts < 1:
-            raise ValueError(f"num_local_experts must be an int >= 1, got {num_local_experts!r}")
+        check_int(num_local_experts, "num_local_experts", 1)
         if not any(True for _ in expert.parameters()):
             raise ValueError("expert has no parameters; an MoE expert must own at least one parameter")
-        self.local_experts = nn.ModuleList([copy.deepcopy(expert) for _ in range(num_local_experts)])
+        self.deepspeed_experts = nn.ModuleList([copy.deepcopy(expert) for _ in range(num_local_experts)])
         self.num_local_experts = num_local_experts
         self.expert_group_name = expert_group_name
         self.ep_rank = 0
@@ -48,11 +51,10 @@ class Experts(nn.Module):
         """(Re)stamp every parameter with the layer name and its global expert number."""
         if not isinstance(expert_group_name, str) or not expert_group_name:
             raise ValueError(f"expert_group_name must be a non-empty str, got {expert_group_name!r}")
-        if isinstance(ep_rank, bool) or not isinstance(ep_rank, int) or ep_rank < 0:
-            raise ValueError(f"ep_rank must be an int >= 0, got {ep_rank!r}")
+        check_int(ep_rank, "ep_rank", 0)
         self.expert_group_name = expert_group_name
         self.ep_rank = ep_rank
-        for i, expert in enumerate(self.local_experts):
+        for i, expert in enumerate(self.deepspeed_experts):
             key = ExpertKey(expert_group_name, ep_rank * self.num_local_experts + i)
             for name, param in expert.named_parameters():
                 tag_expert_param(param, key, name)
@@ -77,7 +79,7 @@ class Experts(nn.Module):
         if not 0 <= i < self.num_local_experts:
             raise KeyError(f"expert {number} of layer {self.expert_group_name!r} is not held here (local experts: "
                            f"{self.local_numbers})")
-        return self.local_experts[i]
+        return self.deepspeed_experts[i]
 
     def expert_state_dict(self, number: int, keep_vars: bool = False) -> Dict[str, Tensor]:
         """Tensors (parameters and buffers) of global expert ``number``, by their names inside it."""
@@ -91,10 +93,10 @@ class Experts(nn.Module):
         return self.num_local_experts
 
     def __getitem__(self, i: int) -> nn.Module:
-        return self.local_experts[i]
+        return self.deepspeed_experts[i]
 
     def __iter__(self) -> Iterator[nn.Module]:
-        return iter(self.local_experts)
+        return iter(self.deepspeed_experts)
 
     def forward(self, xs: Sequence[Tensor]) -> List[Tensor]:
         """Run local expert ``i`` on its piece ``xs[i]`` of tokens.
@@ -111,7 +113,7 @@ class Experts(nn.Module):
             got = "a Tensor" if isinstance(xs, Tensor) else f"{len(xs)} pieces"
             raise ValueError(f"Experts expects one piece per local expert ({self.num_local_experts}), got {got}")
         outputs: List[Tensor] = []
-        for expert, chunk in zip(self.local_experts, xs):
+        for expert, chunk in zip(self.deepspeed_experts, xs):
             # an expert with no tokens still runs (on 0 rows) so its parameters get zero grads,
             # not None, exactly as with DeepSpeed's padded buffers
             out = expert(chunk)

@@ -1,7 +1,11 @@
 """``MoE``: a drop-in for ``deepspeed.moe.layer.MoE`` with index-based dispatch.
 
 Same constructor arguments (plus keyword-only extras), same ``(output, l_aux, exp_counts)``
-result, the same numbers for deterministic settings. Differences, all deliberate:
+result, the same numbers for deterministic settings, and the same module structure, so
+``state_dict`` keys are DeepSpeed's (``deepspeed_moe.gate.wg.weight``,
+``deepspeed_moe.experts.deepspeed_experts.<i>.*``, and ``mlp.*`` / ``coefficient.*`` for a
+residual MoE): state dicts move both ways with plain ``load_state_dict``. Differences, all
+deliberate:
 
 * ``expert_group_name`` is an argument (default ``f"ep_size_{ep_size}"``, DeepSpeed's name), and
   every expert parameter also carries its global ``expert_number``;
@@ -12,7 +16,9 @@ result, the same numbers for deterministic settings. Differences, all deliberate
 * ``used_token`` masks tokens for every k (DeepSpeed honours it for k=1 only);
 * ``exp_counts`` is always int64; with fewer tokens than ``min_capacity`` top-1 still works.
 
-Shape legend: S = tokens, E = experts, N = kept routes, D = model dim.
+State dicts written by moesaic before it took DeepSpeed's keys (``gate.wg.weight``,
+``experts.local_experts.<i>.*``) still load: a load hook renames them
+(:func:`upgrade_legacy_keys`).
 """
 
 from __future__ import annotations
@@ -20,21 +26,20 @@ from __future__ import annotations
 import warnings
 from typing import Dict, Optional, Tuple
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .dispatch import combine, permute, regather_saved_pieces
+from .._checks import check_int
+from ..parallel.groups import GroupRegistry, default_registry
+from .all_to_all import AllToAllDispatcher
+from .dispatch import LocalDispatcher
 from .experts import Experts
-from .gating import Routing, TopKGate, _check_int
+from .moe_layer import MOELayer
+from .router import RouterConfig, TopKGate
 
-_warned = set()
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, stacklevel=3)
+# moesaic's module paths before it took DeepSpeed's, relative to an MoE layer
+_LEGACY_PREFIXES = (("gate.", "deepspeed_moe.gate."),
+                    ("experts.local_experts.", "deepspeed_moe.experts.deepspeed_experts."))
 
 
 class MoE(nn.Module):
@@ -54,7 +59,7 @@ class MoE(nn.Module):
         noisy_gate_policy: None, "None", "Jitter" or "RSample".
         drop_tokens: False for dropless routing (no capacity).
         use_rts: random token selection for k=1.
-        use_tutel: accepted for compatibility; ignored with a one-time warning.
+        use_tutel: accepted for compatibility; ignored with a warning.
         enable_expert_tensor_parallelism: accepted for compatibility; moesaic has no tensor
             parallelism, so it must be False.
         top2_2nd_expert_sampling: sample the 2nd expert (k=2) with the Gumbel-max trick.
@@ -62,6 +67,10 @@ class MoE(nn.Module):
         drop_policy: keyword-only; None (DeepSpeed's default for k), "position" or "probs".
         z_loss_coef: keyword-only; ST-MoE router z-loss coefficient. The scaled loss is exposed as
             ``self.z_loss`` after each forward and is *not* folded into ``l_aux``.
+
+    The router options land in one :class:`~moesaic.layer.router.RouterConfig`
+    (``moe.gate.config``). ``moe.gate`` and ``moe.experts`` are read-only shortcuts to
+    ``moe.deepspeed_moe.gate`` / ``.experts``.
     """
 
     def __init__(self, hidden_size: int, expert: nn.Module, num_experts: int = 1, ep_size: int = 1, k: int = 1,
@@ -73,8 +82,9 @@ class MoE(nn.Module):
         super().__init__()
         if not isinstance(expert, nn.Module):
             raise TypeError(f"expert must be a torch.nn.Module, got {type(expert).__name__}")
-        _check_int("num_experts", num_experts, 1)
-        _check_int("ep_size", ep_size, 1)
+        check_int(hidden_size, "hidden_size", 1)
+        check_int(num_experts, "num_experts", 1)
+        check_int(ep_size, "ep_size", 1)
         if num_experts % ep_size != 0:
             raise ValueError(f"num_experts ({num_experts}) must be divisible by the expert-parallel size "
                              f"ep_size ({ep_size}); pick num_experts as a multiple of {ep_size}")
@@ -86,11 +96,14 @@ class MoE(nn.Module):
             raise ValueError("enable_expert_tensor_parallelism=True is not supported: moesaic has no tensor "
                              "parallelism; leave it False")
         if use_tutel:
-            _warn_once("use_tutel", "MoE(use_tutel=True): moesaic always dispatches by index; use_tutel is ignored")
-
-        self.gate = TopKGate(hidden_size, num_experts, k, capacity_factor, eval_capacity_factor, min_capacity,
-                             noisy_gate_policy, drop_tokens, use_rts, top2_2nd_expert_sampling,
-                             drop_policy=drop_policy, z_loss_coef=z_loss_coef)
+            # the default warnings filter shows this once per calling line
+            warnings.warn("MoE(use_tutel=True): moesaic always dispatches by index; use_tutel is ignored",
+                          stacklevel=2)
+        config = RouterConfig(num_experts=num_experts, k=k, capacity_factor=capacity_factor,
+                              eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity,
+                              noisy_gate_policy=noisy_gate_policy, drop_tokens=drop_tokens, use_rts=use_rts,
+                              top2_2nd_expert_sampling=top2_2nd_expert_sampling, drop_policy=drop_policy,
+                              z_loss_coef=z_loss_coef)
         self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.ep_size = ep_size
@@ -100,58 +113,98 @@ class MoE(nn.Module):
         self.use_residual = bool(use_residual)
         self.use_tutel = bool(use_tutel)
         self.enable_expert_tensor_parallelism = False
-        self.experts = Experts(expert, self.num_local_experts, expert_group_name)
+        # registered first, as DeepSpeed does, so state_dict keys come in DeepSpeed's order
+        self.deepspeed_moe = MOELayer(TopKGate.from_config(hidden_size, config),
+                                      Experts(expert, self.num_local_experts, expert_group_name),
+                                      expert_group_name, ep_size, self.num_local_experts)
         if self.use_residual:
             self.mlp = expert
             # coefficient of the weighted sum of the MoE output and the dense mlp output
             self.coefficient = nn.Linear(hidden_size, 2)
         self.ep_group = None  # set by set_deepspeed_parallelism / moesaic.setup_expert_parallel
         self.parallel_groups = None
-        self._dispatcher = None
-        # routing statistics of the last forward, for telemetry (not state: never checkpointed)
-        self.l_aux: Optional[Tensor] = None
-        self.z_loss: Optional[Tensor] = None
-        self.exp_counts: Optional[Tensor] = None
-        self.tokens_per_expert: Optional[Tensor] = None
-        self.num_dropped_routes: int = 0
-        self.num_routes: int = 0
+        self.register_load_state_dict_pre_hook(_upgrade_legacy_hook)
 
-    # --- expert parallelism ---------------------------------------------------------------------
-    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
-        """Join the expert-parallel groups for this layer's ``ep_size`` (DeepSpeed's name).
+    # --- DeepSpeed's structure, short names ------------------------------------------------------
+    @property
+    def gate(self) -> TopKGate:
+        """The router (``deepspeed_moe.gate``)."""
+        return self.deepspeed_moe.gate
 
-        Creates the groups on first use (collectively: call it on every rank in the same order),
-        renumbers the local experts to their global numbers and installs the all-to-all dispatcher.
-        """
-        from ..parallel.groups import get_expert_parallel_groups
-        from .ep_dispatch import ExpertParallelDispatcher
+    @property
+    def experts(self) -> Experts:
+        """This rank's experts (``deepspeed_moe.experts``)."""
+        return self.deepspeed_moe.experts
 
-        groups = get_expert_parallel_groups(self.ep_size, use_data_before_expert_parallel_)
-        self.parallel_groups = groups
-        self.ep_group = groups.ep_group
-        self.experts.tag(self.expert_group_name, groups.ep_rank)
-        if self.ep_size > 1:
-            g = self.gate
-            signature = (f"E={self.num_experts} ep_size={self.ep_size} k={self.k} hidden={self.hidden_size} "
-                         f"drop_tokens={g.drop_tokens} capacity_factor={g.capacity_factor}/{g.eval_capacity_factor} "
-                         f"min_capacity={g.min_capacity} drop_policy={g.drop_policy}")
-            self._dispatcher = ExpertParallelDispatcher(groups, self.num_experts, self.hidden_size, g.drop_tokens,
-                                                        signature)
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("gate", "experts"):
+            raise AttributeError(f"MoE.{name} is a read-only view of deepspeed_moe.{name}; assign "
+                                 f"moe.deepspeed_moe.{name} instead")
+        super().__setattr__(name, value)
 
-    # --- naming ---------------------------------------------------------------------------------
-    def set_expert_group_name(self, name: str) -> None:
-        """Rename the layer; every expert parameter's ``group_name`` follows."""
-        self.experts.tag(name, self.experts.ep_rank)
-        self.expert_group_name = name
+    # --- routing statistics of the last forward (telemetry) --------------------------------------
+    @property
+    def l_aux(self) -> Optional[Tensor]:
+        return self.deepspeed_moe.l_aux
+
+    @property
+    def z_loss(self) -> Optional[Tensor]:
+        return self.deepspeed_moe.z_loss
+
+    @property
+    def exp_counts(self) -> Optional[Tensor]:
+        return self.deepspeed_moe.exp_counts
+
+    @property
+    def tokens_per_expert(self) -> Optional[Tensor]:
+        return self.deepspeed_moe.tokens_per_expert
+
+    @property
+    def num_routes(self) -> int:
+        return self.deepspeed_moe.num_routes
+
+    @property
+    def num_dropped_routes(self) -> int:
+        return self.deepspeed_moe.num_dropped_routes
 
     @property
     def dropped_fraction(self) -> float:
         """Fraction of routes the capacity limit removed in the last forward."""
         return self.num_dropped_routes / self.num_routes if self.num_routes else 0.0
 
-    # --- forward --------------------------------------------------------------------------------
+    # --- expert parallelism ----------------------------------------------------------------------
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False, *,
+                                  registry: Optional[GroupRegistry] = None) -> None:
+        """Join the expert-parallel groups for this layer's ``ep_size`` (DeepSpeed's name).
+
+        Creates the groups on first use (collectively: call it on every rank in the same order),
+        renumbers the local experts to their global numbers and installs the dispatcher for them
+        (local when ``ep_size == 1``, all-to-all otherwise).
+
+        Args:
+            use_data_before_expert_parallel_: DeepSpeed's alternative rank layout.
+            registry: where groups are created and cached (default: the process-wide registry).
+        """
+        groups = (registry if registry is not None else default_registry()).get(
+            self.ep_size, use_data_before_expert_parallel_)
+        self.parallel_groups = groups
+        self.ep_group = groups.ep_group
+        self.experts.tag(self.expert_group_name, groups.ep_rank)
+        if groups.ep_size == 1:
+            self.deepspeed_moe.set_dispatcher(LocalDispatcher(self.num_experts))
+        else:
+            self.deepspeed_moe.set_dispatcher(AllToAllDispatcher(groups, self.num_experts))
+
+    # --- naming ----------------------------------------------------------------------------------
+    def set_expert_group_name(self, name: str) -> None:
+        """Rename the layer; every expert parameter's ``group_name`` follows."""
+        self.experts.tag(name, self.experts.ep_rank)
+        self.expert_group_name = name
+        self.deepspeed_moe.ep_group_name = name
+
+    # --- forward ---------------------------------------------------------------------------------
     def forward(self, hidden_states: Tensor, used_token: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
-        """Route, run the experts, combine.
+        """Route, run the experts, combine (and mix in the dense ``mlp`` for a residual MoE).
 
         Args:
             hidden_states: `(..., D)` tokens.
@@ -162,64 +215,14 @@ class MoE(nn.Module):
             ``(output, l_aux, exp_counts)``: output of the input's shape, the fp32 load-balancing
             loss, and the `(E,)` int64 routes chosen per expert before capacity.
         """
-        if not isinstance(hidden_states, Tensor):
-            raise TypeError(f"hidden_states must be a Tensor, got {type(hidden_states).__name__}")
-        if hidden_states.dim() < 1 or hidden_states.shape[-1] != self.hidden_size:
-            raise ValueError(f"hidden_states must have last dimension hidden_size={self.hidden_size}, "
-                             f"got shape {tuple(hidden_states.shape)}")
-        x_SD = hidden_states.reshape(-1, self.hidden_size)
-        S = x_SD.shape[0]
-        if used_token is not None:
-            used_token = self._check_used_token(used_token, hidden_states, S)
-
-        routing = self.gate(x_SD, used_token)
-        if self._dispatcher is None and self.ep_size == 1:
-            sizes = routing.tokens_per_expert_E.tolist()
-            pieces = permute(x_SD, routing, sizes)
-            with regather_saved_pieces(x_SD, routing, sizes, pieces):
-                ys = self.experts(pieces)
-            del pieces
-            out_SD = combine(ys, routing, S)
-        else:
-            out_SD = self._forward_expert_parallel(x_SD, routing)
-        self._record(routing)
-
-        output = out_SD.reshape(hidden_states.shape)
+        output = self.deepspeed_moe(hidden_states, used_token)
         if self.use_residual:
             output_mlp = self.mlp(hidden_states)
             if isinstance(output_mlp, tuple):
                 output_mlp = output_mlp[0]
             coef = F.softmax(self.coefficient(hidden_states), dim=-1)
             output = output * coef[..., 0:1] + output_mlp * coef[..., 1:]
-        return output, routing.l_aux, routing.exp_counts_E
-
-    def _forward_expert_parallel(self, x_SD: Tensor, routing: Routing) -> Tensor:
-        dispatcher = self._dispatcher
-        if dispatcher is None:
-            raise RuntimeError(f"MoE layer {self.expert_group_name!r} has ep_size={self.ep_size} but no "
-                               "expert-parallel process group; call moesaic.setup_expert_parallel(model) or "
-                               "moe.set_deepspeed_parallelism() after torch.distributed.init_process_group()")
-        return dispatcher(x_SD, routing, self.experts)
-
-    def _record(self, routing: Routing) -> None:
-        self.l_aux = routing.l_aux
-        self.z_loss = routing.z_loss
-        self.exp_counts = routing.exp_counts_E
-        self.tokens_per_expert = routing.tokens_per_expert_E
-        self.num_routes = routing.num_routes
-        self.num_dropped_routes = routing.num_dropped
-
-    @staticmethod
-    def _check_used_token(used_token, hidden_states: Tensor, S: int) -> Tensor:
-        if not isinstance(used_token, Tensor):
-            raise TypeError(f"used_token must be a Tensor or None, got {type(used_token).__name__}")
-        if used_token.shape != hidden_states.shape[:-1] and tuple(used_token.shape) != (S,):
-            raise ValueError(f"used_token must have shape {tuple(hidden_states.shape[:-1])} or ({S},) to match "
-                             f"the tokens, got {tuple(used_token.shape)}")
-        flat = used_token.reshape(S)
-        if flat.dtype != torch.bool and not bool(((flat == 0) | (flat == 1)).all()):
-            raise ValueError("used_token must hold only 0 and 1 (a token mask), got other values")
-        return flat
+        return output, self.deepspeed_moe.l_aux, self.deepspeed_moe.exp_counts
 
     def extra_repr(self) -> str:
         return (f"name={self.expert_group_name!r}, num_experts={self.num_experts}, ep_size={self.ep_size}, "
@@ -233,6 +236,33 @@ def iter_moe_modules(model: nn.Module):
     for path, module in model.named_modules():
         if isinstance(module, MoE):
             yield path, module
+
+
+def upgrade_legacy_keys(state: Dict[str, object], model: nn.Module) -> Dict[str, object]:
+    """``state`` with moesaic's pre-DeepSpeed key names of ``model``'s MoE layers renamed.
+
+    ``<layer>.gate.*`` becomes ``<layer>.deepspeed_moe.gate.*`` and
+    ``<layer>.experts.local_experts.<i>.*`` becomes ``<layer>.deepspeed_moe.experts.deepspeed_experts.<i>.*``;
+    everything after the prefix (``"...weight::exp_avg"`` too) is kept. Other keys pass unchanged.
+    """
+    prefixes = [f"{path}." if path else "" for path, _ in iter_moe_modules(model)]
+    out = dict(state)
+    for prefix in prefixes:
+        _rename_legacy(out, prefix)
+    return out
+
+
+def _rename_legacy(state, prefix: str) -> None:
+    for old, new in _LEGACY_PREFIXES:
+        old = prefix + old
+        for key in [k for k in state if k.startswith(old)]:
+            state[prefix + new + key[len(old):]] = state.pop(key)
+
+
+def _upgrade_legacy_hook(module, state_dict, prefix, *args) -> None:
+    # an MoE's own children are deepspeed_moe, mlp and coefficient: a key under "<prefix>gate." or
+    # "<prefix>experts." can only be an old moesaic name
+    _rename_legacy(state_dict, prefix)
 
 
 def moe_layers(model: nn.Module) -> Dict[str, Tuple[str, "MoE"]]:
@@ -270,17 +300,24 @@ def name_moe_layers(model: nn.Module, prefix: str = "") -> dict:
     return named
 
 
-def setup_expert_parallel(model: nn.Module, use_data_before_expert_parallel_: bool = False) -> dict:
+def setup_expert_parallel(model: nn.Module, use_data_before_expert_parallel_: bool = False, *,
+                          registry: Optional[GroupRegistry] = None) -> dict:
     """Put every MoE layer of ``model`` on its expert-parallel groups (one call per model).
 
     Layers are visited in module order, so every rank creates the same groups in the same order;
-    layers sharing an ``ep_size`` share its groups whatever their names. Returns
+    layers sharing an ``ep_size`` share its groups whatever their names (several layers may still
+    carry DeepSpeed's default name here, so this walk does not ask :func:`moe_layers`). Returns
     ``{expert_group_name: ExpertParallelGroups}``.
+
+    Args:
+        model: the model.
+        use_data_before_expert_parallel_: DeepSpeed's alternative rank layout.
+        registry: where groups are created and cached (default: the process-wide registry).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     out = {}
     for _, module in iter_moe_modules(model):
-        module.set_deepspeed_parallelism(use_data_before_expert_parallel_)
+        module.set_deepspeed_parallelism(use_data_before_expert_parallel_, registry=registry)
         out[module.expert_group_name] = module.parallel_groups
     return out

@@ -15,17 +15,20 @@ Groups are keyed by ``(ep_size, layout)``, never by a layer's ``expert_group_nam
 with different names and the same ``ep_size`` share one set of groups. ``torch.distributed.new_group``
 is collective, so every rank must ask for the same sizes in the same order; asking through
 :func:`setup_expert_parallel` (which walks the model in module order) guarantees that.
+
+Groups are cached in a :class:`GroupRegistry`. Code that manages several process groups (tests,
+a job that re-initialises ``torch.distributed``) makes its own or calls ``reset()``;
+:func:`get_expert_parallel_groups` and :func:`reset_expert_parallel_groups` act on the default one.
 """
 
 from __future__ import annotations
 
-import datetime
-import os
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
-import torch
 import torch.distributed as dist
+
+from .._checks import check_int
 
 
 @dataclass(frozen=True)
@@ -48,9 +51,6 @@ class ExpertParallelGroups:
     data_before_expert: bool
 
 
-_GROUPS: Dict[Tuple[int, bool], ExpertParallelGroups] = {}
-
-
 def layout(world_size: int, ep_size: int, data_before_expert: bool = False):
     """The EP and EDP rank lists for a world (pure arithmetic; no process group needed).
 
@@ -69,35 +69,50 @@ def layout(world_size: int, ep_size: int, data_before_expert: bool = False):
 
 
 def _check_sizes(world_size: int, ep_size: int) -> None:
-    if isinstance(ep_size, bool) or not isinstance(ep_size, int) or ep_size < 1:
-        raise ValueError(f"ep_size must be an int >= 1, got {ep_size!r}")
+    check_int(ep_size, "ep_size", 1)
     if world_size % ep_size != 0:
         raise ValueError(f"the world size ({world_size}) must be divisible by ep_size ({ep_size}); "
                          f"run a multiple of {ep_size} processes or lower ep_size")
 
 
-def get_expert_parallel_groups(ep_size: int, use_data_before_expert_parallel_: bool = False) -> ExpertParallelGroups:
-    """This rank's EP/EDP groups for ``ep_size``, creating every group of that size on first use.
+class GroupRegistry:
+    """Creates each ``(ep_size, layout)``'s groups once and hands the same object out afterwards."""
 
-    Args:
-        ep_size: ranks per expert-parallel group.
-        use_data_before_expert_parallel_: DeepSpeed's alternative layout (see module docstring).
+    def __init__(self) -> None:
+        self._groups: Dict[Tuple[int, bool], ExpertParallelGroups] = {}
 
-    Returns:
-        The cached :class:`ExpertParallelGroups`.
-    """
-    key = (ep_size, bool(use_data_before_expert_parallel_))
-    if key in _GROUPS:
-        return _GROUPS[key]
+    def get(self, ep_size: int, use_data_before_expert_parallel_: bool = False) -> ExpertParallelGroups:
+        """This rank's EP/EDP groups for ``ep_size``, creating every group of that size on first use.
+
+        Args:
+            ep_size: ranks per expert-parallel group.
+            use_data_before_expert_parallel_: DeepSpeed's alternative layout (see module docstring).
+        """
+        if not isinstance(use_data_before_expert_parallel_, bool):
+            raise TypeError(f"use_data_before_expert_parallel_ must be a bool, got "
+                            f"{type(use_data_before_expert_parallel_).__name__}: {use_data_before_expert_parallel_!r}")
+        key = (ep_size, use_data_before_expert_parallel_)
+        if key not in self._groups:
+            self._groups[key] = _create_groups(ep_size, use_data_before_expert_parallel_)
+        return self._groups[key]
+
+    def reset(self) -> None:
+        """Forget every cached group (after ``destroy_process_group``, or between tests)."""
+        self._groups.clear()
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+
+def _create_groups(ep_size: int, data_before_expert: bool) -> ExpertParallelGroups:
     if not dist.is_available() or not dist.is_initialized():
+        check_int(ep_size, "ep_size", 1)
         if ep_size == 1:
-            groups = ExpertParallelGroups(1, None, (0,), None, (0,), 0, key[1])
-            _GROUPS[key] = groups
-            return groups
+            return ExpertParallelGroups(1, None, (0,), None, (0,), 0, data_before_expert)
         raise RuntimeError(f"ep_size={ep_size} needs torch.distributed: call moesaic.init_distributed() "
                            "(or torch.distributed.init_process_group) first, e.g. under torchrun")
     world, rank = dist.get_world_size(), dist.get_rank()
-    ep_lists, edp_lists = layout(world, ep_size, key[1])
+    ep_lists, edp_lists = layout(world, ep_size, data_before_expert)
     mine_ep = mine_edp = None
     # every rank creates every group, in the same order (new_group is collective)
     for ranks in ep_lists:
@@ -109,39 +124,23 @@ def get_expert_parallel_groups(ep_size: int, use_data_before_expert_parallel_: b
         if rank in ranks:
             mine_edp = (group, ranks)
     assert mine_ep is not None and mine_edp is not None
-    groups = ExpertParallelGroups(ep_size, mine_ep[0], mine_ep[1], mine_edp[0], mine_edp[1],
-                                  mine_ep[1].index(rank), key[1])
-    _GROUPS[key] = groups
-    return groups
+    return ExpertParallelGroups(ep_size, mine_ep[0], mine_ep[1], mine_edp[0], mine_edp[1], mine_ep[1].index(rank),
+                                data_before_expert)
+
+
+_DEFAULT_REGISTRY = GroupRegistry()
+
+
+def default_registry() -> GroupRegistry:
+    """The process-wide registry that ``MoE.set_deepspeed_parallelism`` uses unless given another."""
+    return _DEFAULT_REGISTRY
+
+
+def get_expert_parallel_groups(ep_size: int, use_data_before_expert_parallel_: bool = False) -> ExpertParallelGroups:
+    """This rank's EP/EDP groups for ``ep_size`` from the default registry (see :meth:`GroupRegistry.get`)."""
+    return _DEFAULT_REGISTRY.get(ep_size, use_data_before_expert_parallel_)
 
 
 def reset_expert_parallel_groups() -> None:
-    """Forget cached groups (after ``destroy_process_group``, or between tests)."""
-    _GROUPS.clear()
-
-
-def init_distributed(backend: Optional[str] = None, timeout_s: float = 300.0) -> Tuple[int, int]:
-    """Join the process group torchrun set up (env:// rendezvous); a no-op if already joined.
-
-    The backend is NCCL when CUDA is available, else gloo. ``timeout_s`` bounds every collective,
-    so a dead peer makes the others fail with an error instead of hanging forever.
-
-    Returns:
-        ``(rank, world_size)``.
-    """
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
-        raise ValueError(f"timeout_s must be a number > 0, got {timeout_s!r}")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-    if missing:
-        raise RuntimeError(f"init_distributed needs the torchrun environment; missing {missing}. "
-                           "Launch with `torchrun --nproc-per-node N script.py`")
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend not in ("gloo", "nccl"):
-        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return dist.get_rank(), dist.get_world_size()
+    """Forget the default registry's groups (after ``destroy_process_group``, or between tests)."""
+    _DEFAULT_REGISTRY.reset()

@@ -1,0 +1,220 @@
+"""Row-moving kernels the dispatchers share: gather tokens into expert pieces, weighted combine back.
+
+``gather_pieces`` gathers each kept route's token into expert order, one piece per expert;
+``weighted_combine`` multiplies each expert output by its route weight and scatter-adds it back
+onto its token. Memory is O(routes x D): no one-hot ``[S, E, C]`` tensor and no padded
+``[E, C, D]`` buffer, so experts only ever compute on rows that hold a token.
+:class:`SavedPieces` keeps the experts' saved inputs as indices instead of copies.
+
+Both row movers are small autograd Functions (private to this module; use the functions):
+
+* gathers use ``F.embedding`` (a row gather several times faster than ``index_select`` on CPU
+  for unsorted indices) and their backward is one ``index_add_``;
+* ``combine`` works in row chunks, so neither its forward nor its backward materialises the
+  ``(N, D)`` weighted products that ``y * w`` followed by ``index_add`` would (extra ``(N, D)``
+  tensors at the layer's memory peak).
+
+Shape legend: S = tokens, N = kept routes, D = model dim.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_CHUNK_ROWS = 4096  # rows per step in combine: full-speed kernels, small temporaries
+_FEW_PIECES = 16    # up to this many pieces (or pieces of >= 1024 rows on average) are handled one by one
+
+
+def _few_large(sizes: Sequence[int]) -> bool:
+    """Whether per-piece kernels beat concatenating: few pieces, or large ones."""
+    return len(sizes) <= _FEW_PIECES or sum(sizes) >= 1024 * len(sizes)
+
+
+def gather_rows(x_SD: Tensor, index_N: Tensor) -> Tensor:
+    """``x_SD[index_N]`` without autograd (a fast row gather)."""
+    if x_SD.dim() != 2:
+        raise ValueError(f"gather_rows expects a 2-D tensor, got shape {tuple(x_SD.shape)}")
+    return F.embedding(index_N, x_SD)
+
+
+class _Permute(torch.autograd.Function):
+    """Piece i = x[index[rows of piece i]]; backward scatter-adds each piece's gradient back.
+
+    Returning one tensor per expert (rather than one tensor the experts then split) means the
+    backward never concatenates the experts' input gradients into an `(N, D)` copy.
+    """
+
+    @staticmethod
+    def forward(ctx, x_SD: Tensor, index_N: Tensor, sizes: Sequence[int]) -> Tuple[Tensor, ...]:
+        ctx.save_for_backward(index_N)
+        ctx.num_rows = x_SD.shape[0]
+        ctx.sizes = list(sizes)
+        return tuple(gather_rows(x_SD.detach(), piece) for piece in index_N.split(ctx.sizes))
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        (index_N,) = ctx.saved_tensors
+        width = next((g.shape[1] for g in grads if g is not None and g.dim() == 2), None)
+        if width is None:
+            return None, None, None
+        ref = next(g for g in grads if g is not None and g.dim() == 2)
+        grad_SD = ref.new_zeros(ctx.num_rows, width)
+        pairs = [(idx, g) for idx, g in zip(index_N.split(ctx.sizes), grads) if g is not None and idx.numel()]
+        if _few_large(ctx.sizes):
+            for idx, g in pairs:
+                grad_SD.index_add_(0, idx, g)
+        elif pairs:  # many small pieces: one copy beats many kernel launches
+            grad_SD.index_add_(0, torch.cat([idx for idx, _ in pairs]), torch.cat([g for _, g in pairs]))
+        return grad_SD, None, None
+
+
+def gather_pieces(x_SD: Tensor, index_N: Tensor, sizes: Sequence[int]) -> Tuple[Tensor, ...]:
+    """Rows ``x_SD[index_N]`` split into one `(N_i, D)` piece per entry of ``sizes`` (differentiable).
+
+    The backward scatter-adds each piece's gradient onto the rows it came from.
+    """
+    if sum(sizes) != index_N.numel():
+        raise ValueError(f"sizes add up to {sum(sizes)} but index_N holds {index_N.numel()} rows")
+    return _Permute.apply(x_SD, index_N, list(sizes))
+
+
+class _WeightedScatterAdd(torch.autograd.Function):
+    """out[token[n]] += w[n] * y[n] over the experts' output pieces; fp32 accumulation.
+
+    Work runs in row chunks. Many small pieces (many experts, few tokens each) are concatenated
+    first, so such a layer costs a few kernel launches rather than a few per expert; a few large
+    pieces are read where they are, saving the copy.
+    """
+
+    @staticmethod
+    def forward(ctx, weight_N: Tensor, token_N: Tensor, num_tokens: int, *ys: Tensor) -> Tensor:
+        sizes = [y.shape[0] for y in ys]
+        # many small pieces are concatenated once (the pieces are then free); few large ones are read
+        # in place, saving the copy
+        pieces = list(ys) if _few_large(sizes) or len(ys) == 1 else [torch.cat(ys)]
+        dtype = ys[0].dtype
+        out_SD = torch.zeros(num_tokens, ys[0].shape[1], dtype=torch.promote_types(dtype, weight_N.dtype),
+                             device=weight_N.device)
+        offset = 0
+        for y in pieces:
+            for start in range(0, y.shape[0], _CHUNK_ROWS):
+                n = min(_CHUNK_ROWS, y.shape[0] - start)
+                rows = slice(offset + start, offset + start + n)
+                out_SD.index_add_(0, token_N[rows], y[start:start + n] * weight_N[rows, None])
+            offset += y.shape[0]
+        ctx.save_for_backward(weight_N, token_N, *pieces)
+        ctx.sizes = sizes
+        ctx.piece_rows = [y.shape[0] for y in pieces]
+        return out_SD.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad_SD: Tensor):
+        weight_N, token_N, *pieces = ctx.saved_tensors
+        need_w = ctx.needs_input_grad[0]
+        need_y = any(ctx.needs_input_grad[3:])
+        grad_w_N = torch.empty_like(weight_N) if need_w else None
+        grads_y: List = [None] * len(ctx.sizes)
+        if need_w or need_y:
+            grad_routes_ND = gather_rows(grad_SD.contiguous(), token_N)  # becomes grad_y in place
+            offset = 0
+            for y in pieces:
+                for start in range(0, y.shape[0], _CHUNK_ROWS):
+                    n = min(_CHUNK_ROWS, y.shape[0] - start)
+                    rows = slice(offset + start, offset + start + n)
+                    g = grad_routes_ND[rows]
+                    w = weight_N[rows, None]
+                    if need_w:
+                        grad_w_N[rows] = torch.linalg.vecdot(g.to(weight_N.dtype), y[start:start + n].to(weight_N.dtype))
+                    if need_y:
+                        if g.dtype == weight_N.dtype:
+                            g.mul_(w)
+                        else:  # scale in fp32 as the forward did, then round once
+                            g.copy_(g.to(weight_N.dtype) * w)
+                offset += y.shape[0]
+            if need_y:
+                grads_y = list(grad_routes_ND.split(ctx.sizes))
+        return (grad_w_N, None, None, *grads_y)
+
+
+def weighted_combine(ys: Sequence[Tensor], weight_N: Tensor, token_N: Tensor, num_tokens: int) -> Tensor:
+    """Weighted scatter-add of expert outputs back onto their tokens: ``out[token_N[n]] += weight_N[n] * y[n]``.
+
+    The products and the sum over a token's routes are formed in fp32 (the router weights'
+    dtype), as DeepSpeed's decode does, then cast back to the experts' dtype. Tokens whose every
+    route was dropped come out as zeros.
+
+    Args:
+        ys: the experts' outputs, `(N_i, D)` pieces whose rows, concatenated, line up with
+            ``weight_N`` and ``token_N`` (or one `(N, D)` tensor).
+        weight_N: `(N,)` fp32 route weights (differentiable).
+        token_N: `(N,)` int64 token of each route.
+        num_tokens: S.
+
+    Returns:
+        `(S, D)` combined output in the experts' dtype.
+    """
+    if isinstance(ys, Tensor):
+        ys = [ys]
+    total = sum(y.shape[0] for y in ys)
+    if total != token_N.numel() or weight_N.shape != token_N.shape:
+        raise ValueError(f"expert outputs hold {total} rows but there are {token_N.numel()} routes "
+                         f"({weight_N.numel()} weights)")
+    return _WeightedScatterAdd.apply(weight_N, token_N, num_tokens, *ys)
+
+
+class SavedPieces:
+    """Context manager: experts that save their input piece for backward keep a recipe instead.
+
+    An expert's first layer saves its input (its gathered `(N_i, D)` piece) for its weight
+    gradient. Where the rows the piece was gathered from stay alive anyway (the layer input,
+    which the router saves), that copy is redundant, and a row gather is cheap next to an
+    expert's matmuls. Inside this context a saved tensor that *is* one of the pieces (same
+    storage, shape and strides, never modified in place) is packed as its piece number and rebuilt
+    by ``rebuild(i)`` when backward needs it, which takes one `(N, D)` tensor off the layer's
+    memory peak.
+
+    Args:
+        pieces: the experts' input pieces.
+        rebuild: ``rebuild(i)`` returns a tensor equal to ``pieces[i]`` (without autograd).
+    """
+
+    def __init__(self, pieces: Sequence[Tensor], rebuild: Callable[[int], Tensor]) -> None:
+        self._rebuild = rebuild
+        # a piece is matched by storage, shape and strides, and must not have been modified since
+        self._keys = {_key(p): (i, p._version) for i, p in enumerate(pieces) if p.numel()}
+        self._device = pieces[0].device if len(pieces) else None
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, t: Tensor):
+        if t.numel() and t.device == self._device:
+            found = self._keys.get(_key(t))
+            if found is not None and found[1] == t._version:
+                return _PieceRef(found[0])
+        return t
+
+    def _unpack(self, packed):
+        if isinstance(packed, _PieceRef):
+            return self._rebuild(packed.i)
+        return packed
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._hooks.__exit__(*exc)
+
+
+def _key(t: Tensor):
+    return t.data_ptr(), tuple(t.shape), t.stride()
+
+
+class _PieceRef:
+    __slots__ = ("i",)
+
+    def __init__(self, i: int) -> None:
+        self.i = i

@@ -1,0 +1,191 @@
+"""The routing record and the pure steps that build it: choose experts, order, apply capacity, weigh.
+
+A :class:`Routing` names each kept (token, expert) route by index, already in expert order, so a
+dispatcher gathers tokens with one row gather and the combine scatter-adds them back. No
+``[tokens, experts, capacity]`` tensor is built anywhere.
+
+Which routes survive the capacity limit follows DeepSpeed 0.19.8 (``deepspeed/moe/sharded_moe.py``):
+
+* k=1: random token selection (``use_rts``) or, without it, the first ``capacity`` tokens in
+  token order (DeepSpeed keeps whichever ties ``torch.topk`` returns; we keep the earliest);
+* k=2: position order with every first choice ahead of every second choice;
+* k>2: the highest gate probabilities per expert (``drop_policy="probs"``, DeepSpeed's default)
+  or token order (``drop_policy="position"``).
+
+Every tensor made here is made on the logits' device.
+
+Shape legend: S = tokens, E = experts, K = top-k, R = routes asked for (S*K), N = kept routes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .router import RouterConfig
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What the router decided for one batch of tokens; read by dispatchers, the layer and telemetry.
+
+    Attributes:
+        probs_SE: `(S, E)` fp32 router probabilities (softmax of the logits).
+        expert_ids_SK: `(S, K)` int64 chosen experts in choice order; a masked token's entries
+            are ``E`` (no expert).
+        token_idx_N: `(N,)` int64 source token of each kept route, sorted by expert (stable).
+        expert_idx_N: `(N,)` int64 global expert of each kept route (non-decreasing).
+        slot_N: `(N,)` int64 position of the route inside its expert's block.
+        weight_N: `(N,)` fp32 combine weight of each route (carries the router's gradient).
+        tokens_per_expert_E: `(E,)` int64 routes kept per expert (after capacity).
+        exp_counts_E: `(E,)` int64 routes chosen per expert before capacity (DeepSpeed's
+            ``exp_counts``).
+        capacity: slots per expert, or None when dropless.
+        num_routes: routes that asked for an expert (valid tokens x k).
+        l_aux: fp32 scalar load-balancing loss with DeepSpeed's definition.
+        z_loss: fp32 scalar router z-loss times its coefficient (0 when disabled).
+        config: the router options that produced this routing.
+    """
+
+    probs_SE: Tensor
+    expert_ids_SK: Tensor
+    token_idx_N: Tensor
+    expert_idx_N: Tensor
+    slot_N: Tensor
+    weight_N: Tensor
+    tokens_per_expert_E: Tensor
+    exp_counts_E: Tensor
+    capacity: Optional[int]
+    num_routes: int
+    l_aux: Tensor
+    z_loss: Tensor
+    config: "RouterConfig"
+
+    @property
+    def num_dropped(self) -> int:
+        """Routes removed by the capacity limit."""
+        return self.num_routes - int(self.token_idx_N.numel())
+
+
+def multiplicative_jitter(x: Tensor, epsilon: float = 1e-2) -> Tensor:
+    """Multiply by noise drawn uniformly from ``[1 - epsilon, 1 + epsilon]`` (Switch Transformer)."""
+    if epsilon == 0:
+        return x
+    noise = torch.empty_like(x).uniform_(1.0 - epsilon, 1.0 + epsilon)
+    return x * noise
+
+
+def gumbel_noise(shape, device, dtype=torch.float32) -> Tensor:
+    """Standard Gumbel(0, 1) samples, for noisy top-k selection."""
+    u = torch.rand(shape, device=device, dtype=dtype)
+    # -log(-log(u)) with u kept inside (0, 1) so neither log sees 0
+    tiny = torch.finfo(dtype).tiny
+    return -torch.log(-torch.log(u.clamp(min=tiny, max=1.0 - torch.finfo(dtype).eps)))
+
+
+def select_experts(probs_SE: Tensor, logits_SE: Tensor, k: int, *, rsample: bool,
+                   second_expert_sampling: bool) -> Tensor:
+    """Pick k experts per token; returns expert ids `(S, K)` in choice order."""
+    if rsample:
+        # RSample: choose by noisy logits, weight by the clean probabilities (as DeepSpeed top-1)
+        noisy_SE = logits_SE.detach() + gumbel_noise(logits_SE.shape, logits_SE.device)
+        if k == 1:
+            return noisy_SE.argmax(dim=1, keepdim=True)
+        return noisy_SE.topk(k, dim=1).indices
+    if k == 1:
+        return probs_SE.argmax(dim=1, keepdim=True)
+    if k == 2:
+        first_S = probs_SE.argmax(dim=1)
+        scores_SE = logits_SE.detach()
+        if second_expert_sampling:
+            # Gumbel-max trick: the 2nd expert is sampled from softmax(logits) minus the 1st
+            scores_SE = scores_SE + gumbel_noise(scores_SE.shape, scores_SE.device)
+        scores_SE = scores_SE.scatter(1, first_S[:, None], float("-inf"))
+        second_S = scores_SE.argmax(dim=1)
+        return torch.stack([first_S, second_S], dim=1)
+    return probs_SE.topk(k, dim=1).indices
+
+
+def mask_unused_tokens(expert_ids_SK: Tensor, used_token_S: Tensor, num_experts: int) -> Tensor:
+    """Point every route of a masked token at ``num_experts`` (no expert); they sort last."""
+    valid_S = used_token_S.reshape(expert_ids_SK.shape[0]) != 0
+    return torch.where(valid_S[:, None], expert_ids_SK, torch.full_like(expert_ids_SK, num_experts))
+
+
+def count_routes(expert_ids_SK: Tensor, num_experts: int) -> Tensor:
+    """`(E,)` int64 routes chosen per expert (masked routes, id E, not counted)."""
+    return torch.bincount(expert_ids_SK.reshape(-1), minlength=num_experts + 1)[:num_experts]
+
+
+def route_priority(probs_SE: Tensor, expert_ids_SK: Tensor, capacity: Optional[int], drop_policy: str,
+                   use_rts: bool) -> Optional[Tensor]:
+    """Flat routes ``r = t * K + j`` in priority order (best first), or None when token order is it."""
+    S, K = expert_ids_SK.shape
+    E = probs_SE.shape[1]
+    R = S * K
+    if capacity is None or (K == 1 and not use_rts and drop_policy == "position"):
+        return None  # nothing is dropped, or token order already is the priority order
+    if K == 1 and use_rts:
+        return torch.rand(R, device=probs_SE.device).argsort(descending=True)
+    if drop_policy == "probs":
+        route_probs_R = probs_SE.detach().gather(1, expert_ids_SK.clamp(max=E - 1)).reshape(-1)
+        return route_probs_R.argsort(descending=True, stable=True)
+    if K == 2:
+        # DeepSpeed's top-2 places every first choice ahead of every second choice
+        return torch.arange(R, device=probs_SE.device).view(S, K).t().reshape(-1)
+    return None
+
+
+class Placement(NamedTuple):
+    """Kept routes in expert order (see :class:`Routing` for the fields)."""
+
+    token_idx_N: Tensor
+    expert_idx_N: Tensor
+    slot_N: Tensor
+    tokens_per_expert_E: Tensor
+    num_routes: int
+
+
+def place_routes(expert_ids_SK: Tensor, exp_counts_E: Tensor, capacity: Optional[int],
+                 priority_R: Optional[Tensor]) -> Placement:
+    """Sort routes by expert (ties by priority), number them inside each expert, keep ``capacity``."""
+    K = expert_ids_SK.shape[1]
+    flat_expert_R = expert_ids_SK.reshape(-1)
+    # a stable sort by expert keeps the priority order inside each expert's block
+    if priority_R is None:
+        by_expert = torch.sort(flat_expert_R, stable=True)
+        route_R = by_expert.indices
+    else:
+        by_expert = torch.sort(flat_expert_R[priority_R], stable=True)
+        route_R = priority_R[by_expert.indices]
+    sorted_expert_R = by_expert.values
+
+    # position of every route inside its expert's block; masked routes (id E) sorted last: cut them
+    num_valid = int(exp_counts_E.sum())
+    route_R = route_R[:num_valid]
+    sorted_expert_R = sorted_expert_R[:num_valid]
+    starts_E = torch.cumsum(exp_counts_E, 0) - exp_counts_E
+    slot_R = torch.arange(num_valid, device=flat_expert_R.device) - starts_E[sorted_expert_R]
+    if capacity is not None and num_valid and int(exp_counts_E.max()) > capacity:
+        keep_R = slot_R < capacity
+        route_N, expert_N, slot_N = route_R[keep_R], sorted_expert_R[keep_R], slot_R[keep_R]
+        tokens_per_expert_E = exp_counts_E.clamp(max=capacity)
+    else:
+        route_N, expert_N, slot_N = route_R, sorted_expert_R, slot_R
+        tokens_per_expert_E = exp_counts_E.clone()
+    token_N = torch.div(route_N, K, rounding_mode="floor")
+    return Placement(token_N, expert_N, slot_N, tokens_per_expert_E, num_valid)
+
+
+def combine_weights(probs_SE: Tensor, token_N: Tensor, expert_N: Tensor, k: int) -> Tensor:
+    """The raw probability for k=1; for k >= 2 renormalised over each token's kept routes."""
+    weight_N = probs_SE[token_N, expert_N]
+    if k > 1:
+        denom_S = probs_SE.new_zeros(probs_SE.shape[0]).index_add(0, token_N, weight_N)
+        denom_S = torch.clamp(denom_S, min=torch.finfo(probs_SE.dtype).eps)
+        weight_N = weight_N / denom_S[token_N]
+    return weight_N
