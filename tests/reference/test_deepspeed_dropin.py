@@ -31,10 +31,23 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 H, E, SEQ = 8, 4, 6
 
 
+def _forget_groups():
+    """Drop both libraries' cached process groups (another module may have destroyed the world they lived in)."""
+    from deepspeed.utils import groups
+
+    from moesaic.parallel import reset_expert_parallel_groups
+    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
+                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
+        getattr(groups, name).clear()
+    groups._WORLD_GROUP = groups._DATA_PARALLEL_GROUP = None
+    reset_expert_parallel_groups()
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_process_group():
     """A gloo group of one process (DeepSpeed's engine needs one); torn down if this module made it."""
     made = not torch.distributed.is_initialized()
+    _forget_groups()
     if made:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -44,8 +57,7 @@ def one_process_group():
     yield
     if made:
         torch.distributed.destroy_process_group()
-        from moesaic.parallel import reset_expert_parallel_groups
-        reset_expert_parallel_groups()
+        _forget_groups()
 
 
 class Net(nn.Module):
