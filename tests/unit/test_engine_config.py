@@ -95,7 +95,8 @@ def test_defaults():
     cfg = load_config({})
     assert cfg == EngineConfig()
     assert cfg.train_micro_batch_size_per_gpu is None and cfg.train_batch_size is None
-    assert cfg.gradient_accumulation_steps is None and cfg.steps_per_print == 10 and cfg.gradient_clipping == 0.0
+    # DeepSpeed 0.19.8's defaults: no progress print, clipping at 1.0
+    assert cfg.gradient_accumulation_steps is None and cfg.steps_per_print is None and cfg.gradient_clipping == 1.0
     assert cfg.optimizer.type == "AdamW"
     # DeepSpeed's defaults (its FusedAdam): no weight decay unless asked, for Adam and AdamW alike
     assert cfg.optimizer.update() == ("AdamW", {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0})

@@ -26,7 +26,9 @@ class Net(nn.Module):
         return out.pow(2).mean() + 0.01 * l_aux
 
 
-CONFIG = {"train_micro_batch_size_per_gpu": 16, "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}},
+# gradient_clipping 0: the default when the fixture was written (it is DeepSpeed's 1.0 now)
+CONFIG = {"train_micro_batch_size_per_gpu": 16, "gradient_clipping": 0.0,
+          "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}},
           "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 5, "warmup_max_lr": 1e-2}}}
 
 
