@@ -206,7 +206,8 @@ def test_bools_rejected_as_numbers(config, pattern):
 
 
 @pytest.mark.parametrize("config, pattern", [
-    ({"train_batch": 8}, r"unknown key 'train_batch'; allowed keys at the top level: bf16, checkpoint, .*steps_per_print"),
+    ({"train_batch": 8},
+     r"unknown key 'train_batch'; allowed keys at the top level: bf16, checkpoint, .*steps_per_print"),
     ({"optimizer": {"type": "Adam", "param": {}}}, r"unknown key 'optimizer\.param'; allowed keys under optimizer: "
                                                    r"params, type"),
     ({"optimizer": {"type": "Adam", "params": {"momentum": 0.9}}},
@@ -227,15 +228,18 @@ def test_unknown_keys(config, pattern):
     # features moesaic lacks: refused by name with the reason, whatever the value
     ({"zero_optimization": {"stage": 1, "offload_param": {}}},
      r"zero_optimization\.offload_param is a DeepSpeed key that moesaic does not support: a ZeRO-3"),
-    ({"zero_optimization": {"stage3_max_live_parameters": 1e9}}, r"zero_optimization\.stage3_max_live_parameters .*ZeRO-3"),
+    ({"zero_optimization": {"stage3_max_live_parameters": 1e9}},
+     r"zero_optimization\.stage3_max_live_parameters .*ZeRO-3"),
     ({"zero_optimization": {"offload_optimizer": {"device": "cpu", "nvme_path": "/x"}}},
      r"zero_optimization\.offload_optimizer\.nvme_path .*NVMe"),
-    ({"activation_checkpointing": {"partition_activations": True}}, r"activation_checkpointing .*torch\.utils\.checkpoint"),
+    ({"activation_checkpointing": {"partition_activations": True}},
+     r"activation_checkpointing .*torch\.utils\.checkpoint"),
     ({"tensorboard": {"enabled": True, "output_path": "x"}}, r"tensorboard .*pass log_dir= to moesaic\.initialize"),
     ({"pipeline": {"stages": 2}}, r"pipeline .*no tensor, pipeline or sequence parallelism"),
     # values describing something moesaic does not do: refused with what it does instead
     ({"zero_optimization": {"stage": 2, "overlap_comm": True}},
-     r"zero_optimization\.overlap_comm=True is not supported by moesaic: .*not overlapped with it; allowed: false or null"),
+     r"zero_optimization\.overlap_comm=True is not supported by moesaic: .*not overlapped with it; "
+     r"allowed: false or null"),
     ({"zero_optimization": {"offload_optimizer": {"device": "nvme"}}},
      r"zero_optimization\.offload_optimizer\.device='nvme' is not supported by moesaic"),
     ({"fp16": {"enabled": True, "auto_cast": True}}, r"fp16\.auto_cast=True is not supported by moesaic"),
@@ -245,7 +249,8 @@ def test_unknown_keys(config, pattern):
     ({"optimizer": {"type": "Adam", "params": {"amsgrad": True}}}, r"optimizer\.params\.amsgrad=True is not supported"),
     ({"optimizer": {"type": "AdamW", "params": {"adam_w_mode": False}}}, r"type AdamW always decouples weight decay"),
     ({"scheduler": {"type": "OneCycle"}}, r"scheduler\.type='OneCycle' is not supported by moesaic: .*OneCycleLR"),
-    ({"zero_optimization": {"stage": 3}}, r"zero_optimization\.stage=3 \(ZeRO-3, parameter sharding\) is not supported"),
+    ({"zero_optimization": {"stage": 3}},
+     r"zero_optimization\.stage=3 \(ZeRO-3, parameter sharding\) is not supported"),
 ])
 def test_deepspeed_keys_refused_with_reason(config, pattern):
     with pytest.raises(ValueError, match=pattern):

@@ -128,7 +128,8 @@ def test_client_schedule_is_followed_and_direct_edits_stay():
         **CFG, "scheduler": {"type": "StepLR", "params": {"step_size": 1, "gamma": 0.1}},
         "optimizer": {"type": "SGD", "params": {"lr": 1.0}}})
     steps(engine, 2)
-    assert engine.get_lr() == pytest.approx([0.01] * len(engine.get_lr())) and isinstance(sched, torch.optim.lr_scheduler.StepLR)
+    assert engine.get_lr() == pytest.approx([0.01] * len(engine.get_lr()))
+    assert isinstance(sched, torch.optim.lr_scheduler.StepLR)
 
 
 def test_client_optimizer_refusals():

@@ -146,8 +146,10 @@ def _build_optimizer(model, index, cfg: EngineConfig, optimizer, model_parameter
             _check_same_parameters(optimizer, model_parameters)
         client = ClientOptimizer(optimizer, stage)
         kind, defaults = client.kind, {}
-        groups = split_client_groups(client.base_groups(), lambda gs: split_params_into_different_moe_groups_for_optimizer(
-            gs, max_group_size=moe.max_group_size, split_by=moe.split_by))
+        def split(gs):
+            return split_params_into_different_moe_groups_for_optimizer(gs, max_group_size=moe.max_group_size,
+                                                                        split_by=moe.split_by)
+        groups = split_client_groups(client.base_groups(), split)
         model_parameters = groups
     else:
         kind, defaults = cfg.optimizer.update()

@@ -271,12 +271,13 @@ def _scheduler_type(value: Any, key: str) -> str:
         return value
     allowed = f"{', '.join(SCHEDULER_TYPES)} or a torch.optim.lr_scheduler class name (StepLR, OneCycleLR, ...)"
     if value in REFUSED_SCHEDULERS:
-        raise ValueError(f"{key}={value!r} is not supported by moesaic: {REFUSED_SCHEDULERS[value]}; allowed: {allowed}")
+        raise ValueError(f"{key}={value!r} is not supported by moesaic: {REFUSED_SCHEDULERS[value]}; "
+                         f"allowed: {allowed}")
     raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
 
 
 def _torch_scheduler_params(cls, params: Any, key: str) -> Dict[str, Any]:
-    """``params`` checked against the constructor of torch scheduler ``cls`` (every key must be one of its arguments)."""
+    """``params`` checked against the constructor of torch scheduler ``cls`` (each key one of its arguments)."""
     import inspect
 
     check_mapping(params, key)
