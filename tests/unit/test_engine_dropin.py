@@ -235,3 +235,33 @@ def test_checkpoint_arguments(tmp_path):
             assert torch.equal(m.to(torch.bfloat16), p)
     path, client = engine.load_checkpoint(tmp_path)
     assert engine.global_steps == 1 and engine.global_samples == 4
+
+
+def test_dist_init_required_from_the_launcher_environment(monkeypatch):
+    import socket
+
+    import torch.distributed as dist
+
+    from moesaic.parallel import reset_expert_parallel_groups
+
+    assert not dist.is_initialized()
+    moesaic.initialize(model=Net(), config=CFG)  # no launcher environment: one process, nothing initialised
+    assert not dist.is_initialized()
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(RuntimeError, match="dist_init_required=True but RANK and WORLD_SIZE are not set"):
+        moesaic.initialize(model=Net(), config=CFG, dist_init_required=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    try:
+        engine, *_ = moesaic.initialize(model=Net(), config=CFG)  # torchrun's variables: joins the group
+        assert dist.is_initialized() and engine.world_size == 1 and engine.dp_world_size == 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        reset_expert_parallel_groups()
