@@ -3,9 +3,10 @@
 Model: the engine benchmark's (8 MoE layers x 16 experts, h=512, ffn=2048, plus a dense block per
 layer; bf16 parameters, AdamW with fp32 master weights and moments), after one training step so
 the optimizer state exists. Baseline: ``torch.save({"model": state_dict, "optimizer": state})`` of
-the same tensors (model + fp32 masters + moments) into one file. moesaic: ``engine.save_checkpoint``
-(per-expert safetensors files, CRC-32 per file, manifest, atomic rename) and ``load_checkpoint``
-into a fresh engine. Medians over rounds; the order alternates between rounds and the page cache
+the same tensors (model + fp32 masters + moments) into one file (not fsynced). moesaic:
+``engine.save_checkpoint`` (per-expert safetensors files, whole-file CRC-32, manifest, every file
+and folder fsynced, atomic renames) and ``load_checkpoint`` (every file verified first) into a
+fresh engine. Medians over rounds; the order alternates between rounds and the page cache
 is synced before each timed save, so neither writer pays for the other's dirty pages.
 
     python benchmarks/bench_checkpoint.py [--rounds 5] [--dir /tmp]

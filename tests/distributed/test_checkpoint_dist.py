@@ -109,3 +109,89 @@ def test_checkpoint_from_ep2_reshards_to_ep1_and_ep4(tmp_path):
         got = json.loads(path.read_text())["later"]
         for a, b in zip(got, want):
             assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), (path.name, got, want)
+
+
+class _ShardedView:
+    """The engine's optimizer, but each rank writes a disjoint half of the dense state (as ZeRO will)."""
+
+    def __init__(self, optimizer, rank):
+        self._opt, self._rank = optimizer, rank
+        dense = sorted(n for n in optimizer.state_names() if "/" not in n)
+        self._mine = set(dense[rank::2])
+
+    def __getattr__(self, name):
+        return getattr(self._opt, name)
+
+    def writes_state(self, name):
+        return name in self._mine if "/" not in name else True  # expert state: its only holder (ep_size=2)
+
+
+def _save_default_and_sharded(rank, world, path):
+    from moesaic import checkpoint
+
+    engine = _engine(world, True)
+    _train(engine, 3, rank, world)
+    engine.save_checkpoint(os.path.join(path, "default"))
+    checkpoint.save(os.path.join(path, "sharded"), engine.module, tag="t",
+                    optimizer=_ShardedView(engine.optimizer, rank), index=engine.index)
+
+
+def test_optimizer_state_written_by_several_ranks_loads_the_same(tmp_path):
+    from moesaic import checkpoint
+
+    run_ranks(_save_default_and_sharded, 2, str(tmp_path))
+    sharded = checkpoint.read_manifest(checkpoint.resolve(tmp_path / "sharded"))
+    dense_files = {rel for name, rel in sharded["optimizer"]["state"].items() if "/" not in name}
+    assert len(dense_files) == 2 and all(rel.startswith("optim/dense-") for rel in dense_files), dense_files
+    default = checkpoint.read_manifest(checkpoint.resolve(tmp_path / "default"))
+    assert len({rel for name, rel in default["optimizer"]["state"].items() if "/" not in name}) == 1
+    a, b = _engine(1, True), _engine(1, True)
+    a.load_checkpoint(tmp_path / "default")
+    checkpoint.load(tmp_path / "sharded", b.module, optimizer=b.optimizer, index=b.index)
+    for k, v in a.module.state_dict().items():
+        assert torch.equal(v, b.module.state_dict()[k]), k
+    sa, sb = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
+    assert set(sa) == set(sb)
+    for name in sa:
+        for field, v in sa[name].items():
+            assert torch.equal(v, sb[name][field]), (name, field)
+
+
+def _one_rank_fails_to_save(rank, world, path):
+    import pytest
+
+    from moesaic.checkpoint import CheckpointError
+
+    engine = _engine(world, True)
+    client = {"ok": 1} if rank == 0 else {"bad": {1, 2}}
+    expected = (CheckpointError, r"rank 1 failed preparing checkpoint 'global_step0': TypeError") if rank == 0 else (
+        TypeError, r"client_state\['bad'\] is a builtins.set")
+    with pytest.raises(expected[0], match=expected[1]):
+        engine.save_checkpoint(path, client_state=client)
+    assert not os.path.exists(os.path.join(path, "latest"))
+
+
+def test_a_save_error_on_one_rank_is_raised_on_every_rank(tmp_path):
+    run_ranks(_one_rank_fails_to_save, 2, str(tmp_path / "ck"), timeout_s=90)
+
+
+def _load_fails_everywhere(rank, world, path):
+    import pytest
+
+    from moesaic.checkpoint import CheckpointError
+
+    engine = _engine(world, True)
+    before = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    match = r"experts/ffn/3.safetensors: checksum mismatch" if rank == 1 else r"rank 1 failed loading"
+    with pytest.raises(CheckpointError, match=match):
+        engine.load_checkpoint(path)
+    assert all(torch.equal(v, before[k]) for k, v in engine.module.state_dict().items()), "nothing copied"
+
+
+def test_a_corrupt_file_one_rank_reads_fails_the_load_on_every_rank(tmp_path):
+    run_ranks(_write_then_continue, 2, str(tmp_path / "ck"), str(tmp_path / "ref.json"), True)
+    f = tmp_path / "ck" / "global_step3" / "experts" / "ffn" / "3.safetensors"  # held by rank 1 only
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0x10
+    f.write_bytes(bytes(data))
+    run_ranks(_load_fails_everywhere, 2, str(tmp_path / "ck"), timeout_s=90)

@@ -33,6 +33,14 @@ class Net(nn.Module):
         return h.pow(2).mean() + 0.01 * aux
 
 
+_ENGINE = []
+
+
+def ds_checkpoint_engine():
+    """The DeepSpeed engine the module fixture trained (valid while the fixture is)."""
+    return _ENGINE[0]
+
+
 @pytest.fixture(scope="module")
 def ds_checkpoint(tmp_path_factory):
     from deepspeed.moe.layer import MoE as DSMoE
@@ -52,7 +60,9 @@ def ds_checkpoint(tmp_path_factory):
         engine.step()
     out = tmp_path_factory.mktemp("ds")
     engine.save_checkpoint(str(out))
+    _ENGINE.append(engine)
     yield out, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    _ENGINE.clear()
     torch.distributed.destroy_process_group()
     from moesaic.parallel import reset_expert_parallel_groups
     reset_expert_parallel_groups()
@@ -80,5 +90,29 @@ def test_import_refuses_a_mismatched_model(ds_checkpoint, tmp_path):
     ds_dir, _ = ds_checkpoint
     wrong = Net(lambda *a, **kw: moesaic.MoE(*a, **{**kw, "num_experts": 8}))
     moesaic.name_moe_layers(wrong)
-    with pytest.raises(CheckpointError, match="does not match the model|missing"):
+    with pytest.raises(CheckpointError, match=r"'blocks.0.gate.wg.weight' has shape \(4, 8\) in DeepSpeed's "
+                                              r"checkpoint but \(8, 8\) in the model"):
         convert_deepspeed_checkpoint(ds_dir, wrong, tmp_path)
+
+
+class RunState:
+    """A user object in DeepSpeed's client_state: DeepSpeed pickles it into the model-states file."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+
+def test_deepspeed_files_load_without_unpickling_code_unless_trusted(ds_checkpoint, tmp_path):
+    ds_dir, ds_state = ds_checkpoint
+    # DeepSpeed's own files need no trust: the default (weights_only) import above already read them
+    ours = Net(moesaic.MoE)
+    moesaic.name_moe_layers(ours)
+    convert_deepspeed_checkpoint(ds_dir, ours, tmp_path / "plain")
+    # a client_state object makes the main file a general pickle: refused unless trusted explicitly
+    engine = ds_checkpoint_engine()
+    engine.save_checkpoint(str(tmp_path / "ds_obj"), client_state={"run": RunState(3)})
+    with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states.pt: holds Python objects .* trust_pickle=True"):
+        convert_deepspeed_checkpoint(tmp_path / "ds_obj", ours, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    folder = convert_deepspeed_checkpoint(tmp_path / "ds_obj", ours, tmp_path / "trusted", trust_pickle=True)
+    assert folder.is_dir()

@@ -119,7 +119,7 @@ def test_signature_is_deepspeeds():
     assert positional == list(ds)
     assert [ours[n].default for n in positional] == [ds[n].default for n in ds]
     assert [n for n, p in ours.items() if p.kind is p.KEYWORD_ONLY] == ["log_dir", "telemetry_every"]
-    for method, extra in (("save_checkpoint", ("model_config",)), ("load_checkpoint", ())):
+    for method, extra in (("save_checkpoint", ("model_config", "keep_last")), ("load_checkpoint", ())):
         ds_m = list(inspect.signature(getattr(deepspeed.DeepSpeedEngine, method)).parameters)
         ours_m = list(inspect.signature(getattr(moesaic.MoEEngine, method)).parameters)
         assert ours_m == ds_m + list(extra), method

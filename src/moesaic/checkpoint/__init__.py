@@ -1,7 +1,13 @@
-"""Per-expert checkpoints: atomic, checksummed, independent of the world size that wrote them."""
+"""Per-expert checkpoints: crash-safe, verified, pickle-free, independent of the world size that wrote them.
+
+See ``docs/checkpoints.md`` for the layout, what is verified and the publication protocol.
+"""
 
 from .deepspeed_import import convert_deepspeed_checkpoint
-from .store import FORMAT_VERSION, CheckpointError, load, read_manifest, resolve, save
+from .directory import resolve
+from .errors import CheckpointError
+from .manifest import FORMAT_VERSION
+from .store import load, read_manifest, save, verify, writes_optimizer_entry
 
 __all__ = ["FORMAT_VERSION", "CheckpointError", "convert_deepspeed_checkpoint", "load", "read_manifest", "resolve",
-           "save"]
+           "save", "verify", "writes_optimizer_entry"]

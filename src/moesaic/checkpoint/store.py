@@ -1,210 +1,108 @@
-"""Checkpoints stored by parameter identity: dense once, each expert by layer name and global number.
+"""Saving and loading a checkpoint, collectively, by parameter identity.
 
-Layout of ``<dir>/<tag>/``::
+Layout of a checkpoint folder (format 2; :mod:`.manifest` describes the manifest)::
 
-    manifest.json                     format version, step, world/ep sizes, config, file checksums
-    dense.safetensors                 every non-expert tensor of the model (written by rank 0)
-    dense.optim.safetensors           their optimizer state, keyed "<param name>::<state>"
-    experts/<layer>/<number>.safetensors        one expert's tensors (written by its owner)
-    experts/<layer>/<number>.optim.safetensors  its optimizer state, keyed "<name>::<state>"
-    rank<r>.state.pt                  RNG states and client state (data position) of rank r
-    engine.json                       step counters, scheduler, loss scaler, per-group lr
+    manifest.json                         what is where, every file's size and CRC-32, its own CRC
+    dense.safetensors                     every non-expert tensor of the model (rank 0)
+    experts/<layer>/<n>.safetensors       expert n of a layer (its first replica); <layer> encoded
+    optim/dense-<h>.safetensors           optimizer state of dense tensors, "<name>::<field>"
+    experts/<layer>/<n>.optim-<h>.safetensors   optimizer state of expert n's tensors
+    rank<r>.json, rank<r>.safetensors     rank r's RNG states and client state (no pickle)
+    engine.json                           step counters, scheduler, loss scaler, config
+    optimizer.json                        optimizer type and every group's settings
 
-Nothing in a file name or key depends on the world size that wrote it, so a checkpoint written by
-ep_size=2 on 2 ranks loads with ep_size=1 on 1 rank or ep_size=4 on 4: each rank reads the files
-of the experts it now owns.
+``<h>`` is a hash of the tensor names a file holds: several ranks may each write part of the
+optimizer state (ZeRO) without file names that depend on ranks; the manifest maps every tensor
+name to its file, so loading never depends on who wrote what. Who writes an optimizer entry is
+decided in one place, :func:`writes_optimizer_entry`.
 
-Saving is atomic against a killed process: every rank writes into ``<dir>/.tmp-<tag>``; when all have finished, rank 0
-writes the manifest (with a CRC-32 per file), renames the folder into place and then replaces
-``latest``. A process killed at any moment leaves the previous checkpoint and ``latest`` intact.
-Loading verifies checksums and shapes of everything first and only then copies into the model,
-so a failed load leaves the model unchanged.
+Nothing in a file name or key depends on the world size that wrote it, so a checkpoint written
+by ep_size=2 on 2 ranks loads with ep_size=1 on 1 rank or ep_size=4 on 4.
+
+**Saving** (every rank calls :func:`save`): rank 0 removes ``.tmp-*`` debris of killed saves and
+creates a staging folder; every rank writes and fsyncs its files there; rank 0 checks that every
+optimizer entry was written exactly once, writes the manifest, fsyncs the folders, renames the
+staging folder to the tag's folder (``<tag>``, or ``<tag>@<n>`` when the tag exists), fsyncs the
+directory, switches ``latest`` atomically, and only then removes superseded saves of the tag and,
+with ``keep_last``, the oldest checkpoints. A process killed at any instant leaves ``latest``
+naming a complete checkpoint. An error on any rank is raised on every rank.
+
+**Loading** (:func:`load`) reads every file this rank needs and verifies it (size, whole-file
+CRC-32, tensor names/dtypes/shapes against the manifest, then against the model and optimizer)
+before anything is copied; the ranks agree that all of them verified before any copies, so a
+failed load leaves every rank's model and optimizer unchanged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
-import random
-import shutil
-import zlib
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file as st_load_file
-from safetensors.torch import save_file as st_save_file
 from torch import Tensor, nn
 
-from ..layer.identity import ExpertIndex, LayerInfo
-from ..layer.moe import upgrade_legacy_keys
+from ..layer.identity import ExpertIndex, ExpertKey, LayerInfo
+from . import durable
+from .directory import next_folder, resolve, staging_folder, tidy
+from .errors import CheckpointError
+from .files import read_json, read_tensors, read_v1_tensors, read_verified_bytes, write_json, write_tensors
+from .legacy import read_v1_rank_state, upgrade_dense_names, v1_optimizer_source
+from .manifest import FORMAT_VERSION, Plan, read_manifest_plan, seal
+from .names import POINTER, check_tag, layer_folders
+from .rankstate import capture_rng, decode_client_state, encode_client_state, restore_rng
 
-FORMAT_VERSION = 1
-_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moesaic-ckpt-crc")
+_IO_THREADS = 4  # files written / read at once: enough to overlap checksums, fsyncs and reads
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupt, from a newer format, or does not fit the model."""
-
-
-def _dist():
+def _dist() -> Tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
-def _barrier():
-    if _dist()[1] > 1:
-        dist.barrier()
+def _agree(error: Optional[BaseException], stage: str) -> None:
+    """Raise on every rank if any rank failed ``stage`` (its own error where it failed)."""
+    rank, world = _dist()
+    messages = [None if error is None else f"{type(error).__name__}: {error}"]
+    if world > 1:
+        messages = [None] * world
+        dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+    if failed:
+        r, m = failed[0]
+        raise CheckpointError(f"rank {r} failed {stage}: {m}")
 
 
-def _expert_owner_writes(layer: LayerInfo) -> bool:
-    """Of the replicas of an expert (its expert-data-parallel group), the first one writes it."""
+def _first_replica(layer: LayerInfo) -> bool:
+    """Of an expert's replicas (its expert-data-parallel group), the first one writes it."""
     groups = layer.groups
     return groups is None or dist.get_rank() == groups.edp_ranks[0]
 
 
-def _tensors_crc32(tensors: Dict[str, Tensor]) -> int:
-    """CRC-32 of the tensors' raw bytes in name order: what the file must give back when loaded."""
-    crc = 0
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        crc = zlib.crc32(name.encode(), crc)
-        if t.numel():
-            crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy(), crc)  # zero-copy view of the memory
-    return crc
+def writes_optimizer_entry(optimizer, index: ExpertIndex, name: str) -> bool:
+    """Whether this rank writes the optimizer state of tensor ``name``: the one decision point.
 
-
-def _write(path: Path, tensors: Dict[str, Tensor], files: Dict[str, Dict], root: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    # safetensors writes straight from the tensors (no Python bytes copy). The checksum is taken over
-    # the tensors' bytes in memory rather than by reading the file back; loading recomputes it over
-    # what the file yields, and a truncated file fails on its size. No fsync: the rename protocol
-    # protects against a killed process, as torch.save and DeepSpeed do.
-    crc = _POOL.submit(_tensors_crc32, tensors)  # zlib releases the GIL: checksum while safetensors writes
-    st_save_file(tensors, str(path))
-    files[str(path.relative_to(root))] = {"tensors_crc32": crc.result(), "bytes": path.stat().st_size}
-
-
-def _read(root: Path, rel: str, manifest: Dict) -> Dict[str, Tensor]:
-    meta = manifest["files"].get(rel)
-    if meta is None:
-        raise CheckpointError(f"{root / rel}: not in the checkpoint's manifest (missing expert or file)")
-    path = root / rel
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file missing from the checkpoint")
-    size = path.stat().st_size
-    if size != meta["bytes"]:
-        raise CheckpointError(f"{path}: checksum mismatch (size {size} vs {meta['bytes']} bytes); the file is "
-                              "truncated or corrupted")
-    try:
-        tensors = st_load_file(str(path))
-    except Exception as err:  # safetensors raises its own error types for a damaged header
-        raise CheckpointError(f"{path}: checksum mismatch (unreadable: {err}); the file is corrupted") from err
-    if _tensors_crc32(tensors) != meta["tensors_crc32"]:
-        raise CheckpointError(f"{path}: checksum mismatch (CRC-32 of its tensors); the file is corrupted")
-    return tensors
-
-
-def _crc32_of_file(path: Path, chunk: int = 16 << 20) -> Tuple[int, int]:
-    crc, size = 0, 0
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                return crc, size
-            crc = zlib.crc32(block, crc)
-            size += len(block)
-
-
-def _expert_rel(layer_name: str, number: int, optim: bool = False) -> str:
-    return f"experts/{layer_name}/{number}{'.optim' if optim else ''}.safetensors"
-
-
-# --- save ---------------------------------------------------------------------------------------
-
-def save(directory, model: nn.Module, *, tag: str, optimizer=None, engine_state: Optional[Dict] = None,
-         client_state: Optional[Dict] = None, model_config: Optional[Dict] = None,
-         index: Optional[ExpertIndex] = None) -> Path:
-    """Write a checkpoint (collectively: every rank calls it). Returns the checkpoint folder.
-
-    ``index`` is the model's :class:`ExpertIndex` (built when None); ``optimizer`` anything with
-    the ``state_dict()`` of :class:`~moesaic.optim.mixed_precision.GroupedMixedPrecisionOptimizer`.
+    An optimizer that shards its state (ZeRO) says so with ``optimizer.writes_state(name)``;
+    otherwise rank 0 writes dense state and an expert's first replica writes the expert's.
     """
-    if not isinstance(tag, str) or not tag or "/" in tag or tag.startswith("."):
-        raise ValueError(f"tag must be a non-empty name without '/' that does not start with '.', got {tag!r}")
-    rank, world = _dist()
-    root = Path(directory)
-    tmp = root / f".tmp-{tag}"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that was killed
-        tmp.mkdir(parents=True)
-    _barrier()
-    files: Dict[str, Dict] = {}
-    index = index if index is not None else ExpertIndex.build(model)
-    layers = index.layers
-    optim_state = optimizer.state_dict() if optimizer is not None else None
-    # 1. dense tensors and their optimizer state (rank 0; identical on every rank)
-    aliases: Dict[str, str] = {}
-    if rank == 0:
-        dense, aliases = _dedupe(index.dense_state_dict(model))
-        _write(tmp / "dense.safetensors", dense, files, tmp)
-        if optim_state is not None:
-            _write(tmp / "dense.optim.safetensors",
-                   _optim_tensors(optim_state, [r.name for r in index.dense()], strip=""), files, tmp)
-    # 2. each expert by its owner
-    for key in index.experts():
-        if not _expert_owner_writes(layers[key.layer]):
-            continue
-        _write(tmp / _expert_rel(key.layer, key.number), index.expert_state_dict(key), files, tmp)
-        if optim_state is not None:
-            _write(tmp / _expert_rel(key.layer, key.number, optim=True),
-                   _optim_tensors(optim_state, [r.name for r in index.expert_refs(key)], strip=f"{key}/"), files, tmp)
-    # 3. this rank's RNG states and client state
-    state = {"rng": _rng_state(), "client_state": client_state or {}}
-    torch.save(state, tmp / f"rank{rank}.state.pt")
-    files[f"rank{rank}.state.pt"] = _file_meta(tmp / f"rank{rank}.state.pt")
-    # 4. rank 0 gathers the file list, writes manifest and engine state, publishes atomically
-    settings = optim_state["param_groups"] if optim_state is not None else None
-    gathered = [(files, settings)]
-    if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, (files, settings))
-    groups = [part[1] for part in gathered]
-    final = root / tag
-    if rank == 0:
-        all_files = {k: v for part in gathered for k, v in part[0].items()}
-        if engine_state is not None:
-            (tmp / "engine.json").write_text(json.dumps(engine_state))
-            all_files["engine.json"] = _file_meta(tmp / "engine.json")
-        if optim_state is not None:
-            # the optimizer type and every group's settings, by group name, from every rank
-            by_name = {g["name"]: {k: v for k, v in g.items() if k != "params"} for part in groups for g in part}
-            (tmp / "optimizer.json").write_text(json.dumps({"optimizer": optim_state["optimizer"],
-                                                            "param_groups": list(by_name.values())}))
-            all_files["optimizer.json"] = _file_meta(tmp / "optimizer.json")
-        manifest = {"format_version": FORMAT_VERSION, "tag": tag, "world_size": world,
-                    "step": (engine_state or {}).get("global_steps"), "model_config": model_config,
-                    "moe_layers": {n: {"num_experts": l.num_experts, "ep_size": l.ep_size} for n, l in
-                                   layers.items()},
-                    "dense_aliases": aliases, "files": all_files}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if final.exists():
-            trash = root / f".old-{tag}"
-            shutil.rmtree(trash, ignore_errors=True)
-            os.replace(final, trash)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        latest_tmp = root / ".latest.tmp"
-        latest_tmp.write_text(tag)
-        os.replace(latest_tmp, root / "latest")  # published last: a crash before this keeps the old one
-    _barrier()
-    return final
+    hook = getattr(optimizer, "writes_state", None)
+    if callable(hook):
+        return bool(hook(name))
+    expert = index.ref(name).expert if name in index else None
+    if expert is None:
+        return _dist()[0] == 0
+    return _first_replica(index.layers[expert.layer])
+
+
+def _names_hash(names) -> str:
+    return hashlib.sha256("\n".join(sorted(names)).encode("utf-8")).hexdigest()[:12]
 
 
 def _dedupe(tensors: Dict[str, Tensor]) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
@@ -222,148 +120,463 @@ def _dedupe(tensors: Dict[str, Tensor]) -> Tuple[Dict[str, Tensor], Dict[str, st
     return kept, aliases
 
 
-def _file_meta(path: Path) -> Dict:
-    crc, size = _crc32_of_file(path)
-    return {"crc32": crc, "bytes": size}
+def _json_or_type_error(obj: Any, what: str) -> None:
+    try:
+        json.dumps(obj)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{what} must be plain JSON data (it is stored as JSON): {err}") from None
 
 
-def _optim_tensors(optim_state: Dict, names: List[str], strip: str) -> Dict[str, Tensor]:
-    """The optimizer state of ``names`` as flat ``"<name>::<field>"`` tensors (``strip`` removed)."""
-    out = {}
-    for name in names:
-        entry = optim_state["state"].get(name)
-        if entry is None:
-            continue  # not optimised here (frozen)
-        for field, v in entry.items():
-            out[f"{name[len(strip):]}::{field}"] = v
-    return out
+# --- save ---------------------------------------------------------------------------------------
+
+def save(directory, model: nn.Module, *, tag: str, optimizer=None, engine_state: Optional[Dict] = None,
+         client_state: Optional[Dict] = None, model_config: Optional[Dict] = None,
+         index: Optional[ExpertIndex] = None, keep_last: Optional[int] = None) -> Path:
+    """Write a checkpoint (collectively: every rank calls it) and point ``latest`` at it.
+
+    Args:
+        directory: the checkpoint directory (created if missing).
+        model: the model; its MoE layers' identity comes from ``index``.
+        tag: the checkpoint's name, one folder name (not ``latest``, not starting with ``.``).
+            Saving an existing tag replaces that checkpoint once the new one is complete.
+        optimizer: anything with the ``state_dict()`` of
+            :class:`~moesaic.optim.mixed_precision.GroupedMixedPrecisionOptimizer`; optionally
+            ``writes_state(name) -> bool`` when it shards its state over ranks.
+        engine_state: JSON data (counters, scheduler, loss scaler) for ``engine.json``.
+        client_state: this rank's dict of JSON data and tensors (see :mod:`.rankstate`).
+        model_config: JSON data recorded in the manifest.
+        index: the model's :class:`ExpertIndex` (built when None).
+        keep_last: after publishing, keep only this many newest checkpoints in ``directory``
+            (never removing the one ``latest`` names); None keeps all.
+
+    Returns:
+        The published checkpoint folder.
+    """
+    # 0. arguments, on every rank, before anything is written
+    check_tag(tag)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
+        raise ValueError(f"keep_last must be None (keep every checkpoint) or an int >= 1, got {keep_last!r}")
+    rank, world = _dist()
+    root = Path(directory)
+    index = index if index is not None else ExpertIndex.build(model)
+    error: Optional[BaseException] = None
+    try:
+        client_part, client_tensors = encode_client_state({} if client_state is None else client_state)
+        _json_or_type_error(engine_state, "engine_state")
+        _json_or_type_error(model_config, "model_config")
+    except (TypeError, ValueError) as err:
+        error = err
+    staging = staging_folder(root, tag)
+    final_name, sequence = None, None
+    # 1. rank 0 removes debris of killed saves and opens a staging folder
+    if rank == 0 and error is None:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            durable.remove_transient(root)
+            final_name, sequence = next_folder(root, tag)
+            staging.mkdir()
+            durable.fsync_dir(root)
+        except OSError as err:
+            error = CheckpointError(f"{root}: cannot prepare the save ({err})")
+    _agree(error, f"preparing checkpoint {tag!r}")
+    # 2. every rank writes its files
+    try:
+        report = _write_rank_files(staging, model, index, optimizer, rank, client_part, client_tensors)
+    except Exception as err:  # noqa: BLE001 - any failure must reach the other ranks, not hang them
+        error, report = err, _Report(error=f"{type(err).__name__}: {err}")
+    reports = [report]
+    if world > 1:
+        reports = [None] * world
+        dist.all_gather_object(reports, report)
+    if error is not None:
+        raise error
+    for r, rep in enumerate(reports):
+        if rep.error is not None:
+            raise CheckpointError(f"rank {r} failed writing checkpoint {tag!r}: {rep.error}")
+    # 3. rank 0 completes the folder and publishes it; every rank learns the outcome
+    outcome: List[Any] = [None]
+    if rank == 0:
+        try:
+            _publish(root, staging, final_name, sequence, tag, reports, index, model_config, engine_state,
+                     optimizer, world, keep_last)
+            outcome = [("ok", final_name)]
+        except Exception as err:  # noqa: BLE001
+            outcome = [("error", f"{type(err).__name__}: {err}")]
+            if world == 1:
+                raise
+            error = err
+    if world > 1:
+        dist.broadcast_object_list(outcome, src=0)
+    if error is not None:
+        raise error
+    status, value = outcome[0]
+    if status != "ok":
+        raise CheckpointError(f"rank 0 failed publishing checkpoint {tag!r}: {value}")
+    return root / value
 
 
-def _rng_state() -> Dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+@dataclass
+class _Report:
+    """What a rank wrote, sent to rank 0 for the manifest."""
+
+    error: Optional[str] = None
+    files: Dict[str, Dict] = field(default_factory=dict)  # file -> manifest entry
+    optimizer_files: Dict[str, str] = field(default_factory=dict)  # optimizer tensor name -> file
+    optimizer_held: List[str] = field(default_factory=list)  # every tensor this rank's optimizer holds state for
+    optimizer_settings: Optional[Dict] = None  # {"optimizer", "param_groups"} without params
+    dense_aliases: Optional[Dict[str, str]] = None  # rank 0: tied tensors stored once
+
+
+def _write_rank_files(staging: Path, model: nn.Module, index: ExpertIndex, optimizer, rank: int,
+                      client_part: Dict, client_tensors: Dict[str, Tensor]) -> _Report:
+    """Write this rank's share of the checkpoint into ``staging``."""
+    folders = layer_folders(index.layers)
+    jobs: List[Tuple[str, Callable[[Path], Dict]]] = []
+
+    def tensors_job(rel: str, tensors: Dict[str, Tensor]):
+        jobs.append((rel, lambda path: write_tensors(path, tensors)))
+
+    aliases: Optional[Dict[str, str]] = None
+    if rank == 0:
+        dense, aliases = _dedupe(index.dense_state_dict(model))
+        tensors_job("dense.safetensors", dense)
+    for key in index.experts():
+        if _first_replica(index.layers[key.layer]):
+            tensors_job(f"experts/{folders[key.layer]}/{key.number}.safetensors", index.expert_state_dict(key))
+    optim_files: Dict[str, str] = {}
+    held: List[str] = []
+    settings = None
+    if optimizer is not None:
+        sd = optimizer.state_dict()
+        held = sorted(sd["state"])
+        settings = {"optimizer": sd["optimizer"], "param_groups": [
+            {k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]}
+        buckets: Dict[Optional[ExpertKey], Dict[str, Dict[str, Tensor]]] = {}
+        for name, entry in sd["state"].items():
+            if writes_optimizer_entry(optimizer, index, name):
+                expert = index.ref(name).expert if name in index else None
+                buckets.setdefault(expert, {})[name] = entry
+        for expert, entries in sorted(buckets.items(), key=lambda kv: (kv[0] is not None, str(kv[0]))):
+            h = _names_hash(entries)
+            rel = (f"optim/dense-{h}.safetensors" if expert is None
+                   else f"experts/{folders[expert.layer]}/{expert.number}.optim-{h}.safetensors")
+            tensors_job(rel, {f"{name}::{field}": v for name, entry in entries.items() for field, v in entry.items()})
+            optim_files.update({name: rel for name in entries})
+    rng_part, rng_tensors = capture_rng()
+    tensors_job(f"rank{rank}.safetensors", {**rng_tensors, **client_tensors})
+    rank_json = {"rng": rng_part, "client_state": client_part}
+    jobs.append((f"rank{rank}.json", lambda path: write_json(path, rank_json)))
+    for parent in sorted({(staging / rel).parent for rel, _ in jobs}):
+        durable.make_dirs(parent, staging)
+    files: Dict[str, Dict] = {}
+    with ThreadPoolExecutor(max_workers=min(_IO_THREADS, len(jobs)), thread_name_prefix="moesaic-ckpt") as pool:
+        results = {rel: pool.submit(fn, staging / rel) for rel, fn in jobs}
+        for rel, fut in results.items():
+            files[rel] = fut.result()
+    return _Report(files=files, optimizer_files=optim_files, optimizer_held=held, optimizer_settings=settings,
+                   dense_aliases=aliases)
+
+
+def _publish(root: Path, staging: Path, final_name: str, sequence: int, tag: str, reports, index: ExpertIndex,
+             model_config, engine_state, optimizer, world: int, keep_last: Optional[int]) -> None:
+    """Rank 0: check the ranks' reports, write the shared files and manifest, publish, switch ``latest``."""
+    files: Dict[str, Dict] = {}
+    optim_state: Dict[str, str] = {}
+    for rep in reports:
+        for rel, meta in rep.files.items():
+            if rel in files:
+                raise CheckpointError(f"{staging / rel}: written by two ranks")
+            files[rel] = meta
+        for name, rel in rep.optimizer_files.items():
+            if name in optim_state:
+                raise CheckpointError(f"the optimizer state of {name!r} was written by two ranks; writes_state(name) "
+                                      "must be true on exactly one rank")
+            optim_state[name] = rel
+    manifest: Dict[str, Any] = {
+        "format_version": FORMAT_VERSION, "tag": tag, "sequence": sequence, "world_size": world,
+        "step": (engine_state or {}).get("global_steps"), "model_config": model_config,
+        "moe_layers": {n: {"num_experts": l.num_experts, "ep_size": l.ep_size} for n, l in index.layers.items()},
+        "dense": {"file": "dense.safetensors", "aliases": reports[0].dense_aliases},
+        "experts": {}, "optimizer": None, "engine": None,
+        "ranks": [{"json": f"rank{r}.json", "tensors": f"rank{r}.safetensors"} for r in range(world)],
+    }
+    folders = layer_folders(index.layers)
+    for name, layer in index.layers.items():
+        manifest["experts"][name] = {str(n): f"experts/{folders[name]}/{n}.safetensors"
+                                     for n in range(layer.num_experts)}
+    if optimizer is not None:
+        held = set().union(*(rep.optimizer_held for rep in reports))
+        missing = sorted(held - set(optim_state))
+        if missing:
+            raise CheckpointError(f"no rank wrote the optimizer state of {missing[:4]}; writes_state(name) must be "
+                                  "true on exactly one rank")
+        kinds = {rep.optimizer_settings["optimizer"] for rep in reports}
+        if len(kinds) != 1:
+            raise CheckpointError(f"the ranks hold different optimizer types {sorted(kinds)}")
+        # every group's settings by group name, from every rank (a rank holds only its experts' groups)
+        by_name = {g["name"]: g for rep in reports for g in rep.optimizer_settings["param_groups"]}
+        files["optimizer.json"] = write_json(staging / "optimizer.json", {
+            "optimizer": kinds.pop(), "param_groups": list(by_name.values())})
+        manifest["optimizer"] = {"meta": "optimizer.json", "state": optim_state}
+    if engine_state is not None:
+        files["engine.json"] = write_json(staging / "engine.json", engine_state)
+        manifest["engine"] = "engine.json"
+    for rel in [f"rank{r}.json" for r in range(world)] + [f"rank{r}.safetensors" for r in range(world)]:
+        if rel not in files:
+            raise CheckpointError(f"{staging / rel}: no rank wrote it")
+    for layer, numbers in manifest["experts"].items():
+        for n, rel in numbers.items():
+            if rel not in files:
+                raise CheckpointError(f"{staging / rel}: no rank wrote expert {layer}/{n}")
+    manifest["files"] = dict(sorted(files.items()))
+    durable.write_file(staging / "manifest.json", [seal(manifest)])
+    durable.fsync_tree(staging)
+    durable.rename_into_place(staging, root / final_name)
+    durable.replace_file(root / POINTER, final_name)
+    tidy(root, keep_last)
 
 
 # --- load ---------------------------------------------------------------------------------------
 
-def resolve(directory, tag: Optional[str] = None) -> Path:
-    """The checkpoint folder for ``tag`` (or the one ``latest`` names)."""
-    root = Path(directory)
-    if tag is None:
-        latest = root / "latest"
-        if not latest.exists():
-            raise CheckpointError(f"{root}: no 'latest' file; pass a tag or point at a checkpoint folder")
-        tag = latest.read_text().strip()
-    folder = root / tag
-    if not (folder / "manifest.json").exists():
-        raise CheckpointError(f"{folder}: no manifest.json (not a moesaic checkpoint, or an unfinished save)")
-    return folder
-
-
-def read_manifest(folder: Path) -> Dict:
-    manifest = json.loads((folder / "manifest.json").read_text())
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(f"{folder / 'manifest.json'}: format version {version!r} is newer than this moesaic "
-                              f"reads ({FORMAT_VERSION}); upgrade moesaic")
-    return manifest
+def read_manifest(folder) -> Dict:
+    """The verified manifest of a checkpoint folder, as a dict (format 1 or 2)."""
+    return read_manifest_plan(Path(folder)).raw
 
 
 def load(directory, model: nn.Module, *, tag: Optional[str] = None, optimizer=None,
          index: Optional[ExpertIndex] = None) -> Tuple[Path, Dict, Dict]:
     """Load a checkpoint into ``model`` (and ``optimizer``) on every rank.
 
+    Everything this rank needs is read and verified first; the ranks agree that all of them
+    succeeded; only then is anything copied, so a failed load changes nothing anywhere.
+
     Returns:
         ``(folder, client_state, engine_state)``; client_state is this rank's when the world size
-        matches the writer's, else rank 0's.
+        matches the writer's, else rank 0's (and the RNG states are then left as they are).
     """
-    folder = resolve(directory, tag)
-    manifest = read_manifest(folder)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     rank, world = _dist()
     index = index if index is not None else ExpertIndex.build(model)
-    # 1. read and check everything before touching the model
-    for lname, layer in index.layers.items():  # the layer structure first: the clearest message
-        saved = manifest["moe_layers"].get(lname)
-        if saved is None:
-            raise CheckpointError(f"{folder}: no MoE layer named {lname!r} in the checkpoint "
-                                  f"(it has {sorted(manifest['moe_layers'])})")
-        if saved["num_experts"] != layer.num_experts:
-            raise CheckpointError(f"{folder}: layer {lname!r} has {saved['num_experts']} experts in the checkpoint "
-                                  f"but {layer.num_experts} in the model")
-    # checkpoints written before the layer took DeepSpeed's module names say "<layer>.gate.*"
-    dense = upgrade_legacy_keys(_read(folder, "dense.safetensors", manifest), model)
-    for alias, stored in upgrade_legacy_keys(manifest.get("dense_aliases", {}), model).items():
-        if stored in dense:
-            dense[alias] = dense[stored]
-    want = index.dense_state_dict(model)
-    _check_tensors("dense.safetensors", dense, want, folder)
-    expert_states = {}
-    for key in index.experts():
-        rel = _expert_rel(key.layer, key.number)
-        tensors = _read(folder, rel, manifest)
-        _check_tensors(rel, tensors, index.expert_state_dict(key), folder)
-        expert_states[key] = tensors
-    optim_sd = None
-    if optimizer is not None:
-        optim_sd = _optimizer_state(folder, manifest, index, optimizer, model)
-        try:
-            optimizer.check_state_dict(optim_sd)
-        except ValueError as err:
-            raise CheckpointError(f"{folder}: {err}") from err
-    state_file = f"rank{rank}.state.pt" if manifest["world_size"] == world else "rank0.state.pt"
-    if state_file not in manifest["files"]:
-        raise CheckpointError(f"{folder / state_file}: missing from the manifest")
-    rank_state = torch.load(folder / state_file, weights_only=False)
-    engine_state = json.loads((folder / "engine.json").read_text()) if "engine.json" in manifest["files"] else {}
-    # 2. all checks passed: copy in (the model first: a master weight absent from the state starts from it)
+    error, staged, folder = None, None, None
+    try:
+        folder = resolve(directory, tag)
+        staged = _read_and_check(read_manifest_plan(folder), model, index, optimizer, rank, world)
+    except Exception as err:  # noqa: BLE001 - every rank must learn of it, or the others would copy in alone
+        error = err
+    _agree(error, "loading the checkpoint")
+    dense, experts, optim_sd, rank_state, engine_state = staged
+    # all checks passed on every rank: copy in (the model first: a master weight absent from the state starts from it)
     model.load_state_dict({**dense, **{k: v for k, v in model.state_dict().items() if k not in dense}}, strict=True)
-    for key, tensors in expert_states.items():
+    for key, tensors in experts.items():
         index.load_expert_state_dict(key, tensors)
     if optim_sd is not None:
         optimizer.load_state_dict(optim_sd)
-    if manifest["world_size"] == world:
-        _set_rng_state(rank_state["rng"])
-    return folder, rank_state.get("client_state", {}), engine_state
+    rng_part, rng_tensors, client_state, state_file = rank_state
+    if rng_part is not None:
+        restore_rng(rng_part, rng_tensors, state_file)
+    return folder, client_state, engine_state
 
 
-def _optimizer_state(folder: Path, manifest: Dict, index: ExpertIndex, optimizer, model: nn.Module) -> Dict:
-    """The optimizer state dict this rank needs, from the dense and per-expert optimizer files."""
-    wanted = set(optimizer.state_names())
-    flat = {}
-    if any(index.ref(n).expert is None for n in wanted):
-        flat.update(upgrade_legacy_keys(_read(folder, "dense.optim.safetensors", manifest), model))
+class _Reader:
+    """Reads a plan's files (verified, in parallel) once each."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.cache: Dict[str, Any] = {}
+
+    def _read_one(self, rel: str):
+        path, entry = self.plan.folder / rel, self.plan.entry(rel)
+        if rel.endswith(".safetensors"):
+            return read_v1_tensors(path, entry) if self.plan.format_version == 1 else read_tensors(path, entry)
+        if rel.endswith(".json"):
+            return read_json(path, entry)
+        return read_verified_bytes(path, entry)  # format 1's rank<r>.state.pt: parsed by the caller
+
+    def read(self, rels: List[str]) -> None:
+        todo = [r for r in dict.fromkeys(rels) if r not in self.cache]
+        for r in todo:
+            self.plan.entry(r)  # a file missing from the manifest fails before any read
+        if len(todo) <= 1:
+            for r in todo:
+                self.cache[r] = self._read_one(r)
+            return
+        with ThreadPoolExecutor(max_workers=min(_IO_THREADS, len(todo)), thread_name_prefix="moesaic-ckpt") as pool:
+            futures = {r: pool.submit(self._read_one, r) for r in todo}
+            for r, fut in futures.items():
+                self.cache[r] = fut.result()
+
+    def __getitem__(self, rel: str):
+        self.read([rel])
+        return self.cache[rel]
+
+
+def _read_and_check(plan: Plan, model: nn.Module, index: ExpertIndex, optimizer, rank: int, world: int):
+    """Read and verify everything this rank loads; returns what to copy in (nothing applied)."""
+    folder = plan.folder
+    # 1. the layer structure first: the clearest message
+    for lname, layer in index.layers.items():
+        saved = plan.moe_layers.get(lname)
+        if saved is None:
+            raise CheckpointError(f"{folder}: no MoE layer named {lname!r} in the checkpoint "
+                                  f"(it has {sorted(plan.moe_layers)})")
+        if saved["num_experts"] != layer.num_experts:
+            raise CheckpointError(f"{folder}: layer {lname!r} has {saved['num_experts']} experts in the checkpoint "
+                                  f"but {layer.num_experts} in the model")
+    # 2. which files: dense, this rank's experts, optimizer state, rank state, engine; read at once
+    expert_rels = {}
     for key in index.experts():
-        if any(r.name in wanted for r in index.expert_refs(key)):
-            part = _read(folder, _expert_rel(key.layer, key.number, optim=True), manifest)
-            flat.update({f"{key}/{k}": v for k, v in part.items()})
+        rel = plan.experts.get((key.layer, key.number))
+        if rel is None:
+            raise CheckpointError(f"{folder / 'manifest.json'}: lists no file for expert {key}")
+        expert_rels[key] = rel
+    want = index.dense_state_dict(model)
+    renames = {}
+    if plan.format_version >= 2:  # the manifest lists the dense names: renames are known before reading
+        renames = upgrade_dense_names(list(plan.entry(plan.dense_file)["tensors"]) + list(plan.dense_aliases), want)
+    wanted = list(optimizer.state_names()) if optimizer is not None else []
+    if optimizer is not None and plan.format_version >= 2 and plan.optimizer_state is None:
+        raise CheckpointError(f"{folder}: the checkpoint holds no optimizer state (it was saved without an "
+                              "optimizer); load it without one")
+    optim_rels = _optimizer_files(plan, index, wanted, renames)
+    same_world = plan.world_size == world
+    state_rank = rank if same_world else 0
+    meta_rels = [r for r in (plan.engine, plan.optimizer_meta if optimizer is not None else None) if r is not None]
+    reader = _Reader(plan)
+    reader.read([plan.dense_file, *expert_rels.values(), *plan.ranks[state_rank].values(), *meta_rels,
+                 *sorted(set(optim_rels.values()))])
+    # 3. dense tensors: aliases, renamed layouts, then names/shapes/kinds against the model
+    dense = dict(reader[plan.dense_file])
+    if plan.format_version == 1:
+        renames = upgrade_dense_names(list(dense) + list(plan.dense_aliases), want)
+    dense = {renames.get(k, k): v for k, v in dense.items()}
+    for alias, stored in plan.dense_aliases.items():
+        stored = renames.get(stored, stored)
+        if stored in dense:
+            dense[renames.get(alias, alias)] = dense[stored]
+    _check_tensors(folder / plan.dense_file, dense, want)
+    experts = {}
+    for key, rel in expert_rels.items():
+        tensors = reader[rel]
+        _check_tensors(folder / rel, tensors, index.expert_state_dict(key))
+        experts[key] = tensors
+    # 4. optimizer state, assembled from whichever files hold this rank's tensors
+    optim_sd = None
+    if optimizer is not None:
+        optim_sd = _optimizer_state(plan, reader, index, optim_rels, renames, optimizer)
+        try:
+            optimizer.check_state_dict(optim_sd)
+        except (ValueError, TypeError) as err:
+            raise CheckpointError(f"{folder}: {err}") from err
+    # 5. rank state and engine state
+    if plan.format_version == 1:
+        rel = plan.ranks[state_rank]["pt"]
+        rng_part, rng_tensors, client_state = read_v1_rank_state(reader[rel], folder / rel)
+        state_file = folder / rel
+    else:
+        rel_json, rel_tensors = plan.ranks[state_rank]["json"], plan.ranks[state_rank]["tensors"]
+        state_file = folder / rel_json
+        part, rng_tensors = reader[rel_json], reader[rel_tensors]
+        if not isinstance(part, dict) or set(part) != {"rng", "client_state"}:
+            raise CheckpointError(f"{state_file}: not a rank state (expected 'rng' and 'client_state')")
+        rng_part = part["rng"]
+        client_state = decode_client_state(part["client_state"], rng_tensors, state_file)
+    engine_state = reader[plan.engine] if plan.engine is not None else {}
+    if not isinstance(engine_state, dict):
+        raise CheckpointError(f"{folder / plan.engine}: not a JSON object")
+    return dense, experts, optim_sd, (rng_part if same_world else None, rng_tensors, client_state, state_file), \
+        engine_state
+
+
+def _optimizer_files(plan: Plan, index: ExpertIndex, wanted: List[str], renames: Dict[str, str]) -> Dict[str, str]:
+    """``{tensor name (this model's): file holding its optimizer state}`` for the names the checkpoint has."""
+    back = {new: old for old, new in renames.items()}  # format 2: model name -> name in the checkpoint
+    out = {}
+    for name in wanted:
+        if plan.format_version == 1:
+            if name in index:
+                rel = v1_optimizer_source(index.ref(name))[0]
+                if rel in plan.files:
+                    out[name] = rel
+        else:
+            rel = plan.optimizer_state.get(back.get(name, name))
+            if rel is not None:
+                out[name] = rel  # a name without state is reported by check_state_dict, by name
+    return out
+
+
+def _optimizer_state(plan: Plan, reader: _Reader, index: ExpertIndex, files: Dict[str, str], renames: Dict[str, str],
+                     optimizer) -> Dict:
+    """The optimizer state dict this rank needs, from the files that hold its tensors' entries."""
+    folder = plan.folder
+    back = {new: old for old, new in renames.items()}  # model name -> name in the checkpoint
     state: Dict[str, Dict[str, Tensor]] = {}
-    for k, v in flat.items():
-        name, _, field = k.rpartition("::")
-        if name in wanted:
-            state.setdefault(name, {})[field] = v
-    if "optimizer.json" in manifest["files"]:
-        meta = json.loads((folder / "optimizer.json").read_text())
-    else:  # written before optimizer.json existed: the type is not recorded, the lrs are in engine.json
-        engine = json.loads((folder / "engine.json").read_text()) if "engine.json" in manifest["files"] else {}
-        meta = {"optimizer": optimizer.kind,
-                "param_groups": [{"name": n, "lr": lr} for n, lr in engine.get("group_lr", {}).items()]}
-    return {"optimizer": meta["optimizer"], "state": state, "param_groups": meta["param_groups"]}
+    for name, rel in files.items():
+        saved = back.get(name, name)
+        if plan.format_version == 1 and index.ref(name).expert is not None:
+            saved = v1_optimizer_source(index.ref(name))[1]  # format 1 keyed expert state by the inner name
+        prefix = f"{saved}::"
+        entry = {k[len(prefix):]: v for k, v in reader[rel].items() if k.startswith(prefix)}
+        if entry:
+            state[name] = entry
+    if plan.optimizer_meta is not None:
+        meta = reader[plan.optimizer_meta]
+        ok = isinstance(meta, dict) and isinstance(meta.get("param_groups"), list) and all(
+            isinstance(g, dict) for g in meta["param_groups"])
+        if not ok:
+            raise CheckpointError(f"{folder / plan.optimizer_meta}: expected {{'optimizer', 'param_groups': [...]}}")
+    else:  # format 1 before optimizer.json existed: the type is not recorded, the lrs are in engine.json
+        engine = reader[plan.engine] if plan.engine is not None else {}
+        lrs = engine.get("group_lr", {}) if isinstance(engine, dict) else {}
+        meta = {"optimizer": optimizer.kind, "param_groups": [{"name": n, "lr": lr} for n, lr in lrs.items()]}
+    return {"optimizer": meta.get("optimizer"), "state": state, "param_groups": meta["param_groups"]}
 
 
-def _check_tensors(rel: str, got: Dict[str, Tensor], want: Dict[str, Tensor], folder: Path) -> None:
+def _kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "float" if dtype.is_floating_point else "integer"
+
+
+def _check_tensors(path: Path, got: Dict[str, Tensor], want: Dict[str, Tensor]) -> None:
+    """Names, shapes and dtype kinds of a file's tensors against the model's (float <-> float casts allowed)."""
     missing = sorted(set(want) - set(got))
     extra = sorted(set(got) - set(want))
     if missing or extra:
-        raise CheckpointError(f"{folder / rel}: tensors do not match the model (missing {missing[:4]}, "
-                              f"unexpected {extra[:4]})")
+        raise CheckpointError(f"{path}: tensors do not match the model (missing {missing[:4]}, unexpected {extra[:4]})")
     for k, v in got.items():
-        if tuple(v.shape) != tuple(want[k].shape):
-            raise CheckpointError(f"{folder / rel}: {k!r} has shape {tuple(v.shape)} in the checkpoint but "
-                                  f"{tuple(want[k].shape)} in the model")
+        w = want[k]
+        if tuple(v.shape) != tuple(w.shape):
+            raise CheckpointError(f"{path}: {k!r} has shape {tuple(v.shape)} in the checkpoint but {tuple(w.shape)} "
+                                  "in the model")
+        if _kind(v.dtype) != _kind(w.dtype):
+            raise CheckpointError(f"{path}: {k!r} is {v.dtype} in the checkpoint but {w.dtype} in the model; "
+                                  f"{_kind(v.dtype)} values cannot load into {_kind(w.dtype)} tensors")
 
 
-def _set_rng_state(state: Dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+# --- verification of a whole checkpoint ---------------------------------------------------------
+
+def verify(directory, tag: Optional[str] = None) -> Path:
+    """Verify every file of a checkpoint (all ranks' and experts'), without a model; returns its folder.
+
+    Raises:
+        CheckpointError: naming the first file that is missing, truncated, corrupted or malformed.
+    """
+    folder = resolve(directory, tag)
+    plan = read_manifest_plan(folder)
+    reader = _Reader(plan)
+    reader.read(sorted(plan.files))
+    if plan.format_version == 1:
+        for r, rels in enumerate(plan.ranks):
+            read_v1_rank_state(reader[rels["pt"]], folder / rels["pt"])
+    else:
+        for rels in plan.ranks:
+            part = reader[rels["json"]]
+            if not isinstance(part, dict) or set(part) != {"rng", "client_state"}:
+                raise CheckpointError(f"{folder / rels['json']}: not a rank state")
+            decode_client_state(part["client_state"], reader[rels["tensors"]], folder / rels["json"])
+    return folder

@@ -419,18 +419,21 @@ class MoEEngine(nn.Module):
     # --- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self, save_dir, tag: Optional[str] = None, client_state: Optional[Dict] = {},  # noqa: B006
                         save_latest: bool = True, exclude_frozen_parameters: bool = False,
-                        model_config: Optional[Dict] = None):
+                        model_config: Optional[Dict] = None, keep_last: Optional[int] = None):
         """Save model, optimizer, scheduler, loss scaler, counters and RNG (every rank calls it).
 
         Args:
             save_dir: the checkpoint directory.
             tag: the checkpoint's name; None: ``global_step<N>`` as in DeepSpeed.
-            client_state: a dict saved with the checkpoint and returned by :meth:`load_checkpoint`
-                (never modified; the ``{}`` default is DeepSpeed's signature).
+            client_state: a dict of JSON data and tensors (never pickled) saved with the checkpoint
+                and returned by :meth:`load_checkpoint` (never modified; the ``{}`` default is
+                DeepSpeed's signature).
             save_latest: point ``latest`` at this checkpoint (False keeps the previous one).
             exclude_frozen_parameters: must be False: moesaic checkpoints hold every tensor of
                 the model, frozen ones included, to reload by identity.
             model_config: the model's config, stored in the manifest (moesaic's extra).
+            keep_last: remove all but the N newest checkpoints of ``save_dir`` after this one is
+                published (moesaic's extra; None keeps all).
 
         Returns:
             The checkpoint folder (DeepSpeed returns True; a Path is truthy).
@@ -454,7 +457,8 @@ class MoEEngine(nn.Module):
         latest = root / "latest"
         previous = latest.read_text() if (not save_latest and self.global_rank == 0 and latest.is_file()) else None
         folder = checkpoint.save(save_dir, self.module, tag=str(tag), optimizer=self.optimizer, engine_state=state,
-                                 client_state=client_state, model_config=model_config, index=self.index)
+                                 client_state=client_state, model_config=model_config, index=self.index,
+                                 keep_last=keep_last)
         if not save_latest and self.global_rank == 0:  # put the previous `latest` back (atomically)
             if previous is None:
                 latest.unlink(missing_ok=True)
@@ -484,9 +488,13 @@ class MoEEngine(nn.Module):
         Loading calls it only when optimizer state is asked for, and checks that the checkpoint
         holds some.
         """
-        folder = Path(checkpoints_path) / str(tag)
-        files = checkpoint.read_manifest(folder).get("files", {})
-        if not any(".optim." in name or name == "optimizer.json" for name in files):
+        folder = checkpoint.resolve(checkpoints_path, tag)
+        manifest = checkpoint.read_manifest(folder)
+        if manifest.get("format_version", 1) >= 2:
+            has_state = manifest.get("optimizer") is not None
+        else:
+            has_state = any(".optim." in name for name in manifest.get("files", {}))
+        if not has_state:
             raise checkpoint.CheckpointError(f"{folder}: no optimizer state in this checkpoint; load it with "
                                              "load_optimizer_states=False")
         return str(folder)
@@ -521,20 +529,18 @@ class MoEEngine(nn.Module):
         if custom_load_fn is not None:
             raise ValueError("custom_load_fn is not supported: moesaic checkpoints are read by moesaic.checkpoint")
         root = Path(load_dir)
-        if tag is None:
-            if not (root / "latest").is_file():
-                warnings.warn(f"no 'latest' file in {root}: nothing to load (pass a tag to load a given "
-                              "checkpoint)", RuntimeWarning, stacklevel=2)
-                return None, None
-            tag = (root / "latest").read_text().strip()
-        if not (root / str(tag)).is_dir():
-            warnings.warn(f"checkpoint {root / str(tag)} does not exist: nothing loaded", RuntimeWarning,
-                          stacklevel=2)
+        missing = (not (root / "latest").is_file() if tag is None else
+                   not any(p.name == str(tag) or p.name.startswith(f"{tag}@") for p in root.glob(f"{tag}*")))
+        if missing:
+            what = f"no 'latest' file in {root}" if tag is None else f"no checkpoint {tag!r} in {root}"
+            warnings.warn(f"{what}: nothing loaded (as DeepSpeed, load_checkpoint returns (None, None))",
+                          RuntimeWarning, stacklevel=2)
             return None, None
         with_optimizer = load_optimizer_states and not load_module_only
         if with_optimizer:
             self._get_optimizer_ckpt_name(root, tag)
-        folder, client_state, state = checkpoint.load(load_dir, self.module, tag=str(tag),
+        tag = None if tag is None else str(tag)
+        folder, client_state, state = checkpoint.load(load_dir, self.module, tag=tag,
                                                       optimizer=self.optimizer if with_optimizer else None,
                                                       index=self.index)
         if not with_optimizer:

@@ -468,7 +468,7 @@ class GroupedMixedPrecisionOptimizer(torch.optim.Optimizer):
 
     def check_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
         """Raise the error :meth:`load_state_dict` would raise, changing nothing."""
-        self._read_state_dict(state_dict, strict)
+        self._read_state_dict(state_dict, strict, copy=False)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
         """Restore from :meth:`state_dict` output, possibly written under another layout.
@@ -502,7 +502,7 @@ class GroupedMixedPrecisionOptimizer(torch.optim.Optimizer):
             if saved_group is not None:
                 g.update({k: v for k, v in saved_group.items() if k not in _IDENTITY_KEYS})
 
-    def _read_state_dict(self, state_dict: Mapping[str, Any], strict: bool):
+    def _read_state_dict(self, state_dict: Mapping[str, Any], strict: bool, copy: bool = True):
         """Check a state dict against this optimizer; returns the state to install (nothing applied)."""
         if not isinstance(state_dict, Mapping) or "state" not in state_dict:
             raise TypeError("state_dict must be a mapping with 'optimizer', 'state' and 'param_groups' (what "
@@ -542,11 +542,12 @@ class GroupedMixedPrecisionOptimizer(torch.optim.Optimizer):
             s: Dict[str, Any] = {"step": int(entry["step"])}
             for key, value in entry.items():
                 if key not in ("step", "master"):
-                    s[key] = value.detach().to(device=master.device, dtype=torch.float32).clone()
+                    s[key] = value.detach().to(device=master.device, dtype=torch.float32).clone() if copy else value
             new_state[name] = s
             if name in self._master:
                 src = entry.get("master")
-                new_master[name] = None if src is None else src.detach().to(device=master.device,
-                                                                            dtype=torch.float32).clone()
+                if src is not None and copy:
+                    src = src.detach().to(device=master.device, dtype=torch.float32).clone()
+                new_master[name] = src
         settings = {g.get("name"): g for g in state_dict.get("param_groups") or ()}
         return new_state, new_master, settings
