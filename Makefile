@@ -6,13 +6,16 @@ VENV := .venv
 DS_VENV := .venv-deepspeed
 TORCH_PIN := torch==2.13.0
 DEEPSPEED_PIN := deepspeed==0.19.8
+# Hugging Face transformers: the reference routing code of tests/unit/test_hf_reference.py (optional extra "hf").
+# Installed with TORCH_PIN in the same command, so pip keeps torch at the pinned build.
+TRANSFORMERS_PIN := transformers==5.24.0
 
 .PHONY: test unit parity gpu-check demo bench bench-ds clean config-reference
 
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q $(TORCH_PIN)
-	$(VENV)/bin/pip install -q -e '.[test,train]'
+	$(VENV)/bin/pip install -q -e '.[test,train,hf]' $(TRANSFORMERS_PIN) $(TORCH_PIN)
 	touch $@
 
 # A second environment holding DeepSpeed, the numerical reference. Never a runtime dependency.

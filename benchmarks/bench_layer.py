@@ -18,8 +18,12 @@ reason). Otherwise every step pays the VM's page faults on freshly mapped memory
 grows with the number of bytes allocated and says nothing about the layer. It applies to every
 contender alike; ``--system-malloc`` measures with glibc's defaults instead.
 
+Fine-grained points (``--fine``: DeepSeek/Qwen3-style many small experts, S=8192, D=256, E=256,
+k=8, expert hidden 128) add a ``stacked`` contender: the same layer with ``stacked_experts=True``.
+
     python benchmarks/bench_layer.py                 # the full table (about 20-30 min on 2 cores)
     python benchmarks/bench_layer.py --quick         # three points
+    python benchmarks/bench_layer.py --fine          # the fine-grained points only
     python benchmarks/bench_layer.py --check-memory  # validate the memory method
 """
 
@@ -62,11 +66,23 @@ class Point:
     k: int
     capacity_factor: float
     dropless: bool = False
+    hidden: int = H
+    ffn: int = 4 * H
+
+    @property
+    def fine(self) -> bool:
+        return self.ffn != 4 * self.hidden
 
     @property
     def label(self) -> str:
         mode = "dropless" if self.dropless else f"cf={self.capacity_factor}"
-        return f"S={self.tokens} E={self.experts} k={self.k} {mode}"
+        shape = f" D={self.hidden} F={self.ffn}" if self.fine else ""
+        return f"S={self.tokens} E={self.experts} k={self.k} {mode}{shape}"
+
+
+def fine_points() -> list:
+    """DeepSeek/Qwen3-style fine-grained experts: many small experts, k=8."""
+    return [Point(8192, 256, 8, 1.0, hidden=256, ffn=128), Point(8192, 256, 8, 1.0, dropless=True, hidden=256, ffn=128)]
 
 
 def all_points(quick: bool) -> list:
@@ -76,8 +92,8 @@ def all_points(quick: bool) -> list:
     return pts + [Point(8192, 64, 2, 1.0, dropless=True), Point(8192, 64, 8, 1.0, dropless=True)]
 
 
-def expert() -> nn.Module:
-    return nn.Sequential(nn.Linear(H, 4 * H), nn.GELU(), nn.Linear(4 * H, H))
+def expert(p: Point) -> nn.Module:
+    return nn.Sequential(nn.Linear(p.hidden, p.ffn), nn.GELU(), nn.Linear(p.ffn, p.hidden))
 
 
 def layer_kwargs(p: Point) -> dict:
@@ -88,11 +104,14 @@ def layer_kwargs(p: Point) -> dict:
 def build(p: Point, which: str, seed: int = 0):
     """Returns (step_fn, routed_count) for one contender at one point; step_fn runs forward+backward."""
     torch.manual_seed(seed)
+    H = p.hidden
     x = torch.randn(p.tokens, H, requires_grad=True)
     if which in ("moesaic", "limit"):
-        layer = moesaic.MoE(H, expert(), **layer_kwargs(p))
+        layer = moesaic.MoE(H, expert(p), **layer_kwargs(p))
+    elif which == "stacked":
+        layer = moesaic.MoE(H, expert(p), stacked_experts=True, **layer_kwargs(p))
     else:
-        layer = DeepSpeedMoE(H, expert(), **layer_kwargs(p))
+        layer = DeepSpeedMoE(H, expert(p), **layer_kwargs(p))
     g_out = torch.randn(p.tokens, H)
 
     def step_layer():
@@ -117,14 +136,17 @@ def build(p: Point, which: str, seed: int = 0):
     return step_limit, routed
 
 
-def contenders() -> list:
-    return ["limit", "moesaic"] + (["deepspeed"] if DeepSpeedMoE is not None else [])
+def contenders(p: Point) -> list:
+    stacked = ["stacked"] if p.fine else []
+    # DeepSpeed's top-k gate builds [S, E, C] one-hot tensors: only in capacity mode
+    ds = ["deepspeed"] if DeepSpeedMoE is not None and not (p.fine and p.dropless) else []
+    return ["limit", "moesaic"] + stacked + ds
 
 
 def time_point(p: Point, repeats: int) -> dict:
     steps = {}
     routed = None
-    for which in contenders():
+    for which in contenders(p):
         fn, r = build(p, which)
         routed = r if r is not None else routed
         fn()  # warm-up
@@ -143,6 +165,9 @@ def time_point(p: Point, repeats: int) -> dict:
             result[f"{w}_ratio"] = statistics.median(a / b for a, b in zip(times[w], times["limit"]))
     if "deepspeed" in steps:
         result["speedup_vs_deepspeed"] = statistics.median(d / m for d, m in zip(times["deepspeed"], times["moesaic"]))
+        if "stacked" in steps:
+            result["stacked_speedup_vs_deepspeed"] = statistics.median(
+                d / m for d, m in zip(times["deepspeed"], times["stacked"]))
     return result
 
 
@@ -199,11 +224,13 @@ def check_memory() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="three points instead of the full table")
+    ap.add_argument("--fine", action="store_true", help="the fine-grained points only (E=256, k=8, F=128)")
     ap.add_argument("--repeats", type=int, default=0, help="timed steps per contender (default: by size)")
     ap.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory measurements")
     ap.add_argument("--check-memory", action="store_true", help="validate the memory method and exit")
     ap.add_argument("--system-malloc", action="store_true", help="time with glibc's default allocator settings")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "layer.json"))
+    ap.add_argument("--out", default=None,
+                    help="results JSON (default results/layer.json, layer_fine.json with --fine)")
     ap.add_argument("--memory-child", nargs=2, metavar=("WHICH", "POINT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
@@ -225,20 +252,22 @@ def main() -> None:
           f"{'yes' if DeepSpeedMoE is not None else 'not installed'}, allocator: "
           f"{'glibc defaults' if args.system_malloc else 'glibc keeping freed memory'}", flush=True)
     rows = []
-    for p in all_points(args.quick):
+    for p in (fine_points() if args.fine else all_points(args.quick)):
         repeats = args.repeats or (11 if p.tokens <= 8192 else 5)
         row = {"point": p.label, **asdict(p), **time_point(p, repeats)}
         row["ratio_to_limit"] = row.pop("moesaic_ratio")
         if "deepspeed_ms" in row:
             row["deepspeed_ratio_to_limit"] = row.pop("deepspeed_ratio")
         if not args.no_memory:
-            for which in contenders():
+            for which in contenders(p):
                 row[f"{which}_peak_mib"] = memory_point(p, which) / MIB
             row["mem_vs_limit"] = row["moesaic_peak_mib"] / row["limit_peak_mib"]
             if "deepspeed_peak_mib" in row:
                 row["mem_vs_deepspeed"] = row["moesaic_peak_mib"] / row["deepspeed_peak_mib"]
         rows.append(row)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    if args.out is None:
+        args.out = str(Path(__file__).parent / "results" / ("layer_fine.json" if args.fine else "layer.json"))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=1))
     print_table(rows)
@@ -247,7 +276,9 @@ def main() -> None:
 def print_table(rows: list) -> None:
     has_ds = any("deepspeed_ms" in r for r in rows)
     has_mem = any("moesaic_peak_mib" in r for r in rows)
+    has_stacked = any("stacked_ms" in r for r in rows)
     head = ["point", "routed", "limit ms", "moesaic ms", "ratio"]
+    head += ["stacked ms", "stacked ratio"] if has_stacked else []
     if has_ds:
         head += ["DeepSpeed ms", "DS ratio", "speed-up vs DS"]
     if has_mem:
@@ -258,14 +289,16 @@ def print_table(rows: list) -> None:
     for r in rows:
         cells = [r["point"], str(r["routed"]), f"{r['limit_ms']:.1f}", f"{r['moesaic_ms']:.1f}",
                  f"{r['ratio_to_limit']:.3f}"]
+        if has_stacked:
+            cells += [f"{r['stacked_ms']:.1f}", f"{r['stacked_ratio']:.3f}"] if "stacked_ms" in r else ["-", "-"]
         if has_ds:
             cells += [f"{r['deepspeed_ms']:.1f}", f"{r['deepspeed_ratio_to_limit']:.2f}",
-                      f"{r['speedup_vs_deepspeed']:.2f}x"]
+                      f"{r['speedup_vs_deepspeed']:.2f}x"] if "deepspeed_ms" in r else ["-", "-", "-"]
         if has_mem:
             cells += [f"{r['limit_peak_mib']:.0f}", f"{r['moesaic_peak_mib']:.0f}"]
-            cells += [f"{r['deepspeed_peak_mib']:.0f}"] if has_ds else []
+            cells += [f"{r['deepspeed_peak_mib']:.0f}" if "deepspeed_peak_mib" in r else "-"] if has_ds else []
             cells += [f"{r['mem_vs_limit']:.2f}"]
-            cells += [f"{r['mem_vs_deepspeed']:.2f}"] if has_ds else []
+            cells += [f"{r['mem_vs_deepspeed']:.2f}" if "mem_vs_deepspeed" in r else "-"] if has_ds else []
         print("| " + " | ".join(cells) + " |")
 
 

@@ -154,15 +154,25 @@ def test_capacity_follows_mode_and_drop_tokens():
 
 def test_fingerprint_covers_every_config_field():
     # a field added to RouterConfig is covered without touching the expert-parallel code
-    base = RouterConfig(num_experts=8, k=2)
+    base = RouterConfig(num_experts=8, k=2, top2_2nd_expert_sampling=False)
+    # a second value per field; fields that only exist together change together (both differ in the fingerprint)
     other_values = dict(num_experts=16, k=3, capacity_factor=1.5, eval_capacity_factor=2.0, min_capacity=0,
-                        noisy_gate_policy="Jitter", drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=False,
-                        drop_policy="probs", z_loss_coef=1e-3)
+                        noisy_gate_policy="Jitter", drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=True,
+                        drop_policy="probs", z_loss_coef=1e-3, score_func="sigmoid", softmax_after_topk=True,
+                        router_bias=True, norm_topk_prob=True, routed_scaling_factor=2.5,
+                        n_group=dict(n_group=2, topk_group=2), topk_group=dict(n_group=2, topk_group=1),
+                        enable_expert_bias=True, bias_update_rate=dict(enable_expert_bias=True, bias_update_rate=0.01),
+                        seq_aux_loss_coef=1e-3, routing_type="expert_choice")
     assert set(other_values) == {f.name for f in dataclasses.fields(RouterConfig)}
     fp = config_fingerprint(base, 64, torch.float32)
-    assert fp == config_fingerprint(RouterConfig(num_experts=8, k=2), 64, torch.float32)  # equal configs agree
+    assert fp == config_fingerprint(RouterConfig(num_experts=8, k=2, top2_2nd_expert_sampling=False), 64,
+                                    torch.float32)  # equal configs agree
+    seen = {fp}
     for name, value in other_values.items():
-        assert config_fingerprint(dataclasses.replace(base, **{name: value}), 64, torch.float32) != fp, name
+        change = value if isinstance(value, dict) else {name: value}
+        other = config_fingerprint(dataclasses.replace(base, **change), 64, torch.float32)
+        assert other not in seen, name
+        seen.add(other)
     assert config_fingerprint(base, 32, torch.float32) != fp
     assert config_fingerprint(base, 64, torch.bfloat16) != fp
     assert 0 <= fp < 2**31

@@ -44,7 +44,8 @@ def net():
 
 
 NAMES = ["layers.0.mlp", "layers.1.mlp"]
-KEYS = {"tokens_per_expert", "routes_per_expert", "dropped_fraction", "l_aux", "z_loss", "load_imbalance"}
+KEYS = {"tokens_per_expert", "routes_per_expert", "dropped_fraction", "l_aux", "z_loss", "seq_aux_loss",
+        "unrouted_tokens", "load_imbalance"}
 
 
 def moe(model, name):

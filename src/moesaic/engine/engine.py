@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import checkpoint
+from ..layer.balancing import update_expert_bias
 from ..layer.identity import ExpertIndex
 from ..optim.in_backward import InBackwardStepper
 from ..optim.loss_scaler import build_loss_scaler
@@ -351,6 +352,7 @@ class MoEEngine(nn.Module):
             result = self._pipeline.run(loss_scale=self.loss_scale, clip=self.config.gradient_clipping,
                                         want_stats=want_stats, reduced=self._reduced)
         self._reduced = False
+        update_expert_bias(self.module, apply=not result.skipped)  # aux-loss-free balancing: after each applied step
         if result.skipped:
             self._skip_step()
         else:

@@ -148,7 +148,7 @@ def _build_optimizer(model, index, cfg: EngineConfig, optimizer, model_parameter
         kind, defaults = client.kind, {}
         def split(gs):
             return split_params_into_different_moe_groups_for_optimizer(gs, max_group_size=moe.max_group_size,
-                                                                        split_by=moe.split_by)
+                                                                        split_by=moe.split_by, stacked="views")
         groups = split_client_groups(client.base_groups(), split)
         model_parameters = groups
     else:

@@ -1,11 +1,15 @@
 """The MoE layer: router -> dispatcher -> experts, and the identity of every expert parameter."""
 
+from .balancing import update_expert_bias
 from .dispatch import Dispatcher, LocalDispatcher
-from .experts import Experts
+from .experts import ExpertContainer, Experts
+from .ffn import FFNExpert, GLUExpert
 from .moe import MoE, name_moe_layers, setup_expert_parallel
 from .moe_layer import MOELayer
 from .router import RouterConfig, TopKGate, compute_routing, expert_capacity
 from .routing import Routing
+from .stacked import StackedExperts
 
-__all__ = ["Dispatcher", "Experts", "LocalDispatcher", "MOELayer", "MoE", "RouterConfig", "Routing", "TopKGate",
-           "compute_routing", "expert_capacity", "name_moe_layers", "setup_expert_parallel"]
+__all__ = ["Dispatcher", "ExpertContainer", "Experts", "FFNExpert", "GLUExpert", "LocalDispatcher", "MOELayer", "MoE",
+           "RouterConfig", "Routing", "StackedExperts", "TopKGate", "compute_routing", "expert_capacity",
+           "name_moe_layers", "setup_expert_parallel", "update_expert_bias"]

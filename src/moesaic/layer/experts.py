@@ -1,5 +1,12 @@
 """Experts: one deep copy of the user's expert module per local expert, each parameter tagged.
 
+:class:`ExpertContainer` is what an MoE layer's ``experts`` must be: it computes one output per
+piece of tokens, knows the global numbers of its experts, and answers for each of them with its
+tensors by their names inside the expert (``expert_state_dict`` / ``load_expert_state_dict``), the
+interface :class:`~moesaic.layer.identity.ExpertIndex` and the checkpoint store use. Two
+containers implement it: :class:`Experts` (here: per-module experts) and
+:class:`~moesaic.layer.stacked.StackedExperts` (``[E_local, ...]`` tensors).
+
 The copies live in ``deepspeed_experts`` (DeepSpeed's attribute name, so ``state_dict`` keys
 read ``deepspeed_experts.<i>.*`` as in DeepSpeed). ``Experts`` only computes: it receives one
 piece of tokens per local expert from a dispatcher and returns one output per piece.
@@ -14,6 +21,7 @@ drops attributes of parameters on ``deepcopy``), so identity survives both.
 from __future__ import annotations
 
 import copy
+from abc import abstractmethod
 from typing import Dict, Iterator, List, Sequence
 
 from torch import Tensor, nn
@@ -22,8 +30,57 @@ from .._checks import check_int
 from .identity import ExpertKey, tag_expert_param
 
 
-class Experts(nn.Module):
-    """The local experts of one MoE layer.
+class ExpertContainer(nn.Module):
+    """The local experts of one MoE layer, whatever their storage (see module docstring).
+
+    Subclasses set ``num_local_experts``, ``expert_group_name`` and ``ep_rank`` and implement
+    :meth:`tag`, :meth:`expert_state_dict`, :meth:`load_expert_state_dict` and ``forward(pieces)``.
+    """
+
+    num_local_experts: int
+    expert_group_name: str
+    ep_rank: int
+
+    @abstractmethod
+    def tag(self, expert_group_name: str, ep_rank: int) -> None:
+        """(Re)stamp every parameter with the layer name and the global expert numbers."""
+
+    @abstractmethod
+    def expert_state_dict(self, number: int, keep_vars: bool = False) -> Dict[str, Tensor]:
+        """Tensors of global expert ``number`` by their names inside the expert."""
+
+    @abstractmethod
+    def load_expert_state_dict(self, number: int, tensors: Dict[str, Tensor]) -> None:
+        """Copy ``tensors`` (as :meth:`expert_state_dict` returns them) into global expert ``number``."""
+
+    @property
+    def first_expert_number(self) -> int:
+        """Global number of local expert 0."""
+        return self.ep_rank * self.num_local_experts
+
+    @property
+    def local_numbers(self) -> List[int]:
+        """Global numbers of the local experts, in local order."""
+        return [self.first_expert_number + i for i in range(self.num_local_experts)]
+
+    def _local_index(self, number: int) -> int:
+        i = number - self.first_expert_number
+        if not 0 <= i < self.num_local_experts:
+            raise KeyError(f"expert {number} of layer {self.expert_group_name!r} is not held here (local experts: "
+                           f"{self.local_numbers})")
+        return i
+
+    def __len__(self) -> int:
+        return self.num_local_experts
+
+    def __setstate__(self, state) -> None:
+        # pickling keeps parameter attributes but deepcopy does not: stamp them again either way
+        super().__setstate__(state)
+        self.tag(self.expert_group_name, self.ep_rank)
+
+
+class Experts(ExpertContainer):
+    """The local experts of one MoE layer, one module each.
 
     Args:
         expert: the module to replicate; it maps `(T, D)` tokens to `(T, D)` outputs (a tuple
@@ -59,27 +116,8 @@ class Experts(nn.Module):
             for name, param in expert.named_parameters():
                 tag_expert_param(param, key, name)
 
-    def __setstate__(self, state) -> None:
-        # pickling keeps parameter attributes but deepcopy does not: stamp them again either way
-        super().__setstate__(state)
-        self.tag(self.expert_group_name, self.ep_rank)
-
-    @property
-    def first_expert_number(self) -> int:
-        """Global number of local expert 0."""
-        return self.ep_rank * self.num_local_experts
-
-    @property
-    def local_numbers(self) -> List[int]:
-        """Global numbers of the local experts, in local order."""
-        return [self.first_expert_number + i for i in range(self.num_local_experts)]
-
     def _local(self, number: int) -> nn.Module:
-        i = number - self.first_expert_number
-        if not 0 <= i < self.num_local_experts:
-            raise KeyError(f"expert {number} of layer {self.expert_group_name!r} is not held here (local experts: "
-                           f"{self.local_numbers})")
-        return self.deepspeed_experts[i]
+        return self.deepspeed_experts[self._local_index(number)]
 
     def expert_state_dict(self, number: int, keep_vars: bool = False) -> Dict[str, Tensor]:
         """Tensors (parameters and buffers) of global expert ``number``, by their names inside it."""
@@ -88,9 +126,6 @@ class Experts(nn.Module):
     def load_expert_state_dict(self, number: int, tensors: Dict[str, Tensor]) -> None:
         """Copy ``tensors`` (as :meth:`expert_state_dict` returns them) into global expert ``number``."""
         self._local(number).load_state_dict(tensors, strict=True)
-
-    def __len__(self) -> int:
-        return self.num_local_experts
 
     def __getitem__(self, i: int) -> nn.Module:
         return self.deepspeed_experts[i]

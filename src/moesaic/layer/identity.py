@@ -295,6 +295,8 @@ class ExpertIndex:
         """``model.state_dict()`` without the tensors of any expert held here (buffers included)."""
         expert_ids = {id(t) for key in self._by_expert
                       for t in self._experts_of(key).expert_state_dict(key.number, keep_vars=True).values()}
+        # a stacked parameter answers with views of itself: leave out the parameter behind them too
+        expert_ids.update(id(r.param) for r in self._refs if r.expert is not None)
         return {k: v.detach() for k, v in model.state_dict(keep_vars=True).items() if id(v) not in expert_ids}
 
 

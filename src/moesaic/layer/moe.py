@@ -16,6 +16,12 @@ deliberate:
 * ``used_token`` masks tokens for every k (DeepSpeed honours it for k=1 only);
 * ``exp_counts`` is always int64; with fewer tokens than ``min_capacity`` top-1 still works.
 
+Keyword-only options add what today's MoE models use (docs/modern-layers.md): router options
+(``score_func``, ``norm_topk_prob``, ``n_group``, ``enable_expert_bias``, ``routing_type``, ...,
+the fields of :class:`~moesaic.layer.router.RouterConfig`), a shared expert
+(``shared_expert``, ``shared_expert_gate``) and stacked experts (``stacked_experts``). Every one
+defaults to off, and with all off the layer, its state dict and its numbers are DeepSpeed's.
+
 State dicts written by moesaic before it took DeepSpeed's keys (``gate.wg.weight``,
 ``experts.local_experts.<i>.*``) still load: a load hook renames them
 (:func:`upgrade_legacy_keys`).
@@ -26,6 +32,7 @@ from __future__ import annotations
 import warnings
 from typing import Dict, Optional, Tuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -33,9 +40,10 @@ from .._checks import check_int
 from ..parallel.groups import GroupRegistry, default_registry
 from .all_to_all import AllToAllDispatcher
 from .dispatch import LocalDispatcher
-from .experts import Experts
+from .experts import ExpertContainer, Experts
 from .moe_layer import MOELayer
 from .router import RouterConfig, TopKGate
+from .stacked import StackedExperts
 
 # moesaic's module paths before it took DeepSpeed's, relative to an MoE layer
 _LEGACY_PREFIXES = (("gate.", "deepspeed_moe.gate."),
@@ -67,6 +75,21 @@ class MoE(nn.Module):
         drop_policy: keyword-only; None (DeepSpeed's default for k), "position" or "probs".
         z_loss_coef: keyword-only; ST-MoE router z-loss coefficient. The scaled loss is exposed as
             ``self.z_loss`` after each forward and is *not* folded into ``l_aux``.
+        score_func, softmax_after_topk, router_bias, norm_topk_prob, routed_scaling_factor, n_group,
+        topk_group, enable_expert_bias, bias_update_rate, seq_aux_loss_coef, routing_type:
+            keyword-only router options (see :class:`~moesaic.layer.router.RouterConfig`). The
+            sequence-level balance loss is exposed as ``self.seq_aux_loss`` (not folded into
+            ``l_aux``); a sequence is a row of a `(batch, seq, D)` input, a 2-D input is one sequence.
+        shared_expert: keyword-only; a dense module every token passes through, its output added
+            to the routed output (Qwen2-MoE, DeepSeek-V3). Its parameters are dense (named
+            ``shared_expert.*``, reduced over the world, stored in the dense checkpoint file).
+            Several shared experts are one wider module. Not combined with ``use_residual``.
+        shared_expert_gate: keyword-only; multiply the shared expert's output by
+            ``sigmoid(shared_expert_gate(x))``, a ``Linear(hidden_size, 1, bias=False)`` (Qwen2-MoE).
+        stacked_experts: keyword-only; store the local experts as ``[E_local, ...]`` tensors
+            (:class:`~moesaic.layer.stacked.StackedExperts`; ``expert`` must be of a standard
+            FFN/GLU shape). Identity, optimizer groups, checkpoints and numbers are those of
+            per-module experts; CUDA bf16 on compute capability 9.0+ runs grouped matmuls.
 
     The router options land in one :class:`~moesaic.layer.router.RouterConfig`
     (``moe.gate.config``). ``moe.gate`` and ``moe.experts`` are read-only shortcuts to
@@ -78,7 +101,13 @@ class MoE(nn.Module):
                  use_residual: bool = False, noisy_gate_policy: Optional[str] = None, drop_tokens: bool = True,
                  use_rts: bool = True, use_tutel: bool = False, enable_expert_tensor_parallelism: bool = False,
                  top2_2nd_expert_sampling: bool = True, expert_group_name: Optional[str] = None, *,
-                 drop_policy: Optional[str] = None, z_loss_coef: float = 0.0) -> None:
+                 drop_policy: Optional[str] = None, z_loss_coef: float = 0.0, score_func: str = "softmax",
+                 softmax_after_topk: bool = False, router_bias: bool = False, norm_topk_prob: Optional[bool] = None,
+                 routed_scaling_factor: float = 1.0, n_group: Optional[int] = None, topk_group: Optional[int] = None,
+                 enable_expert_bias: bool = False, bias_update_rate: Optional[float] = None,
+                 seq_aux_loss_coef: float = 0.0, routing_type: str = "token_choice",
+                 shared_expert: Optional[nn.Module] = None, shared_expert_gate: bool = False,
+                 stacked_experts: bool = False) -> None:
         super().__init__()
         if not isinstance(expert, nn.Module):
             raise TypeError(f"expert must be a torch.nn.Module, got {type(expert).__name__}")
@@ -103,7 +132,26 @@ class MoE(nn.Module):
                               eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity,
                               noisy_gate_policy=noisy_gate_policy, drop_tokens=drop_tokens, use_rts=use_rts,
                               top2_2nd_expert_sampling=top2_2nd_expert_sampling, drop_policy=drop_policy,
-                              z_loss_coef=z_loss_coef)
+                              z_loss_coef=z_loss_coef, score_func=score_func, softmax_after_topk=softmax_after_topk,
+                              router_bias=router_bias, norm_topk_prob=norm_topk_prob,
+                              routed_scaling_factor=routed_scaling_factor, n_group=n_group, topk_group=topk_group,
+                              enable_expert_bias=enable_expert_bias, bias_update_rate=bias_update_rate,
+                              seq_aux_loss_coef=seq_aux_loss_coef, routing_type=routing_type)
+        for name, value in (("shared_expert_gate", shared_expert_gate), ("stacked_experts", stacked_experts)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {type(value).__name__}: {value!r}")
+        if shared_expert is not None and not isinstance(shared_expert, nn.Module):
+            raise TypeError(f"shared_expert must be a torch.nn.Module or None, got {type(shared_expert).__name__}")
+        if shared_expert_gate and shared_expert is None:
+            raise ValueError("shared_expert_gate=True gates a shared expert; pass shared_expert=<module> too")
+        if shared_expert is not None and use_residual:
+            raise ValueError("shared_expert cannot be combined with use_residual=True (Residual MoE already mixes in a "
+                             "dense expert); pick one")
+        if stacked_experts:
+            experts: ExpertContainer = StackedExperts(expert, num_experts // ep_size, expert_group_name,
+                                                      hidden_size=hidden_size)
+        else:
+            experts = Experts(expert, num_experts // ep_size, expert_group_name)
         self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.ep_size = ep_size
@@ -114,13 +162,14 @@ class MoE(nn.Module):
         self.use_tutel = bool(use_tutel)
         self.enable_expert_tensor_parallelism = False
         # registered first, as DeepSpeed does, so state_dict keys come in DeepSpeed's order
-        self.deepspeed_moe = MOELayer(TopKGate.from_config(hidden_size, config),
-                                      Experts(expert, self.num_local_experts, expert_group_name),
+        self.deepspeed_moe = MOELayer(TopKGate.from_config(hidden_size, config), experts,
                                       expert_group_name, ep_size, self.num_local_experts)
         if self.use_residual:
             self.mlp = expert
             # coefficient of the weighted sum of the MoE output and the dense mlp output
             self.coefficient = nn.Linear(hidden_size, 2)
+        self.shared_expert = shared_expert  # registered as a child module (or None: no key)
+        self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if shared_expert_gate else None
         self.ep_group = None  # set by set_deepspeed_parallelism / moesaic.setup_expert_parallel
         self.parallel_groups = None
         self.register_load_state_dict_pre_hook(_upgrade_legacy_hook)
@@ -132,7 +181,7 @@ class MoE(nn.Module):
         return self.deepspeed_moe.gate
 
     @property
-    def experts(self) -> Experts:
+    def experts(self) -> ExpertContainer:
         """This rank's experts (``deepspeed_moe.experts``)."""
         return self.deepspeed_moe.experts
 
@@ -150,6 +199,20 @@ class MoE(nn.Module):
     @property
     def z_loss(self) -> Optional[Tensor]:
         return self.deepspeed_moe.z_loss
+
+    @property
+    def seq_aux_loss(self) -> Optional[Tensor]:
+        return self.deepspeed_moe.seq_aux_loss
+
+    @property
+    def expert_bias(self) -> Optional[Tensor]:
+        """The aux-loss-free selection bias `(E,)` (``gate.expert_bias``), or None."""
+        return self.deepspeed_moe.expert_bias
+
+    @property
+    def num_unrouted_tokens(self) -> int:
+        """Valid tokens of the last forward that no expert took."""
+        return self.deepspeed_moe.num_unrouted_tokens
 
     @property
     def exp_counts(self) -> Optional[Tensor]:
@@ -214,6 +277,9 @@ class MoE(nn.Module):
         Returns:
             ``(output, l_aux, exp_counts)``: output of the input's shape, the fp32 load-balancing
             loss, and the `(E,)` int64 routes chosen per expert before capacity.
+
+        A shared expert's output is added to every token's routed output (a masked token's MoE
+        output stays zero).
         """
         output = self.deepspeed_moe(hidden_states, used_token)
         if self.use_residual:
@@ -222,11 +288,21 @@ class MoE(nn.Module):
                 output_mlp = output_mlp[0]
             coef = F.softmax(self.coefficient(hidden_states), dim=-1)
             output = output * coef[..., 0:1] + output_mlp * coef[..., 1:]
+        if self.shared_expert is not None:
+            shared = self.shared_expert(hidden_states)
+            if isinstance(shared, tuple):
+                shared = shared[0]
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(hidden_states)) * shared
+            if used_token is not None:
+                shared = shared * (used_token.reshape(hidden_states.shape[:-1]) != 0).unsqueeze(-1).to(shared.dtype)
+            output = output + shared
         return output, self.deepspeed_moe.l_aux, self.deepspeed_moe.exp_counts
 
     def extra_repr(self) -> str:
         return (f"name={self.expert_group_name!r}, num_experts={self.num_experts}, ep_size={self.ep_size}, "
-                f"k={self.k}, drop_tokens={self.gate.drop_tokens}")
+                f"k={self.k}, drop_tokens={self.gate.drop_tokens}"
+                f"{', stacked' if isinstance(self.experts, StackedExperts) else ''}")
 
 
 def iter_moe_modules(model: nn.Module):

@@ -8,22 +8,28 @@ expert is local, or whatever ``set_dispatcher`` installs when the layer is put o
 groups.
 
 Routing statistics of the last forward (``l_aux``, ``exp_counts``, ...) stay on the layer for
-telemetry; they are not state and are never checkpointed.
+telemetry; they are not state and are never checkpointed. (The aux-loss-free ``expert_bias`` is
+state: it lives on the gate as a buffer, and the layer only shows it.)
+
+A *sequence*, for the sequence-level balance loss, is a row of a `(batch, seq, D)` input (batch
+first, as DeepSpeed's layer takes it; more leading dims are all batch). A 2-D `(S, D)` input is
+one sequence of S tokens.
 
 Shape legend: S = tokens, E = experts, D = model dim.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from .dispatch import Dispatcher, LocalDispatcher
-from .experts import Experts
+from .experts import ExpertContainer
 from .router import TopKGate
-from .routing import Routing
+from .routing import Routing, count_unrouted
 
 
 class MOELayer(nn.Module):
@@ -36,17 +42,19 @@ class MOELayer(nn.Module):
         ep_size: expert-parallel ranks the experts are spread over.
         num_local_experts: experts held here (``gate.num_experts / ep_size``).
 
-    Attributes set by ``forward``: ``l_aux``, ``z_loss``, ``exp_counts``, ``tokens_per_expert``,
-    ``num_routes``, ``num_dropped_routes``.
+    Attributes set by ``forward``: ``l_aux``, ``z_loss``, ``seq_aux_loss``, ``exp_counts``,
+    ``tokens_per_expert``, ``num_routes``, ``num_dropped_routes``; ``num_unrouted_tokens`` (valid
+    tokens no expert took) is computed when read. ``expert_bias`` shows the gate's aux-loss-free
+    bias (None without one).
     """
 
-    def __init__(self, gate: TopKGate, experts: Experts, ep_group_name: str, ep_size: int,
+    def __init__(self, gate: TopKGate, experts: ExpertContainer, ep_group_name: str, ep_size: int,
                  num_local_experts: int) -> None:
         super().__init__()
         if not isinstance(gate, TopKGate):
             raise TypeError(f"gate must be a TopKGate, got {type(gate).__name__}")
-        if not isinstance(experts, Experts):
-            raise TypeError(f"experts must be an Experts, got {type(experts).__name__}")
+        if not isinstance(experts, ExpertContainer):
+            raise TypeError(f"experts must be an Experts or StackedExperts, got {type(experts).__name__}")
         if gate.num_experts != ep_size * num_local_experts or len(experts) != num_local_experts:
             raise ValueError(f"the gate routes to {gate.num_experts} experts, which must be ep_size ({ep_size}) x "
                              f"num_local_experts ({num_local_experts}), and experts holds {len(experts)}")
@@ -58,6 +66,8 @@ class MOELayer(nn.Module):
         self.dispatcher: Optional[Dispatcher] = LocalDispatcher(num_local_experts) if ep_size == 1 else None
         self.l_aux: Optional[Tensor] = None
         self.z_loss: Optional[Tensor] = None
+        self.seq_aux_loss: Optional[Tensor] = None
+        self._unrouted = None  # (token_idx_N, S, valid tokens, nothing dropped) of the last forward
         self.exp_counts: Optional[Tensor] = None
         self.tokens_per_expert: Optional[Tensor] = None
         self.num_routes: int = 0
@@ -97,7 +107,9 @@ class MOELayer(nn.Module):
         if used_token is not None:
             used_token = _check_used_token(used_token, hidden_states, x_SD.shape[0])
 
-        routing = self.gate(x_SD, used_token)
+        # sequences for the sequence-level balance loss: rows of (batch, seq, D); a 2-D input is one
+        num_sequences = math.prod(hidden_states.shape[:-2]) if hidden_states.dim() >= 3 else 1
+        routing = self.gate(x_SD, used_token, num_sequences=num_sequences)
         pieces, meta = self.dispatcher.dispatch(x_SD, routing)
         with self.dispatcher.saved_inputs(pieces, meta):
             outputs = self.experts(pieces)
@@ -106,9 +118,26 @@ class MOELayer(nn.Module):
         self._record(routing)
         return out_SD.reshape(hidden_states.shape)
 
+    @property
+    def expert_bias(self) -> Optional[Tensor]:
+        """The gate's aux-loss-free selection bias `(E,)` (global expert order), or None."""
+        return self.gate._buffers.get("expert_bias")
+
+    @property
+    def num_unrouted_tokens(self) -> int:
+        """Valid tokens of the last forward that no expert took (0 before the first)."""
+        if self._unrouted is None:
+            return 0
+        if isinstance(self._unrouted, tuple):
+            self._unrouted = count_unrouted(*self._unrouted)
+        return self._unrouted
+
     def _record(self, routing: Routing) -> None:
         self.l_aux = routing.l_aux
         self.z_loss = routing.z_loss
+        self.seq_aux_loss = routing.seq_aux_loss
+        self._unrouted = (routing.token_idx_N, routing.num_tokens, routing.num_valid_tokens,
+                          routing.num_dropped == 0 and routing.expert_ids_SK is not None)
         self.exp_counts = routing.exp_counts_E
         self.tokens_per_expert = routing.tokens_per_expert_E
         self.num_routes = routing.num_routes

@@ -10,7 +10,9 @@
 6. check that every trainable parameter of the model is in exactly one group.
 
 Every question of identity (is this an expert, which one, what is it called) is answered by the
-model's :class:`~moesaic.layer.identity.ExpertIndex`.
+model's :class:`~moesaic.layer.identity.ExpertIndex`. Stacked experts enter the groups as
+per-expert :class:`~moesaic.layer.identity.ParamRef` views (``stacked="views"``), so their groups
+are named and sized exactly as per-module experts' are.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 from torch import Tensor, nn
 
-from ..layer.identity import ExpertIndex, ExpertKey
+from ..layer.identity import ExpertIndex, ExpertKey, ParamRef
 from .param_groups import split_params_into_different_moe_groups_for_optimizer
 
 
@@ -36,18 +38,27 @@ def freeze_experts(model: nn.Module, spec: Sequence[Union[int, str]], index: Opt
         expert is an error.
     """
     index = index if index is not None else ExpertIndex.build(model)
-    frozen, matched = [], set()
+    frozen, matched, refs = [], set(), []
     for key in index.experts():
         for s in spec:
             if s == key.number or s == str(key):
                 matched.add(s)
-                for ref in index.expert_refs(key):
-                    ref.param.requires_grad_(False)
+                refs.extend(index.expert_refs(key))
                 frozen.append(str(key))
     unmatched = [s for s in spec if s not in matched]
     if unmatched:
         raise ValueError(f"moe.freeze_experts entries {unmatched} match no local expert; use an expert number "
                          "or 'expert_group_name/expert_number'")
+    # requires_grad is per tensor: a stacked tensor freezes all its experts or none
+    chosen = {(id(r.param), r.index) for r in refs}
+    for r in refs:
+        if r.index is not None and any((id(o.param), o.index) not in chosen for o in index.refs_of(r.param)):
+            held = index.layers[r.expert.layer].local_numbers
+            raise ValueError(f"moe.freeze_experts would freeze only some experts of stacked tensor {r.name!r} "
+                             f"(layer {r.expert.layer!r} stores its experts {held} in one tensor); freeze all of "
+                             "them, or build the layer with per-module experts")
+    for r in refs:
+        r.param.requires_grad_(False)
     return frozen
 
 
@@ -124,7 +135,7 @@ def build_param_groups(model: nn.Module, model_parameters: Optional[Iterable] = 
         g.setdefault("name", f"group_{i}")
     if not any(g.get("moe") for g in groups):
         groups = split_params_into_different_moe_groups_for_optimizer(groups, max_group_size=max_group_size,
-                                                                      split_by=split_by)
+                                                                      split_by=split_by, stacked="views")
     out = []
     for g in groups:
         out.extend(_chunk_dense(g, max_group_size) if not g.get("moe") else [g])
@@ -138,17 +149,23 @@ def build_param_groups(model: nn.Module, model_parameters: Optional[Iterable] = 
 
 
 def _check_coverage(index: ExpertIndex, groups: List[Dict]) -> None:
-    where: Dict[int, int] = {}
+    where: Dict[tuple, int] = {}  # (parameter, slice of a stacked one or None) -> group
     for gi, g in enumerate(groups):
         for p in g["params"]:
-            if p not in index:
-                raise ValueError(f"group {g['name']!r} holds a parameter of shape {tuple(p.shape)} that is not in "
-                                 "the model")
-            if id(p) in where:
-                raise ValueError(f"parameter {index.refs_of(p)[0].name!r} is in two groups: "
-                                 f"{groups[where[id(p)]]['name']!r} and {g['name']!r}")
-            where[id(p)] = gi
-    missing = [r.name for r in index.refs(trainable_only=True) if id(r.param) not in where]
+            if isinstance(p, ParamRef):
+                if p.name not in index:
+                    raise ValueError(f"group {g['name']!r} holds a tensor {p.name!r} that is not in the model")
+                at, name = (id(p.param), p.index), p.name
+            else:
+                if p not in index:
+                    raise ValueError(f"group {g['name']!r} holds a parameter of shape {tuple(p.shape)} that is not "
+                                     "in the model")
+                at, name = (id(p), None), index.refs_of(p)[0].name
+            if at in where:
+                raise ValueError(f"parameter {name!r} is in two groups: "
+                                 f"{groups[where[at]]['name']!r} and {g['name']!r}")
+            where[at] = gi
+    missing = [r.name for r in index.refs(trainable_only=True) if (id(r.param), r.index) not in where]
     if missing:
         raise ValueError(f"trainable parameters in no optimizer group: {missing[:5]}"
                          f"{' ...' if len(missing) > 5 else ''}; pass them in model_parameters or freeze them")

@@ -9,6 +9,13 @@ Same names and meaning as ``deepspeed.moe.utils``; the differences are deliberat
   and a unique readable ``name`` such as ``"decay/layers.1.mlp/expert_3"``;
 * malformed input (non-tensors, a parameter in two groups, untagged expert parameters) fails
   with a message naming the culprit instead of producing a silently wrong optimizer.
+
+Stacked experts (one ``[E_local, ...]`` tensor holding many experts, ``moesaic.StackedExperts``):
+a torch optimizer can only step whole tensors, so by default (``stacked="whole"``) each stacked
+tensor stays whole, in a group per layer named ``"<base>/<layer>/stacked"`` (``expert_number``
+None). moesaic's own optimizer steps views, and with ``stacked="views"`` each stacked tensor is
+cut into one :class:`~moesaic.layer.identity.ParamRef` per expert, grouped exactly as per-module
+experts are (same group names, same tensor names), which is what the engine uses.
 """
 
 from __future__ import annotations
@@ -20,10 +27,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from ..layer.identity import ExpertKey, ParamRef
 from ..layer.moe import iter_moe_modules
 
 DEFAULT_MAX_GROUP_SIZE = 178956971  # DeepSpeed's default cap, in elements
 SPLIT_BY = ("expert", "layer")
+STACKED = ("whole", "views")
 _IDENTITY_KEYS = ("params", "name", "moe", "expert_group_name", "expert_number")
 
 ParamGroup = Dict[str, Any]
@@ -205,10 +214,20 @@ def _identity(p: torch.Tensor, gi: int, split_by: str) -> Tuple[str, Optional[in
     return layer, number
 
 
+def _stacked_refs(p: torch.Tensor) -> List[ParamRef]:
+    """One ref per expert slice of a stacked parameter, named as :class:`ExpertIndex` names them."""
+    layer, first = p.moe_stacked
+    refs = []
+    for i in range(p.shape[0]):
+        key = ExpertKey(layer, first + i)
+        refs.append(ParamRef(f"{key}/{p.moe_param_name}", p, key, i))
+    return refs
+
+
 def split_params_into_different_moe_groups_for_optimizer(
         param_groups: Union[ParamGroup, Sequence[ParamGroup]],
         max_group_size: Union[int, float, None] = DEFAULT_MAX_GROUP_SIZE, *,
-        split_by: str = "expert") -> List[ParamGroup]:
+        split_by: str = "expert", stacked: str = "whole") -> List[ParamGroup]:
     """Move expert parameters out of their groups into MoE groups, one per expert or per layer.
 
     Every base group is kept (as a new dict, in input order) with only its dense parameters, even
@@ -226,6 +245,10 @@ def split_params_into_different_moe_groups_for_optimizer(
             own); None for no size split. Parameters are packed greedily in order.
         split_by: ``"expert"``: a group never mixes experts; ``"layer"``: whole experts of one
             layer are packed together, and only an expert larger than the cap is split (alone).
+        stacked: what to do with stacked expert tensors (see module docstring): ``"whole"``
+            keeps each in a per-layer group ``"<base>/<layer>/stacked"`` (for torch optimizers);
+            ``"views"`` cuts it into per-expert :class:`ParamRef` views grouped like per-module
+            experts (for moesaic's optimizer).
 
     Returns:
         The new list of groups: base groups first, then MoE groups.
@@ -234,6 +257,8 @@ def split_params_into_different_moe_groups_for_optimizer(
     cap = _check_cap(max_group_size)
     if split_by not in SPLIT_BY:
         raise ValueError(f"split_by must be one of {SPLIT_BY}, got {split_by!r}")
+    if stacked not in STACKED:
+        raise ValueError(f"stacked must be one of {STACKED}, got {stacked!r}")
     names = [f"group_{gi}" if g.get("name") is None else str(g["name"]) for gi, g in enumerate(groups)]
     counts = Counter(names)
     names = [n if counts[n] == 1 else f"{n}[{gi}]" for gi, n in enumerate(names)]
@@ -243,9 +268,18 @@ def split_params_into_different_moe_groups_for_optimizer(
     for gi, group in enumerate(groups):
         dense: List[torch.Tensor] = []
         layers: Dict[str, Dict[Any, List[torch.Tensor]]] = {}
+        whole: Dict[str, List[torch.Tensor]] = {}  # stacked tensors kept whole, per layer
         for p in group["params"]:
             if not is_moe_param(p):
                 dense.append(p)
+                continue
+            if getattr(p, "moe_stacked", None) is not None:
+                if stacked == "whole":
+                    layers.setdefault(p.moe_stacked[0], {})
+                    whole.setdefault(p.moe_stacked[0], []).append(p)
+                else:
+                    for ref in _stacked_refs(p):
+                        layers.setdefault(ref.expert.layer, {}).setdefault(ref.expert.number, []).append(ref)
                 continue
             layer, number = _identity(p, gi, split_by)
             experts = layers.setdefault(layer, {})
@@ -255,6 +289,14 @@ def split_params_into_different_moe_groups_for_optimizer(
         hyper = {k: v for k, v in group.items() if k != "params"}
 
         for layer, experts in layers.items():
+            if layer in whole:
+                chunks = _pack([[p] for p in whole[layer]], cap)
+                for i, chunk in enumerate(chunks):
+                    name = f"{names[gi]}/{layer}/stacked" + (f"/part_{i}" if len(chunks) > 1 else "")
+                    moe_groups.append({**hyper, "params": chunk, "moe": True, "expert_group_name": layer,
+                                       "expert_number": None, "name": name})
+                if not experts:
+                    continue
             if split_by == "expert":
                 parts = [(n, _pack([[p] for p in experts[n]], cap)) for n in sorted(experts)]
             else:

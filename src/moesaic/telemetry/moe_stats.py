@@ -6,8 +6,10 @@ plain Python dicts keyed by ``expert_group_name``, ready for ``MetricsWriter``::
     {"tokens_per_expert": [...],   # routes kept per expert, after capacity (index = expert number)
      "routes_per_expert": [...],   # routes chosen per expert, before capacity
      "dropped_fraction": float,    # dropped routes / routes
-     "l_aux": float, "z_loss": float,
-     "load_imbalance": float}      # max / mean of routes_per_expert (0 when there are no routes)
+     "l_aux": float, "z_loss": float, "seq_aux_loss": float,
+     "unrouted_tokens": int,       # valid tokens no expert took (all routes dropped; expert choice)
+     "load_imbalance": float,      # max / mean of routes_per_expert (0 when there are no routes)
+     "expert_bias": [...]}         # only for a layer with an aux-loss-free bias: its value per expert
 
 With expert parallelism the numbers cover this rank's tokens only (all ``E`` experts, numbered
 globally); reduce them over the data-parallel ranks yourself if you need global figures.
@@ -78,8 +80,12 @@ def collect_moe_stats(model: nn.Module) -> Dict[str, dict]:
             "dropped_fraction": float(layer.dropped_fraction),
             "l_aux": _scalar(layer.l_aux),
             "z_loss": _scalar(layer.z_loss),
+            "seq_aux_loss": _scalar(layer.seq_aux_loss),
+            "unrouted_tokens": int(layer.num_unrouted_tokens),
             "load_imbalance": _load_imbalance(routes),
         }
+        if layer.expert_bias is not None:
+            stats[name]["expert_bias"] = [float(b) for b in layer.expert_bias.tolist()]
     return stats
 
 
@@ -102,6 +108,9 @@ class MoEStatsAccumulator:
         self._routes: Dict[str, Tensor] = {}
         self._l_aux: Dict[str, Tensor] = {}
         self._z_loss: Dict[str, Tensor] = {}
+        self._seq_aux_loss: Dict[str, Tensor] = {}
+        self._unrouted: Dict[str, int] = {}
+        self._bias: Dict[str, Tensor] = {}  # the layer's expert_bias buffer, read at summary()
         self._num_routes: Dict[str, int] = {}
         self._num_dropped: Dict[str, int] = {}
         self._forwards: Dict[str, int] = {}
@@ -129,11 +138,15 @@ class MoEStatsAccumulator:
             routes = layer.exp_counts.detach().to(torch.int64)
             l_aux = torch.as_tensor(0.0 if layer.l_aux is None else layer.l_aux.detach(), dtype=torch.float64)
             z_loss = torch.as_tensor(0.0 if layer.z_loss is None else layer.z_loss.detach(), dtype=torch.float64)
+            seq_aux = torch.as_tensor(0.0 if layer.seq_aux_loss is None else layer.seq_aux_loss.detach(),
+                                      dtype=torch.float64)
             if name not in self._forwards:
                 self._tokens[name] = tokens.clone()
                 self._routes[name] = routes.clone()
                 self._l_aux[name] = l_aux.clone()
                 self._z_loss[name] = z_loss.clone()
+                self._seq_aux_loss[name] = seq_aux.clone()
+                self._unrouted[name] = 0
                 self._num_routes[name] = 0
                 self._num_dropped[name] = 0
                 self._forwards[name] = 0
@@ -147,6 +160,10 @@ class MoEStatsAccumulator:
                 self._routes[name] += routes.to(device)
                 self._l_aux[name] += l_aux.to(device)
                 self._z_loss[name] += z_loss.to(device)
+                self._seq_aux_loss[name] += seq_aux.to(device)
+            self._unrouted[name] += int(layer.num_unrouted_tokens)
+            if layer.expert_bias is not None:
+                self._bias[name] = layer.expert_bias
             self._num_routes[name] += int(layer.num_routes)
             self._num_dropped[name] += int(layer.num_dropped_routes)
             self._forwards[name] += 1
@@ -158,8 +175,9 @@ class MoEStatsAccumulator:
         Returns:
             ``{expert_group_name: stats}`` with tokens and routes per expert summed over the
             forwards, ``dropped_fraction`` = dropped routes / routes over all of them, ``l_aux``
-            and ``z_loss`` averaged, ``load_imbalance`` of the summed routes. Empty before the
-            first ``update``.
+            ``z_loss`` and ``seq_aux_loss`` averaged, ``unrouted_tokens`` summed, ``load_imbalance``
+            of the summed routes, ``expert_bias`` as it is now (after the step's update). Empty
+            before the first ``update``.
         """
         out: Dict[str, dict] = {}
         for name, n in self._forwards.items():
@@ -171,6 +189,10 @@ class MoEStatsAccumulator:
                 "dropped_fraction": self._num_dropped[name] / num_routes if num_routes else 0.0,
                 "l_aux": float(self._l_aux[name].item()) / n,
                 "z_loss": float(self._z_loss[name].item()) / n,
+                "seq_aux_loss": float(self._seq_aux_loss[name].item()) / n,
+                "unrouted_tokens": self._unrouted[name],
                 "load_imbalance": _load_imbalance(routes),
             }
+            if name in self._bias:
+                out[name]["expert_bias"] = [float(b) for b in self._bias[name].tolist()]
         return out
