@@ -90,8 +90,8 @@ def test_import_refuses_a_mismatched_model(ds_checkpoint, tmp_path):
     ds_dir, _ = ds_checkpoint
     wrong = Net(lambda *a, **kw: moesaic.MoE(*a, **{**kw, "num_experts": 8}))
     moesaic.name_moe_layers(wrong)
-    with pytest.raises(CheckpointError, match=r"'blocks.0.deepspeed_moe.gate.wg.weight' has shape \(4, 8\) in "
-                                              r"DeepSpeed's checkpoint but \(8, 8\) in the model"):
+    with pytest.raises(CheckpointError, match=r"'blocks.0.deepspeed_moe.gate.wg.weight' has shape \(4, 8\) in DeepSpeed's "
+                                              r"checkpoint but \(8, 8\) in the model"):
         convert_deepspeed_checkpoint(ds_dir, wrong, tmp_path)
 
 
