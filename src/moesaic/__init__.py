@@ -14,7 +14,8 @@ from .optim.param_groups import (
 )
 
 from .parallel import init_distributed
-from .engine import MoEEngine, initialize
+from .engine import (MoEEngine, initialize, safe_get_full_fp32_param, safe_get_full_grad,
+                     safe_get_full_optimizer_state)
 
 __version__ = "0.1.0"
 
@@ -23,5 +24,6 @@ __all__ = [
     "FFNExpert", "GLUExpert", "RouterConfig", "StackedExperts", "update_expert_bias",
     "configure_moe_param_groups", "describe_param_groups", "has_moe_layers", "is_moe_param", "is_moe_param_group",
     "split_params_grads_into_shared_and_expert_params", "split_params_into_different_moe_groups_for_optimizer",
-    "split_params_into_shared_and_expert_params",
+    "split_params_into_shared_and_expert_params", "safe_get_full_grad", "safe_get_full_fp32_param",
+    "safe_get_full_optimizer_state",
 ]

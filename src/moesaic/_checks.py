@@ -132,3 +132,44 @@ def check_list(value: Any, key: str, item: Optional[Callable[[Any, str], Any]] =
     if item is None:
         return tuple(value)
     return tuple(item(v, join_key(key, i)) for i, v in enumerate(value))
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Config equality: a bool never equals a number, an int equals the float it is (5e8 == 500000000)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    return type(a) is type(b) and a == b
+
+
+def only(allowed: Sequence[Any], why: str) -> Callable[[Any, str], Any]:
+    """A check accepting the values in ``allowed`` and refusing any other value with ``why``.
+
+    For keys of another library's config (DeepSpeed's) whose accepted values describe what this
+    library always does; the message says what it does instead.
+
+    Args:
+        allowed: the accepted values.
+        why: what is done instead, for the message (one clause, no final period).
+    """
+    allowed = tuple(allowed)
+
+    def check(value: Any, key: str) -> Any:
+        for a in allowed:
+            if _same(value, a):
+                return a
+        spelled = " or ".join("null" if a is None else str(a).lower() if isinstance(a, bool) else repr(a)
+                              for a in allowed)
+        raise ValueError(f"{key}={value!r} is not supported by moesaic: {why}; allowed: {spelled}")
+
+    return check
+
+
+def check_elements(value: Any, key: str, none_word: Optional[str] = None) -> Optional[int]:
+    """A size in elements: an int >= 1, or an integral float as DeepSpeed configs write it (``5e8``)."""
+    if value is None and none_word is not None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return check_int(value, key, lo=1, none_word=none_word)

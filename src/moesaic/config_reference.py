@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ._config import KeyDoc
+from .engine.deepspeed_keys import FEATURE_SECTIONS, refused_rows
 from .train.config import RENAMED, TrainConfig
 
 COMMAND = "python -m moesaic.config_reference --out docs/config-reference.md"
@@ -53,6 +54,13 @@ def render() -> str:
     for title, rows in _tables(TrainConfig.describe()):
         out.append(f"\n## {title}\n\n| key | type | default | meaning |\n|---|---|---|---|")
         out.extend(f"| `{r.path}` | {_cell(r.type)} | `{_cell(r.default)}` | {_cell(r.doc)} |" for r in rows)
+    out.append("\n## DeepSpeed keys moesaic refuses\n\nKeys of DeepSpeed's config for features moesaic does not have "
+               "are refused with the reason below whatever their value (in `moesaic train`, under `engine.`). "
+               "The feature sections among them (" + ", ".join(f"`{s}`" for s in FEATURE_SECTIONS) +
+               ") are accepted when disabled (`{\"enabled\": false}`). DeepSpeed keys whose values describe "
+               "what moesaic does are settings in the tables above that refuse any other value.\n\n"
+               "| key | why it is refused |\n|---|---|")
+    out.extend(f"| `{path}` | {_cell(reason)} |" for path, reason in refused_rows())
     out.append("\n## Keys of the former layout\n\nRefused with a message naming the new key "
                "(checkpoints written with them still resume).\n\n| former key | now |\n|---|---|")
     out.extend(f"| `{old}` | `{new}` |" for old, new in RENAMED.items())

@@ -48,7 +48,10 @@ freeze_experts = [1]
 
 def _check_full(cfg: EngineConfig) -> None:
     assert cfg.optimizer.type == "AdamW"  # case-insensitive input, canonical storage
-    assert cfg.optimizer.params == {"lr": 3e-4, "betas": (0.9, 0.95), "eps": 1e-6, "weight_decay": 0.1}
+    assert cfg.optimizer.params == {"lr": 3e-4, "betas": (0.9, 0.95), "eps": 1e-6, "weight_decay": 0.1,
+                                    "adam_w_mode": True, "torch_adam": False, "bias_correction": True,
+                                    "amsgrad": False}
+    assert cfg.optimizer.update() == ("AdamW", {"lr": 3e-4, "betas": (0.9, 0.95), "eps": 1e-6, "weight_decay": 0.1})
     assert cfg.scheduler.params == {"total_num_steps": 1000, "warmup_min_lr": 0.0, "warmup_max_lr": 3e-4,
                                     "warmup_num_steps": 100, "warmup_type": "log", "last_batch_iteration": -1}
     assert cfg.fp16.enabled and cfg.fp16.dynamic and cfg.fp16.initial_scale_power == 12
@@ -92,12 +95,17 @@ def test_defaults():
     cfg = load_config({})
     assert cfg == EngineConfig()
     assert cfg.train_micro_batch_size_per_gpu is None and cfg.train_batch_size is None
-    assert cfg.gradient_accumulation_steps == 1 and cfg.steps_per_print == 10 and cfg.gradient_clipping == 0.0
+    # DeepSpeed 0.19.8's defaults: no progress print, clipping at 1.0
+    assert cfg.gradient_accumulation_steps is None and cfg.steps_per_print is None and cfg.gradient_clipping == 1.0
     assert cfg.optimizer.type == "AdamW"
-    assert cfg.optimizer.params == {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
-    assert OptimizerConfig("Adam").params["weight_decay"] == 0.0
+    # DeepSpeed's defaults (its FusedAdam): no weight decay unless asked, for Adam and AdamW alike
+    assert cfg.optimizer.update() == ("AdamW", {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0})
+    # DeepSpeed's "Adam" decouples weight decay (adam_w_mode defaults to true); adam_w_mode=false is torch's Adam
+    assert OptimizerConfig("Adam").update()[0] == "AdamW"
+    assert OptimizerConfig("Adam", {"adam_w_mode": False}).update()[0] == "Adam"
     assert cfg.scheduler is None and cfg.bf16 == BF16Config(enabled=False)
     assert cfg.zero_optimization == ZeroConfig(stage=0)
+    assert cfg.zero_optimization.reduce_bucket_size is None and cfg.offload() == "none"
     assert cfg.fp16 == FP16Config(enabled=False, loss_scale=0.0, initial_scale_power=16, loss_scale_window=1000,
                                   hysteresis=2, min_loss_scale=1.0)
     assert cfg.moe == MoEOptimConfig("expert", DEFAULT_MAX_GROUP_SIZE, "none", {}, [])
@@ -108,7 +116,12 @@ def test_defaults():
 
 
 def test_check_batch():
+    # DeepSpeed's arithmetic: the missing sizes are derived by integer division
     assert load_config({"train_micro_batch_size_per_gpu": 2}).check_batch(4) == (8, 2, 1)
+    assert load_config({"train_batch_size": 32, "train_micro_batch_size_per_gpu": 4}).check_batch(4) == (32, 4, 2)
+    assert load_config({"train_batch_size": 8}).check_batch(4) == (8, 2, 1)
+    with pytest.raises(ValueError, match=r"train_micro_batch_size_per_gpu comes out as 0"):
+        load_config({"train_batch_size": 2}).check_batch(4)
     assert load_config({"train_batch_size": 32, "gradient_accumulation_steps": 2}).check_batch(4) == (32, 4, 2)
     bad = load_config({"train_batch_size": 32, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2})
     with pytest.raises(ValueError, match=r"train_batch_size \(32\) != .*\(4\) .*\(2\) .*world_size \(2\)"):
@@ -125,7 +138,10 @@ def test_check_batch():
     ({"optimizer": {"params": {"betas": [0.9]}}}, ValueError, r"optimizer\.params\.betas .*2 numbers"),
     ({"optimizer": {"params": {"lr": 0}}}, ValueError, r"optimizer\.params\.lr .*\(0, inf\).*got 0\.0"),
     ({"optimizer": {"params": {"eps": float("nan")}}}, ValueError, r"optimizer\.params\.eps"),
-    ({"optimizer": {"type": "LAMB"}}, ValueError, r"optimizer\.type must be one of \['AdamW', 'Adam', 'SGD'\]"),
+    ({"optimizer": {"type": "LAMB"}}, ValueError, r"optimizer\.type='LAMB' is not supported by moesaic: .*LAMB.*"
+                                                 r"allowed: AdamW, Adam, SGD"),
+    ({"optimizer": {"type": "Adadelta"}}, ValueError, r"torch\.optim\.Adadelta is not implemented"),
+    ({"optimizer": {"type": "Nope"}}, ValueError, r"optimizer\.type must be one of \['AdamW', 'Adam', 'SGD'\]"),
     ({"optimizer": {"type": "SGD", "params": {"momentum": -0.1}}}, ValueError, r"optimizer\.params\.momentum"),
     ({"optimizer": {"type": "SGD", "params": {"nesterov": True}}}, ValueError, r"optimizer\.params\.nesterov"),
     ({"scheduler": {"type": "Cosine"}}, ValueError, r"scheduler\.type must be one of .*WarmupCosineLR"),
@@ -157,7 +173,7 @@ def test_check_batch():
     ({"optimizer": {"params": {"lr": "1e-3"}}}, TypeError, r"optimizer\.params\.lr must be a number, got str"),
     ({"optimizer": {"params": {"betas": 0.9}}}, TypeError, r"optimizer\.params\.betas must be a list"),
     ({"optimizer": "adam"}, TypeError, r"optimizer must be a mapping"),
-    ({"optimizer": {"type": 3}}, TypeError, r"optimizer\.type must be a str"),
+    ({"optimizer": {"type": 3}}, TypeError, r"optimizer\.type must be a non-empty str"),
     ({"scheduler": {"type": "WarmupLR", "params": [1]}}, TypeError, r"scheduler\.params must be a mapping"),
     ({"train_micro_batch_size_per_gpu": 2.0}, TypeError, r"train_micro_batch_size_per_gpu must be an int"),
     ({"fp16": {"enabled": 1}}, TypeError, r"fp16\.enabled must be a bool"),
@@ -190,23 +206,73 @@ def test_bools_rejected_as_numbers(config, pattern):
 
 
 @pytest.mark.parametrize("config, pattern", [
-    ({"train_batch": 8}, r"unknown key 'train_batch'; allowed keys at the top level: bf16, fp16, .*steps_per_print"),
-    ({"zero_optimization": {"stage": 1, "offload_param": {}}}, r"unknown key 'zero_optimization\.offload_param'; "
-                                                               r"allowed keys under zero_optimization: stage"),
+    ({"train_batch": 8},
+     r"unknown key 'train_batch'; allowed keys at the top level: bf16, checkpoint, .*steps_per_print"),
     ({"optimizer": {"type": "Adam", "param": {}}}, r"unknown key 'optimizer\.param'; allowed keys under optimizer: "
                                                    r"params, type"),
     ({"optimizer": {"type": "Adam", "params": {"momentum": 0.9}}},
-     r"unknown key 'optimizer\.params\.momentum'; allowed keys under optimizer\.params: betas, eps, lr, weight_decay"),
+     r"unknown key 'optimizer\.params\.momentum'; allowed keys under optimizer\.params: adam_w_mode, amsgrad, betas"),
     ({"optimizer": {"type": "SGD", "params": {"betas": [0.9, 0.9]}}}, r"unknown key 'optimizer\.params\.betas'"),
     ({"scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 10, "warmup_max_lr": 1.0}}},
      r"unknown key 'scheduler\.params\.warmup_max_lr'; allowed keys under scheduler\.params: cos_min_ratio"),
-    ({"fp16": {"enabled": True, "auto_cast": False}}, r"unknown key 'fp16\.auto_cast'; allowed keys under fp16"),
-    ({"bf16": {"enabled": True, "immediate_grad_update": True}}, r"unknown key 'bf16\.immediate_grad_update'"),
+    ({"scheduler": {"type": "StepLR", "params": {"step_size": 2, "steps": 3}}},
+     r"unknown key 'scheduler\.params\.steps'; torch\.optim\.lr_scheduler\.StepLR takes: step_size, gamma"),
     ({"moe": {"ep_size": 2}}, r"unknown key 'moe\.ep_size'; allowed keys under moe: freeze_experts, lr_scale"),
 ])
 def test_unknown_keys(config, pattern):
     with pytest.raises(ValueError, match=pattern):
         load_config(config)
+
+
+@pytest.mark.parametrize("config, pattern", [
+    # features moesaic lacks: refused by name with the reason, whatever the value
+    ({"zero_optimization": {"stage": 1, "offload_param": {}}},
+     r"zero_optimization\.offload_param is a DeepSpeed key that moesaic does not support: a ZeRO-3"),
+    ({"zero_optimization": {"stage3_max_live_parameters": 1e9}},
+     r"zero_optimization\.stage3_max_live_parameters .*ZeRO-3"),
+    ({"zero_optimization": {"offload_optimizer": {"device": "cpu", "nvme_path": "/x"}}},
+     r"zero_optimization\.offload_optimizer\.nvme_path .*NVMe"),
+    ({"activation_checkpointing": {"partition_activations": True}},
+     r"activation_checkpointing .*torch\.utils\.checkpoint"),
+    ({"tensorboard": {"enabled": True, "output_path": "x"}}, r"tensorboard .*pass log_dir= to moesaic\.initialize"),
+    ({"pipeline": {"stages": 2}}, r"pipeline .*no tensor, pipeline or sequence parallelism"),
+    # values describing something moesaic does not do: refused with what it does instead
+    ({"zero_optimization": {"stage": 2, "overlap_comm": True}},
+     r"zero_optimization\.overlap_comm=True is not supported by moesaic: .*not overlapped with it; "
+     r"allowed: false or null"),
+    ({"zero_optimization": {"offload_optimizer": {"device": "nvme"}}},
+     r"zero_optimization\.offload_optimizer\.device='nvme' is not supported by moesaic"),
+    ({"fp16": {"enabled": True, "auto_cast": True}}, r"fp16\.auto_cast=True is not supported by moesaic"),
+    ({"bf16": {"enabled": True, "immediate_grad_update": True}}, r"bf16\.immediate_grad_update=True is not supported"),
+    ({"communication_data_type": "fp16"}, r"communication_data_type='fp16' is not supported by moesaic: .*fp32"),
+    ({"gradient_predivide_factor": 2.0}, r"gradient_predivide_factor=2\.0 is not supported"),
+    ({"optimizer": {"type": "Adam", "params": {"amsgrad": True}}}, r"optimizer\.params\.amsgrad=True is not supported"),
+    ({"optimizer": {"type": "AdamW", "params": {"adam_w_mode": False}}}, r"type AdamW always decouples weight decay"),
+    ({"scheduler": {"type": "OneCycle"}}, r"scheduler\.type='OneCycle' is not supported by moesaic: .*OneCycleLR"),
+    ({"zero_optimization": {"stage": 3}},
+     r"zero_optimization\.stage=3 \(ZeRO-3, parameter sharding\) is not supported"),
+])
+def test_deepspeed_keys_refused_with_reason(config, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        load_config(config)
+
+
+def test_deepspeed_keys_accepted():
+    """A DeepSpeed ZeRO-2 config as its docs write it: what moesaic does is accepted, bucket sizes are honoured."""
+    cfg = load_config({
+        "train_batch_size": 16, "steps_per_print": 100, "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True, "communication_data_type": "fp32",
+        "fp16": {"enabled": True, "auto_cast": False, "loss_scale": 0, "initial_scale_power": 16},
+        "bf16": {"enabled": False, "check_grad_overflow": True},
+        "zero_optimization": {"stage": 2, "allgather_partitions": True, "allgather_bucket_size": 2e8,
+                              "overlap_comm": False, "reduce_scatter": True, "reduce_bucket_size": 5e8,
+                              "contiguous_gradients": True, "offload_optimizer": {"device": "cpu"}},
+        "flops_profiler": {"enabled": False}, "wandb": {"enabled": False},
+        "checkpoint": {"tag_validation": "fail"}})
+    z = cfg.zero_optimization
+    assert (z.stage, z.reduce_bucket_size, z.allgather_bucket_size) == (2, 500_000_000, 200_000_000)
+    assert cfg.offload() == "cpu" and cfg.checkpoint.tag_validation == "Fail"
+    assert load_config({"zero_optimization": {"cpu_offload": True}}).offload() == "cpu"
 
 
 def test_bf16_and_fp16_conflict():
@@ -293,7 +359,7 @@ def test_each_default_has_one_source():
     from moesaic.optim.config import SCHEDULER_PARAMS, optimizer_defaults
 
     for kind in ("AdamW", "Adam", "SGD"):
-        assert mixed_precision._DEFAULTS[kind] == optimizer_defaults(kind) == OptimizerConfig(kind).params
+        assert mixed_precision._DEFAULTS[kind] == optimizer_defaults(kind) == OptimizerConfig(kind).update()[1]
     for kind in SCHEDULER_PARAMS:
         ctor = inspect.signature(getattr(schedulers, kind)).parameters
         for name, default in SchedulerConfig(kind).params.items():

@@ -28,7 +28,7 @@ class Net(nn.Module):
 def make(in_backward, bf16=False, accum=1, **extra):
     model = Net()
     expert = sum(p.numel() for p in model.ffn.experts[0].parameters())
-    cfg = {"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": accum,
+    cfg = {"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": accum, "gradient_clipping": 0.0,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}}, "moe": {"max_group_size": expert},
            "bf16": {"enabled": bf16}, "optimizer_in_backward": in_backward, **extra}
     return moesaic.initialize(model=model, config=cfg)[0]

@@ -57,8 +57,8 @@ def test_bf16_master_weights_follow_fp32_math():
     ref_m = model_with_moe()  # fp32 copy of the same init
     ref_m.load_state_dict({k: v.float() for k, v in ours_m.state_dict().items()})
     groups = build_param_groups(ours_m, split_by="expert", max_group_size=None)
-    opt = GroupedMixedPrecisionOptimizer(groups, "AdamW", dict(lr=1e-2))
-    ref = torch.optim.AdamW(ref_m.parameters(), lr=1e-2)
+    opt = GroupedMixedPrecisionOptimizer(groups, "AdamW", dict(lr=1e-2, weight_decay=0.01))
+    ref = torch.optim.AdamW(ref_m.parameters(), lr=1e-2, weight_decay=0.01)
     for step in range(3):
         x = torch.randn(32, 8, generator=torch.Generator().manual_seed(step))
         loss_of(ours_m, x.bfloat16()).float().backward()

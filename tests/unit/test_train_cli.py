@@ -156,7 +156,7 @@ def test_dist_timeout_reaches_init_distributed(tmp_path, monkeypatch):
     (["--data", "/no/such/path"], "does not exist"),
     (["--set", "train.bogus=1"], "unknown key 'train.bogus'"),
     (["--set", "engine.optimizer.params.lrr=1"], "unknown key 'engine.optimizer.params.lrr'; allowed keys under "
-                                                 "engine.optimizer.params: betas, eps, lr, weight_decay"),
+                                                 "engine.optimizer.params: adam_w_mode, amsgrad, betas"),
     (["--set", "engine.optimizer.params.lr=0"], "engine.optimizer.params.lr must be a finite number in (0, inf)"),
     (["--set", "optim.lr=0.1"], "optim.lr -> engine.optimizer.params.lr"),
     (["--set", "engine.zero_optimization.stage=3"], "parameter sharding) is not supported"),

@@ -19,7 +19,8 @@ def test_tiny_toml_loads():
     assert cfg.train.nproc == 2 and cfg.data.path is None and cfg.train.device == "auto"
     assert cfg.batch() == (32, 16, 1)  # 16 per process, 2 processes
     opt = cfg.engine.optimizer
-    assert opt.type == "AdamW" and opt.params == {"lr": 3e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
+    assert opt.type == "AdamW" and opt.update() == ("AdamW", {"lr": 3e-3, "betas": (0.9, 0.95), "eps": 1e-8,
+                                                              "weight_decay": 0.1})
     assert cfg.engine.gradient_clipping == 1.0 and not cfg.engine.bf16.enabled
     assert cfg.engine.moe.split_by == "expert"
     assert load_train_config(str(TINY)) == cfg
@@ -93,6 +94,9 @@ def test_numbers_are_normalised():
     ({"engine": {"train_batch_size": 30, "train_micro_batch_size_per_gpu": 4}, "train": {"nproc": 1}}, ValueError,
      r"engine.train_batch_size \(30\) must be a multiple of engine.train_micro_batch_size_per_gpu \(4\)"),
     ({"engine": {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 4}, "train": {"nproc": 4}}, ValueError,
+     r"engine.gradient_accumulation_steps comes out as 0 from engine.train_batch_size \(8\) over world_size \(4\)"),
+    ({"engine": {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1},
+      "train": {"nproc": 4}}, ValueError,
      r"engine.train_batch_size \(8\) != engine.train_micro_batch_size_per_gpu \(4\) \* "
      r"engine.gradient_accumulation_steps \(1\) \* world_size \(4\)"),
     ({"engine": {"bf16": {"enabled": "yes"}}}, TypeError, r"engine.bf16.enabled must be a bool"),
@@ -169,7 +173,7 @@ def test_file_errors(tmp_path):
     typo = tmp_path / "typo.toml"
     typo.write_text("[engine.optimizer.params]\nlearning_rate = 0.1\n")
     with pytest.raises(ValueError, match=r"unknown key 'engine.optimizer.params.learning_rate'; allowed keys under "
-                                         r"engine.optimizer.params: betas, eps, lr, weight_decay"):
+                                         r"engine.optimizer.params: adam_w_mode, amsgrad, betas, bias_correction, eps, lr, torch_adam, weight_decay"):
         load_train_config(typo)
     as_json = tmp_path / "tiny.json"
     as_json.write_text(json.dumps(load_train_config(TINY).to_dict()))

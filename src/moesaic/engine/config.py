@@ -6,9 +6,12 @@ and the ``engine`` section of ``moesaic train``'s config (``[engine]``, ``[engin
 in TOML, ``--set engine.optimizer.params.lr=1e-3`` on the command line): the same names and
 defaults in all three.
 
-Differences from DeepSpeed, on purpose: ``gradient_accumulation_steps`` defaults to 1 instead of
-being derived from ``train_batch_size``, so a mismatch is reported by :meth:`EngineConfig.check_batch`
-rather than silently resolved; keys moesaic does not implement are unknown-key errors.
+The batch sizes follow DeepSpeed's arithmetic (:meth:`EngineConfig.check_batch`). DeepSpeed's keys
+moesaic does not implement are never silently ignored: those whose accepted values describe what
+moesaic does are settings that refuse any other value with the reason; the rest are refused by
+name with the reason (:mod:`moesaic.engine.deepspeed_keys`); any other unknown key is an error.
+Differences on purpose: ``optimizer`` defaults to AdamW (DeepSpeed builds no optimizer without
+one and cannot train); an optimizer or schedule moesaic does not implement is refused.
 """
 
 from __future__ import annotations
@@ -18,10 +21,24 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
-from .._checks import check_bool, check_int, check_number, join_key
+from .._checks import check_bool, check_choice, check_int, check_number, join_key, only
 from .._config import Section, load_source, section, setting
 from ..optim.config import (BF16Config, FP16Config, MoEOptimConfig, OptimizerConfig, SchedulerConfig,
                             ZeroConfig)
+from .deepspeed_keys import refuse_deepspeed_keys
+
+TAG_VALIDATION = ("Warn", "Ignore", "Fail")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig(Section):
+    """The ``checkpoint`` section (DeepSpeed's): how ``save_checkpoint`` checks its tag."""
+
+    PATH = "checkpoint"
+
+    tag_validation: str = setting("Warn", check=partial(check_choice, choices=TAG_VALIDATION, fold_case=True),
+                                  doc="Every rank must save under the same tag: 'Warn' warns when they differ, "
+                                      "'Fail' raises, 'Ignore' does not check (any case).")
 
 
 @dataclass(frozen=True)
@@ -36,26 +53,80 @@ class EngineConfig(Section):
         None, check=partial(check_int, lo=1, none_word="null"),
         doc="Samples per process per forward/backward; null: derived from train_batch_size. One of the two is "
             "required.")
-    gradient_accumulation_steps: int = setting(1, check=partial(check_int, lo=1),
-                                               doc="Micro-batches accumulated before each optimizer step.")
-    gradient_clipping: float = setting(0.0, check=partial(check_number, lo=0.0),
+    gradient_accumulation_steps: Optional[int] = setting(
+        None, check=partial(check_int, lo=1, none_word="null"),
+        doc="Micro-batches accumulated before each optimizer step; null: derived as DeepSpeed does "
+            "(train_batch_size / micro batch / data-parallel ranks, or 1).")
+    gradient_clipping: float = setting(1.0, check=partial(check_number, lo=0.0),
                                        doc="Clip the global gradient norm (dense once, each expert once) to this; "
-                                           "0 disables clipping.")
-    steps_per_print: int = setting(10, check=partial(check_int, lo=1),
-                                   doc="DeepSpeed's print interval; accepted for compatibility (moesaic logs through "
-                                       "log_dir instead).")
+                                           "0 disables clipping. 1.0 by default, as in DeepSpeed.")
+    steps_per_print: Optional[int] = setting(None, check=partial(check_int, lo=1, none_word="null"),
+                                             doc="Rank 0 logs 'step=N, skipped=S, lr=[...], mom=[...]' every this "
+                                                 "many optimizer steps, as DeepSpeed does; null (DeepSpeed's "
+                                                 "default): never.")
+    wall_clock_breakdown: bool = setting(False, check=check_bool,
+                                         doc="Time forward, backward and step; rank 0 logs their mean milliseconds "
+                                             "with the steps_per_print line.")
+    dataloader_drop_last: bool = setting(False, check=check_bool,
+                                         doc="The data loader made from initialize(training_data=...) drops the last "
+                                             "incomplete batch.")
+    zero_allow_untested_optimizer: bool = setting(
+        False, check=check_bool,
+        doc="DeepSpeed's permission to shard an optimizer it has not tested. moesaic shards the optimizers it "
+            "implements (Adam, AdamW, SGD) whatever this says and refuses any other; an error names this key.")
+    zero_force_ds_cpu_optimizer: bool = setting(
+        True, check=check_bool,
+        doc="DeepSpeed's refusal of a client optimizer under ZeRO-Offload: moesaic always steps its own optimizer "
+            "(a client optimizer is translated into it), so either value gives the same result.")
+    use_data_before_expert_parallelism: bool = setting(
+        False, check=check_bool,
+        doc="DeepSpeed's layout of expert-parallel groups: data-parallel ranks first (passed to "
+            "setup_expert_parallel).")
+    communication_data_type: Optional[str] = setting(
+        None, type_text="str or null", doc="dtype of gradient reductions: moesaic reduces in fp32 ('fp32' or null).",
+        check=only((None, "fp32"), "moesaic sums gradient buckets in fp32"))
+    prescale_gradients: bool = setting(False, doc="Divide gradients before the reduction (not done by moesaic).",
+                                       check=only((False,), "moesaic sums gradient buckets in fp32 and divides after "
+                                                            "the sum; an fp32 sum does not overflow"))
+    gradient_predivide_factor: float = setting(
+        1.0, doc="DeepSpeed's pre-division factor of the reduction (only 1.0: see prescale_gradients).",
+        check=only((1.0,), "moesaic sums gradient buckets in fp32 and divides after the sum"))
+    gradient_allreduce_op: str = setting("mean", doc="Gradients are averaged over the data-parallel ranks ('mean').",
+                                         check=only(("mean",), "moesaic averages gradients (the gradient of the "
+                                                               "global mean loss)"))
+    sparse_gradients: bool = setting(False, doc="Sparse embedding gradients (not supported).",
+                                     check=only((False,), "moesaic reduces dense gradients only"))
+    managed_gradient_accumulation: bool = setting(
+        True, doc="The engine counts micro-batches to find the accumulation boundary (always, in moesaic).",
+        check=only((True,), "moesaic counts micro-batches (or follows set_gradient_accumulation_boundary)"))
+    memory_breakdown: bool = setting(False, doc="DeepSpeed's per-step memory print (not done by moesaic).",
+                                     check=only((False,), "moesaic does not print memory per step; see "
+                                                          "benchmarks/bench_step_memory.py"))
+    dump_state: bool = setting(False, doc="DeepSpeed's dump of its state at start (not done by moesaic).",
+                               check=only((False,), "moesaic does not dump its state; print engine.config"))
+    disable_allgather: bool = setting(False, doc="DeepSpeed's switch to broadcasts (moesaic always broadcasts).",
+                                      check=only((False,), "moesaic's owners already broadcast their updated "
+                                                           "weights; there is no all-gather to disable"))
     optimizer_in_backward: bool = setting(
         False, check=check_bool,
         doc="Step each optimizer group during backward as soon as its gradients are complete, so the model's "
             "gradients never all exist at once (lower peak memory). One process only; no gradient clipping, no "
             "fp16, ZeRO stage 0.")
-    optimizer: OptimizerConfig = section(OptimizerConfig, doc="The optimizer.")
+    optimizer: OptimizerConfig = section(OptimizerConfig, doc="The optimizer (a client optimizer given to "
+                                                              "moesaic.initialize takes precedence).")
     scheduler: Optional[SchedulerConfig] = section(SchedulerConfig, optional=True,
                                                    doc="The learning-rate schedule; absent: a constant lr.")
     fp16: FP16Config = section(FP16Config, doc="fp16 training and its loss scale.")
     bf16: BF16Config = section(BF16Config, doc="bf16 training.")
     zero_optimization: ZeroConfig = section(ZeroConfig, doc="ZeRO optimizer-state sharding.")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, doc="Checkpoint tag validation.")
     moe: MoEOptimConfig = section(MoEOptimConfig, doc="Expert parameters in the optimizer.")
+
+    @classmethod
+    def from_dict(cls, data: Any, path: Optional[str] = None) -> "EngineConfig":
+        """Build the config; DeepSpeed's keys moesaic does not implement are refused with the reason first."""
+        path = cls.PATH if path is None else path
+        return super().from_dict(refuse_deepspeed_keys(data, path), path)
 
     @classmethod
     def check_values(cls, values: Dict[str, Any], path: str) -> None:
@@ -65,13 +136,17 @@ class EngineConfig(Section):
         # Inconsistency visible without the world size: it must be a multiple of micro * gas.
         micro, gas, total = (values["train_micro_batch_size_per_gpu"], values["gradient_accumulation_steps"],
                              values["train_batch_size"])
-        if micro is not None and total is not None and total % (micro * gas):
+        if micro is not None and total is not None and total % (micro * (gas or 1)):
+            times = f" * {join_key(path, 'gradient_accumulation_steps')} ({gas})" if gas is not None else ""
             raise ValueError(f"{join_key(path, 'train_batch_size')} ({total}) must be a multiple of "
-                             f"{join_key(path, 'train_micro_batch_size_per_gpu')} ({micro}) * "
-                             f"{join_key(path, 'gradient_accumulation_steps')} ({gas})")
+                             f"{join_key(path, 'train_micro_batch_size_per_gpu')} ({micro}){times}")
 
     def check_batch(self, world_size: int, path: str = "") -> Tuple[int, int, int]:
-        """Resolve and check the batch sizes for ``world_size`` data-parallel ranks.
+        """Resolve and check the batch sizes for ``world_size`` data-parallel ranks, as DeepSpeed does.
+
+        The missing ones are derived with DeepSpeed's integer arithmetic: ``gas = total // micro //
+        world``, ``micro = total // world // gas``, ``total = micro * gas * world``; with one of
+        them alone, ``gas = 1``.
 
         Args:
             world_size: number of data-parallel ranks.
@@ -81,7 +156,8 @@ class EngineConfig(Section):
             ``(train_batch_size, train_micro_batch_size_per_gpu, gradient_accumulation_steps)``.
 
         Raises:
-            ValueError: neither batch size is set, or train_batch_size != micro * gas * world_size.
+            ValueError: neither batch size is set, a derived size is 0, or
+                train_batch_size != micro * gas * world_size.
         """
         check_int(world_size, "world_size", lo=1)
         total_key, micro_key, gas_key = (join_key(path, k) for k in (
@@ -90,14 +166,26 @@ class EngineConfig(Section):
             self.train_batch_size
         if micro is None and total is None:
             raise ValueError(f"set {total_key} or {micro_key} (both are missing)")
-        if micro is None:
-            micro = max(1, total // (gas * world_size))
-        if total is None:
+        if total is not None and micro is not None and gas is None:
+            gas = total // micro // world_size
+        elif total is not None and micro is None:
+            gas = 1 if gas is None else gas
+            micro = total // world_size // gas
+        elif total is None:
+            gas = 1 if gas is None else gas
             total = micro * gas * world_size
+        for key, value in ((micro_key, micro), (gas_key, gas)):
+            if value < 1:
+                raise ValueError(f"{key} comes out as {value} from {total_key} ({total}) over world_size "
+                                 f"({world_size}); it must be >= 1")
         if total != micro * gas * world_size:
             raise ValueError(f"{total_key} ({total}) != {micro_key} ({micro}) * {gas_key} ({gas}) * "
                              f"world_size ({world_size}) = {micro * gas * world_size}")
         return total, micro, gas
+
+    def offload(self) -> str:
+        """Where master weights and optimizer state live: ``"cpu"`` when ``moe.offload`` or ZeRO-Offload ask."""
+        return "cpu" if "cpu" in (self.moe.offload, self.zero_optimization.offload_device()) else "none"
 
     def check_complete(self, path: str = "") -> None:
         """Refuse a config the engine cannot run as it stands (a schedule without ``total_num_steps``).

@@ -10,9 +10,12 @@ The optimizer's hyperparameter defaults live here, in :data:`OPTIMIZER_PARAMS`, 
 the scheduler params mirror the constructors of :mod:`moesaic.optim.schedulers` (a unit test pins
 that the two agree).
 
-Differences from DeepSpeed's config, on purpose: only the keys moesaic implements are accepted
-(``fp16.auto_cast``, ``zero_optimization.offload_param`` ... are unknown keys, not silently
-ignored); ``fp16`` values are checked even when fp16 is off; ``optimizer`` defaults to AdamW.
+DeepSpeed's keys moesaic does not implement are never silently ignored: a key whose accepted
+values describe what moesaic always does is a setting checked by :func:`moesaic._checks.only`
+(``fp16.auto_cast`` accepts false); the rest are refused by name with the reason
+(:mod:`moesaic.engine.deepspeed_keys`). Differences on purpose: ``fp16`` values are checked even
+when fp16 is off; optimizer and scheduler names DeepSpeed accepts but moesaic does not implement
+are refused with the reason and the supported names.
 ``moe.lr_scale`` and ``moe.freeze_experts`` name experts as ``"<expert_group_name>/<expert_number>"``
 (a group name may not itself contain ``/``); a bare group name in ``lr_scale`` covers the whole
 layer, a bare int in ``freeze_experts`` that expert number in every MoE layer.
@@ -24,12 +27,35 @@ from dataclasses import dataclass, fields
 from functools import partial
 from typing import Any, Dict, Optional, Tuple, Type, Union
 
-from .._checks import check_bool, check_choice, check_int, check_list, check_mapping, check_number, join_key
+from .._checks import (check_bool, check_choice, check_elements, check_int, check_list, check_mapping, check_number,
+                       check_str, join_key, only)
 from .._config import Section, section, setting
 from .param_groups import DEFAULT_MAX_GROUP_SIZE, SPLIT_BY
 
 OPTIMIZER_TYPES = ("AdamW", "Adam", "SGD")
 SCHEDULER_TYPES = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
+
+# Optimizer names DeepSpeed accepts (its own, any case, and torch.optim classes) that moesaic does not step.
+_GROUPED = "moesaic steps its own grouped Adam, AdamW and SGD one parameter group at a time"
+REFUSED_OPTIMIZERS = {
+    "lamb": f"DeepSpeed's fused LAMB is not implemented; {_GROUPED}",
+    "onebitadam": f"DeepSpeed's 1-bit Adam (compressed communication) is not implemented; {_GROUPED}",
+    "zerooneadam": f"DeepSpeed's 0/1 Adam (compressed communication) is not implemented; {_GROUPED}",
+    "onebitlamb": f"DeepSpeed's 1-bit LAMB is not implemented; {_GROUPED}",
+    "lion": f"Lion is not implemented; {_GROUPED}",
+    "adagrad": f"Adagrad is not implemented; {_GROUPED}",
+    "muadam": f"mup's MuAdam is not implemented; {_GROUPED}",
+    "muadamw": f"mup's MuAdamW is not implemented; {_GROUPED}",
+    "musgd": f"mup's MuSGD is not implemented; {_GROUPED}",
+    "muon": f"Muon is not implemented; {_GROUPED}",
+}
+# DeepSpeed's own schedules moesaic does not implement (torch.optim.lr_scheduler classes are honoured).
+REFUSED_SCHEDULERS = {
+    "OneCycle": "DeepSpeed's OneCycle is not implemented; use torch's OneCycleLR (\"type\": \"OneCycleLR\") or "
+                "WarmupLR, WarmupDecayLR, WarmupCosineLR",
+    "LRRangeTest": "DeepSpeed's LRRangeTest is not implemented; use WarmupLR, WarmupDecayLR, WarmupCosineLR or a "
+                   "torch.optim.lr_scheduler class",
+}
 WARMUP_TYPES = ("log", "linear")
 OFFLOAD = ("none", "cpu")
 ZERO_STAGES = (0, 1, 2)  # 3 (parameter sharding) is refused with its own message
@@ -67,16 +93,33 @@ class AdamParams(Section):
     betas: Tuple[float, float] = setting((0.9, 0.999), doc="Coefficients of the running averages of the gradient "
                                                            "and of its square.", check=_betas)
     eps: float = setting(1e-8, doc="Added to the denominator for numerical stability.", check=_positive)
-    weight_decay: float = setting(0.0, doc="L2 penalty: weight_decay * weight is added to the gradient.",
-                                  check=_nonneg)
+    weight_decay: float = setting(0.0, doc="Weight decay: decoupled (each step first scales the weights by "
+                                           "1 - lr * weight_decay) when adam_w_mode is true, else an L2 penalty "
+                                           "added to the gradient.", check=_nonneg)
+    adam_w_mode: bool = setting(True, check=check_bool,
+                                doc="DeepSpeed's switch, on by default as in DeepSpeed: type Adam applies weight "
+                                    "decay decoupled (AdamW); false: torch's Adam (L2 added to the gradient).")
+    torch_adam: bool = setting(False, check=check_bool,
+                               doc="DeepSpeed's choice of torch's kernel over its fused one; the update is the same "
+                                   "math either way and moesaic always runs its own grouped implementation.")
+    bias_correction: bool = setting(True, doc="Adam's bias correction (always applied by moesaic).",
+                                    check=only((True,), "moesaic's Adam always applies bias correction"))
+    amsgrad: bool = setting(False, doc="AMSGrad (not implemented).",
+                            check=only((False,), "moesaic's Adam has no AMSGrad variant"))
+
+    def kind(self) -> str:
+        """The update moesaic runs: ``"AdamW"`` (decoupled decay) or ``"Adam"`` (L2)."""
+        return "AdamW" if self.adam_w_mode else "Adam"
 
 
 @dataclass(frozen=True)
 class AdamWParams(AdamParams):
-    """``optimizer.params`` of ``AdamW``: Adam's keys, decoupled weight decay 0.01 by default."""
+    """``optimizer.params`` of ``AdamW``: Adam's keys; weight decay is always decoupled (DeepSpeed's defaults)."""
 
-    weight_decay: float = setting(0.01, doc="Decoupled weight decay: each step first scales the weights by "
-                                            "1 - lr * weight_decay.", check=_nonneg)
+    adam_w_mode: bool = setting(True, doc="Always true for type AdamW (DeepSpeed ignores a false here; moesaic "
+                                          "refuses it).",
+                                check=only((True,), "type AdamW always decouples weight decay; for L2 use type "
+                                                    "Adam with adam_w_mode false"))
 
 
 @dataclass(frozen=True)
@@ -100,6 +143,10 @@ class SGDParams(Section):
 
 
 OPTIMIZER_PARAMS: Dict[str, Type[Section]] = {"AdamW": AdamWParams, "Adam": AdamParams, "SGD": SGDParams}
+#: The hyperparameters each update reads (the rest of ``optimizer.params`` chooses the update or is fixed).
+UPDATE_HYPERPARAMETERS = {"AdamW": ("lr", "betas", "eps", "weight_decay"),
+                          "Adam": ("lr", "betas", "eps", "weight_decay"),
+                          "SGD": ("lr", "momentum", "dampening", "weight_decay", "nesterov")}
 
 
 def _values(obj: Section) -> Dict[str, Any]:
@@ -108,8 +155,27 @@ def _values(obj: Section) -> Dict[str, Any]:
 
 
 def optimizer_defaults(kind: str) -> Dict[str, Any]:
-    """Every hyperparameter of optimizer ``kind`` ("AdamW", "Adam", "SGD") with its default."""
-    return _values(OPTIMIZER_PARAMS[check_choice(kind, "optimizer", OPTIMIZER_TYPES)]())
+    """Every hyperparameter the update ``kind`` ("AdamW", "Adam", "SGD") reads, with its default."""
+    values = _values(OPTIMIZER_PARAMS[check_choice(kind, "optimizer", OPTIMIZER_TYPES)]())
+    return {k: values[k] for k in UPDATE_HYPERPARAMETERS[kind]}
+
+
+def _optimizer_type(value: Any, key: str) -> str:
+    """One of :data:`OPTIMIZER_TYPES` (any case); DeepSpeed's other names are refused with the reason."""
+    check_str(value, key)
+    for name in OPTIMIZER_TYPES:
+        if value.lower() == name.lower():
+            return name
+    reason = REFUSED_OPTIMIZERS.get(value.lower())
+    if reason is None:
+        import torch.optim
+
+        if isinstance(getattr(torch.optim, value, None), type):
+            reason = f"torch.optim.{value} is not implemented; {_GROUPED}"
+    if reason is not None:
+        raise ValueError(f"{key}={value!r} is not supported by moesaic: {reason}; allowed: "
+                         f"{', '.join(OPTIMIZER_TYPES)} (any case)")
+    raise ValueError(f"{key} must be one of {list(OPTIMIZER_TYPES)} (any case), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -118,8 +184,10 @@ class OptimizerConfig(Section):
 
     PATH = "optimizer"
 
-    type: str = setting("AdamW", doc=f"One of {', '.join(OPTIMIZER_TYPES)} (any case).",
-                        check=partial(check_choice, choices=OPTIMIZER_TYPES, fold_case=True))
+    type: str = setting("AdamW", doc=f"One of {', '.join(OPTIMIZER_TYPES)} (any case). As in DeepSpeed, Adam "
+                                     "decouples weight decay unless params.adam_w_mode is false; DeepSpeed's other "
+                                     "optimizers (Lamb, OneBitAdam, Lion, ...) are refused with the reason.",
+                        check=_optimizer_type)
     params: Dict[str, Any] = setting(default_factory=dict, type_text="table",
                                      doc="Hyperparameters of the chosen type; missing ones take the defaults below.",
                                      variants=OPTIMIZER_PARAMS)
@@ -128,6 +196,12 @@ class OptimizerConfig(Section):
     def check_values(cls, values: Dict[str, Any], path: str) -> None:
         spec = OPTIMIZER_PARAMS[values["type"]]
         values["params"] = _values(spec.from_dict(values["params"], join_key(path, "params")))
+
+    def update(self) -> Tuple[str, Dict[str, Any]]:
+        """``(kind, hyperparameters)`` of the update to run: Adam with ``adam_w_mode`` runs AdamW's."""
+        params = OPTIMIZER_PARAMS[self.type](**self.params)
+        kind = params.kind() if isinstance(params, AdamParams) else self.type
+        return kind, {k: self.params[k] for k in UPDATE_HYPERPARAMETERS[kind]}
 
 
 # --- scheduler ------------------------------------------------------------------------------------------------
@@ -182,26 +256,67 @@ SCHEDULER_PARAMS: Dict[str, Type[Section]] = {"WarmupLR": WarmupLRParams, "Warmu
                                               "WarmupCosineLR": WarmupCosineLRParams}
 
 
+def torch_scheduler_class(name: str):
+    """The ``torch.optim.lr_scheduler`` class called ``name``, or None (DeepSpeed accepts these names too)."""
+    import torch.optim.lr_scheduler as torch_schedulers
+
+    cls = getattr(torch_schedulers, name, None) if isinstance(name, str) and not name.startswith("_") else None
+    base = getattr(torch_schedulers, "LRScheduler", torch_schedulers._LRScheduler)
+    return cls if isinstance(cls, type) and issubclass(cls, base) and cls is not base else None
+
+
+def _scheduler_type(value: Any, key: str) -> str:
+    check_str(value, key)
+    if value in SCHEDULER_TYPES or torch_scheduler_class(value) is not None:
+        return value
+    allowed = f"{', '.join(SCHEDULER_TYPES)} or a torch.optim.lr_scheduler class name (StepLR, OneCycleLR, ...)"
+    if value in REFUSED_SCHEDULERS:
+        raise ValueError(f"{key}={value!r} is not supported by moesaic: {REFUSED_SCHEDULERS[value]}; "
+                         f"allowed: {allowed}")
+    raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
+
+
+def _torch_scheduler_params(cls, params: Any, key: str) -> Dict[str, Any]:
+    """``params`` checked against the constructor of torch scheduler ``cls`` (each key one of its arguments)."""
+    import inspect
+
+    check_mapping(params, key)
+    allowed = [n for n, p in inspect.signature(cls.__init__).parameters.items()
+               if n not in ("self", "optimizer") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for name in params:
+        if name not in allowed:
+            raise ValueError(f"unknown key {join_key(key, name)!r}; torch.optim.lr_scheduler.{cls.__name__} takes: "
+                             f"{', '.join(allowed)}")
+    return dict(params)
+
+
 @dataclass(frozen=True)
 class SchedulerConfig(Section):
-    """The ``scheduler`` section: a DeepSpeed lr schedule name and its params, defaults filled in."""
+    """The ``scheduler`` section: a DeepSpeed lr schedule name (or a torch one) and its params, defaults filled in."""
 
     PATH = "scheduler"
 
-    type: str = setting(doc=f"One of {', '.join(SCHEDULER_TYPES)}.",
-                        check=partial(check_choice, choices=SCHEDULER_TYPES))
+    type: str = setting(doc=f"One of {', '.join(SCHEDULER_TYPES)} (DeepSpeed's, step-for-step identical), or, as in "
+                            "DeepSpeed, the name of a torch.optim.lr_scheduler class (its constructor's arguments "
+                            "go in params). DeepSpeed's OneCycle and LRRangeTest are refused with the reason.",
+                        check=_scheduler_type)
     params: Dict[str, Any] = setting(default_factory=dict, type_text="table",
                                      doc="Parameters of the chosen schedule; missing ones take the defaults below.",
                                      variants=SCHEDULER_PARAMS)
 
     @classmethod
     def check_values(cls, values: Dict[str, Any], path: str) -> None:
-        spec = SCHEDULER_PARAMS[values["type"]]
+        spec = SCHEDULER_PARAMS.get(values["type"])
+        if spec is None:
+            values["params"] = _torch_scheduler_params(torch_scheduler_class(values["type"]), values["params"],
+                                                       join_key(path, "params"))
+            return
         values["params"] = _values(spec.from_dict(values["params"], join_key(path, "params")))
 
     def needs_total(self) -> bool:
         """Whether the schedule needs ``total_num_steps`` and has none yet."""
-        return "total_num_steps" in self.params and self.params["total_num_steps"] is None
+        return (self.type in SCHEDULER_PARAMS and "total_num_steps" in self.params
+                and self.params["total_num_steps"] is None)
 
     def with_total(self, total_num_steps: int) -> "SchedulerConfig":
         """This schedule with ``total_num_steps`` set where it is absent (a copy; self when nothing changes)."""
@@ -229,6 +344,12 @@ class FP16Config(Section):
     min_loss_scale: float = setting(1.0, doc="Floor of the dynamic scale.", check=_positive)
     consecutive_hysteresis: bool = setting(False, doc="Refill the hysteresis after every overflow-free step.",
                                            check=check_bool)
+    auto_cast: bool = setting(False, doc="DeepSpeed's cast of floating-point inputs to fp16 (not done by moesaic).",
+                              check=only((False,), "moesaic does not cast the inputs; give the model tensors in "
+                                                   "its dtype"))
+    fp16_master_weights_and_grads: bool = setting(
+        False, doc="DeepSpeed's fp16 master weights (moesaic keeps them in fp32).",
+        check=only((False,), "moesaic keeps master weights and gradients for the step in fp32"))
 
     @classmethod
     def check_values(cls, values: Dict[str, Any], path: str) -> None:
@@ -246,15 +367,32 @@ class FP16Config(Section):
 
 @dataclass(frozen=True)
 class BF16Config(Section):
-    """The ``bf16`` section (DeepSpeed's nesting of one flag)."""
+    """The ``bf16`` section: one flag, and DeepSpeed's variants of bf16 training (accepted as moesaic does them)."""
 
     PATH = "bf16"
 
     enabled: bool = setting(False, doc="Train with bf16 weights (fp32 master weights in the optimizer).",
                             check=check_bool)
+    check_grad_overflow: bool = setting(True, doc="Skip the step on every rank when a gradient is inf/nan (always "
+                                                  "on in moesaic).",
+                                        check=only((True,), "moesaic always checks bf16 gradients for inf/nan and "
+                                                            "skips the step on every rank"))
+    immediate_grad_update: bool = setting(
+        False, doc="DeepSpeed's fp32 gradient accumulation during backward (not done by moesaic).",
+        check=only((False,), "moesaic accumulates gradients in the parameters' .grad and converts one group to "
+                             "fp32 at the step"))
+    bf16_master_weights_and_grads: bool = setting(
+        False, doc="DeepSpeed's bf16 master weights (moesaic keeps them in fp32).",
+        check=only((False,), "moesaic keeps master weights in fp32"))
+    bf16_optimizer_states: bool = setting(False, doc="DeepSpeed's bf16 optimizer state (moesaic keeps it in fp32).",
+                                          check=only((False,), "moesaic keeps optimizer state in fp32"))
 
 
 # --- ZeRO -----------------------------------------------------------------------------------------------------
+
+def _opt_bool(value: Any, key: str) -> Optional[bool]:
+    return None if value is None else check_bool(value, key)
+
 
 def _zero_stage(value: Any, key: str) -> int:
     check_int(value, key)
@@ -264,6 +402,24 @@ def _zero_stage(value: Any, key: str) -> int:
     return check_choice(value, key, ZERO_STAGES)
 
 
+_BUCKET_DOC = ("Most elements per collective of {what} (DeepSpeed's key; 5e8 is accepted). null: moesaic's "
+               "default, 8M elements (32 MiB of fp32).")
+
+
+@dataclass(frozen=True)
+class OffloadOptimizerConfig(Section):
+    """``zero_optimization.offload_optimizer``: where fp32 master weights and optimizer state live."""
+
+    PATH = "zero_optimization.offload_optimizer"
+
+    device: str = setting("none", doc="'cpu': master weights and optimizer state in CPU memory (as moe.offload "
+                                      "'cpu'); 'none': on the parameters' device. DeepSpeed's 'nvme' is refused.",
+                          check=only(("none", "cpu"), "moesaic offloads to CPU memory only, not to NVMe"))
+    pin_memory: bool = setting(False, doc="Pinned host buffers (not used by moesaic's offload; DeepSpeed's default "
+                                          "is true).",
+                               check=only((False,), "moesaic's CPU offload copies through ordinary host memory"))
+
+
 @dataclass(frozen=True)
 class ZeroConfig(Section):
     """The ``zero_optimization`` section (DeepSpeed's key): how optimizer state is sharded over ranks."""
@@ -271,9 +427,49 @@ class ZeroConfig(Section):
     PATH = "zero_optimization"
 
     stage: int = setting(0, check=_zero_stage,
-                         doc="DeepSpeed's ZeRO stage. 0: every rank keeps the whole optimizer state; 1: optimizer "
-                             "state sharded over the data-parallel ranks; 2: gradients too; 3 (parameters) is "
-                             "refused. Until sharding lands (#10), 1 and 2 run as 0 with a warning.")
+                         doc="DeepSpeed's ZeRO stage. 0: every rank keeps the whole optimizer state; 1: fp32 master "
+                             "weights and optimizer state sharded over the data-parallel ranks (each optimizer group "
+                             "owned by one rank of its replica group); 2: gradients too; 3 (parameters) is refused.")
+    reduce_bucket_size: Optional[int] = setting(None, check=partial(check_elements, none_word="null"),
+                                                doc=_BUCKET_DOC.format(what="the gradient reduction"))
+    allgather_bucket_size: Optional[int] = setting(
+        None, check=partial(check_elements, none_word="null"),
+        doc=_BUCKET_DOC.format(what="the owners' broadcast of updated weights (stages 1-2)"))
+    reduce_scatter: bool = setting(True, check=check_bool,
+                                   doc="Stage 2: reduce each gradient onto its owner only (true), or all-reduce it "
+                                       "and let the other ranks drop their copy (false).")
+    overlap_comm: Optional[bool] = setting(
+        None, doc="Overlap gradient reduction with backward (not done by moesaic).",
+        check=only((False, None), "moesaic reduces gradients in buckets after backward, at the accumulation "
+                                  "boundary, not overlapped with it"))
+    contiguous_gradients: bool = setting(
+        True, doc="Copy gradients into contiguous buffers (moesaic always reduces each bucket from one buffer).",
+        check=only((True,), "moesaic always copies each bucket of gradients into one contiguous buffer"))
+    round_robin_gradients: bool = setting(
+        False, doc="Round-robin gradient partitioning (moesaic assigns whole groups to owners by size).",
+        check=only((False,), "moesaic assigns each optimizer group to one owner, balanced by size"))
+    allgather_partitions: bool = setting(
+        True, check=check_bool,
+        doc="All-gather (true) or broadcasts (false) to hand every rank the updated weights: either way every "
+            "rank ends the step with all of them; moesaic's owners broadcast, bucketed by allgather_bucket_size.")
+    load_from_fp32_weights: bool = setting(
+        True, doc="Restore fp32 master weights from the checkpoint (always, when it holds optimizer state).",
+        check=only((True,), "moesaic restores master weights from the checkpoint's fp32 copy"))
+    elastic_checkpoint: bool = setting(
+        False, check=check_bool,
+        doc="Load ZeRO checkpoints under another data-parallel size: moesaic's checkpoints always do, so either "
+            "value gives the same result.")
+    ignore_unused_parameters: bool = setting(
+        True, doc="Parameters without a gradient are skipped (always, in moesaic).",
+        check=only((True,), "moesaic skips parameters that received no gradient"))
+    offload_optimizer: OffloadOptimizerConfig = section(OffloadOptimizerConfig,
+                                                        doc="DeepSpeed's ZeRO-Offload of the optimizer.")
+    cpu_offload: Optional[bool] = setting(None, check=partial(_opt_bool),
+                                          doc="DeepSpeed's former spelling of offload_optimizer.device 'cpu'.")
+
+    def offload_device(self) -> str:
+        """``"cpu"`` when either spelling asks for CPU offload, else ``"none"``."""
+        return "cpu" if self.cpu_offload or self.offload_optimizer.device == "cpu" else "none"
 
 
 # --- MoE parameter groups -------------------------------------------------------------------------------------

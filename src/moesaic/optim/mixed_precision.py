@@ -20,6 +20,10 @@ an expert tensor's ``"<layer>/<number>/<name>"``), so :meth:`state_dict` / :meth
 different world sizes and expert-parallel layouts. The step counter is kept per tensor, as in
 ``torch.optim``: a tensor that received no gradient is not stepped and its count stays.
 
+The class is a :class:`torch.optim.Optimizer`, so torch's LR schedulers drive its groups' ``lr``
+and code that checks for an optimizer accepts it; ``state`` maps each tensor of ``param_groups``
+to its state dict (``step``, moments), as in ``torch.optim``.
+
 ``offload="cpu"`` keeps master weights and optimizer state in CPU memory and brings one group's
 gradients there at a time (on a CPU-only machine this is the same copy path, run on the CPU).
 """
@@ -27,6 +31,7 @@ gradients there at a time (on a CPU-only machine this is the same copy path, run
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -81,7 +86,7 @@ def _refs_of_group(group: Mapping, gi: int, index: Optional[ExpertIndex]) -> Lis
     return refs
 
 
-class GroupedMixedPrecisionOptimizer:
+class GroupedMixedPrecisionOptimizer(torch.optim.Optimizer):
     """Group-by-group optimizer with fp32 master weights, state keyed by tensor identity.
 
     Args:
@@ -169,6 +174,66 @@ class GroupedMixedPrecisionOptimizer:
                     self._init_state(r)
         self.last_stats: Dict[str, Dict[str, float]] = {}
         self.peak_fp32_grad_elems = 0  # largest fp32 gradient working set of any step (elements)
+        self._init_torch_optimizer()
+
+    def _init_torch_optimizer(self) -> None:
+        """What ``torch.optim.Optimizer``'s own methods (hooks, profiling) and torch's LR schedulers read.
+
+        Its ``__init__`` is not called: it would rebuild ``param_groups`` and refuse the views that
+        stand for one expert's slice of a stacked parameter.
+        """
+        for hooks in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
+                      "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
+                      "_optimizer_load_state_dict_post_hooks"):
+            setattr(self, hooks, OrderedDict())
+        self._warned_capturable_if_run_uncaptured = True
+        self._patch_step_function()
+
+    @property
+    def state(self) -> Dict[Tensor, Dict[str, Any]]:
+        """``{tensor of param_groups: its state}`` (``step``, moments) for the groups this rank steps, in group
+        order, as ``torch.optim.Optimizer.state`` (the dicts are the live ones)."""
+        out: Dict[Tensor, Dict[str, Any]] = {}
+        for gi, group in enumerate(self.param_groups):
+            for p, r in zip(group["params"], self._refs[gi]):
+                if r.name in self._state:
+                    out[p] = self._state[r.name]
+        return out
+
+    cur_scale = 1.0  # the loss scale of the step being taken (set by the step pipeline)
+    clip_grad = 0.0  # the clipping threshold of the global norm (set by the step pipeline; 0: none)
+
+    def unscale_and_clip_grads(self, total_norm: float, apply_scale: bool = True) -> float:
+        """The divisor of every gradient before the update: the loss scale times the clip ratio (DeepSpeed's hook).
+
+        Args:
+            total_norm: the global norm of the (loss-scaled) gradients.
+            apply_scale: also divide this rank's gradients by it, in place (the step pipeline
+                passes False and folds the factor into the update instead).
+
+        Returns:
+            ``cur_scale * max(1, (total_norm / cur_scale + 1e-6) / clip_grad)``.
+        """
+        combined = self.cur_scale
+        if self.clip_grad > 0:
+            ratio = (total_norm / self.cur_scale + 1e-6) / self.clip_grad
+            if ratio > 1:
+                combined = ratio * self.cur_scale
+        if apply_scale:
+            grads = [r.grad for gi in range(len(self.param_groups)) if self.steps_group(gi)
+                     for r in self._refs[gi] if r.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, 1.0 / combined)
+        return combined
+
+    def refresh_masters(self) -> None:
+        """Copy the model's current weights into the fp32 master weights (after loading weights alone)."""
+        with torch.no_grad():
+            for refs in self._refs:
+                for r in refs:
+                    m = self._master.get(r.name)
+                    if m is not None:
+                        m.copy_(r.data)
 
     # --- per-tensor state -----------------------------------------------------------------------
     def _needs_copy(self, ref: ParamRef) -> bool:

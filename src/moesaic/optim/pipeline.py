@@ -11,8 +11,11 @@ Both end up as the gradient of the mean loss over the global batch, whatever ``e
 :class:`StepPipeline` then runs, per the :class:`~moesaic.optim.sharding.ShardPlan`:
 
 1. **reduce** (bucketed; :mod:`moesaic.parallel.collectives`): all-reduce at ZeRO stages 0-1,
-   reduce onto each group's owner at stage 2 (the other replicas drop their copies at once);
-   at stage 1 non-owners drop theirs after the norm;
+   reduce onto each group's owner at stage 2 (the other replicas drop their copies at once;
+   with ``reduce_scatter=False``, DeepSpeed's switch, an all-reduce and the same drop after the
+   norm); at stage 1 non-owners drop theirs after the norm. The engine runs this stage at the
+   end of the boundary's backward, so gradients read after ``engine.backward`` are the averaged
+   ones, as in DeepSpeed;
 2. **norm and finiteness** in one pass: every rank sums the squares of the groups it owns (each
    group is owned exactly once in the world), reading each gradient in place, and one all-reduce of two
    numbers gives the exact global norm and whether any gradient anywhere is non-finite;
@@ -27,6 +30,7 @@ memory of a step is therefore bounded by the group cap plus fixed buffers, not b
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -64,6 +68,15 @@ def sum_of_squares(grads: List[Tensor]) -> float:
     return float(torch.stack(norms).double().pow(2).sum())
 
 
+def _call_scale_hook(hook, total_norm: float) -> float:
+    """Call ``unscale_and_clip_grads``; a replacement with DeepSpeed's fused-optimizer signature
+    ``(grad_groups_flat, total_norm, apply_scale)`` gets None for the flat groups it has no use for here."""
+    params = list(inspect.signature(hook).parameters)
+    if params and params[0] in ("grads_groups_flat", "grad_groups_flat"):
+        return float(hook(None, total_norm, apply_scale=False))
+    return float(hook(total_norm, apply_scale=False))
+
+
 @dataclass
 class BoundaryResult:
     """The outcome of one boundary: the global norm (nan when skipped) and the clip coefficient."""
@@ -78,15 +91,25 @@ class StepPipeline:
 
     Args:
         optimizer: the engine's optimizer; its ``shard`` plan says who owns what.
-        bucket_elems: most elements per collective.
+        bucket_elems: most elements per gradient reduction (DeepSpeed's ``reduce_bucket_size``).
+        broadcast_bucket_elems: most elements per broadcast of updated weights (DeepSpeed's
+            ``allgather_bucket_size``); None: ``bucket_elems``.
+        reduce_scatter: stage 2 reduces each gradient onto its owner only; False all-reduces it
+            (DeepSpeed's ``reduce_scatter``).
     """
 
-    def __init__(self, optimizer: GroupedMixedPrecisionOptimizer, bucket_elems: int = DEFAULT_BUCKET_ELEMS) -> None:
+    def __init__(self, optimizer: GroupedMixedPrecisionOptimizer, bucket_elems: int = DEFAULT_BUCKET_ELEMS,
+                 broadcast_bucket_elems: Optional[int] = None, reduce_scatter: bool = True) -> None:
         if optimizer.shard is None:
             raise ValueError("the optimizer needs a shard plan (moesaic.optim.sharding.plan_shards), even at stage 0")
+        for name, value in (("bucket_elems", bucket_elems), ("broadcast_bucket_elems", broadcast_bucket_elems)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self.optimizer = optimizer
         self.plan = optimizer.shard
         self.bucket_elems = bucket_elems
+        self.broadcast_bucket_elems = broadcast_bucket_elems if broadcast_bucket_elems is not None else bucket_elems
+        self.reduce_scatter = bool(reduce_scatter)
         self.world_size = self.plan.world_size
         # per replica set, the groups on it in optimizer order (identical on every member)
         self._groups_by_set: Dict[Tuple, List[int]] = {}
@@ -103,7 +126,7 @@ class StepPipeline:
         opt = self.optimizer
         for key, gis in self._groups_by_set.items():
             rs = self._sets[key]
-            if self.plan.stage < 2:
+            if self.plan.stage < 2 or not self.reduce_scatter:
                 refs = [r for gi in gis for r in opt.refs(gi)]
                 calls += reduce_gradients([(self._getter(r), _set_grad(r), r.data) for r in refs], rs.group,
                                           self.world_size, bucket_elems=self.bucket_elems)
@@ -159,19 +182,29 @@ class StepPipeline:
             for gi in gis:
                 by_owner.setdefault(self.plan.owner[gi], []).extend(r.data for r in opt.refs(gi))
             for owner, tensors in by_owner.items():
-                calls += broadcast_tensors(tensors, rs.group, owner, bucket_elems=self.bucket_elems)
+                calls += broadcast_tensors(tensors, rs.group, owner, bucket_elems=self.broadcast_bucket_elems)
         return calls
 
     # --- the whole boundary -----------------------------------------------------------------------
-    def run(self, *, loss_scale: float = 1.0, clip: float = 0.0, want_stats: bool = False) -> BoundaryResult:
-        """Reduce, check, clip, step, broadcast. A non-finite gradient anywhere skips the step everywhere."""
-        self.reduce()
+    def run(self, *, loss_scale: float = 1.0, clip: float = 0.0, want_stats: bool = False,
+            reduced: bool = False) -> BoundaryResult:
+        """Reduce, check, clip, step, broadcast. A non-finite gradient anywhere skips the step everywhere.
+
+        ``reduced``: the gradients were already reduced (:meth:`reduce`, at the end of backward).
+        """
+        if not reduced:
+            self.reduce()
         norm, finite = self.norm(loss_scale)
         if not finite:
             return BoundaryResult(norm=float("nan"), coef=0.0, skipped=True)
         self.drop_unowned_gradients()
-        coef = min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0
-        self.optimizer.step(grad_scale=coef / loss_scale, want_stats=want_stats)
+        # the optimizer's unscale_and_clip_grads (DeepSpeed's hook, which a user may replace) gives the
+        # divisor: loss scale x clip ratio; it is folded into the update instead of a pass over the grads
+        opt = self.optimizer
+        opt.cur_scale, opt.clip_grad = loss_scale, clip
+        combined = _call_scale_hook(opt.unscale_and_clip_grads, norm * loss_scale)
+        coef = loss_scale / combined
+        opt.step(grad_scale=1.0 / combined, want_stats=want_stats)
         self.broadcast()
         return BoundaryResult(norm=norm, coef=coef, skipped=False)
 
