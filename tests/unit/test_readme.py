@@ -2,6 +2,8 @@
 
 * ``python`` blocks run, each alone, in a fresh interpreter in an empty folder;
 * ``toml`` blocks are config fragments: they load as a training config;
+* ``diff`` blocks (porting a DeepSpeed script) compile on both sides, and the new side is the old
+  one with DeepSpeed's names replaced by moesaic's, nothing else;
 * ``bash`` blocks run line by line, in order, in a folder holding the checkout's ``configs/`` and
   ``examples/`` and ``.venv`` (the environment running these tests), so ``.venv/bin/moesaic`` is the
   command a reader types, with no virtual environment activated. ``moesaic train`` lines get tiny
@@ -36,7 +38,7 @@ def _blocks(lang):
 
 
 def test_readme_has_only_blocks_this_test_runs():
-    assert {kind for kind, _ in BLOCKS} <= {"bash", "python", "toml"}, [kind for kind, _ in BLOCKS]
+    assert {kind for kind, _ in BLOCKS} <= {"bash", "python", "toml", "diff"}, [kind for kind, _ in BLOCKS]
     assert len(_blocks("python")) >= 2 and _blocks("bash") and _blocks("toml")
 
 
@@ -65,6 +67,17 @@ def test_python_block_runs_as_written(index, sandbox):
 def test_toml_block_is_a_valid_config(index):
     cfg = load_train_config(_toml().loads(_blocks("toml")[index]))
     assert cfg.train.steps >= 1
+
+
+@pytest.mark.parametrize("index", range(len(_blocks("diff"))))
+def test_diff_block_changes_only_deepspeed_names(index):
+    lines = _blocks("diff")[index].splitlines()
+    old = "\n".join(line[1:] for line in lines if not line.startswith("+"))
+    new = "\n".join(line[1:] for line in lines if not line.startswith("-"))
+    compile(old, "README diff (old side)", "exec")
+    compile(new, "README diff (new side)", "exec")
+    ported = old.replace("from deepspeed.moe.layer import MoE", "from moesaic import MoE").replace("deepspeed.", "moesaic.")
+    assert ported == new and old != new
 
 
 def _commands():

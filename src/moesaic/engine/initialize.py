@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import inspect
-import os
 import warnings
 from typing import Any, Callable, Optional, Tuple
 
@@ -35,6 +34,7 @@ from ..optim.param_groups import split_params_into_different_moe_groups_for_opti
 from ..optim.schedulers import build_scheduler
 from ..optim.config import torch_scheduler_class
 from ..optim.sharding import plan_shards
+from ..parallel.launch import LaunchEnv, backend_for, resolve_device
 from .client import ClientOptimizer, class_name, split_client_groups
 from .replicas import sync_replicas
 from .config import EngineConfig
@@ -74,27 +74,28 @@ def _init_distributed(dist_init_required: Optional[bool], distributed_port: int)
     initialized = dist.is_available() and dist.is_initialized()
     if dist_init_required is False or initialized:
         return
-    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if dist_init_required is None and not launched:
+    env = LaunchEnv.from_environ()  # the one place the launcher's variables are read
+    if dist_init_required is None and not env.launched:
         return  # one process, no launcher: nothing to join
-    if not launched:
+    if not env.launched:
         raise RuntimeError("dist_init_required=True but RANK and WORLD_SIZE are not set; launch with torchrun "
                            "(or set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT)")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(distributed_port))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend=backend)
+    addr = env.master_addr or "127.0.0.1"
+    port = env.master_port or distributed_port
+    device = resolve_device("auto", env.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend_for(device), init_method=f"tcp://{addr}:{port}", rank=env.rank,
+                            world_size=env.world_size)
 
 
 def _local_rank(args) -> int:
-    env = int(os.environ.get("LOCAL_RANK", 0))
+    env = LaunchEnv.from_environ()
     given = getattr(args, "local_rank", None) if args is not None else None
-    if given is not None and given >= 0 and given != env and "LOCAL_RANK" in os.environ:
-        raise ValueError(f"args.local_rank ({given}) != the LOCAL_RANK environment variable ({env}); the launcher "
-                         "sets LOCAL_RANK, leave args.local_rank to it")
-    return given if given is not None and given >= 0 else env
+    if given is not None and given >= 0 and env.launched and given != env.local_rank:
+        raise ValueError(f"args.local_rank ({given}) != the LOCAL_RANK environment variable ({env.local_rank}); "
+                         "the launcher sets LOCAL_RANK, leave args.local_rank to it")
+    return given if given is not None and given >= 0 else env.local_rank
 
 
 def _name_layers(model: nn.Module) -> None:
@@ -253,7 +254,7 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: A
         model.to(torch.bfloat16)
     elif cfg.fp16.enabled:
         model.to(torch.float16)
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = resolve_device("auto", local_rank)
     model.to(device)
     index = ExpertIndex.build(model)
     # replicas agree on config and layout, then start from the same weights (replicas.py)
