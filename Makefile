@@ -10,7 +10,7 @@ DEEPSPEED_PIN := deepspeed==0.19.8
 # Installed with TORCH_PIN in the same command, so pip keeps torch at the pinned build.
 TRANSFORMERS_PIN := transformers==5.24.0
 
-.PHONY: test unit parity gpu-check demo bench bench-ds clean config-reference
+.PHONY: test unit integration parity gpu-check demo bench bench-ds clean config-reference
 
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +26,15 @@ $(DS_VENV)/.stamp: pyproject.toml
 	$(DS_VENV)/bin/pip install -q --no-deps -e .
 	touch $@
 
-test: unit parity
+test: unit integration parity
 
+# Fast single-process tests: no subprocesses, no process groups.
 unit: $(VENV)/.stamp
-	$(VENV)/bin/python -m pytest -q tests/unit tests/distributed
+	$(VENV)/bin/python -m pytest -q tests/unit
+
+# Processes: the CLI and its launcher, kills and resumes, the README's commands, 2-4 rank gloo groups.
+integration: $(VENV)/.stamp
+	$(VENV)/bin/python -m pytest -q tests/integration tests/distributed
 
 # Parity with DeepSpeed 0.19.8: same weights, same inputs, compared to fp32 round-off.
 parity: $(DS_VENV)/.stamp

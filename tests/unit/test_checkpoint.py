@@ -1,16 +1,13 @@
 """Per-expert checkpoints on one process: layout, verification, paths, crash safety, format 1, no pickle.
 
-Tests that start other processes (SIGKILL, kill loop) are marked ``subprocess``.
+Tests that start other processes (SIGKILL, kill loop) are in tests/integration/test_checkpoint_kills.py.
 """
 
 import json
-import multiprocessing as mp
 import os
 import random
 import shutil
-import signal
 import struct
-import time
 import zlib
 from pathlib import Path
 
@@ -26,45 +23,9 @@ from moesaic.checkpoint.directory import tidy
 from moesaic.checkpoint.legacy import upgrade_dense_names
 from moesaic.checkpoint.manifest import seal
 from moesaic.checkpoint.names import encode_component
+from support.checkpoint_net import CONFIG, Net, make_engine, train, transient_files as _transient
 
 DATA = Path(__file__).resolve().parents[1] / "data"
-
-
-class Net(nn.Module):
-    def __init__(self, d=8, experts=4, name=None):
-        super().__init__()
-        torch.manual_seed(0)
-        self.inp = nn.Linear(d, d)
-        # RTS and 2nd-expert sampling stay on: resuming must restore the RNG too
-        self.ffn = moesaic.MoE(d, nn.Sequential(nn.Linear(d, 16), nn.GELU(), nn.Linear(16, d)), num_experts=experts,
-                               k=2, capacity_factor=1.0, expert_group_name=name)
-        if name is None:
-            moesaic.name_moe_layers(self)
-
-    def forward(self, x):
-        out, l_aux, _ = self.ffn(torch.tanh(self.inp(x)))
-        return out.pow(2).mean() + 0.01 * l_aux
-
-
-CONFIG = {"train_micro_batch_size_per_gpu": 16, "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}},
-          "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 5, "warmup_max_lr": 1e-2}}}
-
-
-def make_engine(bf16=False, **net):
-    cfg = dict(CONFIG, bf16={"enabled": bf16})
-    engine, *_ = moesaic.initialize(model=Net(**net), config=cfg)
-    return engine
-
-
-def train(engine, steps, bf16=False):
-    losses = []
-    for _ in range(steps):
-        x = torch.randn(16, 8)  # drawn from the global RNG: resume must restore it
-        loss = engine(x.bfloat16() if bf16 else x)
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
-    return losses
 
 
 def _snapshot(engine):
@@ -82,10 +43,6 @@ def _unchanged(engine, snap):
 
 def _files(folder):
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
-
-
-def _transient(root):
-    return sorted(p.name for p in root.iterdir() if p.name.startswith(".tmp-"))
 
 
 # --- layout -------------------------------------------------------------------------------------
@@ -116,50 +73,6 @@ def test_layout_names_experts_by_layer_and_number(tmp_path):
     assert torch.equal(load_file(folder / "dense.safetensors")["inp.weight"], engine.module.inp.weight)
     # every tensor file records its tensors' dtype and shape
     assert manifest["files"]["dense.safetensors"]["tensors"]["inp.weight"] == {"dtype": "F32", "shape": [8, 8]}
-
-
-def _run(path, steps_before, steps_after, kill_after_save, out, bf16):
-    """A training process; writes its losses to ``out`` (JSON) as it goes."""
-    try:
-        engine = make_engine(bf16)
-        if steps_before is None:  # resume
-            engine.load_checkpoint(path)
-            out.write_text(json.dumps(train(engine, steps_after, bf16)))
-            return
-        torch.manual_seed(123)
-        first = train(engine, steps_before, bf16)
-        engine.save_checkpoint(path)
-        later = train(engine, steps_after, bf16)
-        out.write_text(json.dumps(first + later))
-        if kill_after_save:
-            os.kill(os.getpid(), signal.SIGKILL)
-    except BaseException:
-        import traceback
-        out.write_text(json.dumps(traceback.format_exc()))
-        raise
-
-
-@pytest.mark.subprocess
-@pytest.mark.parametrize("bf16", [False, True])
-def test_resume_after_sigkill_gives_bitwise_identical_losses(tmp_path, bf16):
-    ctx = mp.get_context("spawn")
-    runs = []
-    for i, args in enumerate(((tmp_path / "a", 4, 4, False), (tmp_path / "b", 4, 1, True),
-                              (tmp_path / "b", None, 4, False))):
-        out = tmp_path / f"losses{i}.json"
-        p = ctx.Process(target=_run, args=(*args, out, bf16))
-        p.start()
-        p.join(timeout=120)
-        if p.is_alive():
-            p.kill()
-            raise AssertionError("training process hung")
-        result = json.loads(out.read_text())
-        assert not isinstance(result, str), result
-        assert p.exitcode == (-signal.SIGKILL if args[3] else 0)
-        runs.append(result)
-    uninterrupted, killed, resumed = runs
-    assert killed[:5] == uninterrupted[:5]
-    assert resumed == uninterrupted[4:], "a resumed run must continue exactly"
 
 
 def test_bare_model_round_trip(tmp_path):
@@ -559,45 +472,6 @@ def test_a_crash_at_every_file_system_operation_leaves_latest_loadable(tmp_path,
             break
         n += 1
     assert n > 20 and seen_new, f"only {n} operations; the crash points did not cover a whole save"
-
-
-def _saver(root, ready):
-    """Save forever (new and re-saved tags, keep_last) until killed."""
-    engine = make_engine()
-    ready.write_text("started")
-    i = 0
-    while True:
-        train(engine, 1)
-        engine.save_checkpoint(root, tag="best" if i % 3 == 0 else None, keep_last=2, client_state={"i": i})
-        i += 1
-
-
-@pytest.mark.subprocess
-def test_kill_loop_leaves_latest_loadable_and_no_debris(tmp_path):
-    ctx = mp.get_context("spawn")
-    root = tmp_path / "ck"
-    rng = random.Random(0)
-    for kill in range(6):
-        ready = tmp_path / f"ready{kill}"
-        p = ctx.Process(target=_saver, args=(root, ready))
-        p.start()
-        deadline = time.monotonic() + 120
-        while not ready.exists() and p.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(0.3 + rng.random() * 1.2)  # some saves complete, the kill lands inside one
-        os.kill(p.pid, signal.SIGKILL)
-        p.join(timeout=30)
-        assert p.exitcode == -signal.SIGKILL, "the saver died on its own"
-        if not (root / "latest").exists():
-            continue  # killed before its first save published
-        fresh = make_engine()
-        fresh.load_checkpoint(root)
-        checkpoint.verify(root)
-        assert len(_transient(root)) <= 3, _transient(root)  # at most the killed save's own
-        published = [d for d in root.iterdir() if not d.name.startswith(".")]
-        assert len(published) <= 2 + 2 + 1, published  # keep_last, a killed save's new and old, latest
-    checkpoint.save(root, Net(), tag="final")
-    assert _transient(root) == []
 
 
 # --- format 1 -----------------------------------------------------------------------------------

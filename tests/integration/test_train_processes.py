@@ -4,7 +4,6 @@ These start real processes (the launcher and 2 ranks), so each costs seconds: th
 every run is a few steps. Marked ``subprocess``.
 """
 
-import json
 import os
 import signal
 import subprocess

@@ -1,0 +1,1 @@
+"""Helpers shared by the test folders (tests/conftest.py puts tests/ on sys.path)."""
