@@ -24,7 +24,8 @@ Method: a fresh process per run (per rank); glibc returns large blocks to the OS
 state exists) the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``) and one training
 step (forward, backward, optimizer step) is measured: ``peak`` is VmHWM during it. ``step peak``
 resets the mark again just before the optimizer step (``engine.step()``, or the recipe's upcast
-and ``AdamW.step()``) and reads it after, so it is the optimizer step's own peak. ``--check-memory``
+and ``AdamW.step()``) and reads it after, so it is the optimizer step's own peak. No engine clips gradients
+(``gradient_clipping: 0.0``, as the plain recipe). ``--check-memory``
 shows the method measures a known 256 MiB allocation.
 
     python benchmarks/bench_step_memory.py single [--repeats 3]
@@ -51,6 +52,9 @@ import moesaic  # noqa: E402
 
 H, FFN, LAYERS, EXPERTS, TOKENS = 512, 2048, 8, 16, 64
 MIB = 2 ** 20
+# No gradient clipping in any engine: torch's plain recipe does not clip, and optimizer_in_backward
+# cannot (the global norm is known only after the whole backward). DeepSpeed's default is 1.0.
+CLIP = 0.0
 ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_TOP_PAD_": "0",
        "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
 
@@ -162,7 +166,7 @@ def child_single(mode: str) -> dict:
     if mode in ("moesaic", "moesaic-in-backward"):
         model = Model(moesaic.MoE)
         engine, opt, _, _ = moesaic.initialize(model=model, config={
-            "train_micro_batch_size_per_gpu": TOKENS, "bf16": {"enabled": True},
+            "train_micro_batch_size_per_gpu": TOKENS, "bf16": {"enabled": True}, "gradient_clipping": CLIP,
             "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}, "moe": {"max_group_size": _expert_numel()},
             "optimizer_in_backward": mode == "moesaic-in-backward"})
         out = _measure_iteration(engine, engine.backward, engine.step, x)
@@ -193,7 +197,7 @@ def _deepspeed_child(x, world: int, ep_size: int, stage: int) -> dict:
     groups = split_params_into_different_moe_groups_for_optimizer(
         {"params": list(model.parameters()), "name": "params"}, max_group_size=_expert_numel())
     opt = torch.optim.AdamW(groups, lr=1e-4)
-    cfg = {"train_micro_batch_size_per_gpu": TOKENS, "bf16": {"enabled": True},
+    cfg = {"train_micro_batch_size_per_gpu": TOKENS, "bf16": {"enabled": True}, "gradient_clipping": CLIP,
            "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     return _measure_iteration(engine, engine.backward, engine.step, x)
@@ -212,7 +216,7 @@ def _sharded_rank(rank: int, world: int, port: int, mode: str, ep_size: int, out
         model = Model(moesaic.MoE, ep_size=ep_size)
         moesaic.setup_expert_parallel(model)
         engine, opt, _, _ = moesaic.initialize(model=model, config={
-            "train_micro_batch_size_per_gpu": TOKENS, "bf16": {"enabled": True},
+            "train_micro_batch_size_per_gpu": TOKENS, "bf16": {"enabled": True}, "gradient_clipping": CLIP,
             "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}, "moe": {"max_group_size": _expert_numel()},
             "zero_optimization": {"stage": int(mode[-1])}})
         out = _measure_iteration(engine, engine.backward, engine.step, x)

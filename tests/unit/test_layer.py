@@ -391,3 +391,32 @@ def test_every_tensor_is_made_on_the_input_device(k, drop_tokens, extra):
         torch.set_default_device(None)
     assert out.device.type == counts.device.type == x.grad.device.type == "cpu"
     assert torch.isfinite(out).all() and int(counts.sum()) == 21 * k
+
+
+# --- bad inputs (issue 11, item 15) ---------------------------------------------------------------
+
+@pytest.mark.parametrize("layer_dtype,input_dtype", [(torch.float32, torch.float64), (torch.bfloat16, torch.float32)])
+def test_input_of_another_dtype_is_refused_naming_both(layer_dtype, input_dtype):
+    moe = moesaic.MoE(8, nn.Linear(8, 8), num_experts=4, k=2).to(layer_dtype)
+    with pytest.raises(TypeError, match=rf"hidden_states.*{input_dtype}.*{layer_dtype}"):
+        moe(torch.randn(3, 8, dtype=input_dtype))
+
+
+def test_autocast_may_mix_dtypes():
+    moe = moesaic.MoE(8, nn.Linear(8, 8), num_experts=4, k=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _, _ = moe(torch.randn(3, 8))
+    assert out.shape == (3, 8)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("drop_tokens", [True, False])
+def test_an_empty_batch_gives_an_empty_output_and_a_zero_loss(k, drop_tokens):
+    moe = moesaic.MoE(8, nn.Linear(8, 8), num_experts=4, k=k, drop_tokens=drop_tokens, z_loss_coef=0.1)
+    x = torch.randn(2, 0, 8, requires_grad=True)
+    out, l_aux, counts = moe(x)
+    assert out.shape == (2, 0, 8) and torch.equal(counts, torch.zeros(4, dtype=torch.long))
+    assert l_aux.item() == 0.0 and moe.z_loss.item() == 0.0
+    (out.sum() + l_aux).backward()
+    grads = [p.grad for p in moe.parameters() if p.grad is not None]
+    assert all(torch.isfinite(g).all() for g in grads)

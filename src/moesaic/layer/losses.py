@@ -33,8 +33,13 @@ def load_balancing_loss(probs_SE: Tensor, expert_ids_SK: Tensor, exp_counts_E: T
         expert_ids_SK: `(S, K)` chosen experts in choice order (``E`` for a masked token).
         exp_counts_E: `(E,)` routes chosen per expert (all K choices, before capacity).
         k: experts per token.
+
+    No tokens (an empty batch) give an exact 0 that still reaches the router in backward, where
+    the means over tokens would be NaN.
     """
     S, E = probs_SE.shape
+    if S == 0:
+        return probs_SE.sum() * 0.0
     me_E = torch.mean(probs_SE, dim=0)
     if k <= 2:
         # the first choices only, as DeepSpeed's top-1 and top-2 gates count their mask1
@@ -50,6 +55,8 @@ def router_z_loss(logits_SE: Tensor, coef: float) -> Tensor:
     """``coef * mean_s logsumexp(logits_s)^2`` (ST-MoE); an exact 0 when ``coef`` is 0."""
     if not coef:
         return logits_SE.new_zeros(())
+    if logits_SE.shape[0] == 0:
+        return logits_SE.sum() * 0.0  # no tokens: 0, not the NaN of an empty mean
     return coef * torch.mean(torch.logsumexp(logits_SE, dim=1) ** 2)
 
 
