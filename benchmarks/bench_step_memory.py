@@ -192,6 +192,13 @@ def _deepspeed_child(x, world: int, ep_size: int, stage: int) -> dict:
 
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     if not torch.distributed.is_initialized():
+        if "RANK" not in os.environ:  # one process: a world of one on a free port (else DeepSpeed asks MPI)
+            import socket
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+                              LOCAL_RANK="0")
         deepspeed.init_distributed(dist_backend="gloo")
     model = Model(DSMoE, ep_size=ep_size)
     groups = split_params_into_different_moe_groups_for_optimizer(
