@@ -1,8 +1,10 @@
 """Forward+backward of one MoE layer: moesaic vs the limit vs DeepSpeed 0.19.8 (where installed).
 
-The *limit* is the same expert modules run on the tokens actually routed (the number moesaic's
-router kept at that point), already split evenly and contiguously per expert: no router, no
-gather, no combine. ``ratio`` is the median over rounds of a layer's time over the limit's in the same round
+The *limit* is the same expert modules run on exactly the pieces moesaic's router kept at that
+point (its tokens per expert), inputs and output gradients already split per expert: no router,
+no gather, no concatenation, no combine. (Until the fine-grained points were added it split the
+kept count evenly and concatenated the outputs, so it also timed one `(N, D)` copy forward and a
+split backward, which is not expert compute; with E=256 that copy flattered every ratio.) ``ratio`` is the median over rounds of a layer's time over the limit's in the same round
 (contenders run round-robin, so a slow patch of this shared machine hits both sides of a ratio).
 
 Transient peak memory is measured in a fresh process per (point, contender): inputs and the layer
@@ -120,18 +122,18 @@ def build(p: Point, which: str, seed: int = 0):
 
     if which != "limit":
         return step_layer, None
-    # the limit: moesaic's own kept route count, split evenly over the experts
+    # the limit: the experts on exactly the pieces moesaic's router kept (its tokens per expert),
+    # inputs and output gradients already split: no router, no gather, no concatenation, no combine
     with torch.no_grad():
         layer(x)
-    routed = int(layer.tokens_per_expert.sum())
+    splits = layer.tokens_per_expert.tolist()
+    routed = sum(splits)
     experts = list(layer.experts)
-    splits = [routed // p.experts + (1 if i < routed % p.experts else 0) for i in range(p.experts)]
-    x_routed = torch.randn(routed, H, requires_grad=True)
-    g_routed = torch.randn(routed, H)
+    xs = [t.detach().requires_grad_() for t in torch.randn(routed, H).split(splits)]
+    gs = list(torch.randn(routed, H).split(splits))
 
     def step_limit():
-        outs = [e(chunk) for e, chunk in zip(experts, torch.split(x_routed, splits))]
-        torch.cat(outs).backward(g_routed)
+        torch.autograd.backward([e(chunk) for e, chunk in zip(experts, xs)], gs)
 
     return step_limit, routed
 
