@@ -59,12 +59,6 @@ def rows_in_place(pieces: Sequence[Tensor]) -> Optional[Tensor]:
     return first.as_strided((rows, width), (width, 1))
 
 
-def _as_one(pieces: Sequence[Tensor]) -> Tensor:
-    """The pieces as one `(N, D)` tensor: in place when they already are one (:func:`rows_in_place`)."""
-    whole = rows_in_place(pieces)
-    return whole if whole is not None else torch.cat(list(pieces))
-
-
 def gather_rows(x_SD: Tensor, index_N: Tensor) -> Tensor:
     """``x_SD[index_N]`` without autograd (a fast row gather)."""
     if x_SD.dim() != 2:

@@ -186,6 +186,25 @@ class _LinearPerExpert(torch.autograd.Function):
         return (grad_w, grad_b, *grad_xs)
 
 
+def _linear_per_expert(proj: StackedLinear, xs: Sequence[Tensor]) -> Tuple[Tensor, ...]:
+    """``proj`` applied per expert, with ``nn.Linear``'s autocast behaviour.
+
+    Under autocast ``nn.Linear`` computes in the autocast dtype (inputs, weight and bias cast to
+    it, gradients cast back by autograd); the casts happen here, outside the autograd function,
+    so the function itself always sees one dtype.
+    """
+    weight, bias = proj.weight, proj.bias
+    device_type = weight.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return _LinearPerExpert.apply(weight, bias, *xs)
+    dtype = torch.get_autocast_dtype(device_type)
+    weight = weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    xs = [x.to(dtype) for x in xs]
+    with torch.autocast(device_type, enabled=False):
+        return _LinearPerExpert.apply(weight, bias, *xs)
+
+
 def _grouped_mm_usable(weight: Tensor) -> bool:
     """Whether ``F.grouped_mm`` has a fast kernel for these weights (CUDA, bf16, sm90+, aligned)."""
     if not hasattr(F, "grouped_mm") or not weight.is_cuda or weight.dtype != torch.bfloat16:
@@ -302,14 +321,13 @@ class StackedExperts(ExpertContainer):
             return self._forward_grouped(list(xs))
         projs = self.projections()
         if self.shape.kind == "ffn":
-            h = _LinearPerExpert.apply(projs[0].weight, projs[0].bias, *xs)
+            h = _linear_per_expert(projs[0], xs)
             h = self._activate(h)
         else:
-            gates = _LinearPerExpert.apply(projs[0].weight, projs[0].bias, *xs)
-            ups = _LinearPerExpert.apply(projs[1].weight, projs[1].bias, *xs)
+            gates = _linear_per_expert(projs[0], xs)
+            ups = _linear_per_expert(projs[1], xs)
             h = self._activate((gates, ups))
-        last = projs[-1]
-        return list(_LinearPerExpert.apply(last.weight, last.bias, *h))
+        return list(_linear_per_expert(projs[-1], h))
 
     def _forward_grouped(self, xs: List[Tensor]) -> List[Tensor]:
         # 1. one (N, D) tensor and the group offsets  2. one grouped matmul per projection (biases
