@@ -2,10 +2,12 @@
 
 The *limit* is the same expert modules run on exactly the pieces moesaic's router kept at that
 point (its tokens per expert), inputs and output gradients already split per expert: no router,
-no gather, no concatenation, no combine. (Until the fine-grained points were added it split the
-kept count evenly and concatenated the outputs, so it also timed one `(N, D)` copy forward and a
-split backward, which is not expert compute; with E=256 that copy flattered every ratio.) ``ratio`` is the median over rounds of a layer's time over the limit's in the same round
-(contenders run round-robin, so a slow patch of this shared machine hits both sides of a ratio).
+no gather, no concatenation, no combine. (An earlier version split the kept count evenly and
+concatenated the outputs, so it also timed one `(N, D)` copy forward and a split backward, which
+is not expert compute: that copy made every layer's ratio look smaller, the more so at E=256;
+``results/layer.json`` was measured with it.) ``ratio`` is the median over rounds of a layer's
+time over the limit's in the same round (contenders run round-robin, so a slow patch of this
+shared machine hits both sides of a ratio).
 
 Transient peak memory is measured in a fresh process per (point, contender): inputs and the layer
 are built, one warm-up step runs, the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``),
@@ -248,7 +250,8 @@ def main() -> None:
     ap.add_argument("--system-malloc", action="store_true", help="time with glibc's default allocator settings")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                    help="wall: elapsed time; cpu: process CPU time (steadier on a busy machine, best with --threads 1)")
+                    help="wall: elapsed time; cpu: process CPU time (steadier on a busy machine; "
+                         "best with --threads 1)")
     ap.add_argument("--out", default=None,
                     help="results JSON (default results/layer.json, layer_fine.json with --fine)")
     ap.add_argument("--memory-child", nargs=2, metavar=("WHICH", "POINT"), help=argparse.SUPPRESS)
@@ -275,7 +278,8 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, DeepSpeed: "
           f"{'yes' if DeepSpeedMoE is not None else 'not installed'}, allocator: "
-          f"{'glibc defaults' if args.system_malloc else 'glibc keeping freed memory'}, clock: {args.clock}", flush=True)
+          f"{'glibc defaults' if args.system_malloc else 'glibc keeping freed memory'}, clock: {args.clock}",
+          flush=True)
     rows = []
     for p in (fine_points() if args.fine else all_points(args.quick)):
         repeats = args.repeats or (11 if p.tokens <= 8192 else 5)
