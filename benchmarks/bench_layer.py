@@ -1,9 +1,13 @@
 """Forward+backward of one MoE layer: moesaic vs the limit vs DeepSpeed 0.19.8 (where installed).
 
-The *limit* is the same expert modules run on the tokens actually routed (the number moesaic's
-router kept at that point), already split evenly and contiguously per expert: no router, no
-gather, no combine. ``ratio`` is the median over rounds of a layer's time over the limit's in the same round
-(contenders run round-robin, so a slow patch of this shared machine hits both sides of a ratio).
+The *limit* is the same expert modules run on exactly the pieces moesaic's router kept at that
+point (its tokens per expert), inputs and output gradients already split per expert: no router,
+no gather, no concatenation, no combine. (An earlier version split the kept count evenly and
+concatenated the outputs, so it also timed one `(N, D)` copy forward and a split backward, which
+is not expert compute: that copy made every layer's ratio look smaller, the more so at E=256;
+``results/layer.json`` was measured with it.) ``ratio`` is the median over rounds of a layer's
+time over the limit's in the same round (contenders run round-robin, so a slow patch of this
+shared machine hits both sides of a ratio).
 
 Transient peak memory is measured in a fresh process per (point, contender): inputs and the layer
 are built, one warm-up step runs, the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``),
@@ -19,11 +23,16 @@ grows with the number of bytes allocated and says nothing about the layer. It ap
 contender alike; ``--system-malloc`` measures with glibc's defaults instead.
 
 Fine-grained points (``--fine``: DeepSeek/Qwen3-style many small experts, S=8192, D=256, E=256,
-k=8, expert hidden 128) add a ``stacked`` contender: the same layer with ``stacked_experts=True``.
+k=8, expert hidden 128) add a ``stacked`` contender (the same layer with ``stacked_experts=True``)
+and ``router``: the layer's router alone, forward and backward (its `(S, D) x (D, E)` GEMM,
+softmax, top-k, capacity and weights). With E=256 the router is no longer small next to experts
+of hidden 128 (its GEMMs are ``E / (2 k F)`` = 1/8 of the experts' FLOPs), so ``1 + router ratio``
+is a floor for any layer's ratio to the limit, which counts expert compute only.
 
     python benchmarks/bench_layer.py                 # the full table (about 20-30 min on 2 cores)
     python benchmarks/bench_layer.py --quick         # three points
     python benchmarks/bench_layer.py --fine          # the fine-grained points only
+    python benchmarks/bench_layer.py --fine --threads 1 --clock cpu   # steadier on a shared machine
     python benchmarks/bench_layer.py --check-memory  # validate the memory method
 """
 
@@ -106,7 +115,7 @@ def build(p: Point, which: str, seed: int = 0):
     torch.manual_seed(seed)
     H = p.hidden
     x = torch.randn(p.tokens, H, requires_grad=True)
-    if which in ("moesaic", "limit"):
+    if which in ("moesaic", "limit", "router"):
         layer = moesaic.MoE(H, expert(p), **layer_kwargs(p))
     elif which == "stacked":
         layer = moesaic.MoE(H, expert(p), stacked_experts=True, **layer_kwargs(p))
@@ -118,32 +127,42 @@ def build(p: Point, which: str, seed: int = 0):
         out, l_aux, _ = layer(x)
         torch.autograd.backward([out, l_aux], [g_out, torch.ones(())])
 
+    if which == "router":  # the router alone: logits GEMM, scores, top-k, capacity, weights, l_aux; + backward
+        with torch.no_grad():
+            g_weight = torch.randn_like(layer.gate(x).weight_N)
+
+        def step_router():
+            routing = layer.gate(x)
+            torch.autograd.backward([routing.weight_N, routing.l_aux], [g_weight, torch.ones(())])
+
+        return step_router, None
     if which != "limit":
         return step_layer, None
-    # the limit: moesaic's own kept route count, split evenly over the experts
+    # the limit: the experts on exactly the pieces moesaic's router kept (its tokens per expert),
+    # inputs and output gradients already split: no router, no gather, no concatenation, no combine
     with torch.no_grad():
         layer(x)
-    routed = int(layer.tokens_per_expert.sum())
+    splits = layer.tokens_per_expert.tolist()
+    routed = sum(splits)
     experts = list(layer.experts)
-    splits = [routed // p.experts + (1 if i < routed % p.experts else 0) for i in range(p.experts)]
-    x_routed = torch.randn(routed, H, requires_grad=True)
-    g_routed = torch.randn(routed, H)
+    xs = [t.detach().requires_grad_() for t in torch.randn(routed, H).split(splits)]
+    gs = list(torch.randn(routed, H).split(splits))
 
     def step_limit():
-        outs = [e(chunk) for e, chunk in zip(experts, torch.split(x_routed, splits))]
-        torch.cat(outs).backward(g_routed)
+        torch.autograd.backward([e(chunk) for e, chunk in zip(experts, xs)], gs)
 
     return step_limit, routed
 
 
 def contenders(p: Point) -> list:
-    stacked = ["stacked"] if p.fine else []
-    # DeepSpeed's top-k gate builds [S, E, C] one-hot tensors: only in capacity mode
-    ds = ["deepspeed"] if DeepSpeedMoE is not None and not (p.fine and p.dropless) else []
+    stacked = ["stacked", "router"] if p.fine else []
+    # DeepSpeed 0.19.8 dispatches top-k routes by index (sparse routes), so dropless k=8 runs too
+    # (its capacity is then the fullest expert's count, and every expert computes that many rows)
+    ds = ["deepspeed"] if DeepSpeedMoE is not None else []
     return ["limit", "moesaic"] + stacked + ds
 
 
-def time_point(p: Point, repeats: int) -> dict:
+def time_point(p: Point, repeats: int, clock=time.perf_counter) -> dict:
     steps = {}
     routed = None
     for which in contenders(p):
@@ -154,9 +173,9 @@ def time_point(p: Point, repeats: int) -> dict:
     times = {w: [] for w in steps}
     for _ in range(repeats):
         for w, fn in steps.items():  # round-robin: noise hits every contender alike
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times[w].append(time.perf_counter() - t0)
+            times[w].append(clock() - t0)
     result = {"routed": routed, **{f"{w}_ms": 1000 * statistics.median(t) for w, t in times.items()}}
     # paired ratios: each round's contenders ran back to back, so a slow patch of the machine
     # inflates both sides of a ratio; the median over rounds is robust to the rest
@@ -229,6 +248,10 @@ def main() -> None:
     ap.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory measurements")
     ap.add_argument("--check-memory", action="store_true", help="validate the memory method and exit")
     ap.add_argument("--system-malloc", action="store_true", help="time with glibc's default allocator settings")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: elapsed time; cpu: process CPU time (steadier on a busy machine; "
+                         "best with --threads 1)")
     ap.add_argument("--out", default=None,
                     help="results JSON (default results/layer.json, layer_fine.json with --fine)")
     ap.add_argument("--memory-child", nargs=2, metavar=("WHICH", "POINT"), help=argparse.SUPPRESS)
@@ -247,19 +270,26 @@ def main() -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     if args.repeats < 0:
         ap.error(f"--repeats must be >= 0, got {args.repeats}")
+    if args.threads < 0:
+        ap.error(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, DeepSpeed: "
           f"{'yes' if DeepSpeedMoE is not None else 'not installed'}, allocator: "
-          f"{'glibc defaults' if args.system_malloc else 'glibc keeping freed memory'}", flush=True)
+          f"{'glibc defaults' if args.system_malloc else 'glibc keeping freed memory'}, clock: {args.clock}",
+          flush=True)
     rows = []
     for p in (fine_points() if args.fine else all_points(args.quick)):
         repeats = args.repeats or (11 if p.tokens <= 8192 else 5)
-        row = {"point": p.label, **asdict(p), **time_point(p, repeats)}
+        row = {"point": p.label, **asdict(p), "threads": torch.get_num_threads(), "clock": args.clock,
+               **time_point(p, repeats, clock)}
         row["ratio_to_limit"] = row.pop("moesaic_ratio")
         if "deepspeed_ms" in row:
             row["deepspeed_ratio_to_limit"] = row.pop("deepspeed_ratio")
         if not args.no_memory:
-            for which in contenders(p):
+            for which in (w for w in contenders(p) if w != "router"):
                 row[f"{which}_peak_mib"] = memory_point(p, which) / MIB
             row["mem_vs_limit"] = row["moesaic_peak_mib"] / row["limit_peak_mib"]
             if "deepspeed_peak_mib" in row:
@@ -278,9 +308,9 @@ def print_table(rows: list) -> None:
     has_mem = any("moesaic_peak_mib" in r for r in rows)
     has_stacked = any("stacked_ms" in r for r in rows)
     head = ["point", "routed", "limit ms", "moesaic ms", "ratio"]
-    head += ["stacked ms", "stacked ratio"] if has_stacked else []
+    head += ["stacked ms", "stacked ratio", "router ms", "floor (1 + router ratio)"] if has_stacked else []
     if has_ds:
-        head += ["DeepSpeed ms", "DS ratio", "speed-up vs DS"]
+        head += ["DeepSpeed ms", "DS ratio", "speed-up vs DS"] + (["stacked speed-up vs DS"] if has_stacked else [])
     if has_mem:
         head += ["peak MiB limit", "peak MiB moesaic"] + (["peak MiB DS"] if has_ds else []) + ["mem/limit"]
         head += ["mem/DS"] if has_ds else []
@@ -290,10 +320,13 @@ def print_table(rows: list) -> None:
         cells = [r["point"], str(r["routed"]), f"{r['limit_ms']:.1f}", f"{r['moesaic_ms']:.1f}",
                  f"{r['ratio_to_limit']:.3f}"]
         if has_stacked:
-            cells += [f"{r['stacked_ms']:.1f}", f"{r['stacked_ratio']:.3f}"] if "stacked_ms" in r else ["-", "-"]
+            cells += [f"{r['stacked_ms']:.1f}", f"{r['stacked_ratio']:.3f}", f"{r['router_ms']:.1f}",
+                      f"{1 + r['router_ratio']:.3f}"] if "stacked_ms" in r else ["-"] * 4
         if has_ds:
             cells += [f"{r['deepspeed_ms']:.1f}", f"{r['deepspeed_ratio_to_limit']:.2f}",
                       f"{r['speedup_vs_deepspeed']:.2f}x"] if "deepspeed_ms" in r else ["-", "-", "-"]
+            if has_stacked:
+                cells += [f"{r['stacked_speedup_vs_deepspeed']:.2f}x" if "stacked_speedup_vs_deepspeed" in r else "-"]
         if has_mem:
             cells += [f"{r['limit_peak_mib']:.0f}", f"{r['moesaic_peak_mib']:.0f}"]
             cells += [f"{r['deepspeed_peak_mib']:.0f}" if "deepspeed_peak_mib" in r else "-"] if has_ds else []

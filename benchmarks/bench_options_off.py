@@ -10,6 +10,7 @@ The outputs of the two layers are checked to be bitwise equal first.
 
     python benchmarks/bench_options_off.py                  # against main
     python benchmarks/bench_options_off.py --base HEAD~3 --repeats 21
+    python benchmarks/bench_options_off.py --base 8c08a7d --repeats 9 --threads 1   # before the modern-layer merge
 """
 
 from __future__ import annotations
@@ -69,8 +70,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default="main", help="git revision of the baseline (default: main)")
     ap.add_argument("--repeats", type=int, default=15, help="paired rounds per point")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch intra-op threads (default: torch's choice; 1 is steadiest on a busy machine)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "options_off.json"))
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.threads < 0:
+        ap.error(f"--threads must be >= 0 (0: torch's default), got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     base = load_base(args.base)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; this checkout vs {args.base}", flush=True)
     rows = []

@@ -253,3 +253,39 @@ def test_stacked_checkpoint_detects_a_shape_mismatch(tmp_path):
                              r"checkpoint but"):
         checkpoint.load(tmp_path, other, tag="a")
     assert isinstance(other.ffn.experts, StackedExperts)
+
+
+@pytest.mark.parametrize("name,make", _experts(), ids=[n for n, _ in _experts()])
+def test_autocast_computes_as_per_module_experts_do(name, make):
+    # nn.Linear under CPU bf16 autocast computes in bf16 and autograd casts the gradients back;
+    # the stacked loop must do the same (it used to fail in backward on mixed dtypes)
+    a, b = _pair(make)
+    x = torch.randn(3, 7, D)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_a, aux_a, _ = a(xa)
+        out_b, aux_b, _ = b(xb)
+    assert out_a.dtype == out_b.dtype == torch.bfloat16
+    g = torch.randn_like(out_a)
+    ((out_a.float() * g.float()).sum() + aux_a).backward()
+    ((out_b.float() * g.float()).sum() + aux_b).backward()
+    assert torch.equal(out_a, out_b) and torch.equal(xa.grad, xb.grad)
+    stacked_params = dict(b.experts.named_parameters())
+    for n in range(E):
+        for pname, p in a.experts[n].named_parameters():
+            assert stacked_params[pname].grad.dtype == p.grad.dtype == torch.float32
+            assert torch.equal(p.grad, stacked_params[pname].grad[n]), (n, pname)
+
+
+def test_cpu_outputs_are_row_blocks_of_one_tensor():
+    # the combine reads stacked outputs whole instead of concatenating them (ops.rows_in_place)
+    from moesaic.layer.ops import rows_in_place
+
+    experts = StackedExperts(nn.Sequential(nn.Linear(D, F), nn.GELU(), nn.Linear(F, D)), E)
+    pieces = [torch.randn(n, D, requires_grad=True) for n in (3, 0, 5, 2)]
+    outs = experts(pieces)
+    whole = rows_in_place(outs)
+    assert whole is not None and whole.shape == (10, D)
+    assert torch.equal(whole, torch.cat(outs))
+    grads = torch.autograd.grad(outs, pieces, [torch.ones_like(o) for o in outs])
+    assert rows_in_place(grads) is not None  # the input gradients too (the dispatcher's backward)

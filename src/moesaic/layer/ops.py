@@ -19,7 +19,7 @@ Shape legend: S = tokens, N = kept routes, D = model dim.
 
 from __future__ import annotations
 
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,31 @@ _FEW_PIECES = 16    # up to this many pieces (or pieces of >= 1024 rows on avera
 def _few_large(sizes: Sequence[int]) -> bool:
     """Whether per-piece kernels beat concatenating: few pieces, or large ones."""
     return len(sizes) <= _FEW_PIECES or sum(sizes) >= 1024 * len(sizes)
+
+
+def rows_in_place(pieces: Sequence[Tensor]) -> Optional[Tensor]:
+    """The `(N, D)` tensor the 2-D ``pieces`` are consecutive row blocks of, without a copy; else None.
+
+    Stacked experts write their per-expert outputs (and input gradients) as row blocks of one
+    buffer; reading the buffer whole saves the `(N, D)` concatenation ``torch.cat`` would make.
+    Pieces with no rows are ignored (they hold nothing and may live anywhere).
+    """
+    full = [p for p in pieces if p.numel()]
+    if not full:
+        return None
+    first = full[0]
+    if first.dim() != 2 or not first.is_contiguous():
+        return None
+    width, step = first.shape[1], first.element_size()
+    end = first.data_ptr()
+    storage = first.untyped_storage().data_ptr()
+    for p in full:
+        if (p.dim() != 2 or p.shape[1] != width or p.dtype != first.dtype or p.device != first.device
+                or not p.is_contiguous() or p.data_ptr() != end or p.untyped_storage().data_ptr() != storage):
+            return None
+        end += p.numel() * step
+    rows = sum(p.shape[0] for p in full)
+    return first.as_strided((rows, width), (width, 1))
 
 
 def gather_rows(x_SD: Tensor, index_N: Tensor) -> Tensor:
@@ -64,7 +89,11 @@ class _Permute(torch.autograd.Function):
         ref = next(g for g in grads if g is not None and g.dim() == 2)
         grad_SD = ref.new_zeros(ctx.num_rows, width)
         pairs = [(idx, g) for idx, g in zip(index_N.split(ctx.sizes), grads) if g is not None and idx.numel()]
-        if _few_large(ctx.sizes):
+        whole = rows_in_place([g for _, g in pairs]) if len(pairs) > 1 else None
+        if whole is not None:  # the gradients are row blocks of one tensor (stacked experts): one kernel, no copy
+            full = len(pairs) == sum(1 for n in ctx.sizes if n)
+            grad_SD.index_add_(0, index_N if full else torch.cat([idx for idx, _ in pairs]), whole)
+        elif _few_large(ctx.sizes):
             for idx, g in pairs:
                 grad_SD.index_add_(0, idx, g)
         elif pairs:  # many small pieces: one copy beats many kernel launches
@@ -95,7 +124,11 @@ class _WeightedScatterAdd(torch.autograd.Function):
         sizes = [y.shape[0] for y in ys]
         # many small pieces are concatenated once (the pieces are then free); few large ones are read
         # in place, saving the copy
-        pieces = list(ys) if _few_large(sizes) or len(ys) == 1 else [torch.cat(ys)]
+        whole = rows_in_place(ys) if len(ys) > 1 else None
+        if whole is not None:  # row blocks of one tensor (stacked experts): read it whole
+            pieces = [whole]
+        else:
+            pieces = list(ys) if _few_large(sizes) or len(ys) == 1 else [torch.cat(ys)]
         dtype = ys[0].dtype
         out_SD = torch.zeros(num_tokens, ys[0].shape[1], dtype=torch.promote_types(dtype, weight_N.dtype),
                              device=weight_N.device)

@@ -150,7 +150,16 @@ class _LinearPerExpert(torch.autograd.Function):
     def forward(ctx, weight: Tensor, bias: Optional[Tensor], *xs: Tensor) -> Tuple[Tensor, ...]:
         ctx.save_for_backward(weight, *xs)
         ctx.has_bias = bias is not None
-        return tuple(F.linear(x, weight[i], None if bias is None else bias[i]) for i, x in enumerate(xs))
+        # the outputs are row blocks of one buffer, written by the kernels ``nn.Linear`` runs
+        # (addmm / mm), so the combine reads them without concatenating (ops.rows_in_place)
+        sizes = [x.shape[0] for x in xs]
+        ys = xs[0].new_empty(sum(sizes), weight.shape[1]).split(sizes)
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            if bias is None:
+                torch.mm(x, weight[i].t(), out=y)
+            else:
+                torch.addmm(bias[i], x, weight[i].t(), out=y)
+        return ys
 
     @staticmethod
     def backward(ctx, *grads: Optional[Tensor]):
@@ -158,16 +167,42 @@ class _LinearPerExpert(torch.autograd.Function):
         need_w, need_b = ctx.needs_input_grad[0], ctx.has_bias and ctx.needs_input_grad[1]
         grad_w = torch.empty_like(weight) if need_w else None  # every slice is written below
         grad_b = weight.new_empty(weight.shape[:2]) if need_b else None
+        # input gradients as row blocks of one buffer too (the dispatcher's backward reads it whole)
+        need_x = ctx.needs_input_grad[2:]
+        rows = [x.shape[0] if need else 0 for x, need in zip(xs, need_x)]
+        grad_buf = xs[0].new_empty(sum(rows), weight.shape[2]).split(rows) if any(need_x) else [None] * len(xs)
         grad_xs: List[Optional[Tensor]] = []
         for i, (x, g) in enumerate(zip(xs, grads)):
             if g is None:  # an output nobody used: zero gradients, as for an expert without tokens
                 g = x.new_zeros(x.shape[0], weight.shape[1])
-            grad_xs.append(g.mm(weight[i]) if ctx.needs_input_grad[2 + i] else None)
+            if need_x[i]:
+                grad_xs.append(torch.mm(g, weight[i], out=grad_buf[i]))
+            else:
+                grad_xs.append(None)
             if need_w:
                 torch.mm(g.t(), x, out=grad_w[i])
             if need_b:
                 torch.sum(g, 0, out=grad_b[i])
         return (grad_w, grad_b, *grad_xs)
+
+
+def _linear_per_expert(proj: StackedLinear, xs: Sequence[Tensor]) -> Tuple[Tensor, ...]:
+    """``proj`` applied per expert, with ``nn.Linear``'s autocast behaviour.
+
+    Under autocast ``nn.Linear`` computes in the autocast dtype (inputs, weight and bias cast to
+    it, gradients cast back by autograd); the casts happen here, outside the autograd function,
+    so the function itself always sees one dtype.
+    """
+    weight, bias = proj.weight, proj.bias
+    device_type = weight.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return _LinearPerExpert.apply(weight, bias, *xs)
+    dtype = torch.get_autocast_dtype(device_type)
+    weight = weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    xs = [x.to(dtype) for x in xs]
+    with torch.autocast(device_type, enabled=False):
+        return _LinearPerExpert.apply(weight, bias, *xs)
 
 
 def _grouped_mm_usable(weight: Tensor) -> bool:
@@ -286,14 +321,13 @@ class StackedExperts(ExpertContainer):
             return self._forward_grouped(list(xs))
         projs = self.projections()
         if self.shape.kind == "ffn":
-            h = _LinearPerExpert.apply(projs[0].weight, projs[0].bias, *xs)
+            h = _linear_per_expert(projs[0], xs)
             h = self._activate(h)
         else:
-            gates = _LinearPerExpert.apply(projs[0].weight, projs[0].bias, *xs)
-            ups = _LinearPerExpert.apply(projs[1].weight, projs[1].bias, *xs)
+            gates = _linear_per_expert(projs[0], xs)
+            ups = _linear_per_expert(projs[1], xs)
             h = self._activate((gates, ups))
-        last = projs[-1]
-        return list(_LinearPerExpert.apply(last.weight, last.bias, *h))
+        return list(_linear_per_expert(projs[-1], h))
 
     def _forward_grouped(self, xs: List[Tensor]) -> List[Tensor]:
         # 1. one (N, D) tensor and the group offsets  2. one grouped matmul per projection (biases

@@ -1,0 +1,59 @@
+"""Row-moving kernels of moesaic.layer.ops: reading row blocks in place, gathers and the weighted combine."""
+
+import torch
+
+from moesaic.layer.ops import gather_pieces, rows_in_place, weighted_combine
+
+
+def test_rows_in_place_finds_consecutive_blocks_of_one_tensor():
+    base = torch.randn(10, 4)
+    pieces = base.split([3, 0, 5, 2])
+    whole = rows_in_place(pieces)
+    assert whole is not None and whole.data_ptr() == base.data_ptr() and torch.equal(whole, base)
+    assert torch.equal(rows_in_place(base[2:9].split([4, 3])), base[2:9])
+
+
+def test_rows_in_place_refuses_anything_else():
+    base = torch.randn(10, 4)
+    a, b, c = base.split([3, 3, 4])
+    assert rows_in_place([a, c]) is None  # a gap
+    assert rows_in_place([b, a]) is None  # out of order
+    assert rows_in_place([a, torch.randn(3, 4)]) is None  # another tensor
+    assert rows_in_place(list(base.t().contiguous().t().split([3, 7]))) is None  # column-major
+    assert rows_in_place([base[:, :2], base[:, 2:]]) is None  # column blocks
+    assert rows_in_place([torch.empty(0, 4), torch.empty(0, 4)]) is None  # nothing
+    assert rows_in_place([a.to(torch.float64)]) is not None  # one piece is its own block
+
+
+def _combine(ys, weight, token, S, D):
+    w = weight.clone().requires_grad_()
+    out = weighted_combine(ys, w, token, S)
+    g = torch.arange(S * D, dtype=torch.float32).view(S, D)
+    grad_w, *grad_ys = torch.autograd.grad(out, [w, *ys], g)
+    return out, grad_w, torch.cat(grad_ys)
+
+
+def test_combine_reads_row_blocks_as_it_reads_separate_pieces():
+    torch.manual_seed(0)
+    S, D, sizes = 6, 4, [3, 0, 5]
+    token = torch.tensor([0, 3, 5, 1, 3, 2, 0, 4])
+    weight = torch.rand(8)
+    base = torch.randn(8, D)
+    blocks = list(base.clone().requires_grad_().split(sizes))  # row blocks of one tensor
+    separate = [p.clone().requires_grad_() for p in base.split(sizes)]
+    for a, b in zip(_combine(blocks, weight, token, S, D), _combine(separate, weight, token, S, D)):
+        assert torch.equal(a, b)
+
+
+def test_gather_backward_reads_row_blocks_as_it_reads_separate_pieces():
+    torch.manual_seed(0)
+    S, D, sizes = 6, 4, [3, 0, 5]
+    token = torch.tensor([0, 3, 5, 1, 3, 2, 0, 4])
+    x = torch.randn(S, D, requires_grad=True)
+    pieces = gather_pieces(x, token, sizes)
+    assert torch.equal(torch.cat(pieces), x.detach()[token])
+    grads = torch.randn(8, D)
+    (from_blocks,) = torch.autograd.grad(pieces, x, list(grads.split(sizes)), retain_graph=True)
+    (from_separate,) = torch.autograd.grad(pieces, x, [g.clone() for g in grads.split(sizes)])
+    assert torch.equal(from_blocks, from_separate)
+    assert torch.equal(from_blocks, torch.zeros(S, D).index_add_(0, token, grads))
