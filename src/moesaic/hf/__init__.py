@@ -14,5 +14,7 @@ Supported families: :data:`SUPPORTED` (docs/hf-bridge.md). Importing this packag
 from .families import DENSE_FAMILIES, SUPPORTED
 from .convert import TRAINING_OPTIONS, converted_layers, load, save
 from .block import HFMoEBlock
+from .loss import causal_lm_loss, router_aux_loss_coef
 
-__all__ = ["DENSE_FAMILIES", "HFMoEBlock", "SUPPORTED", "TRAINING_OPTIONS", "converted_layers", "load", "save"]
+__all__ = ["DENSE_FAMILIES", "HFMoEBlock", "SUPPORTED", "TRAINING_OPTIONS", "causal_lm_loss", "converted_layers", "load",
+           "router_aux_loss_coef", "save"]
