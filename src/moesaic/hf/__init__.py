@@ -15,6 +15,7 @@ from .families import DENSE_FAMILIES, SUPPORTED
 from .convert import TRAINING_OPTIONS, converted_layers, load, save
 from .block import HFMoEBlock
 from .loss import causal_lm_loss, router_aux_loss_coef
+from .upcycle import upcycle
 
 __all__ = ["DENSE_FAMILIES", "HFMoEBlock", "SUPPORTED", "TRAINING_OPTIONS", "causal_lm_loss", "converted_layers", "load",
-           "router_aux_loss_coef", "save"]
+           "router_aux_loss_coef", "save", "upcycle"]

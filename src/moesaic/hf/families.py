@@ -20,10 +20,11 @@ Shape legend: E = experts, D = hidden size, F = expert hidden size.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..layer.ffn import ACTIVATIONS, GLUExpert
 
@@ -39,6 +40,25 @@ def activation_of(config) -> str:
         raise ValueError(f"config.hidden_act={act!r} has no exact moesaic equivalent; supported: "
                          f"{sorted(_ACTIVATIONS)} (moesaic activations: {sorted(ACTIVATIONS)})")
     return _ACTIVATIONS[act]
+
+
+class _EmptyGLU(nn.Module):
+    """A gate/up/down MLP of width 0: it adds exactly 0 (a Qwen2-MoE upcycled from dense Qwen2 has one)."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        with warnings.catch_warnings():  # torch warns that initialising an empty tensor does nothing
+            warnings.simplefilter("ignore", UserWarning)
+            self.gate_proj = nn.Linear(hidden_size, 0, bias=False)
+            self.up_proj = nn.Linear(hidden_size, 0, bias=False)
+            self.down_proj = nn.Linear(0, hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.gate_proj(x) * self.up_proj(x))
+
+
+def _shared_glu(hidden_size: int, width: int, activation: str) -> nn.Module:
+    return _EmptyGLU(hidden_size) if width == 0 else GLUExpert(hidden_size, width, activation)
 
 
 # --- tensor layouts ---------------------------------------------------------------------------------
@@ -167,7 +187,7 @@ def _qwen_options(shared: bool, f_attr: str = "moe_intermediate_size") -> Callab
                    num_experts=c.num_experts, k=c.num_experts_per_tok, drop_tokens=False,
                    norm_topk_prob=bool(c.norm_topk_prob), top2_2nd_expert_sampling=False)
         if shared:
-            out.update(shared_expert=GLUExpert(c.hidden_size, c.shared_expert_intermediate_size, activation_of(c)),
+            out.update(shared_expert=_shared_glu(c.hidden_size, c.shared_expert_intermediate_size, activation_of(c)),
                        shared_expert_gate=True)
         return out
     return options
