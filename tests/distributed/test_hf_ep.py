@@ -126,3 +126,38 @@ def test_ep2_equals_ep1_and_reads_and_writes_only_its_experts(tmp_path):
 
     folders = {f: str(build(f, tmp_path / f)) for f in ("olmoe", "deepseek_v3", "gpt_oss")}
     run_ranks(_worker, 2, folders, str(tmp_path / "out"), timeout_s=400)
+
+
+def _reshard_worker(rank, world, folder, ckpt):
+    from test_hf_bridge import V
+
+    config = {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+    ep = moesaic.hf.load(folder, ep_size=2)
+    engine, *_ = moesaic.initialize(model=ep, config=config)
+    for step in range(2):
+        ids = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(100 * step + rank))
+        loss = moesaic.hf.causal_lm_loss(engine, {"input_ids": ids})
+        engine.backward(loss)
+        engine.step()
+    engine.save_checkpoint(ckpt)
+    # the same checkpoint under ep_size=1 (every expert on every rank): the trained weights, expert by expert
+    one = moesaic.hf.load(folder)
+    again, *_ = moesaic.initialize(model=one, config=config)
+    again.load_checkpoint(ckpt)
+    assert again.global_steps == 2
+    ones = dict(one.named_parameters())
+    for name, p in ep.named_parameters():
+        if ".deepspeed_moe.experts." not in name:
+            assert torch.equal(p, ones[name]), name
+    for path, layer in moesaic.hf.converted_layers(ep).items():
+        for n in layer.experts.local_numbers:
+            theirs = one.get_submodule(path).experts.expert_state_dict(n)
+            for k, t in layer.experts.expert_state_dict(n).items():
+                assert torch.equal(t, theirs[k]), f"{path} expert {n} {k}"
+
+
+def test_engine_checkpoint_of_an_ep2_model_reshards_to_ep1(tmp_path):
+    from test_hf_bridge import build
+
+    folder = str(build("qwen2_moe", tmp_path / "qwen2_moe"))
+    run_ranks(_reshard_worker, 2, folder, str(tmp_path / "ckpt"), timeout_s=300)
