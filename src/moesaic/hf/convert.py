@@ -169,7 +169,8 @@ def _plan_blocks(model, family: Family, config, source: TensorSource, ep_size: i
         candidates = [(layout, _block_prefix(path, layout)) for layout in family.layouts(config)]
         layout, prefix = _choose_layout(source, keys, path, candidates, E, preferred)
         device = next(block.parameters()).device
-        layer = build_layer(family, config, path, ep_size, options, dtype, device)
+        layer = build_layer(family, config, path, ep_size, options, dtype,
+                            torch.device("cpu") if device.type == "meta" else device)
         plans.append(BlockPlan(path, layer, layout, prefix))
     return plans
 
@@ -287,11 +288,7 @@ def load(path_or_model, *, ep_size: int = 1, dtype: Optional[torch.dtype] = None
         _check_ep(family, config, ep_size)
         source = FolderSource(folder)
         dtype = _resolve_dtype(dtype, config)
-        from transformers.initialization import no_init_weights
-
-        with no_init_weights():  # every tensor is read from the checkpoint below
-            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-        model.tie_weights()  # no_init_weights skips the tying post_init does
+        model = _skeleton(transformers, config, dtype)
         blocks = [p for p, _ in _find_blocks(model, family)]
         dense = hf_tensors(model, skip=tuple(blocks))
         preferred, saved_layout = "hub", None
@@ -302,17 +299,67 @@ def load(path_or_model, *, ep_size: int = 1, dtype: Optional[torch.dtype] = None
         if ep_size > 1:
             plan.layer.set_deepspeed_parallelism()  # global expert numbers of this rank
     _check_plan(plans, dense, source)
-    # 1. dense tensors (a built model already holds them)  2. each layer's tensors  3. swap the blocks in
     if isinstance(source, FolderSource):
+        # our own skeleton: 1. swap the blocks in  2. give the rest storage  3. read the dense tensors, then the layers'
+        for plan in plans:
+            _swap(model, plan.path, plan.layer)
+        _materialize(model)
         with torch.no_grad():
-            for name, t in dense.items():
+            for name, t in hf_tensors(model, skip=tuple(blocks)).items():
                 t.copy_(source.get(name))
-    for plan in plans:
-        _fill(plan, source)
-    for plan in plans:
-        _swap(model, plan.path, plan.layer)
+        for plan in plans:
+            _fill(plan, source)
+    else:
+        # a built model holds its dense tensors already; it changes only once every layer is filled
+        for plan in plans:
+            _fill(plan, source)
+        for plan in plans:
+            _swap(model, plan.path, plan.layer)
     model.moesaic_hf_layouts = {p.path: (saved_layout or p.layout.name) for p in plans}
     return model
+
+
+def _skeleton(transformers, config, dtype) -> nn.Module:
+    """``transformers``' model for ``config`` with no storage (meta tensors) where that can be undone exactly.
+
+    Every parameter and persistent buffer is read from the checkpoint afterwards, so nothing needs
+    storage now: the sparse blocks are replaced before anything is allocated, and a rank holds
+    only its experts at any time. Non-persistent buffers cannot be read, they are recomputed by
+    ``transformers``' own initialisation; a model with any other than rotary-embedding ones is
+    built on the CPU instead.
+    """
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights(), torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if any(m._non_persistent_buffers_set and not _is_rotary(m) for m in model.modules()):
+        with no_init_weights():
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # no_init_weights skips the tying post_init does
+    return model
+
+
+def _is_rotary(module: nn.Module) -> bool:
+    return "RotaryEmbedding" in type(module).__name__ and hasattr(module, "original_inv_freq")
+
+
+def _materialize(model: nn.Module) -> None:
+    """CPU storage for every meta tensor left (tied parameters stay tied); rotary buffers recomputed."""
+    new: Dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.is_meta:
+                if id(p) not in new:
+                    new[id(p)] = nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad)
+                module._parameters[name] = new[id(p)]
+        recompute = False
+        for name, b in list(module._buffers.items()):
+            if b is not None and b.is_meta:
+                module._buffers[name] = torch.empty_like(b, device="cpu")
+                recompute = recompute or name in module._non_persistent_buffers_set
+        if recompute:
+            with torch.no_grad():
+                model._init_weights(module)  # transformers recomputes a rotary embedding's inv_freq here
 
 
 def _resolve_dtype(dtype, config) -> torch.dtype:
