@@ -103,7 +103,7 @@ def hf_tensors(model: nn.Module, skip: Tuple[str, ...] = ()) -> Dict[str, Tensor
     return out
 
 
-def _check_options(options: dict) -> dict:
+def check_options(options: dict) -> dict:
     unknown = sorted(set(options) - set(TRAINING_OPTIONS))
     if unknown:
         raise TypeError(f"moesaic.hf got unknown option(s) {unknown}; the options are moesaic.MoE's training "
@@ -266,7 +266,7 @@ def load(path_or_model, *, ep_size: int = 1, dtype: Optional[torch.dtype] = None
     """
     transformers = require_transformers()
     check_int(ep_size, "ep_size", 1)
-    _check_options(options)
+    check_options(options)
     if isinstance(path_or_model, nn.Module):
         if not isinstance(path_or_model, transformers.PreTrainedModel):
             raise TypeError(f"path_or_model must be a folder path or a transformers PreTrainedModel, got "
@@ -316,7 +316,20 @@ def load(path_or_model, *, ep_size: int = 1, dtype: Optional[torch.dtype] = None
         for plan in plans:
             _swap(model, plan.path, plan.layer)
     model.moesaic_hf_layouts = {p.path: (saved_layout or p.layout.name) for p in plans}
+    model.moesaic_hf_dtypes = _changed_dtypes(plans, source)
     return model
+
+
+def _changed_dtypes(plans: List[BlockPlan], source: TensorSource) -> Dict[str, torch.dtype]:
+    """Checkpoint keys a layer holds in another dtype (DeepSeek-V3's bias stays fp32 in a bf16 model):
+    ``save`` writes them back in the checkpoint's."""
+    out = {}
+    for plan in plans:
+        own = plan.layer.state_dict()
+        for key, target in plan.dense_keys().items():
+            if source.dtype(key) != own[target].dtype:
+                out[key] = source.dtype(key)
+    return out
 
 
 def _skeleton(transformers, config, dtype) -> nn.Module:
@@ -415,7 +428,8 @@ def save(model: nn.Module, out_dir) -> None:
         raise ValueError(f"the model's MoE layers have different ep_size values {sorted(ep_sizes)}; save needs one")
     P = ep_sizes.pop()
     distributed = P > 1
-    rank = dist.get_rank() if distributed else 0
+    # data-parallel replicas (ep_size 1 under torch.distributed) hold the same tensors: rank 0 writes them
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     groups = next(iter(layers.values())).parallel_groups if distributed else None
     if distributed and groups is None:
         raise RuntimeError("the model's MoE layers have ep_size > 1 but no process groups; call "
@@ -457,8 +471,13 @@ def save(model: nn.Module, out_dir) -> None:
         gen = getattr(model, "generation_config", None)
         if gen is not None and getattr(model, "can_generate", lambda: False)():
             gen.save_pretrained(str(out))
+    dtypes = getattr(model, "moesaic_hf_dtypes", {})
+    tensors = {k: (v.to(dtypes[k]) if k in dtypes else v) for k, v in tensors.items()}
     if not distributed:
-        write_folder(out, tensors)
+        if rank == 0:
+            write_folder(out, tensors)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
         return
     if first_replica:
         all_keys = None

@@ -44,6 +44,9 @@ class TensorSource:
         """Where ``key`` lives, for messages."""
         raise NotImplementedError
 
+    def dtype(self, key: str) -> torch.dtype:
+        raise NotImplementedError
+
     def get(self, key: str, rows: Optional[Tuple[int, int]] = None) -> Tensor:
         """The tensor ``key`` (only rows ``[lo, hi)`` of dim 0 when ``rows`` is given)."""
         raise NotImplementedError
@@ -64,6 +67,9 @@ class StateDictSource(TensorSource):
 
     def where(self, key: str) -> str:
         return self._what
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._tensors[key].dtype
 
     def get(self, key: str, rows: Optional[Tuple[int, int]] = None) -> Tensor:
         t = self._tensors[key].detach()

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .._checks import check_int, check_number
-from .convert import _check_options, hf_tensors, load, require_transformers
+from .convert import check_options, hf_tensors, load, require_transformers
 from .families import DENSE_FAMILIES, FAMILIES
 from .files import FolderSource, open_folder
 
@@ -80,7 +80,7 @@ def upcycle(path_or_model, num_experts: int, top_k: int, *, router_init_std: Opt
     check_int(top_k, "top_k", 1, num_experts, hi_text=f"num_experts={num_experts}")
     router_aux_loss_coef = check_number(router_aux_loss_coef, "router_aux_loss_coef", 0.0)
     router_init_std = check_number(router_init_std, "router_init_std", 0.0, allow_none=True)
-    _check_options(options)
+    check_options(options)
     if isinstance(path_or_model, nn.Module):
         if not isinstance(path_or_model, transformers.PreTrainedModel):
             raise TypeError(f"path_or_model must be a folder path or a transformers PreTrainedModel, got "
