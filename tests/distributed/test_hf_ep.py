@@ -1,4 +1,4 @@
-"""``moesaic.hf.load(..., ep_size=2)`` on 2 gloo ranks equals ``ep_size=1``; each rank reads only its experts; ``save`` writes it all.
+"""``moesaic.hf.load(..., ep_size=2)`` on 2 gloo ranks equals ``ep_size=1``, reads and writes only its experts.
 
 Each rank runs its own batch through the one-process model (every expert) and the expert-parallel
 one: logits and every dense gradient must agree on the rank, and an expert's gradient on its owner

@@ -10,7 +10,6 @@ unexpected key; and bad input must be refused with errors naming the file, key o
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -47,9 +46,9 @@ def tiny_config(family: str):
         return t.OlmoeConfig(intermediate_size=24, num_experts=8, num_experts_per_tok=3, norm_topk_prob=False,
                              **COMMON)
     if family == "deepseek_v3":  # layer 0 dense (first_k_dense_replace), group-limited top-k, 2 shared experts
-        return t.DeepseekV3Config(intermediate_size=24, moe_intermediate_size=12, n_routed_experts=8, n_shared_experts=2,
-                                  num_experts_per_tok=3, n_group=4, topk_group=2, norm_topk_prob=True,
-                                  routed_scaling_factor=2.5, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=8,
+        return t.DeepseekV3Config(intermediate_size=24, moe_intermediate_size=12, n_routed_experts=8,
+                                  n_shared_experts=2, num_experts_per_tok=3, n_group=4, topk_group=2,
+                                  norm_topk_prob=True, routed_scaling_factor=2.5, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=8,
                                   qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, rope_scaling=None, **COMMON)
     if family == "gpt_oss":
         return t.GptOssConfig(intermediate_size=12, num_local_experts=4, num_experts_per_tok=2, head_dim=8,
@@ -341,7 +340,8 @@ def test_bf16_checkpoint_round_trips_bitwise(family, tmp_path):
     if family == "deepseek_v3":  # the correction bias stays fp32 in the layer (bf16 cannot hold its updates)
         assert mine.model.layers[1].mlp.expert_bias.dtype == torch.float32
     moesaic.hf.save(mine, tmp_path / "out")
-    src, out = load_file(str(tmp_path / "in" / "model.safetensors")), load_file(str(tmp_path / "out" / "model.safetensors"))
+    src = load_file(str(tmp_path / "in" / "model.safetensors"))
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert sorted(src) == sorted(out)
     for k in src:
         assert out[k].dtype == src[k].dtype and torch.equal(out[k], src[k]), k

@@ -9,7 +9,7 @@ transformers = pytest.importorskip("transformers")
 
 import moesaic  # noqa: E402
 import moesaic.hf  # noqa: E402
-from test_hf_bridge import COMMON, V, batch, build, randomise  # noqa: E402
+from test_hf_bridge import COMMON, batch, build, randomise  # noqa: E402
 
 SIBLING = {"llama": "MixtralForCausalLM", "qwen2": "Qwen2MoeForCausalLM", "qwen3": "Qwen3MoeForCausalLM"}
 
@@ -18,7 +18,8 @@ def dense(kind, folder):
     t = transformers
     cfg = {"llama": lambda: t.LlamaConfig(intermediate_size=24, **COMMON),
            "qwen2": lambda: t.Qwen2Config(intermediate_size=24, **COMMON),
-           "qwen3": lambda: t.Qwen3Config(intermediate_size=24, head_dim=8, **{**COMMON, "tie_word_embeddings": True})}[kind]()
+           "qwen3": lambda: t.Qwen3Config(intermediate_size=24, head_dim=8,
+                                          **{**COMMON, "tie_word_embeddings": True})}[kind]()
     torch.manual_seed(0)
     model = t.AutoModelForCausalLM.from_config(cfg)
     randomise(model)
@@ -40,7 +41,8 @@ def test_upcycled_logits_equal_the_dense_models(kind, tmp_path):
     assert all(int((layer.exp_counts > 0).sum()) > 1 for layer in layers.values())
     mlp = ref.get_submodule("model.layers.1.mlp")
     for n in range(4):
-        assert torch.equal(layers["model.layers.1.mlp"].experts.expert_state_dict(n)["up_proj.weight"], mlp.up_proj.weight)
+        copy = layers["model.layers.1.mlp"].experts.expert_state_dict(n)["up_proj.weight"]
+        assert torch.equal(copy, mlp.up_proj.weight)
     # exported, it is an ordinary MoE checkpoint of the sibling architecture
     moesaic.hf.save(moe, tmp_path / "moe")
     back, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "moe", output_loading_info=True)
@@ -61,7 +63,8 @@ def test_upcycle_trains(tmp_path):
         engine.backward(loss)
         engine.step()
     experts = moe.model.layers[0].mlp.experts
-    assert not torch.equal(experts.expert_state_dict(0)["up_proj.weight"], experts.expert_state_dict(1)["up_proj.weight"])
+    first, second = experts.expert_state_dict(0), experts.expert_state_dict(1)
+    assert not torch.equal(first["up_proj.weight"], second["up_proj.weight"])
 
 
 def test_upcycle_refuses_moe_and_bad_arguments(tmp_path):

@@ -1,4 +1,4 @@
-"""``moesaic train --hf PATH``: fine-tunes a Hugging Face MoE folder, resumes exactly, exports a folder transformers loads."""
+"""``moesaic train --hf PATH``: fine-tunes a Hugging Face MoE folder, resumes exactly, exports a loadable folder."""
 
 import json
 

@@ -17,5 +17,5 @@ from .block import HFMoEBlock
 from .loss import causal_lm_loss, router_aux_loss_coef
 from .upcycle import upcycle
 
-__all__ = ["DENSE_FAMILIES", "HFMoEBlock", "SUPPORTED", "TRAINING_OPTIONS", "causal_lm_loss", "converted_layers", "load",
-           "router_aux_loss_coef", "save", "upcycle"]
+__all__ = ["DENSE_FAMILIES", "HFMoEBlock", "SUPPORTED", "TRAINING_OPTIONS", "causal_lm_loss", "converted_layers",
+           "load", "router_aux_loss_coef", "save", "upcycle"]

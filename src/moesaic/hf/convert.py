@@ -22,7 +22,6 @@ Shape legend: E = experts, L = local experts.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -118,7 +117,7 @@ def build_layer(family: Family, config, path: str, ep_size: int, options: dict, 
     layer = HFMoEBlock(config.hidden_size, ep_size=ep_size, expert_group_name=path,
                        returns_router_scores=family.returns_router_scores,
                        jitter_noise=getattr(config, family.jitter_attr, 0.0) if family.jitter_attr else 0.0,
-                       logits_fp32=family.model_type == "deepseek_v3", **kw)
+                       logits_fp32=family.logits_fp32, **kw)
     return layer.to(device=device, dtype=dtype)
 
 
@@ -131,9 +130,7 @@ def _find_blocks(model: nn.Module, family: Family) -> List[Tuple[str, nn.Module]
 
 
 def _num_experts(family: Family, config) -> Tuple[str, int]:
-    key = {"qwen2_moe": "num_experts", "qwen3_moe": "num_experts", "olmoe": "num_experts",
-           "deepseek_v3": "n_routed_experts"}.get(family.model_type, "num_local_experts")
-    return key, getattr(config, key)
+    return family.experts_key, getattr(config, family.experts_key)
 
 
 def _choose_layout(source: TensorSource, keys: set, path: str, candidates: List[Tuple[BlockLayout, str]], E: int,

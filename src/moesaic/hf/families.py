@@ -158,6 +158,8 @@ class Family:
         returns_router_scores: the decoder layer unpacks ``(hidden, router_scores)`` from the block (GPT-OSS).
         aux_loss: the ``ForCausalLM`` adds ``router_aux_loss_coef * aux_loss`` when asked for router logits.
         jitter_attr: config attribute of the block's multiplicative input jitter (Mixtral), or None.
+        experts_key: the config attribute holding E.
+        logits_fp32: ``transformers``' router computes its logits in fp32 whatever the model's dtype.
     """
 
     model_type: str
@@ -167,6 +169,8 @@ class Family:
     returns_router_scores: bool = False
     aux_loss: bool = True
     jitter_attr: Optional[str] = None
+    experts_key: str = "num_experts"
+    logits_fp32: bool = False
 
 
 def _mixtral_options(c) -> dict:
@@ -236,13 +240,16 @@ def _gpt_oss_layouts(c):
 
 
 FAMILIES: Dict[str, Family] = {f.model_type: f for f in (
-    Family("mixtral", ("MixtralSparseMoeBlock",), _mixtral_options, _mixtral_layouts, jitter_attr="router_jitter_noise"),
+    Family("mixtral", ("MixtralSparseMoeBlock",), _mixtral_options, _mixtral_layouts, jitter_attr="router_jitter_noise",
+           experts_key="num_local_experts"),
     Family("qwen2_moe", ("Qwen2MoeSparseMoeBlock",), _qwen_options(True), _qwen_layouts(True)),
     Family("qwen3_moe", ("Qwen3MoeSparseMoeBlock",), _qwen_options(False), _qwen_layouts(False)),
     Family("olmoe", ("OlmoeSparseMoeBlock",), _qwen_options(False, "intermediate_size"),
            _qwen_layouts(False, "intermediate_size")),
-    Family("deepseek_v3", ("DeepseekV3MoE",), _deepseek_v3_options, _deepseek_v3_layouts, aux_loss=False),
-    Family("gpt_oss", ("GptOssMLP",), _gpt_oss_options, _gpt_oss_layouts, returns_router_scores=True),
+    Family("deepseek_v3", ("DeepseekV3MoE",), _deepseek_v3_options, _deepseek_v3_layouts, aux_loss=False,
+           experts_key="n_routed_experts", logits_fp32=True),
+    Family("gpt_oss", ("GptOssMLP",), _gpt_oss_options, _gpt_oss_layouts, returns_router_scores=True,
+           experts_key="num_local_experts"),
 )}
 
 SUPPORTED = tuple(FAMILIES)

@@ -46,7 +46,8 @@ def causal_lm_loss(model, outputs_or_batch) -> Tensor:
     """
     module = getattr(model, "module", model)
     if not isinstance(module, nn.Module) or not hasattr(module, "config"):
-        raise TypeError(f"model must be a model converted by moesaic.hf.load (or its engine), got {type(model).__name__}")
+        raise TypeError(f"model must be a model converted by moesaic.hf.load (or its engine), got "
+                        f"{type(model).__name__}")
     layers = converted_layers(module)
     if not layers:
         raise ValueError(f"the {type(module).__name__} has no moesaic MoE layer; convert it with moesaic.hf.load")

@@ -1,4 +1,6 @@
-"""``upcycle``: a dense Llama/Mistral/Qwen2/Qwen3 model becomes an MoE whose experts start as its MLP (Komatsuzaki et al. 2022).
+"""``upcycle``: a dense Llama/Mistral/Qwen2/Qwen3 model becomes an MoE whose experts start as its MLP.
+
+Sparse upcycling, Komatsuzaki et al. 2022.
 
 The dense model's architecture has an MoE sibling in ``transformers`` with the same attention,
 norms and embeddings and the same tensor names outside the MLP: Llama and Mistral -> Mixtral,
