@@ -6,7 +6,8 @@ VENV := .venv
 DS_VENV := .venv-deepspeed
 TORCH_PIN := torch==2.13.0
 DEEPSPEED_PIN := deepspeed==0.19.8
-# Hugging Face transformers: the reference routing code of tests/unit/test_hf_reference.py (optional extra "hf").
+# Hugging Face transformers (optional extra "hf"): moesaic.hf, its tests, and the reference routing code of
+# tests/unit/test_hf_reference.py.
 # Installed with TORCH_PIN in the same command, so pip keeps torch at the pinned build.
 TRANSFORMERS_PIN := transformers==5.24.0
 

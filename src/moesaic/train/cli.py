@@ -2,6 +2,7 @@
 
     moesaic train configs/tiny.toml [--nproc N] [--device auto|cpu|cuda] [--out runs/NAME] [--resume]
                   [--set engine.optimizer.params.lr=1e-3] ...
+    moesaic train --hf PATH [config] [--data FILE_OR_DIR] [--nproc N] [--out runs/NAME] [--set ...]
     moesaic generate --checkpoint runs/NAME --prompt "def "
     moesaic bench layer|ep|optimizer|mixed-precision|checkpoint|train [args...]
 
@@ -15,6 +16,7 @@ reaches every key of the config tree (``docs/config-reference.md``); the value i
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import shlex
 import subprocess
@@ -58,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", help="run folder (default runs/<config name>)")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     tr.add_argument("--data", help="a text file or folder to train on instead of the standard library")
+    tr.add_argument("--hf", metavar="PATH", help="fine-tune the Hugging Face MoE model in this folder (Mixtral, "
+                                                 "Qwen2/3-MoE, OLMoE, DeepSeek-V3, GPT-OSS) instead of the byte-level "
+                                                 "GPT, and export <out>/hf at the end (docs/hf-bridge.md); the config "
+                                                 "is optional, of [model] only block_size and ep_size apply")
     tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override any config key by its path, e.g. --set train.steps=50 or "
                          "--set engine.optimizer.params.lr=1e-3 (TOML syntax for the value; keys: "
@@ -88,12 +94,15 @@ def _load_config(args):
     path = args.config_flag or args.config_file
     if args.config_flag and args.config_file and args.config_flag != args.config_file:
         raise ValueError(f"two configs given: {args.config_file!r} and --config {args.config_flag!r}")
-    if path is None:
+    if path is None and getattr(args, "hf", None) is None:
         raise ValueError("no config: pass one, e.g. `moesaic train configs/tiny.toml`")
     overrides = dict(parse_override(o) for o in args.overrides)
     for flag, key in (("nproc", "train.nproc"), ("data", "data.path"), ("device", "train.device")):
         if getattr(args, flag) is not None:
             overrides[key] = getattr(args, flag)
+    if path is None:  # --hf without a config: its defaults
+        from .hf import HF_DEFAULTS
+        return load_train_config(copy.deepcopy(HF_DEFAULTS), overrides), args.hf
     return load_train_config(path, overrides), path
 
 
@@ -123,7 +132,33 @@ def resume_command(argv: List[str], out: Path) -> str:
     return shlex.join(_program() + args + ["--resume"])
 
 
+def cmd_train_hf(args, argv: List[str], env: LaunchEnv) -> int:
+    """``train --hf PATH``: fine-tune a Hugging Face MoE model (:mod:`moesaic.train.hf`)."""
+    from moesaic.hf.files import open_folder
+
+    from .hf import check_hf_config, load_tokenizer, run_hf
+
+    cfg, _ = _load_config(args)
+    hf_path = Path(args.hf)
+    out = Path(args.out or Path("runs") / hf_path.name)
+    if env.launched:
+        run_hf(cfg, hf_path, out, resume=args.resume, quiet=args.quiet, env=env)
+        return 0
+    # checks that must fail before any process starts
+    open_folder(hf_path)
+    check_hf_config(cfg)
+    load_tokenizer(hf_path)
+    load_corpus(cfg.data.path, cfg.data.val_percent, cfg.data.suffixes)
+    if cfg.train.nproc == 1:
+        run_hf(cfg, hf_path, out, resume=args.resume, quiet=args.quiet, env=env)
+        return 0
+    worker_args = _drop_flag(argv, "--nproc", True) + ["--out", str(out), "--set", f"train.nproc={cfg.train.nproc}"]
+    return launch(worker_args, cfg.train.nproc, threads_per_process=max(1, (os.cpu_count() or 1) // cfg.train.nproc))
+
+
 def cmd_train(args, argv: List[str], env: LaunchEnv) -> int:
+    if args.hf is not None:
+        return cmd_train_hf(args, argv, env)
     cfg, path = _load_config(args)
     out = Path(args.out or Path("runs") / Path(path).stem)
     command = args.resume_command or resume_command(argv, out)

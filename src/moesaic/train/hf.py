@@ -1,0 +1,212 @@
+"""``moesaic train --hf PATH``: fine-tune a Hugging Face MoE model with the engine and export it back.
+
+The run is :func:`run_hf`, executed by every process, and follows ``moesaic train``'s run
+(:mod:`.loop`) with a Hugging Face model in place of the byte-level GPT:
+
+1. join the process group, seed, check the config (the same on every rank);
+2. the model: ``moesaic.hf.load(PATH, ep_size=model.ep_size)`` (each rank reads only its experts),
+   its tokenizer from the same folder;
+3. the data: text of ``data.path`` (default: the standard library's sources) cut into windows of
+   ``model.block_size`` tokens. Window ``i`` of step ``s`` on rank ``r`` is read at an offset drawn
+   from ``(train.seed, r, s, i)`` and tokenized on the spot, so nothing is tokenized ahead and a
+   resumed run sees exactly the batches it would have seen;
+4. train: ``moesaic.hf.causal_lm_loss`` (the model's CE + ``router_aux_loss_coef * aux_loss`` +
+   the layers' own losses) through the engine (per-expert groups named ``<module path>/expert_<n>``,
+   group-by-group stepping, telemetry in ``<out>/logs``); the validation loss every
+   ``train.eval_every`` steps; checkpoints in ``<out>/checkpoints`` (``--resume`` continues one);
+5. at the end: the Hugging Face folder ``<out>/hf`` (``moesaic.hf.save`` + the tokenizer),
+   ``history.json``, ``summary.json`` and plots.
+
+Config: a ``moesaic train`` config (``[engine]``, ``[train]``, ``[data]``); of ``[model]`` only
+``block_size`` (tokens per sequence) and ``ep_size`` apply, and any other model key is an error
+rather than silently ignored. Without a config file :data:`HF_DEFAULTS` apply.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+import zlib
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+import moesaic
+import moesaic.hf
+from moesaic.models import GPTConfig
+from moesaic.parallel.launch import LaunchEnv, backend_for, resolve_device
+
+from .config import TrainConfig
+from .data import ByteCorpus, load_corpus
+
+HF_DEFAULTS = {
+    "model": {"block_size": 256},
+    "train": {"steps": 100, "eval_every": 50, "eval_batches": 4, "checkpoint_every": 0, "log_every": 10},
+    "engine": {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0,
+               "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "weight_decay": 0.0}},
+               "moe": {"split_by": "expert"}},
+}
+HF_MODEL_KEYS = ("block_size", "ep_size")
+
+
+def check_hf_config(cfg: TrainConfig) -> None:
+    """Refuse ``[model]`` keys an HF run would ignore (the architecture comes from the folder's config.json)."""
+    defaults, here = GPTConfig().to_dict(), cfg.model.to_dict()
+    ignored = [f"model.{k}={here[k]!r}" for k in here if k not in HF_MODEL_KEYS and here[k] != defaults[k]]
+    if ignored:
+        raise ValueError(f"--hf takes the architecture from the model folder's config.json; of [model] only "
+                         f"{['model.' + k for k in HF_MODEL_KEYS]} apply, so {', '.join(ignored)} would be ignored: "
+                         "remove them")
+
+
+def load_tokenizer(path: Path):
+    """The folder's tokenizer (a ValueError naming the folder when it has none)."""
+    import transformers
+
+    if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise ValueError(f"{path}: no tokenizer (tokenizer.json / tokenizer_config.json / tokenizer.model); "
+                         "--hf trains on text and needs the model's tokenizer in its folder")
+    return transformers.AutoTokenizer.from_pretrained(str(path))
+
+
+class TokenWindows:
+    """Windows of ``block_size`` tokens cut from a byte corpus, tokenized when drawn (see module docstring).
+
+    Args:
+        corpus: the text.
+        tokenizer: the model's tokenizer.
+        block_size: tokens per window.
+        seed: with the rank, step and index, fixes where each window is read.
+    """
+
+    def __init__(self, corpus: ByteCorpus, tokenizer, block_size: int, seed: int) -> None:
+        self.corpus, self.tokenizer, self.block_size, self.seed = corpus, tokenizer, block_size, seed
+
+    def window(self, *key: int) -> torch.Tensor:
+        """The `(block_size,)` token ids of the window ``key`` (e.g. ``(rank, step, micro, row)``)."""
+        g = torch.Generator().manual_seed(zlib.crc32(json.dumps([self.seed, *key]).encode()))
+        n = self.corpus.num_bytes
+        want = 8 * (self.block_size + 1)  # bytes; doubled until the text holds enough tokens
+        while True:
+            size = min(want, n)
+            start = int(torch.randint(0, n - size + 1, (1,), generator=g)) if n > size else 0
+            text = bytes(self.corpus.read_range(start, size)).decode("utf-8", errors="ignore")
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) >= self.block_size:
+                return torch.tensor(ids[:self.block_size], dtype=torch.long)
+            if size == n:
+                raise ValueError(f"the corpus {self.corpus!r} holds {len(ids)} tokens, fewer than one window of "
+                                 f"model.block_size={self.block_size}; use more text or a smaller block_size")
+            want *= 2
+
+    def batch(self, rows: int, *key: int) -> torch.Tensor:
+        return torch.stack([self.window(*key, i) for i in range(rows)])
+
+
+def _evaluate(engine, windows: TokenWindows, batches: int, rows: int, device) -> float:
+    engine.eval()
+    total = 0.0
+    with torch.no_grad():
+        for i in range(batches):  # the same windows on every rank and at every evaluation
+            ids = windows.batch(rows, -1, i).to(device)
+            total += float(engine(input_ids=ids, labels=ids).loss)
+    engine.train()
+    return total / batches
+
+
+def run_hf(cfg: TrainConfig, hf_path: Path, out: Path, resume: bool = False, quiet: bool = False,
+           env: Optional[LaunchEnv] = None) -> Dict:
+    """Fine-tune the model in ``hf_path`` (see module docstring); returns the summary on rank 0."""
+    env = LaunchEnv.from_environ() if env is None else env
+    t = cfg.train
+    device = resolve_device(t.device, env.local_rank, "train.device")
+    rank, world = env.rank, env.world_size
+    if world > 1:
+        rank, world = moesaic.init_distributed(backend=backend_for(device), timeout_s=t.dist_timeout_s)
+    if world != t.nproc:
+        raise ValueError(f"train.nproc={t.nproc} but {world} processes are running; launch with --nproc {t.nproc}")
+    check_hf_config(cfg)
+    _, micro, accum = cfg.batch()
+    torch.manual_seed(t.seed + rank)
+    random.seed(t.seed + rank)
+    ckpts = out / "checkpoints"
+    if not resume and ckpts.exists():
+        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if resume and not (ckpts / "latest").exists():
+        raise FileNotFoundError(f"--resume: no checkpoint in {ckpts} (nothing to resume)")
+
+    # 1. model, tokenizer, data
+    tokenizer = load_tokenizer(hf_path)
+    model = moesaic.hf.load(hf_path, ep_size=cfg.model.ep_size).to(device)
+    split = load_corpus(cfg.data.path, cfg.data.val_percent, cfg.data.suffixes)
+    train_windows = TokenWindows(split.train, tokenizer, cfg.model.block_size, t.seed)
+    val_windows = TokenWindows(split.val, tokenizer, cfg.model.block_size, t.seed)
+    engine, *_ = moesaic.initialize(model=model, config=cfg.engine_config(), log_dir=str(out / "logs"),
+                                    telemetry_every=t.log_every)
+    history: Dict = {"train": [], "val": [], "load": {}}
+    if resume:
+        _, client = engine.load_checkpoint(ckpts)
+        history = client.get("history", history)
+
+    def save(step: int) -> None:
+        engine.save_checkpoint(ckpts, tag=f"step{step}", client_state={"history": history},
+                               model_config=cfg.to_dict(), keep_last=t.keep_last)
+
+    # 2. train
+    t0, start = time.perf_counter(), engine.global_steps
+    while engine.global_steps < t.steps:
+        step_loss = step_aux = 0.0
+        for m in range(accum):
+            ids = train_windows.batch(micro, rank, engine.global_steps, m).to(device)
+            outputs = engine(input_ids=ids, labels=ids,
+                             output_router_logits=moesaic.hf.router_aux_loss_coef(model) > 0)
+            loss = moesaic.hf.causal_lm_loss(engine, outputs)
+            engine.backward(loss)
+            engine.step()
+            step_loss += float(loss.detach()) / accum
+            aux = getattr(outputs, "aux_loss", None)
+            step_aux += (float(aux.detach()) if aux is not None else 0.0) / accum
+        step = engine.global_steps
+        stats = engine.last_metrics.get("moe", {})
+        history["train"].append([step, step_loss, step_aux, 0.0])
+        for name, figures in stats.items():
+            history["load"].setdefault(name, []).append([step] + list(figures["tokens_per_expert"]))
+        if rank == 0 and not quiet:
+            print(f"step {step}/{t.steps}: loss {step_loss:.4f} aux {step_aux:.4f}", flush=True)
+        if step % t.eval_every == 0 or step == t.steps:
+            val = _evaluate(engine, val_windows, t.eval_batches, micro, device)
+            history["val"].append([step, val])
+            engine.log_metrics({"val": {"loss": val}})
+            if rank == 0 and not quiet:
+                print(f"step {step}: val loss {val:.4f}", flush=True)
+        if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps:
+            save(step)
+    engine.close()
+
+    # 3. export and report
+    export = out / "hf"
+    moesaic.hf.save(model, export)
+    summary: Dict = {}
+    if rank == 0:
+        tokenizer.save_pretrained(str(export))
+        elapsed = time.perf_counter() - t0
+        tokens = micro * accum * cfg.model.block_size * world * (engine.global_steps - start)
+        summary = {"steps": engine.global_steps, "val_loss": history["val"][-1][1] if history["val"] else math.nan,
+                   "tokens_per_s": tokens / max(elapsed, 1e-9), "seconds": elapsed, "world_size": world,
+                   "export": str(export)}
+        (out / "history.json").write_text(json.dumps(history))
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        from .plots import write_plots
+
+        plots: List[Path] = write_plots(history, out / "plots")
+        if not quiet:
+            print(f"\nHugging Face folder: {export}\ncheckpoints: {ckpts}\nlogs: {out / 'logs'}\n"
+                  f"plots: {', '.join(str(p) for p in plots) or 'none'}")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
