@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.subprocess
+
 
 def test_importing_the_bridge_does_not_import_transformers():
     code = "import sys, moesaic, moesaic.hf; print('transformers' in sys.modules)"
