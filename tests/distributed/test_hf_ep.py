@@ -18,7 +18,7 @@ import torch.distributed as dist
 transformers = pytest.importorskip("transformers")
 
 sys.path.insert(0, os.path.dirname(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "unit"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # support.hf_models in spawned ranks
 from launch import run_ranks  # noqa: E402
 
 import moesaic  # noqa: E402
@@ -43,7 +43,7 @@ def _reads(monkeypatch_store):
 
 
 def _worker(rank, world, folders, out_root):
-    from test_hf_bridge import V
+    from support.hf_models import V
 
     torch.manual_seed(0)
     for family, folder in folders.items():
@@ -122,14 +122,14 @@ def _check_same_tensors(src, out):
 
 
 def test_ep2_equals_ep1_and_reads_and_writes_only_its_experts(tmp_path):
-    from test_hf_bridge import build
+    from support.hf_models import build
 
     folders = {f: str(build(f, tmp_path / f)) for f in ("olmoe", "deepseek_v3", "gpt_oss")}
     run_ranks(_worker, 2, folders, str(tmp_path / "out"), timeout_s=400)
 
 
 def _reshard_worker(rank, world, folder, ckpt):
-    from test_hf_bridge import V
+    from support.hf_models import V
 
     config = {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
     ep = moesaic.hf.load(folder, ep_size=2)
@@ -157,7 +157,7 @@ def _reshard_worker(rank, world, folder, ckpt):
 
 
 def test_engine_checkpoint_of_an_ep2_model_reshards_to_ep1(tmp_path):
-    from test_hf_bridge import build
+    from support.hf_models import build
 
     folder = str(build("qwen2_moe", tmp_path / "qwen2_moe"))
     run_ranks(_reshard_worker, 2, folder, str(tmp_path / "ckpt"), timeout_s=300)

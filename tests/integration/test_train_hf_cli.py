@@ -9,7 +9,7 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 from moesaic.train.cli import main  # noqa: E402
-from test_hf_bridge import build  # noqa: E402
+from support.hf_models import build  # noqa: E402
 
 TEXT = "".join(f"the cat {w} on the mat number {i % 7}.\n" for i, w in
                enumerate(["sat", "ran", "sat", "lay", "sat", "hid"] * 60))

@@ -8,7 +8,7 @@ transformers = pytest.importorskip("transformers")
 
 import moesaic  # noqa: E402
 import moesaic.hf  # noqa: E402
-from test_hf_bridge import V, build  # noqa: E402
+from support.hf_models import V, build  # noqa: E402
 
 CONFIG = {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
           "gradient_clipping": 1.0, "moe": {"split_by": "expert"}}

@@ -9,7 +9,7 @@ transformers = pytest.importorskip("transformers")
 
 import moesaic  # noqa: E402
 import moesaic.hf  # noqa: E402
-from test_hf_bridge import COMMON, batch, build, randomise  # noqa: E402
+from support.hf_models import COMMON, batch, build, randomise  # noqa: E402
 
 SIBLING = {"llama": "MixtralForCausalLM", "qwen2": "Qwen2MoeForCausalLM", "qwen3": "Qwen3MoeForCausalLM"}
 
