@@ -266,18 +266,6 @@ class MoE(nn.Module):
         self.deepspeed_moe.ep_group_name = name
 
     # --- forward ---------------------------------------------------------------------------------
-    def _check_input_dtype(self, hidden_states: Tensor) -> None:
-        """Tokens must have the experts' dtype (outside autocast): else torch's matmul error names neither."""
-        if not isinstance(hidden_states, Tensor):
-            raise TypeError(f"hidden_states must be a Tensor, got {type(hidden_states).__name__}")
-        if torch.is_autocast_enabled(hidden_states.device.type):
-            return
-        weight = next(self.deepspeed_moe.experts.parameters(), None)
-        if weight is not None and hidden_states.is_floating_point() and hidden_states.dtype != weight.dtype:
-            raise TypeError(f"hidden_states has dtype {hidden_states.dtype} but the MoE layer "
-                            f"{self.expert_group_name!r} holds {weight.dtype} experts; cast the input "
-                            f"(x.to({weight.dtype})) or the layer, or run under torch.autocast")
-
     def forward(self, hidden_states: Tensor, used_token: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
         """Route, run the experts, combine (and mix in the dense ``mlp`` for a residual MoE).
 
@@ -293,7 +281,6 @@ class MoE(nn.Module):
         A shared expert's output is added to every token's routed output (a masked token's MoE
         output stays zero).
         """
-        self._check_input_dtype(hidden_states)
         output = self.deepspeed_moe(hidden_states, used_token)
         if self.use_residual:
             output_mlp = self.mlp(hidden_states)

@@ -99,6 +99,13 @@ class MOELayer(nn.Module):
         if hidden_states.dim() < 1 or hidden_states.shape[-1] != D:
             raise ValueError(f"hidden_states must have last dimension hidden_size={D}, "
                              f"got shape {tuple(hidden_states.shape)}")
+        weight = next(self.experts.parameters(), None)
+        if (weight is not None and hidden_states.is_floating_point() and hidden_states.dtype != weight.dtype
+                and not torch.is_autocast_enabled(hidden_states.device.type)):
+            # else torch's matmul error names neither the layer nor what to do
+            raise TypeError(f"hidden_states has dtype {hidden_states.dtype} but the MoE layer {self.ep_group_name!r} "
+                            f"holds {weight.dtype} experts; cast the input (x.to({weight.dtype})) or the layer, "
+                            "or run under torch.autocast")
         if self.dispatcher is None:
             raise RuntimeError(f"MoE layer {self.ep_group_name!r} has ep_size={self.ep_size} but no "
                                "expert-parallel process group; call moesaic.setup_expert_parallel(model) or "
