@@ -34,7 +34,8 @@ from ..optim.param_groups import split_params_into_different_moe_groups_for_opti
 from ..optim.schedulers import build_scheduler
 from ..optim.config import torch_scheduler_class
 from ..optim.sharding import plan_shards
-from ..parallel.launch import LaunchEnv, backend_for, resolve_device
+from ..parallel.launch import LaunchEnv, resolve_device
+from ..parallel.process_group import init_distributed
 from .client import ClientOptimizer, class_name, split_client_groups
 from .replicas import sync_replicas
 from .config import EngineConfig
@@ -80,13 +81,7 @@ def _init_distributed(dist_init_required: Optional[bool], distributed_port: int)
     if not env.launched:
         raise RuntimeError("dist_init_required=True but RANK and WORLD_SIZE are not set; launch with torchrun "
                            "(or set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT)")
-    addr = env.master_addr or "127.0.0.1"
-    port = env.master_port or distributed_port
-    device = resolve_device("auto", env.local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend_for(device), init_method=f"tcp://{addr}:{port}", rank=env.rank,
-                            world_size=env.world_size)
+    init_distributed(env=env, default_port=distributed_port, timeout_s=1800.0)  # DeepSpeed's default 30 min
 
 
 def _local_rank(args) -> int:

@@ -8,12 +8,12 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .._checks import check_number
+from .._checks import check_int, check_number
 from .launch import LaunchEnv
 
 
 def init_distributed(backend: Optional[str] = None, timeout_s: float = 300.0,
-                     env: Optional[LaunchEnv] = None) -> Tuple[int, int]:
+                     env: Optional[LaunchEnv] = None, default_port: Optional[int] = None) -> Tuple[int, int]:
     """Join the process group torchrun set up (env:// rendezvous); a no-op if already joined.
 
     The backend is NCCL when CUDA is available, else gloo. ``timeout_s`` bounds every collective,
@@ -23,6 +23,8 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 300.0,
         backend: "gloo", "nccl" or None (by the device).
         timeout_s: the process group's timeout for every collective.
         env: the launch environment (default: :meth:`LaunchEnv.from_environ`).
+        default_port: where ``MASTER_ADDR``/``MASTER_PORT`` are not set, rendezvous on 127.0.0.1 at
+            this port (DeepSpeed's ``distributed_port`` rule); None: both are required.
 
     Returns:
         ``(rank, world_size)``.
@@ -31,8 +33,11 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 300.0,
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     env = env if env is not None else LaunchEnv.from_environ()
-    missing = [k for k, v in (("RANK", env.launched), ("MASTER_ADDR", env.master_addr),
-                              ("MASTER_PORT", env.master_port)) if not v]
+    if default_port is not None:
+        check_int(default_port, "default_port", 1, 65535)
+    addr = env.master_addr or ("127.0.0.1" if default_port is not None else None)
+    port = env.master_port or default_port
+    missing = [k for k, v in (("RANK", env.launched), ("MASTER_ADDR", addr), ("MASTER_PORT", port)) if not v]
     if missing:
         raise RuntimeError(f"init_distributed needs the torchrun environment; missing {missing}. "
                            "Launch with `torchrun --nproc-per-node N script.py`")
@@ -42,5 +47,10 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 300.0,
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     if backend == "nccl":
         torch.cuda.set_device(env.local_rank)
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if env.master_addr and env.master_port:  # torchrun's env:// rendezvous (its agent's store, if any)
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:  # the default_port fallback
+        dist.init_process_group(backend=backend, init_method=f"tcp://{addr}:{port}", rank=env.rank,
+                                world_size=env.world_size, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
