@@ -1,12 +1,14 @@
 """Stacked experts on 2 ranks: the engine with ZeRO stage 2, gradient sync and per-expert checkpoints
-gives exactly what per-module experts give, and checkpoints reshard across ep sizes and layouts.
+gives what per-module experts give (to fp32 round-off: the stacked CPU path runs the expert's
+elementwise middle over all experts' rows at once), and checkpoints reshard across ep sizes and
+layouts exactly.
 
 For ep_size 1 (expert groups owned by one of two replicas: gradients reduced onto the owner's view,
 weights broadcast back into the other's) and ep_size 2: per-module and stacked experts with the
-same weights train for a few steps under ZeRO-2 and under stage 0 to identical parameters. Then the
+same weights train for a few steps under ZeRO-2 and under stage 0 to the same parameters. Then the
 stacked run's checkpoint loads into per-module layers of the other ep size (and the per-module
-run's into stacked ones), and all four hold the same experts; at stage 0 with the optimizer state,
-and training on from the loaded checkpoints stays identical. (At stage 2 the weights only: the
+run's into stacked ones), each bitwise equal to its source; at stage 0 with the optimizer state,
+and training on from the loaded checkpoints stays the same. (At stage 2 the weights only: the
 checkpoint store does not yet gather optimizer state that ZeRO shards over ranks.)
 """
 
@@ -60,6 +62,11 @@ def _train(engine, rank, first=0):
             engine.step()
 
 
+def _close(a, b, tag):
+    eps = torch.finfo(torch.float32).eps
+    torch.testing.assert_close(a, b, rtol=4 * eps, atol=4 * eps * max(1.0, float(a.abs().max())), msg=lambda m: f"{tag}: {m}")
+
+
 def _experts(model):
     return {(n, name): t.clone() for n in model.ffn.experts.local_numbers
             for name, t in model.ffn.experts.expert_state_dict(n).items()}
@@ -82,23 +89,25 @@ def _case(rank, world, root, stage, ep_size):
     _train(ea, rank)
     _train(eb, rank)
     tag = f"rank {rank} stage={stage} ep_size={ep_size}"
-    assert ea.get_global_grad_norm() == eb.get_global_grad_norm(), tag
+    assert abs(ea.get_global_grad_norm() - eb.get_global_grad_norm()) <= 1e-5 * eb.get_global_grad_norm(), tag
     assert _experts(ma).keys() == _experts(mb).keys()
     for key, t in _experts(ma).items():
-        assert torch.equal(t, _experts(mb)[key]), (tag, key)
+        _close(t, _experts(mb)[key], (tag, key))
     for key, t in _dense(ma).items():
-        assert torch.equal(t, _dense(mb)[key]), (tag, key)
+        _close(t, _dense(mb)[key], (tag, key))
     dirs = {name: os.path.join(root, f"{name}-{stage}-{ep_size}") for name in ("modules", "stacked")}
     for name, (model, engine) in (("modules", (ma, ea)), ("stacked", (mb, eb))):
         if stage == 0:
             engine.save_checkpoint(dirs[name], tag="t")
         else:
             moesaic.checkpoint.save(dirs[name], model, tag="t")
-    # the trained experts, gathered by number, for the reshard checks below
-    parts = [None] * world
-    dist.all_gather_object(parts, _experts(ma))
-    trained = {k: v for part in parts for k, v in part.items()}
-    dense = _dense(ma)
+    # the trained experts of each layout, gathered by number, for the reshard checks below
+    trained = {}
+    for name, model in (("modules", ma), ("stacked", mb)):
+        parts = [None] * world
+        dist.all_gather_object(parts, _experts(model))
+        trained[name] = {k: v for part in parts for k, v in part.items()}
+    dense = {"modules": _dense(ma), "stacked": _dense(mb)}
     other = 3 - ep_size  # 1 <-> 2
     loaded = []
     for source, stacked in (("stacked", False), ("modules", True)):
@@ -108,16 +117,16 @@ def _case(rank, world, root, stage, ep_size):
         else:
             moesaic.checkpoint.load(dirs[source], model, tag="t")
         for key, t in _experts(model).items():
-            assert torch.equal(t, trained[key]), (tag, source, other, key)
+            assert torch.equal(t, trained[source][key]), (tag, source, other, key)
         for key, t in _dense(model).items():
-            assert torch.equal(t, dense[key]), (tag, source, other, key)
+            assert torch.equal(t, dense[source][key]), (tag, source, other, key)
         loaded.append((model, engine))
-    if stage == 0:  # the optimizer state came across too: training on stays identical
+    if stage == 0:  # the optimizer state came across too: training on stays the same
         (m1, e1), (m2, e2) = loaded
         _train(e1, rank, first=STEPS)
         _train(e2, rank, first=STEPS)
         for key, t in _experts(m1).items():
-            assert torch.equal(t, _experts(m2)[key]), (tag, "after resuming", key)
+            _close(t, _experts(m2)[key], (tag, "after resuming", key))
 
 
 def test_stacked_experts_train_and_reshard_like_per_module_experts(tmp_path):

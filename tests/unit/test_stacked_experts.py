@@ -1,5 +1,8 @@
-"""Stacked experts keep per-expert identity and give the numbers of per-module experts to the last bit:
-forward and backward, index names, optimizer groups, group-by-group steps, checkpoints across layouts."""
+"""Stacked experts keep per-expert identity and give the numbers of per-module experts: index names,
+optimizer groups, group-by-group steps and checkpoints across layouts exactly; forward and backward
+with the same matmul kernels, equal to fp32 round-off (the elementwise middle of the expert runs over
+all experts' rows at once, where vectorised and scalar code paths split rows differently than per
+expert: a few ulp)."""
 
 import pytest
 import torch
@@ -36,13 +39,19 @@ def _pair(make, **kw):
     return per_module, stacked
 
 
+def _close(a, b, eps=torch.finfo(torch.float32).eps):
+    """Equal to round-off: a few ulp (``eps``) of the values' scale (see the module docstring)."""
+    a, b = a.detach().float(), b.detach().float()
+    torch.testing.assert_close(a, b, rtol=4 * eps, atol=4 * eps * max(1.0, float(a.abs().max())))
+
+
 def _slice_grads(layer):
     return {(n, name): t.grad if t.grad is not None else None
             for n in range(E) for name, t in layer.experts.expert_state_dict(n, keep_vars=True).items()}
 
 
 @pytest.mark.parametrize("name,make", _experts(), ids=[n for n, _ in _experts()])
-def test_outputs_and_gradients_equal_per_module_experts_bitwise(name, make):
+def test_outputs_and_gradients_equal_per_module_experts(name, make):
     a, b = _pair(make)
     x = torch.randn(3, 7, D)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -51,12 +60,13 @@ def test_outputs_and_gradients_equal_per_module_experts_bitwise(name, make):
     g = torch.randn_like(out_a)
     ((out_a * g).sum() + aux_a).backward()
     ((out_b * g).sum() + aux_b).backward()
-    assert torch.equal(out_a, out_b) and torch.equal(xa.grad, xb.grad)
-    assert torch.equal(a.gate.wg.weight.grad, b.gate.wg.weight.grad)
+    _close(out_a, out_b)
+    _close(xa.grad, xb.grad)
+    _close(a.gate.wg.weight.grad, b.gate.wg.weight.grad)
     stacked_params = dict(b.experts.named_parameters())
     for n in range(E):
         for pname, p in a.experts[n].named_parameters():
-            assert torch.equal(p.grad, stacked_params[pname].grad[n]), (n, pname)
+            _close(p.grad, stacked_params[pname].grad[n])
 
 
 def test_expert_without_tokens_gets_zero_gradients_like_per_module():
@@ -169,15 +179,16 @@ def _train(engine, steps, first=0):
             engine.step()
 
 
-def _assert_same_model(a, b):
+def _assert_same_model(a, b, exact=True):
+    same = (lambda p, q: torch.equal(p, q)) if exact else (lambda p, q: _close(p, q) is None)
     for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         if name.startswith("ffn.deepspeed_moe.experts"):
             continue
-        assert torch.equal(p, q), name
+        assert same(p, q), name
     for n in range(E):
         sa, sb = a.ffn.experts.expert_state_dict(n), b.ffn.experts.expert_state_dict(n)
         for name in sa:
-            assert torch.equal(sa[name], sb[name]), (n, name)
+            assert same(sa[name], sb[name]), (n, name)
 
 
 def test_engine_trains_stacked_experts_exactly_as_per_module_experts(tmp_path):
@@ -192,8 +203,8 @@ def test_engine_trains_stacked_experts_exactly_as_per_module_experts(tmp_path):
     assert [g["lr_scale"] for g in oa.param_groups] == [g["lr_scale"] for g in ob.param_groups]
     _train(ea, 3)
     _train(eb, 3)
-    assert ea.get_global_grad_norm() == eb.get_global_grad_norm()
-    _assert_same_model(*nets)
+    assert ea.get_global_grad_norm() == pytest.approx(eb.get_global_grad_norm(), rel=1e-5)
+    _assert_same_model(*nets, exact=False)
 
     # checkpoints move between the layouts: stacked -> per-module and back, optimizer state included
     eb.save_checkpoint(tmp_path, tag="s")
@@ -206,13 +217,14 @@ def test_engine_trains_stacked_experts_exactly_as_per_module_experts(tmp_path):
     fa.load_checkpoint(tmp_path, tag="s")
     ea.save_checkpoint(tmp_path, tag="m")
     fb.load_checkpoint(tmp_path, tag="m")
-    _assert_same_model(nets[0], fresh_a)
+    _assert_same_model(nets[1], fresh_a)  # a checkpoint moves between the layouts exactly
     _assert_same_model(nets[0], fresh_b)
     for e in (ea, eb, fa, fb):
         _train(e, 2, first=3)
-    _assert_same_model(nets[0], nets[1])
-    _assert_same_model(nets[0], fresh_a)
-    _assert_same_model(nets[0], fresh_b)
+    # optimizer state came along: each continues as its source does
+    _assert_same_model(nets[0], nets[1], exact=False)
+    _assert_same_model(nets[1], fresh_a, exact=False)
+    _assert_same_model(nets[0], fresh_b, exact=False)
 
 
 def test_group_by_group_stepping_of_views():
@@ -269,12 +281,14 @@ def test_autocast_computes_as_per_module_experts_do(name, make):
     g = torch.randn_like(out_a)
     ((out_a.float() * g.float()).sum() + aux_a).backward()
     ((out_b.float() * g.float()).sum() + aux_b).backward()
-    assert torch.equal(out_a, out_b) and torch.equal(xa.grad, xb.grad)
+    bf16 = torch.finfo(torch.bfloat16).eps  # computed in bf16: round-off at bf16's scale
+    _close(out_a, out_b, bf16)
+    _close(xa.grad, xb.grad, bf16)
     stacked_params = dict(b.experts.named_parameters())
     for n in range(E):
         for pname, p in a.experts[n].named_parameters():
             assert stacked_params[pname].grad.dtype == p.grad.dtype == torch.float32
-            assert torch.equal(p.grad, stacked_params[pname].grad[n]), (n, pname)
+            _close(p.grad, stacked_params[pname].grad[n], bf16)
 
 
 def test_cpu_outputs_are_row_blocks_of_one_tensor():

@@ -13,14 +13,16 @@ built on, the identity of every expert:
   ``"0.bias"``), in :meth:`StackedExperts.expert_state_dict`, so per-expert checkpoint files move
   between the two layouts, and optimizer state (keyed ``"<layer>/<n>/<name>"``) too;
 * ``weight[i]`` is exactly the ``nn.Linear`` weight of expert i (`(out, in)`), and the CPU path
-  runs the same kernels on the same values as per-module experts, so results are identical to
-  the last bit (``tests/unit/test_stacked_experts.py``).
+  runs the same matmul kernels on the same values as per-module experts; the elementwise middle
+  (activation, gated unit) runs over all experts' rows at once, so results agree with per-module
+  experts to fp32 round-off, a few ulp (``tests/unit/test_stacked_experts.py``).
 
 Compute: on CUDA with bf16 weights and compute capability 9.0 or more (where
 ``torch.nn.functional.grouped_mm`` has fast kernels) one grouped matmul per projection over all
-experts' rows; elsewhere a loop over the experts inside one autograd function per projection,
-whose backward writes each expert's weight gradient straight into its slice of one stacked
-gradient (autograd through ``w[i]`` views would instead build an `[E, ...]` gradient per expert).
+experts' rows; elsewhere a loop over the experts inside one autograd function for the whole
+expert MLP (:mod:`~moesaic.layer.expert_mlp`), whose backward writes each expert's weight
+gradient straight into its slice of one stacked gradient (autograd through ``w[i]`` views would
+instead build an `[E, ...]` gradient per expert).
 
 Shape legend: E = local experts, N = routed rows, D = model dim, F = expert hidden.
 """
@@ -28,6 +30,7 @@ Shape legend: E = local experts, N = routed rows, D = model dim, F = expert hidd
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -36,6 +39,7 @@ from torch import Tensor, nn
 
 from .._checks import check_int
 from .experts import ExpertContainer
+from .expert_mlp import expert_mlp
 from .ffn import ACTIVATIONS, FFNExpert, GLUExpert, activation_fn, glu
 from .identity import tag_stacked_param
 
@@ -138,73 +142,6 @@ class StackedLinear(nn.Module):
                 f"out_features={self.out_features}, bias={self.bias is not None}")
 
 
-class _LinearPerExpert(torch.autograd.Function):
-    """``ys[i] = xs[i] @ weight[i].T + bias[i]`` for every expert, as ``nn.Linear`` computes it.
-
-    The backward runs the same matmuls autograd runs for ``nn.Linear`` (``g @ W`` for the input,
-    ``g.T @ x`` for the weight, ``g.sum(0)`` for the bias) and writes each expert's weight and
-    bias gradients into its slice of one stacked gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, weight: Tensor, bias: Optional[Tensor], *xs: Tensor) -> Tuple[Tensor, ...]:
-        ctx.save_for_backward(weight, *xs)
-        ctx.has_bias = bias is not None
-        # the outputs are row blocks of one buffer, written by the kernels ``nn.Linear`` runs
-        # (addmm / mm), so the combine reads them without concatenating (ops.rows_in_place)
-        sizes = [x.shape[0] for x in xs]
-        ys = xs[0].new_empty(sum(sizes), weight.shape[1]).split(sizes)
-        for i, (x, y) in enumerate(zip(xs, ys)):
-            if bias is None:
-                torch.mm(x, weight[i].t(), out=y)
-            else:
-                torch.addmm(bias[i], x, weight[i].t(), out=y)
-        return ys
-
-    @staticmethod
-    def backward(ctx, *grads: Optional[Tensor]):
-        weight, *xs = ctx.saved_tensors
-        need_w, need_b = ctx.needs_input_grad[0], ctx.has_bias and ctx.needs_input_grad[1]
-        grad_w = torch.empty_like(weight) if need_w else None  # every slice is written below
-        grad_b = weight.new_empty(weight.shape[:2]) if need_b else None
-        # input gradients as row blocks of one buffer too (the dispatcher's backward reads it whole)
-        need_x = ctx.needs_input_grad[2:]
-        rows = [x.shape[0] if need else 0 for x, need in zip(xs, need_x)]
-        grad_buf = xs[0].new_empty(sum(rows), weight.shape[2]).split(rows) if any(need_x) else [None] * len(xs)
-        grad_xs: List[Optional[Tensor]] = []
-        for i, (x, g) in enumerate(zip(xs, grads)):
-            if g is None:  # an output nobody used: zero gradients, as for an expert without tokens
-                g = x.new_zeros(x.shape[0], weight.shape[1])
-            if need_x[i]:
-                grad_xs.append(torch.mm(g, weight[i], out=grad_buf[i]))
-            else:
-                grad_xs.append(None)
-            if need_w:
-                torch.mm(g.t(), x, out=grad_w[i])
-            if need_b:
-                torch.sum(g, 0, out=grad_b[i])
-        return (grad_w, grad_b, *grad_xs)
-
-
-def _linear_per_expert(proj: StackedLinear, xs: Sequence[Tensor]) -> Tuple[Tensor, ...]:
-    """``proj`` applied per expert, with ``nn.Linear``'s autocast behaviour.
-
-    Under autocast ``nn.Linear`` computes in the autocast dtype (inputs, weight and bias cast to
-    it, gradients cast back by autograd); the casts happen here, outside the autograd function,
-    so the function itself always sees one dtype.
-    """
-    weight, bias = proj.weight, proj.bias
-    device_type = weight.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return _LinearPerExpert.apply(weight, bias, *xs)
-    dtype = torch.get_autocast_dtype(device_type)
-    weight = weight.to(dtype)
-    bias = None if bias is None else bias.to(dtype)
-    xs = [x.to(dtype) for x in xs]
-    with torch.autocast(device_type, enabled=False):
-        return _LinearPerExpert.apply(weight, bias, *xs)
-
-
 def _grouped_mm_usable(weight: Tensor) -> bool:
     """Whether ``F.grouped_mm`` has a fast kernel for these weights (CUDA, bf16, sm90+, aligned)."""
     if not hasattr(F, "grouped_mm") or not weight.is_cuda or weight.dtype != torch.bfloat16:
@@ -300,15 +237,6 @@ class StackedExperts(ExpertContainer):
                                "CUDA, bf16 weights, compute capability >= 9.0 and dims that are multiples of 8)")
         return self.use_grouped_mm
 
-    def _activate(self, hs: Sequence[Tensor]) -> List[Tensor]:
-        """The elementwise middle of the expert, piece by piece (gate and up pieces for a GLU)."""
-        s = self.shape
-        if s.kind == "ffn":
-            act = activation_fn(s.activation)
-            return [act(h) for h in hs]
-        gates, ups = hs
-        return [glu(g, u, s.activation, s.swiglu_limit, s.swiglu_alpha) for g, u in zip(gates, ups)]
-
     def forward(self, xs: Sequence[Tensor]) -> List[Tensor]:
         """Run local expert ``i`` on its piece ``xs[i]`` (one `(N_i, D)` piece per local expert).
 
@@ -319,15 +247,28 @@ class StackedExperts(ExpertContainer):
             raise ValueError(f"StackedExperts expects one piece per local expert ({self.num_local_experts}), got {got}")
         if self._grouped():
             return self._forward_grouped(list(xs))
-        projs = self.projections()
-        if self.shape.kind == "ffn":
-            h = _linear_per_expert(projs[0], xs)
-            h = self._activate(h)
-        else:
-            gates = _linear_per_expert(projs[0], xs)
-            ups = _linear_per_expert(projs[1], xs)
-            h = self._activate((gates, ups))
-        return list(_linear_per_expert(projs[-1], h))
+        return list(self._forward_loop(xs))
+
+    def _middle(self) -> Callable[..., Tensor]:
+        """The elementwise function between the input projections and the output projection."""
+        s = self.shape
+        if s.kind == "ffn":
+            return activation_fn(s.activation)
+        return partial(glu, activation=s.activation, swiglu_limit=s.swiglu_limit, swiglu_alpha=s.swiglu_alpha)
+
+    def _forward_loop(self, xs: Sequence[Tensor]) -> Tuple[Tensor, ...]:
+        # one autograd function for the whole MLP (layer/expert_mlp.py), with nn.Linear's autocast
+        # behaviour: under autocast the weights, biases and pieces are cast to the autocast dtype
+        # here, outside the function (autograd casts the gradients back), so it sees one dtype
+        projs = [(p.weight, p.bias) for p in self.projections()]
+        device_type = projs[0][0].device.type
+        if not torch.is_autocast_enabled(device_type):
+            return expert_mlp(self._middle(), projs[:-1], projs[-1], xs)
+        dtype = torch.get_autocast_dtype(device_type)
+        projs = [(w.to(dtype), None if b is None else b.to(dtype)) for w, b in projs]
+        xs = [x.to(dtype) for x in xs]
+        with torch.autocast(device_type, enabled=False):
+            return expert_mlp(self._middle(), projs[:-1], projs[-1], xs)
 
     def _forward_grouped(self, xs: List[Tensor]) -> List[Tensor]:
         # 1. one (N, D) tensor and the group offsets  2. one grouped matmul per projection (biases
@@ -345,9 +286,9 @@ class StackedExperts(ExpertContainer):
 
         projs = self.projections()
         if self.shape.kind == "ffn":
-            (h,) = self._activate([project(x_ND, projs[0])])
+            h = self._middle()(project(x_ND, projs[0]))
         else:
-            (h,) = self._activate(([project(x_ND, projs[0])], [project(x_ND, projs[1])]))
+            h = self._middle()(project(x_ND, projs[0]), project(x_ND, projs[1]))
         return list(project(h, projs[-1]).split(sizes))
 
     def extra_repr(self) -> str:
