@@ -420,3 +420,28 @@ def test_an_empty_batch_gives_an_empty_output_and_a_zero_loss(k, drop_tokens):
     (out.sum() + l_aux).backward()
     grads = [p.grad for p in moe.parameters() if p.grad is not None]
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["per_module", "stacked"])
+def test_a_training_step_leaves_no_reference_cycles(stacked):
+    # the saved-input hooks once formed a cycle (hooks -> bound methods -> hooks) that held every
+    # layer's input and routing after the step until the cyclic collector ran: memory grew by a
+    # layer input per layer and step (a 2.6 MiB/step climb on a 64-expert layer)
+    import gc
+
+    moe = moesaic.MoE(D, moesaic.GLUExpert(D, 2 * D), num_experts=4, k=2, drop_tokens=False,
+                      stacked_experts=stacked)
+
+    def step():
+        out, l_aux, _ = moe(torch.randn(10, D, requires_grad=True))
+        (out.sum() + l_aux).backward()
+        moe.zero_grad(set_to_none=True)
+
+    step()  # the first call creates torch's one-time objects (autograd node classes)
+    gc.collect()
+    gc.disable()
+    try:
+        step()
+        assert gc.collect() == 0
+    finally:
+        gc.enable()

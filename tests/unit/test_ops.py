@@ -57,3 +57,32 @@ def test_gather_backward_reads_row_blocks_as_it_reads_separate_pieces():
     (from_separate,) = torch.autograd.grad(pieces, x, [g.clone() for g in grads.split(sizes)])
     assert torch.equal(from_blocks, from_separate)
     assert torch.equal(from_blocks, torch.zeros(S, D).index_add_(0, token, grads))
+
+
+def test_saved_pieces_rebuild_all_hands_out_each_piece_once():
+    # stacked experts unpack all their saved input pieces at once: one rebuild of all of them, each
+    # piece handed out once (then held only by its consumer); a second backward starts over
+    from moesaic.layer.ops import SavedPieces
+
+    x = torch.randn(7, 3)
+    pieces = [x[:2].clone(), x[2:2].clone(), x[2:].clone()]
+    calls = {"one": 0, "all": 0}
+
+    def one(i):
+        calls["one"] += 1
+        return [x[:2], x[2:2], x[2:]][i].clone()
+
+    def all_():
+        calls["all"] += 1
+        return x.clone().split([2, 0, 5])
+
+    w = torch.randn(3, 3, requires_grad=True)
+    with SavedPieces(pieces, one, all_):
+        outs = [p @ w for p in pieces]  # mm saves each piece for w's gradient
+    (sum(o.sum() for o in outs)).backward(retain_graph=True)
+    assert calls == {"one": 0, "all": 1}
+    torch.testing.assert_close(w.grad, x.t() @ torch.ones(7, 3))
+    w.grad = None
+    outs[0].sum().backward()  # the retained graph asks for piece 0 again
+    assert calls == {"one": 0, "all": 2}
+    torch.testing.assert_close(w.grad, x[:2].t() @ torch.ones(2, 3))

@@ -286,7 +286,7 @@ class AllToAllDispatcher(Dispatcher):
                             recv.detach() if keep_recv else None)
         return list(pieces), meta
 
-    def saved_inputs(self, pieces: Sequence[Tensor], meta: AllToAllMeta) -> ContextManager:
+    def saved_inputs(self, pieces: Sequence[Tensor], meta: AllToAllMeta, together: bool = False) -> ContextManager:
         if meta.recv is None:
             return contextlib.nullcontext()
         start, end = meta.own

@@ -45,8 +45,12 @@ class Dispatcher(ABC):
     def combine(self, outputs: Sequence[Tensor], meta: Any) -> Tensor:
         """The experts' outputs (one per piece) weighted and summed back onto the `(S, D)` tokens."""
 
-    def saved_inputs(self, pieces: Sequence[Tensor], meta: Any) -> ContextManager:
-        """A context for the experts' forward that stores their saved inputs cheaply (default: as they are)."""
+    def saved_inputs(self, pieces: Sequence[Tensor], meta: Any, together: bool = False) -> ContextManager:
+        """A context for the experts' forward that stores their saved inputs cheaply (default: as they are).
+
+        ``together``: the experts' backward asks for all its saved pieces at once (stacked experts),
+        so a dispatcher may rebuild them in one go.
+        """
         return contextlib.nullcontext()
 
 
@@ -78,10 +82,13 @@ class LocalDispatcher(Dispatcher):
         pieces = gather_pieces(x_SD, routing.token_idx_N, sizes)
         return list(pieces), LocalMeta(routing, x_SD.detach(), sizes)
 
-    def saved_inputs(self, pieces: Sequence[Tensor], meta: LocalMeta) -> ContextManager:
+    def saved_inputs(self, pieces: Sequence[Tensor], meta: LocalMeta, together: bool = False) -> ContextManager:
         # the layer input stays alive (the router saved it): re-gather a piece instead of keeping it
-        index = meta.routing.token_idx_N.split(list(meta.sizes))
-        return SavedPieces(pieces, lambda i: gather_rows(meta.x_SD, index[i]))
+        # (all pieces in one gather when the experts' backward wants them together)
+        index_N = meta.routing.token_idx_N
+        index = index_N.split(list(meta.sizes))
+        rebuild_all = (lambda: gather_rows(meta.x_SD, index_N).split(list(meta.sizes))) if together else None
+        return SavedPieces(pieces, lambda i: gather_rows(meta.x_SD, index[i]), rebuild_all)
 
     def combine(self, outputs: Sequence[Tensor], meta: LocalMeta) -> Tensor:
         r = meta.routing

@@ -110,7 +110,7 @@ class _ExpertMLP(torch.autograd.Function):
         del mid, mid_pieces, grad_mid
 
         # the input projections: weight and bias gradients, and the input gradient summed over
-        # the projections in autograd's order (each product formed, then added)
+        # the projections
         rows = [x.shape[0] if n else 0 for x, n in zip(xs, need_x)]
         grad_x_buf = xs[0].new_empty(sum(rows), weights[0].shape[2]).split(rows) if any(need_x) else None
         grad_h_t = [g.t().split(sizes, dim=1) for g in grad_hs]  # piece i's gradient, transposed
@@ -129,8 +129,8 @@ class _ExpertMLP(torch.autograd.Function):
                 grad_xs.append(None)
                 continue
             gx = torch.mm(grad_h[0][i], w_in[0][i], out=grad_x_buf[i])
-            for p in range(1, num_in):
-                gx.add_(torch.mm(grad_h[p][i], w_in[p][i]))
+            for p in range(1, num_in):  # accumulated by the matmul: no temporary per expert
+                gx.addmm_(grad_h[p][i], w_in[p][i])
             grad_xs.append(gx)
         return (None, None, None, *grad_w, *grad_b, *grad_xs)
 

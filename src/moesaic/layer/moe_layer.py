@@ -118,7 +118,7 @@ class MOELayer(nn.Module):
         num_sequences = math.prod(hidden_states.shape[:-2]) if hidden_states.dim() >= 3 else 1
         routing = self.gate(x_SD, used_token, num_sequences=num_sequences)
         pieces, meta = self.dispatcher.dispatch(x_SD, routing)
-        with self.dispatcher.saved_inputs(pieces, meta):
+        with self.dispatcher.saved_inputs(pieces, meta, together=getattr(self.experts, "unpacks_inputs_together", False)):
             outputs = self.experts(pieces)
         del pieces  # the experts' saved inputs are the only references left
         out_SD = self.dispatcher.combine(outputs, meta)

@@ -78,6 +78,7 @@ class _Permute(torch.autograd.Function):
         ctx.save_for_backward(index_N)
         ctx.num_rows = x_SD.shape[0]
         ctx.sizes = list(sizes)
+        # separate tensors, not views of one gather: an expert may modify its input in place
         return tuple(gather_rows(x_SD.detach(), piece) for piece in index_N.split(ctx.sizes))
 
     @staticmethod
@@ -213,10 +214,16 @@ class SavedPieces:
     Args:
         pieces: the experts' input pieces.
         rebuild: ``rebuild(i)`` returns a tensor equal to ``pieces[i]`` (without autograd).
+        rebuild_all: optional; returns every piece at once (one gather instead of one per
+            piece). Given, the first unpack rebuilds all pieces and hands each out when asked;
+            suits experts that unpack all their inputs together (stacked experts' one backward).
     """
 
-    def __init__(self, pieces: Sequence[Tensor], rebuild: Callable[[int], Tensor]) -> None:
+    def __init__(self, pieces: Sequence[Tensor], rebuild: Callable[[int], Tensor],
+                 rebuild_all: Optional[Callable[[], Sequence[Tensor]]] = None) -> None:
         self._rebuild = rebuild
+        self._rebuild_all = rebuild_all
+        self._rebuilt: Optional[List[Optional[Tensor]]] = None
         # a piece is matched by storage, shape and strides, and must not have been modified since
         self._keys = {_key(p): (i, p._version) for i, p in enumerate(pieces) if p.numel()}
         self._device = pieces[0].device if len(pieces) else None
@@ -230,16 +237,32 @@ class SavedPieces:
         return t
 
     def _unpack(self, packed):
-        if isinstance(packed, _PieceRef):
+        if not isinstance(packed, _PieceRef):
+            return packed
+        if self._rebuild_all is None:
             return self._rebuild(packed.i)
-        return packed
+        # every piece at once (one gather), handed out one by one; each is then held only by
+        # the backward that asked for it
+        if self._rebuilt is None:
+            packed_ids = {i for i, _ in self._keys.values()}
+            self._rebuilt = [p if i in packed_ids else None for i, p in enumerate(self._rebuild_all())]
+        piece = self._rebuilt[packed.i]
+        if piece is None:  # asked for twice (a retained graph): rebuild it alone
+            return self._rebuild(packed.i)
+        self._rebuilt[packed.i] = None
+        if all(p is None for p in self._rebuilt):
+            self._rebuilt = None  # a second backward (retain_graph) starts over
+        return piece
 
     def __enter__(self):
         self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc):
-        return self._hooks.__exit__(*exc)
+        # drop the hooks object: it holds this object's bound methods, a reference cycle that
+        # kept every layer's input and routing alive until Python's cyclic collector ran
+        hooks, self._hooks = self._hooks, None
+        return hooks.__exit__(*exc)
 
 
 def _key(t: Tensor):

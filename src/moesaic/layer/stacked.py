@@ -181,6 +181,9 @@ class StackedExperts(ExpertContainer):
         self.expert_group_name = expert_group_name
         self.ep_rank = 0
         self.use_grouped_mm: Optional[bool] = None
+        # the backward of the whole MLP asks for every saved input piece at once (dispatchers
+        # may rebuild them in one gather)
+        self.unpacks_inputs_together = True
         self.tag(expert_group_name, ep_rank)
 
     # --- identity -------------------------------------------------------------------------------
