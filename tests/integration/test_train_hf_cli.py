@@ -68,3 +68,86 @@ def test_train_hf_refuses_model_keys_and_a_folder_without_tokenizer(folder, tmp_
     bare = build("olmoe", tmp_path / "bare")
     assert main(_args(bare, data, tmp_path / "y", 2)) == 2
     assert "no tokenizer" in capsys.readouterr().err
+
+
+def test_train_hf_stops_on_sigterm_after_the_step_and_resumes_exactly(folder, tmp_path, monkeypatch, capsys):
+    # SIGTERM in the middle of step 3: the step finishes, its checkpoint is saved, one line says how
+    # to resume, the exit code is 143; the resumed run exports what an uninterrupted run exports
+    import os
+    import signal
+
+    import moesaic.hf
+
+    path, data = folder
+    assert main(_args(path, data, tmp_path / "whole", 5)) == 0
+    real, calls = moesaic.hf.causal_lm_loss, []
+
+    def loss_then_signal(engine, outputs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(engine, outputs)
+
+    monkeypatch.setattr(moesaic.hf, "causal_lm_loss", loss_then_signal)
+    capsys.readouterr()
+    assert main(_args(path, data, tmp_path / "split", 5)) == 143
+    out = capsys.readouterr().out
+    assert f"stopped at step 3 (SIGTERM), checkpoint {tmp_path / 'split' / 'checkpoints' / 'step3'}" in out
+    assert "--resume" in out.strip().splitlines()[-1]
+    assert not (tmp_path / "split" / "hf").exists()  # no export of an unfinished run
+    monkeypatch.setattr(moesaic.hf, "causal_lm_loss", real)
+    assert main(_args(path, data, tmp_path / "split", 5, "--resume")) == 0
+    whole, resumed = _tensors(tmp_path / "whole" / "hf"), _tensors(tmp_path / "split" / "hf")
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+def test_train_hf_refuses_a_micro_batch_that_cannot_fit(folder, tmp_path, capsys):
+    path, data = folder
+    assert main(_args(path, data, tmp_path / "big", 2, "--set", "engine.train_micro_batch_size_per_gpu=100000000")) == 2
+    err = capsys.readouterr().err
+    assert "engine.train_micro_batch_size_per_gpu is too large for this machine" in err
+    assert not (tmp_path / "big").exists()
+
+
+MEASURE_ACTIVATIONS = r'''
+import json, sys, torch
+import moesaic.hf
+from moesaic.train.hf_memory import activation_elements_per_token
+folder, B, S, stacked = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) * 1024
+model = moesaic.hf.load(folder, stacked_experts=stacked).train()
+ids = torch.randint(0, model.config.vocab_size, (B, S))
+out = model(input_ids=ids, labels=ids, output_router_logits=True)
+out.loss.backward()
+model.zero_grad(set_to_none=True)
+del out
+before = rss()
+out = model(input_ids=ids, labels=ids, output_router_logits=True)
+measured = rss() - before
+estimate = activation_elements_per_token(json.load(open(folder + "/config.json"))) * B * S * 4
+print(json.dumps({"measured": measured, "estimate": estimate}))
+'''
+
+
+@pytest.mark.parametrize("stacked", ["0", "1"], ids=["per_module", "stacked"])
+def test_train_hf_activation_estimate_is_within_25_percent_of_a_measured_forward(tmp_path, stacked):
+    # a fresh process whose large buffers are mmapped (RSS follows the tensors) measures what one
+    # forward keeps for backward; the pre-check's estimate must be within 25% of it
+    import os
+    import subprocess
+    import sys
+
+    cfg = transformers.OlmoeConfig(hidden_size=128, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=4, num_experts=16, num_experts_per_tok=4, vocab_size=512,
+                                   max_position_embeddings=256, norm_topk_prob=False)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", MEASURE_ACTIVATIONS, str(tmp_path / "m"), "8", "256", stacked],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert 0.75 <= figures["estimate"] / figures["measured"] <= 1.25, figures

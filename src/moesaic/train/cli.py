@@ -137,22 +137,27 @@ def cmd_train_hf(args, argv: List[str], env: LaunchEnv) -> int:
     from moesaic.hf.files import open_folder
 
     from .hf import check_hf_config, load_tokenizer, run_hf
+    from .hf_memory import check_hf_memory
 
     cfg, _ = _load_config(args)
     hf_path = Path(args.hf)
     out = Path(args.out or Path("runs") / hf_path.name)
+    command = args.resume_command or resume_command(argv, out)
     if env.launched:
-        run_hf(cfg, hf_path, out, resume=args.resume, quiet=args.quiet, env=env)
+        run_hf(cfg, hf_path, out, resume=args.resume, quiet=args.quiet, env=env, resume_command=command)
         return 0
     # checks that must fail before any process starts
     open_folder(hf_path)
     check_hf_config(cfg)
     load_tokenizer(hf_path)
     load_corpus(cfg.data.path, cfg.data.val_percent, cfg.data.suffixes)
+    device = resolve_device(cfg.train.device, key="train.device")
+    check_hf_memory(hf_path, cfg, device, cfg.train.nproc)
     if cfg.train.nproc == 1:
-        run_hf(cfg, hf_path, out, resume=args.resume, quiet=args.quiet, env=env)
+        run_hf(cfg, hf_path, out, resume=args.resume, quiet=args.quiet, env=env, resume_command=command)
         return 0
-    worker_args = _drop_flag(argv, "--nproc", True) + ["--out", str(out), "--set", f"train.nproc={cfg.train.nproc}"]
+    worker_args = _drop_flag(argv, "--nproc", True) + ["--out", str(out), "--set", f"train.nproc={cfg.train.nproc}",
+                                                       "--resume-command", command]
     return launch(worker_args, cfg.train.nproc, threads_per_process=max(1, (os.cpu_count() or 1) // cfg.train.nproc))
 
 

@@ -27,7 +27,9 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
 import time
+import warnings
 import zlib
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -42,6 +44,8 @@ from moesaic.parallel.launch import LaunchEnv, backend_for, resolve_device
 
 from .config import TrainConfig
 from .data import ByteCorpus, load_corpus
+from .hf_memory import check_hf_memory
+from .stop import Stopped, StopRequest
 
 HF_DEFAULTS = {
     "model": {"block_size": 256},
@@ -118,9 +122,54 @@ def _evaluate(engine, windows: TokenWindows, batches: int, rows: int, device) ->
     return total / batches
 
 
+def _train_step(engine, model, train_windows: "TokenWindows", val_windows: "TokenWindows", history: Dict,
+                cfg: TrainConfig, micro: int, accum: int, rank: int, device, quiet: bool, stop: StopRequest,
+                deadline: Optional[float], save):
+    """One optimizer step (``accum`` micro-batches), its records, evaluation and checkpoint.
+
+    Returns ``(signal number or None, out of time, checkpoint saved this step or None)`` as every
+    rank agrees on them.
+    """
+    t = cfg.train
+    step_loss = step_aux = 0.0
+    for m in range(accum):
+        ids = train_windows.batch(micro, rank, engine.global_steps, m).to(device)
+        outputs = engine(input_ids=ids, labels=ids,
+                         output_router_logits=moesaic.hf.router_aux_loss_coef(model) > 0)
+        loss = moesaic.hf.causal_lm_loss(engine, outputs)
+        engine.backward(loss)
+        engine.step()
+        step_loss += float(loss.detach()) / accum
+        aux = getattr(outputs, "aux_loss", None)
+        step_aux += (float(aux.detach()) if aux is not None else 0.0) / accum
+    step = engine.global_steps
+    stats = engine.last_metrics.get("moe", {})
+    history["train"].append([step, step_loss, step_aux, 0.0])
+    for name, figures in stats.items():
+        history["load"].setdefault(name, []).append([step] + list(figures["tokens_per_expert"]))
+    if rank == 0 and not quiet:
+        print(f"step {step}/{t.steps}: loss {step_loss:.4f} aux {step_aux:.4f}", flush=True)
+    if step % t.eval_every == 0 or step == t.steps:
+        val = _evaluate(engine, val_windows, t.eval_batches, micro, device)
+        history["val"].append([step, val])
+        engine.log_metrics({"val": {"loss": val}})
+        if rank == 0 and not quiet:
+            print(f"step {step}: val loss {val:.4f}", flush=True)
+    signum, late = stop.agree(deadline is not None and time.monotonic() > deadline, device)
+    saved = None
+    if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps or signum or late:
+        saved = save(step)
+    return signum, late, saved
+
+
 def run_hf(cfg: TrainConfig, hf_path: Path, out: Path, resume: bool = False, quiet: bool = False,
-           env: Optional[LaunchEnv] = None) -> Dict:
-    """Fine-tune the model in ``hf_path`` (see module docstring); returns the summary on rank 0."""
+           env: Optional[LaunchEnv] = None, resume_command: Optional[str] = None) -> Dict:
+    """Fine-tune the model in ``hf_path`` (see module docstring); returns the summary on rank 0.
+
+    Raises:
+        Stopped: SIGINT/SIGTERM stopped the run; every rank finished its step and the checkpoint
+            of that step is saved (no export: the resumed run exports at its end).
+    """
     env = LaunchEnv.from_environ() if env is None else env
     t = cfg.train
     device = resolve_device(t.device, env.local_rank, "train.device")
@@ -139,6 +188,10 @@ def run_hf(cfg: TrainConfig, hf_path: Path, out: Path, resume: bool = False, qui
     if resume and not (ckpts / "latest").exists():
         raise FileNotFoundError(f"--resume: no checkpoint in {ckpts} (nothing to resume)")
 
+    note = check_hf_memory(hf_path, cfg, device, env.local_world_size)
+    if note and rank == 0 and not quiet:
+        warnings.warn(note, RuntimeWarning, stacklevel=2)
+
     # 1. model, tokenizer, data
     tokenizer = load_tokenizer(hf_path)
     model = moesaic.hf.load(hf_path, ep_size=cfg.model.ep_size).to(device)
@@ -152,41 +205,36 @@ def run_hf(cfg: TrainConfig, hf_path: Path, out: Path, resume: bool = False, qui
         _, client = engine.load_checkpoint(ckpts)
         history = client.get("history", history)
 
-    def save(step: int) -> None:
-        engine.save_checkpoint(ckpts, tag=f"step{step}", client_state={"history": history},
-                               model_config=cfg.to_dict(), keep_last=t.keep_last)
+    def save(step: int):
+        return engine.save_checkpoint(ckpts, tag=f"step{step}", client_state={"history": history},
+                                      model_config=cfg.to_dict(), keep_last=t.keep_last)
 
-    # 2. train
-    t0, start = time.perf_counter(), engine.global_steps
-    while engine.global_steps < t.steps:
-        step_loss = step_aux = 0.0
-        for m in range(accum):
-            ids = train_windows.batch(micro, rank, engine.global_steps, m).to(device)
-            outputs = engine(input_ids=ids, labels=ids,
-                             output_router_logits=moesaic.hf.router_aux_loss_coef(model) > 0)
-            loss = moesaic.hf.causal_lm_loss(engine, outputs)
-            engine.backward(loss)
-            engine.step()
-            step_loss += float(loss.detach()) / accum
-            aux = getattr(outputs, "aux_loss", None)
-            step_aux += (float(aux.detach()) if aux is not None else 0.0) / accum
-        step = engine.global_steps
-        stats = engine.last_metrics.get("moe", {})
-        history["train"].append([step, step_loss, step_aux, 0.0])
-        for name, figures in stats.items():
-            history["load"].setdefault(name, []).append([step] + list(figures["tokens_per_expert"]))
+    def on_signal(signum: int) -> None:
         if rank == 0 and not quiet:
-            print(f"step {step}/{t.steps}: loss {step_loss:.4f} aux {step_aux:.4f}", flush=True)
-        if step % t.eval_every == 0 or step == t.steps:
-            val = _evaluate(engine, val_windows, t.eval_batches, micro, device)
-            history["val"].append([step, val])
-            engine.log_metrics({"val": {"loss": val}})
-            if rank == 0 and not quiet:
-                print(f"step {step}: val loss {val:.4f}", flush=True)
-        if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps:
-            save(step)
-    engine.close()
+            print(f"{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+                  "(send it again to abort without saving)", flush=True)
 
+    # 2. train; at every step boundary the ranks agree whether a signal or train.max_minutes stops
+    # them (moesaic.train.stop), save together and stop after the same step
+    t0, start = time.perf_counter(), engine.global_steps
+    deadline = time.monotonic() + 60 * t.max_minutes if t.max_minutes else None
+    signum, late, saved = None, False, None
+    with StopRequest(on_first=on_signal) as stop:
+        while engine.global_steps < t.steps:
+            signum, late, saved = _train_step(engine, model, train_windows, val_windows, history, cfg, micro, accum,
+                                              rank, device, quiet, stop, deadline, save)
+            if signum or late:
+                break
+    engine.close()
+    step = engine.global_steps
+    if signum and step < t.steps:  # (a signal during the last step: the run is complete)
+        if world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+        raise Stopped(step, saved, signum, resume_command)
+    if late and rank == 0 and not quiet:
+        print(f"stopped early: train.max_minutes={t.max_minutes} ran out at step {step} of {t.steps}; "
+              f"checkpoint {saved}; the export below holds the model at step {step}", flush=True)
     # 3. export and report
     export = out / "hf"
     moesaic.hf.save(model, export)
@@ -195,7 +243,8 @@ def run_hf(cfg: TrainConfig, hf_path: Path, out: Path, resume: bool = False, qui
         tokenizer.save_pretrained(str(export))
         elapsed = time.perf_counter() - t0
         tokens = micro * accum * cfg.model.block_size * world * (engine.global_steps - start)
-        summary = {"steps": engine.global_steps, "val_loss": history["val"][-1][1] if history["val"] else math.nan,
+        summary = {"steps": engine.global_steps, "target_steps": t.steps, "complete": step >= t.steps,
+                   "val_loss": history["val"][-1][1] if history["val"] else math.nan,
                    "tokens_per_s": tokens / max(elapsed, 1e-9), "seconds": elapsed, "world_size": world,
                    "export": str(export)}
         (out / "history.json").write_text(json.dumps(history))
