@@ -249,7 +249,7 @@ class AllToAllDispatcher(Dispatcher):
                                   "expert-parallel group; pad the batches or use drop_tokens=False")
         return recv[:, 3:].tolist()  # [P][L]: routes each peer sends to each of my local experts
 
-    def dispatch(self, x_SD: Tensor, routing: Routing) -> Tuple[List[Tensor], AllToAllMeta]:
+    def dispatch(self, x_SD: Tensor, routing: Routing, together: bool = False) -> Tuple[List[Tensor], AllToAllMeta]:
         # 1. header: agreement, and the counts for my local experts
         if routing.tokens_per_expert_E.numel() != self.E:
             raise ValueError(f"routing is over {routing.tokens_per_expert_E.numel()} experts, the layer has {self.E}")

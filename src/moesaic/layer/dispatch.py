@@ -38,8 +38,12 @@ class Dispatcher(ABC):
     num_local_experts: int
 
     @abstractmethod
-    def dispatch(self, x_SD: Tensor, routing: Routing) -> Tuple[List[Tensor], Any]:
-        """Returns one `(N_l, D)` input piece per local expert (in local order) and the metadata."""
+    def dispatch(self, x_SD: Tensor, routing: Routing, together: bool = False) -> Tuple[List[Tensor], Any]:
+        """Returns one `(N_l, D)` input piece per local expert (in local order) and the metadata.
+
+        ``together``: the experts take all pieces as one batch and never modify them in place
+        (stacked experts), so the pieces may be row blocks of one tensor.
+        """
 
     @abstractmethod
     def combine(self, outputs: Sequence[Tensor], meta: Any) -> Tensor:
@@ -74,12 +78,12 @@ class LocalDispatcher(Dispatcher):
         check_int(num_experts, "num_experts", 1)
         self.num_local_experts = num_experts
 
-    def dispatch(self, x_SD: Tensor, routing: Routing) -> Tuple[List[Tensor], LocalMeta]:
+    def dispatch(self, x_SD: Tensor, routing: Routing, together: bool = False) -> Tuple[List[Tensor], LocalMeta]:
         if routing.tokens_per_expert_E.numel() != self.num_local_experts:
             raise ValueError(f"routing is over {routing.tokens_per_expert_E.numel()} experts but this dispatcher "
                              f"holds {self.num_local_experts}")
         sizes = tuple(routing.tokens_per_expert_E.tolist())
-        pieces = gather_pieces(x_SD, routing.token_idx_N, sizes)
+        pieces = gather_pieces(x_SD, routing.token_idx_N, sizes, as_views=together)
         return list(pieces), LocalMeta(routing, x_SD.detach(), sizes)
 
     def saved_inputs(self, pieces: Sequence[Tensor], meta: LocalMeta, together: bool = False) -> ContextManager:

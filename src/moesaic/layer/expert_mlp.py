@@ -33,23 +33,91 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .ops import rows_in_place
+
 # the elementwise middle: the input projections' outputs -> the output projection's input
 Middle = Callable[..., Tensor]
 
 
-def _project(xs: Sequence[Tensor], weight: Tensor, bias: Optional[Tensor], out: Tensor) -> Tensor:
-    """Row block i of ``out`` = ``xs[i] @ weight[i].T (+ bias[i])``; returns ``out``."""
-    # the per-expert views come from one call each (unbind) rather than an index and a
-    # transpose per expert: with 64+ experts the Python loop is a visible part of the layer
-    weights_t = weight.transpose(1, 2).unbind(0)
-    blocks = out.split([x.shape[0] for x in xs])
-    if bias is None:
-        for x, w_t, y in zip(xs, weights_t, blocks):
-            torch.mm(x, w_t, out=y)
-    else:
-        for x, w_t, b, y in zip(xs, weights_t, bias.unbind(0), blocks):
-            torch.addmm(b, x, w_t, out=y)
-    return out
+def _whole(pieces: Sequence[Tensor]) -> Tensor:
+    """The pieces as one `(N, X)` tensor: read in place when they are row blocks of one, else concatenated."""
+    whole = rows_in_place(pieces) if len(pieces) > 1 else (pieces[0] if pieces[0].is_contiguous() else None)
+    return whole if whole is not None else torch.cat(list(pieces))
+
+
+class _Grouped:
+    """The per-expert matmuls as ``torch._grouped_mm`` calls (a loop over the experts in C++).
+
+    Used on the CPU where every operand's rows are 16-byte aligned (the kernel's requirement) and
+    there are no biases: the same ``mm`` per expert as the Python loop (bitwise equal), without
+    64+ Python calls per matmul.
+    """
+
+    def __init__(self, sizes: List[int], device) -> None:
+        self.sizes = sizes
+        self.offs = torch.tensor(sizes, device=device).cumsum(0).to(torch.int32)
+
+    def project(self, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        """Row block i = ``x_i @ weight[i].T`` (no bias: see _grouped_usable)."""
+        return torch._grouped_mm(x, weight.transpose(1, 2), offs=self.offs)
+
+    def input_grad(self, g: Tensor, weight: Tensor, accumulate: Optional[Tensor] = None) -> Tensor:
+        """Row block i = ``g_i @ weight[i]`` (added onto ``accumulate`` when given)."""
+        out = torch._grouped_mm(g, weight, offs=self.offs)
+        return out if accumulate is None else accumulate.add_(out)
+
+    def weight_grad(self, g: Tensor, x: Tensor, bias_grad: bool) -> Tuple[Tensor, Optional[Tensor]]:
+        """``(g_i.T @ x_i`` stacked, ``None``): the loop handles biases."""
+        return torch._grouped_mm(g.t(), x, offs=self.offs), None
+
+
+class _Loop:
+    """The per-expert matmuls as a Python loop of ``mm``/``addmm`` into slices (any shape, biases)."""
+
+    def __init__(self, sizes: List[int], device) -> None:
+        self.sizes = sizes
+
+    def project(self, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        out = x.new_empty(x.shape[0], weight.shape[1])
+        # per-expert views from one call each (unbind, split) rather than an index and a
+        # transpose per expert: with 64+ experts the loop's Python is a visible cost
+        weights_t = weight.transpose(1, 2).unbind(0)
+        rows = zip(x.split(self.sizes), out.split(self.sizes))
+        if bias is None:
+            for (xi, yi), w_t in zip(rows, weights_t):
+                torch.mm(xi, w_t, out=yi)
+        else:
+            for (xi, yi), w_t, b in zip(rows, weights_t, bias.unbind(0)):
+                torch.addmm(b, xi, w_t, out=yi)
+        return out
+
+    def input_grad(self, g: Tensor, weight: Tensor, accumulate: Optional[Tensor] = None) -> Tensor:
+        out = g.new_empty(g.shape[0], weight.shape[2]) if accumulate is None else accumulate
+        for gi, w, oi in zip(g.split(self.sizes), weight.unbind(0), out.split(self.sizes)):
+            if accumulate is None:
+                torch.mm(gi, w, out=oi)
+            else:
+                oi.addmm_(gi, w)
+        return out
+
+    def weight_grad(self, g: Tensor, x: Tensor, bias_grad: bool) -> Tuple[Tensor, Optional[Tensor]]:
+        E = len(self.sizes)
+        grad_w = g.new_empty(E, g.shape[1], x.shape[1])
+        grad_b = g.new_empty(E, g.shape[1]) if bias_grad else None
+        g_t = g.t().split(self.sizes, dim=1)
+        for i, (gi, xi) in enumerate(zip(g_t, x.split(self.sizes))):
+            torch.mm(gi, xi, out=grad_w[i])
+            if grad_b is not None:
+                torch.sum(gi, 1, out=grad_b[i])
+        return grad_w, grad_b
+
+
+def _grouped_usable(tensors: Sequence[Tensor], biases: Sequence[Optional[Tensor]]) -> bool:
+    ref = tensors[0]
+    if not hasattr(torch, "_grouped_mm") or ref.device.type != "cpu" or any(b is not None for b in biases):
+        return False
+    align = 16 // ref.element_size()
+    return all(t.shape[-1] % align == 0 and t.shape[-2] % align == 0 for t in tensors)
 
 
 class _ExpertMLP(torch.autograd.Function):
@@ -65,20 +133,19 @@ class _ExpertMLP(torch.autograd.Function):
         weights = args[:num_in + 1]
         biases = args[num_in + 1:2 * num_in + 2]
         xs = args[2 * num_in + 2:]
-        rows = sum(sizes)
-        ref = xs[0]
-        hs = [_project(xs, w, b, ref.new_empty(rows, w.shape[1])) for w, b in zip(weights[:num_in], biases[:num_in])]
+        x = _whole(xs)
+        ops = (_Grouped if _grouped_usable(weights, biases) else _Loop)(sizes, x.device)
+        hs = [ops.project(x, w, b) for w, b in zip(weights[:num_in], biases[:num_in])]
         mid = middle(*hs)
-        out_w, out_b = weights[num_in], biases[num_in]
-        y = _project(mid.split(sizes), out_w, out_b, ref.new_empty(rows, out_w.shape[1]))
-        ctx.middle, ctx.num_in, ctx.sizes = middle, num_in, sizes
+        y = ops.project(mid, weights[num_in], biases[num_in])
+        ctx.middle, ctx.num_in, ctx.sizes, ctx.ops = middle, num_in, sizes, ops
         ctx.has_bias = [b is not None for b in biases]
         ctx.save_for_backward(*weights, *hs, *xs)
         return tuple(y.split(sizes))
 
     @staticmethod
     def backward(ctx, *grads: Optional[Tensor]):
-        num_in, sizes = ctx.num_in, ctx.sizes
+        num_in, sizes, ops = ctx.num_in, ctx.sizes, ctx.ops
         saved = ctx.saved_tensors
         weights = saved[:num_in + 1]
         hs = saved[num_in + 1:2 * num_in + 1]
@@ -86,52 +153,36 @@ class _ExpertMLP(torch.autograd.Function):
         need = ctx.needs_input_grad[3:]
         need_w = need[:num_in + 1]
         need_b = [n and has for n, has in zip(need[num_in + 1:2 * num_in + 2], ctx.has_bias)]
-        need_x = need[2 * num_in + 2:]
-        grad_ys = [g if g is not None else x.new_zeros(x.shape[0], weights[num_in].shape[1])
-                   for g, x in zip(grads, xs)]
-        grad_w: List[Optional[Tensor]] = [torch.empty_like(w) if n else None for w, n in zip(weights, need_w)]
-        grad_b: List[Optional[Tensor]] = [w.new_empty(w.shape[:2]) if n else None for w, n in zip(weights, need_b)]
+        need_x = any(need[2 * num_in + 2:])
+        grad_y = _whole([g if g is not None else x.new_zeros(x.shape[0], weights[num_in].shape[1])
+                         for g, x in zip(grads, xs)])
+        grad_w: List[Optional[Tensor]] = [None] * (num_in + 1)
+        grad_b: List[Optional[Tensor]] = [None] * (num_in + 1)
 
         # the middle again, under autograd, for its output (the output projection's saved input)
         # and its gradient
         inputs = [h.detach().requires_grad_() for h in hs]
         with torch.enable_grad():
             mid = ctx.middle(*inputs)
-        mid_pieces = mid.detach().split(sizes)
-        out_w = weights[num_in].unbind(0)
-        grad_mid = mid.new_empty(mid.shape)
-        for i, (g, gm) in enumerate(zip(grad_ys, grad_mid.split(sizes))):
-            torch.mm(g, out_w[i], out=gm)
-            if grad_w[num_in] is not None:
-                torch.mm(g.t(), mid_pieces[i], out=grad_w[num_in][i])
-            if grad_b[num_in] is not None:
-                torch.sum(g, 0, out=grad_b[num_in][i])
+        grad_mid = ops.input_grad(grad_y, weights[num_in])
+        if need_w[num_in] or need_b[num_in]:
+            grad_w[num_in], grad_b[num_in] = ops.weight_grad(grad_y, mid.detach(), need_b[num_in])
         grad_hs = torch.autograd.grad(mid, inputs, grad_mid)
-        del mid, mid_pieces, grad_mid
+        del mid, grad_mid, grad_y
 
         # the input projections: weight and bias gradients, and the input gradient summed over
         # the projections
-        rows = [x.shape[0] if n else 0 for x, n in zip(xs, need_x)]
-        grad_x_buf = xs[0].new_empty(sum(rows), weights[0].shape[2]).split(rows) if any(need_x) else None
-        grad_h_t = [g.t().split(sizes, dim=1) for g in grad_hs]  # piece i's gradient, transposed
-        grad_h = [g.split(sizes) for g in grad_hs]
-        w_in = [w.unbind(0) for w in weights[:num_in]]
-        gw_in = [None if g is None else g.unbind(0) for g in grad_w[:num_in]]
-        gb_in = [None if g is None else g.unbind(0) for g in grad_b[:num_in]]
-        grad_xs: List[Optional[Tensor]] = []
-        for i, x in enumerate(xs):
-            for p in range(num_in):
-                if gw_in[p] is not None:
-                    torch.mm(grad_h_t[p][i], x, out=gw_in[p][i])
-                if gb_in[p] is not None:
-                    torch.sum(grad_h[p][i], 0, out=gb_in[p][i])
-            if not need_x[i]:
-                grad_xs.append(None)
-                continue
-            gx = torch.mm(grad_h[0][i], w_in[0][i], out=grad_x_buf[i])
-            for p in range(1, num_in):  # accumulated by the matmul: no temporary per expert
-                gx.addmm_(grad_h[p][i], w_in[p][i])
-            grad_xs.append(gx)
+        x = _whole(xs)
+        for p in range(num_in):
+            if need_w[p] or need_b[p]:
+                grad_w[p], grad_b[p] = ops.weight_grad(grad_hs[p], x, need_b[p])
+        grad_xs: List[Optional[Tensor]] = [None] * len(xs)
+        if need_x:
+            grad_x = ops.input_grad(grad_hs[0], weights[0])
+            for p in range(1, num_in):
+                grad_x = ops.input_grad(grad_hs[p], weights[p], accumulate=grad_x)
+            grad_xs = [g if n else None for g, n in zip(grad_x.split(sizes), need[2 * num_in + 2:])]
+        grad_w = [g if n else None for g, n in zip(grad_w, need_w)]
         return (None, None, None, *grad_w, *grad_b, *grad_xs)
 
 

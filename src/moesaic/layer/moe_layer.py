@@ -20,6 +20,8 @@ Shape legend: S = tokens, E = experts, D = model dim.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from typing import Optional
 
@@ -117,8 +119,13 @@ class MOELayer(nn.Module):
         # sequences for the sequence-level balance loss: rows of (batch, seq, D); a 2-D input is one
         num_sequences = math.prod(hidden_states.shape[:-2]) if hidden_states.dim() >= 3 else 1
         routing = self.gate(x_SD, used_token, num_sequences=num_sequences)
-        pieces, meta = self.dispatcher.dispatch(x_SD, routing)
-        with self.dispatcher.saved_inputs(pieces, meta, together=getattr(self.experts, "unpacks_inputs_together", False)):
+        # experts that take their pieces as one batch (stacked) get them as row blocks of one
+        # tensor, from dispatchers that take the hint (a dispatcher of the older two-argument
+        # interface is called as before)
+        hint = {"together": True} if getattr(self.experts, "pieces_together", False) and \
+            _takes_together(self.dispatcher) else {}
+        pieces, meta = self.dispatcher.dispatch(x_SD, routing, **hint)
+        with self.dispatcher.saved_inputs(pieces, meta, **hint):
             outputs = self.experts(pieces)
         del pieces  # the experts' saved inputs are the only references left
         out_SD = self.dispatcher.combine(outputs, meta)
@@ -152,6 +159,17 @@ class MOELayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"ep_group_name={self.ep_group_name!r}, ep_size={self.ep_size}, dispatcher={self.dispatcher!r}"
+
+
+@functools.lru_cache(maxsize=None)
+def _class_takes_together(cls) -> bool:
+    params = [inspect.signature(getattr(cls, name)).parameters for name in ("dispatch", "saved_inputs")]
+    return all("together" in p for p in params)
+
+
+def _takes_together(dispatcher) -> bool:
+    """Whether the dispatcher's ``dispatch`` and ``saved_inputs`` accept the ``together`` hint."""
+    return _class_takes_together(type(dispatcher))
 
 
 def _check_used_token(used_token, hidden_states: Tensor, S: int) -> Tensor:

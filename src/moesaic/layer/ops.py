@@ -74,11 +74,13 @@ class _Permute(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_SD: Tensor, index_N: Tensor, sizes: Sequence[int]) -> Tuple[Tensor, ...]:
+    def forward(ctx, x_SD: Tensor, index_N: Tensor, sizes: Sequence[int], as_views: bool = False) -> Tuple[Tensor, ...]:
         ctx.save_for_backward(index_N)
         ctx.num_rows = x_SD.shape[0]
         ctx.sizes = list(sizes)
-        # separate tensors, not views of one gather: an expert may modify its input in place
+        if as_views:  # one gather; the pieces are its row blocks (views: not to be modified in place)
+            return tuple(gather_rows(x_SD.detach(), index_N).split(ctx.sizes))
+        # separate tensors: an expert may modify its input in place
         return tuple(gather_rows(x_SD.detach(), piece) for piece in index_N.split(ctx.sizes))
 
     @staticmethod
@@ -99,17 +101,19 @@ class _Permute(torch.autograd.Function):
                 grad_SD.index_add_(0, idx, g)
         elif pairs:  # many small pieces: one copy beats many kernel launches
             grad_SD.index_add_(0, torch.cat([idx for idx, _ in pairs]), torch.cat([g for _, g in pairs]))
-        return grad_SD, None, None
+        return grad_SD, None, None, None
 
 
-def gather_pieces(x_SD: Tensor, index_N: Tensor, sizes: Sequence[int]) -> Tuple[Tensor, ...]:
+def gather_pieces(x_SD: Tensor, index_N: Tensor, sizes: Sequence[int], as_views: bool = False) -> Tuple[Tensor, ...]:
     """Rows ``x_SD[index_N]`` split into one `(N_i, D)` piece per entry of ``sizes`` (differentiable).
 
-    The backward scatter-adds each piece's gradient onto the rows it came from.
+    The backward scatter-adds each piece's gradient onto the rows it came from. ``as_views``: the
+    pieces are row blocks of one gathered tensor (one kernel, one allocation), for consumers that
+    never modify them in place; else each piece is its own tensor.
     """
     if sum(sizes) != index_N.numel():
         raise ValueError(f"sizes add up to {sum(sizes)} but index_N holds {index_N.numel()} rows")
-    return _Permute.apply(x_SD, index_N, list(sizes))
+    return _Permute.apply(x_SD, index_N, list(sizes), bool(as_views))
 
 
 class _WeightedScatterAdd(torch.autograd.Function):

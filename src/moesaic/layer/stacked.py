@@ -181,9 +181,10 @@ class StackedExperts(ExpertContainer):
         self.expert_group_name = expert_group_name
         self.ep_rank = 0
         self.use_grouped_mm: Optional[bool] = None
-        # the backward of the whole MLP asks for every saved input piece at once (dispatchers
-        # may rebuild them in one gather)
-        self.unpacks_inputs_together = True
+        # the whole MLP takes all pieces as one batch, never modifies them in place, and its
+        # backward asks for every saved piece at once: dispatchers may hand them (and rebuild
+        # them) as row blocks of one gather
+        self.pieces_together = True
         self.tag(expert_group_name, ep_rank)
 
     # --- identity -------------------------------------------------------------------------------
