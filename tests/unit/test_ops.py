@@ -86,3 +86,16 @@ def test_saved_pieces_rebuild_all_hands_out_each_piece_once():
     outs[0].sum().backward()  # the retained graph asks for piece 0 again
     assert calls == {"one": 0, "all": 2}
     torch.testing.assert_close(w.grad, x[:2].t() @ torch.ones(2, 3))
+
+
+def test_saved_pieces_never_keep_a_base_alive_through_an_empty_view():
+    # an expert without rows gets a (0, D) row block of the one gathered tensor; saved as it is,
+    # it held the whole gather (N x D) until backward: +40 MiB forward memory on an 8-layer model
+    from moesaic.layer.ops import SavedPieces
+
+    base = torch.randn(6, 4)
+    pieces = list(base.split([3, 0, 3]))
+    saved = SavedPieces(pieces, lambda i: pieces[i].clone())
+    packed = saved._pack(pieces[1])
+    assert packed.shape == (0, 4) and packed.untyped_storage().nbytes() == 0
+    assert saved._unpack(packed).shape == (0, 4)

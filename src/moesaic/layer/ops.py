@@ -234,7 +234,11 @@ class SavedPieces:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def _pack(self, t: Tensor):
-        if t.numel() and t.device == self._device:
+        if t.numel() == 0:
+            # an empty view (an expert without rows) still holds its base's storage: a piece cut
+            # from one gathered tensor would keep the whole gather alive until backward
+            return t.new_empty(t.shape) if t._base is not None else t
+        if t.device == self._device:
             found = self._keys.get(_key(t))
             if found is not None and found[1] == t._version:
                 return _PieceRef(found[0])
