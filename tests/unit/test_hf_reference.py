@@ -65,11 +65,10 @@ def _copy_glu(dst: nn.Module, src: nn.Module) -> None:
 def _grads_of_experts(layer: moesaic.MoE, per_expert_hf: Callable[[int], Dict[str, torch.Tensor]]):
     """Pairs (name, moesaic expert grad, hf grad) for every expert tensor."""
     out = []
-    stacked = dict(layer.experts.named_parameters()) if isinstance(layer.experts, moesaic.StackedExperts) else None
     for n in range(E):
         theirs = per_expert_hf(n)
-        for k, t in layer.experts.expert_state_dict(n, keep_vars=True).items():
-            out.append((f"expert {n} {k}", stacked[k].grad[n] if stacked is not None else t.grad, theirs[k]))
+        for k, g in layer.experts.expert_grads(n).items():
+            out.append((f"expert {n} {k}", g, theirs[k]))
     return out
 
 

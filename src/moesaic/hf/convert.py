@@ -113,7 +113,7 @@ def check_options(options: dict) -> dict:
 def build_layer(family: Family, config, path: str, ep_size: int, options: dict, dtype, device) -> HFMoEBlock:
     """The moesaic layer computing what ``family``'s block at ``path`` computes."""
     kw = family.options(config)
-    kw.update(options)
+    kw.update({"stacked_experts": True, **options})  # transformers' own layout, and moesaic's fastest on the CPU
     layer = HFMoEBlock(config.hidden_size, ep_size=ep_size, expert_group_name=path,
                        returns_router_scores=family.returns_router_scores,
                        jitter_noise=getattr(config, family.jitter_attr, 0.0) if family.jitter_attr else 0.0,
@@ -253,7 +253,8 @@ def load(path_or_model, *, ep_size: int = 1, dtype: Optional[torch.dtype] = None
             holds (and reads from the files) only its experts.
         dtype: the model's dtype (a folder only; default: the config's ``dtype``, else float32).
         **options: moesaic.MoE training options (:data:`TRAINING_OPTIONS`), e.g.
-            ``stacked_experts=True``, ``z_loss_coef``, ``bias_update_rate`` (DeepSeek-V3; default 0:
+            ``stacked_experts`` (default True: every expert's tensors as slices of stacked
+            tensors, per-expert identity kept; False: one module per expert), ``z_loss_coef``, ``bias_update_rate`` (DeepSeek-V3; default 0:
             the checkpoint's correction bias stays fixed).
 
     Returns:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 from abc import abstractmethod
-from typing import Dict, Iterator, List, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 from torch import Tensor, nn
 
@@ -52,6 +52,15 @@ class ExpertContainer(nn.Module):
     @abstractmethod
     def load_expert_state_dict(self, number: int, tensors: Dict[str, Tensor]) -> None:
         """Copy ``tensors`` (as :meth:`expert_state_dict` returns them) into global expert ``number``."""
+
+    def expert_grads(self, number: int) -> Dict[str, Optional[Tensor]]:
+        """Gradients of global expert ``number``'s parameters, by their names inside it (None: no gradient).
+
+        The default reads ``.grad`` of what :meth:`expert_state_dict` returns with ``keep_vars``
+        (right for containers whose experts' tensors are parameters, not views).
+        """
+        return {name: t.grad for name, t in self.expert_state_dict(number, keep_vars=True).items()
+                if isinstance(t, nn.Parameter)}
 
     @property
     def first_expert_number(self) -> int:
@@ -126,6 +135,10 @@ class Experts(ExpertContainer):
     def load_expert_state_dict(self, number: int, tensors: Dict[str, Tensor]) -> None:
         """Copy ``tensors`` (as :meth:`expert_state_dict` returns them) into global expert ``number``."""
         self._local(number).load_state_dict(tensors, strict=True)
+
+    def expert_grads(self, number: int) -> Dict[str, Optional[Tensor]]:
+        """Gradients of global expert ``number``'s parameters, by their names inside it (None: no gradient)."""
+        return {name: p.grad for name, p in self._local(number).named_parameters()}
 
     def __getitem__(self, i: int) -> nn.Module:
         return self.deepspeed_experts[i]

@@ -214,6 +214,11 @@ class StackedExperts(ExpertContainer):
         i = self._local_index(number)
         return {name: (p if keep_vars else p.detach())[i] for name, p in self._named_stacked()}
 
+    def expert_grads(self, number: int) -> Dict[str, Optional[Tensor]]:
+        """Expert ``number``'s slices of the stacked gradients (views; None: no gradient), named as its tensors."""
+        i = self._local_index(number)
+        return {name: None if p.grad is None else p.grad[i] for name, p in self._named_stacked()}
+
     def load_expert_state_dict(self, number: int, tensors: Dict[str, Tensor]) -> None:
         """Copy ``tensors`` into expert ``number``'s slices (strict: same names and shapes)."""
         i = self._local_index(number)
