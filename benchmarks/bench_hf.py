@@ -8,7 +8,10 @@ from that folder by each contender, on the same batches (random tokens, a fixed 
 * ``hf``: ``AutoModelForCausalLM.from_pretrained(folder)``, ``transformers``' blocks (its default
   experts implementation, which the table names);
 * ``moesaic``: ``moesaic.hf.load(folder)`` (its default: stacked experts);
-* ``moesaic-per-module``: ``moesaic.hf.load(folder, stacked_experts=False)`` (one module per expert).
+* ``moesaic-per-module``: ``moesaic.hf.load(folder, stacked_experts=False)`` (one module per expert);
+* ``hf-eager``: ``transformers``' blocks with ``experts_implementation="eager"`` (its per-expert
+  loop): the same model summed in another order, the yardstick for "the same loss curve within
+  noise" (how far two correct implementations drift apart over the steps).
 
 The loss is the model's (cross-entropy + ``router_aux_loss_coef * aux_loss``, ``output_router_logits=True``)
 for all three. Figures, each from fresh processes:
@@ -51,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 KEEP_MEMORY_ENV = {"MALLOC_TRIM_THRESHOLD_": "100000000000", "MALLOC_TOP_PAD_": "1000000000",
                    "MALLOC_MMAP_THRESHOLD_": "4000000000"}
 RETURN_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
-CONTENDERS = ("hf", "moesaic", "moesaic-per-module")
+CONTENDERS = ("hf", "moesaic", "moesaic-per-module", "hf-eager")
 
 
 def build_folder(args, folder: Path) -> None:
@@ -79,6 +82,8 @@ def _model(name: str, folder: str):
 
     if name == "hf":
         return transformers.AutoModelForCausalLM.from_pretrained(folder)
+    if name == "hf-eager":
+        return transformers.AutoModelForCausalLM.from_pretrained(folder, experts_implementation="eager")
     return moesaic.hf.load(folder, stacked_experts=name == "moesaic")
 
 
