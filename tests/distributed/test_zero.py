@@ -11,29 +11,19 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 from launch import run_ranks  # noqa: E402
 
 import moesaic  # noqa: E402
+from support.moe_net import MoENet  # noqa: E402
 
 D, E, TOKENS, STEPS = 8, 4, 12, 3
 
 
-class Net(nn.Module):
-    def __init__(self, ep_size):
-        super().__init__()
-        torch.manual_seed(0)
-        self.inp = nn.Linear(D, D)
-        self.ffn = moesaic.MoE(D, nn.Sequential(nn.Linear(D, 16), nn.GELU(), nn.Linear(16, D)), num_experts=E,
-                               ep_size=ep_size, k=2, drop_tokens=False, top2_2nd_expert_sampling=False,
-                               expert_group_name="ffn")
-        self.out = nn.Linear(D, D)
-
-    def forward(self, x, y):
-        h, l_aux, _ = self.ffn(torch.tanh(self.inp(x)))
-        return (self.out(h) - y).pow(2).mean() + 0.01 * l_aux
+def Net(ep_size):
+    """The shared regression net (tests/support/moe_net.py) as this test uses it."""
+    return MoENet(ep_size, aux_coef=0.01)
 
 
 def _batch(rank, step, micro):

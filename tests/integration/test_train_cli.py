@@ -107,7 +107,7 @@ def test_without_tensorboard_and_matplotlib_the_run_writes_csv_with_one_warning_
 
     monkeypatch.setitem(sys.modules, "tensorboard", None)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    monkeypatch.setattr(writer, "_warned_no_tensorboard", False)
+    writer._warn_no_tensorboard_once.cache_clear()
     out = tmp_path / "run"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -227,7 +227,7 @@ def test_missing_tensorboard_degrades_to_csv_with_one_warning(tmp_path, monkeypa
     import moesaic.telemetry.writer as writer
 
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard -> ImportError
-    monkeypatch.setattr(writer, "_warned_no_tensorboard", False)
+    writer._warn_no_tensorboard_once.cache_clear()
     with pytest.raises(ImportError, match=r"pip install 'moesaic\[train\]'"):  # asked for explicitly: an error
         MetricsWriter(tmp_path / "tb", tensorboard=True)
     assert not (tmp_path / "tb").exists()

@@ -45,6 +45,14 @@ class ExpertContainer(nn.Module):
     def tag(self, expert_group_name: str, ep_rank: int) -> None:
         """(Re)stamp every parameter with the layer name and the global expert numbers."""
 
+    def _set_identity(self, expert_group_name: str, ep_rank: int) -> None:
+        """Check and record the layer name and this rank's place, for :meth:`tag`."""
+        if not isinstance(expert_group_name, str) or not expert_group_name:
+            raise ValueError(f"expert_group_name must be a non-empty str, got {expert_group_name!r}")
+        check_int(ep_rank, "ep_rank", 0)
+        self.expert_group_name = expert_group_name
+        self.ep_rank = ep_rank
+
     @abstractmethod
     def expert_state_dict(self, number: int, keep_vars: bool = False) -> Dict[str, Tensor]:
         """Tensors of global expert ``number`` by their names inside the expert."""
@@ -115,11 +123,7 @@ class Experts(ExpertContainer):
 
     def tag(self, expert_group_name: str, ep_rank: int) -> None:
         """(Re)stamp every parameter with the layer name and its global expert number."""
-        if not isinstance(expert_group_name, str) or not expert_group_name:
-            raise ValueError(f"expert_group_name must be a non-empty str, got {expert_group_name!r}")
-        check_int(ep_rank, "ep_rank", 0)
-        self.expert_group_name = expert_group_name
-        self.ep_rank = ep_rank
+        self._set_identity(expert_group_name, ep_rank)
         for i, expert in enumerate(self.deepspeed_experts):
             key = ExpertKey(expert_group_name, ep_rank * self.num_local_experts + i)
             for name, param in expert.named_parameters():

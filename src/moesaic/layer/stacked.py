@@ -201,11 +201,7 @@ class StackedExperts(ExpertContainer):
 
     def tag(self, expert_group_name: str, ep_rank: int) -> None:
         """(Re)stamp every stacked parameter: slice i is expert ``ep_rank * L + i`` of the layer."""
-        if not isinstance(expert_group_name, str) or not expert_group_name:
-            raise ValueError(f"expert_group_name must be a non-empty str, got {expert_group_name!r}")
-        check_int(ep_rank, "ep_rank", 0)
-        self.expert_group_name = expert_group_name
-        self.ep_rank = ep_rank
+        self._set_identity(expert_group_name, ep_rank)
         for name, param in self._named_stacked():
             tag_stacked_param(param, expert_group_name, ep_rank * self.num_local_experts, name)
 

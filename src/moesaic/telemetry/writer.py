@@ -11,6 +11,7 @@ TensorBoard stores scalars as float32; the CSV keeps full precision (ints stay i
 from __future__ import annotations
 
 import csv as _csv  # the ``csv`` flag of MetricsWriter would shadow the module
+import functools
 import math
 import numbers
 import os
@@ -85,7 +86,11 @@ def _parse(text: str) -> Number:
         return float(text)
 
 
-_warned_no_tensorboard = False
+@functools.lru_cache(maxsize=None)
+def _warn_no_tensorboard_once() -> None:
+    """One warning per process that metrics go to CSV only (cached: later calls do nothing)."""
+    warnings.warn("the tensorboard package is not installed: metrics go to metrics.csv only "
+                  "(pip install 'moesaic[train]' or tensorboard for event files)", RuntimeWarning, stacklevel=3)
 
 
 def tensorboard_available() -> bool:
@@ -117,7 +122,6 @@ class MetricsWriter:
 
     def __init__(self, log_dir: Union[str, os.PathLike], *, tensorboard: Optional[bool] = None, csv: bool = True,
                  flush_every: int = 1) -> None:
-        global _warned_no_tensorboard
         if not isinstance(log_dir, (str, os.PathLike)):
             raise TypeError(f"log_dir must be a str or path, got {type(log_dir).__name__}")
         if tensorboard is not None and not isinstance(tensorboard, bool):
@@ -126,11 +130,8 @@ class MetricsWriter:
             raise ValueError(f"flush_every must be an int >= 1, got {flush_every!r}")
         if tensorboard is None:
             tensorboard = tensorboard_available()
-            if not tensorboard and csv and not _warned_no_tensorboard:
-                _warned_no_tensorboard = True
-                warnings.warn("the tensorboard package is not installed: metrics go to metrics.csv only "
-                              "(pip install 'moesaic[train]' or tensorboard for event files)", RuntimeWarning,
-                              stacklevel=2)
+            if not tensorboard and csv:
+                _warn_no_tensorboard_once()
         elif tensorboard and not tensorboard_available():
             raise ImportError("MetricsWriter(tensorboard=True) needs the tensorboard package: pip install "
                               "'moesaic[train]' (or tensorboard), or pass tensorboard=None to write CSV only "
