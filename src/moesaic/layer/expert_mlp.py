@@ -31,12 +31,36 @@ from __future__ import annotations
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .ops import rows_in_place
 
 # the elementwise middle: the input projections' outputs -> the output projection's input
 Middle = Callable[..., Tensor]
+
+
+def silu_glu(gate: Tensor, up: Tensor) -> Tensor:
+    """SwiGLU's middle, ``silu(gate) * up``. Passed as ``middle``, its backward runs in place
+    (two `(N, F)` buffers fewer at the layer's peak than autograd over the recomputed middle)."""
+    return F.silu(gate) * up
+
+
+def _silu_glu_backward(ops, gate: Tensor, up: Tensor, grad_y: Tensor, out_w: Tensor, weight_grad):
+    """The output projection's input gradient and the middle's backward for :func:`silu_glu`, in place.
+
+    The same kernels as autograd over ``silu(gate) * up`` (``mul`` both ways, ``silu_backward``),
+    so the same values. ``weight_grad(mid)`` is called with the recomputed middle while it exists.
+    Returns ``(grad_gate, grad_up)``.
+    """
+    act = F.silu(gate)
+    mid = act * up
+    weight_grad(mid)
+    grad_mid = ops.input_grad(grad_y, out_w)
+    del mid
+    grad_up = act.mul_(grad_mid)  # d(act * up)/d up = grad * act, in act's buffer
+    grad_act = grad_mid.mul_(up)  # d/d act = grad * up, in grad_mid's buffer
+    return torch.ops.aten.silu_backward(grad_act, gate), grad_up
 
 
 def _whole(pieces: Sequence[Tensor]) -> Tensor:
@@ -62,9 +86,14 @@ class _Grouped:
         return torch._grouped_mm(x, weight.transpose(1, 2), offs=self.offs)
 
     def input_grad(self, g: Tensor, weight: Tensor, accumulate: Optional[Tensor] = None) -> Tensor:
-        """Row block i = ``g_i @ weight[i]`` (added onto ``accumulate`` when given)."""
-        out = torch._grouped_mm(g, weight, offs=self.offs)
-        return out if accumulate is None else accumulate.add_(out)
+        """Row block i = ``g_i @ weight[i]`` (added onto ``accumulate`` when given).
+
+        Accumulating runs the loop's ``addmm_`` into ``accumulate``: ``_grouped_mm`` has no ``out=``,
+        and its result would be an `(N, D)` temporary at the layer's peak.
+        """
+        if accumulate is None:
+            return torch._grouped_mm(g, weight, offs=self.offs)
+        return _Loop(self.sizes, g.device).input_grad(g, weight, accumulate)
 
     def weight_grad(self, g: Tensor, x: Tensor, bias_grad: bool) -> Tuple[Tensor, Optional[Tensor]]:
         """``(g_i.T @ x_i`` stacked, ``None``): the loop handles biases."""
@@ -149,7 +178,8 @@ class _ExpertMLP(torch.autograd.Function):
         saved = ctx.saved_tensors
         weights = saved[:num_in + 1]
         hs = saved[num_in + 1:2 * num_in + 1]
-        xs = saved[2 * num_in + 1:]
+        xs = list(saved[2 * num_in + 1:])
+        del saved  # the rebuilt input pieces are freed below, once the weight gradients are done
         need = ctx.needs_input_grad[3:]
         need_w = need[:num_in + 1]
         need_b = [n and has for n, has in zip(need[num_in + 1:2 * num_in + 2], ctx.has_bias)]
@@ -159,16 +189,22 @@ class _ExpertMLP(torch.autograd.Function):
         grad_w: List[Optional[Tensor]] = [None] * (num_in + 1)
         grad_b: List[Optional[Tensor]] = [None] * (num_in + 1)
 
-        # the middle again, under autograd, for its output (the output projection's saved input)
-        # and its gradient
-        inputs = [h.detach().requires_grad_() for h in hs]
-        with torch.enable_grad():
-            mid = ctx.middle(*inputs)
-        grad_mid = ops.input_grad(grad_y, weights[num_in])
-        if need_w[num_in] or need_b[num_in]:
-            grad_w[num_in], grad_b[num_in] = ops.weight_grad(grad_y, mid.detach(), need_b[num_in])
-        grad_hs = torch.autograd.grad(mid, inputs, grad_mid)
-        del mid, grad_mid, grad_y
+        def out_weight_grad(mid: Tensor, grad_y: Tensor = grad_y) -> None:
+            if need_w[num_in] or need_b[num_in]:
+                grad_w[num_in], grad_b[num_in] = ops.weight_grad(grad_y, mid, need_b[num_in])
+
+        if ctx.middle is silu_glu:
+            grad_hs = _silu_glu_backward(ops, *hs, grad_y, weights[num_in], out_weight_grad)
+        else:
+            # the middle again, under autograd, for its output (the output projection's saved
+            # input) and its gradient
+            inputs = [h.detach().requires_grad_() for h in hs]
+            with torch.enable_grad():
+                mid = ctx.middle(*inputs)
+            out_weight_grad(mid.detach())
+            grad_hs = torch.autograd.grad(mid, inputs, ops.input_grad(grad_y, weights[num_in]))
+            del mid
+        del grad_y
 
         # the input projections: weight and bias gradients, and the input gradient summed over
         # the projections
@@ -176,7 +212,9 @@ class _ExpertMLP(torch.autograd.Function):
         for p in range(num_in):
             if need_w[p] or need_b[p]:
                 grad_w[p], grad_b[p] = ops.weight_grad(grad_hs[p], x, need_b[p])
-        grad_xs: List[Optional[Tensor]] = [None] * len(xs)
+        num_pieces = len(xs)
+        del x, xs  # (N, D) off the peak before the input gradient is allocated
+        grad_xs: List[Optional[Tensor]] = [None] * num_pieces
         if need_x:
             grad_x = ops.input_grad(grad_hs[0], weights[0])
             for p in range(1, num_in):
@@ -212,4 +250,4 @@ def expert_mlp(middle: Middle, in_projs: Sequence[Tuple[Tensor, Optional[Tensor]
     return _ExpertMLP.apply(middle, len(in_projs), sizes, *weights, *biases, *xs)
 
 
-__all__ = ["expert_mlp"]
+__all__ = ["expert_mlp", "silu_glu"]

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from .._checks import check_int
 from .experts import ExpertContainer
-from .expert_mlp import expert_mlp
+from .expert_mlp import expert_mlp, silu_glu
 from .ffn import ACTIVATIONS, FFNExpert, GLUExpert, activation_fn, glu
 from .identity import tag_stacked_param
 
@@ -259,6 +259,8 @@ class StackedExperts(ExpertContainer):
         s = self.shape
         if s.kind == "ffn":
             return activation_fn(s.activation)
+        if s.activation == "silu" and s.swiglu_limit is None:
+            return silu_glu  # the same function; its backward runs in place (expert_mlp)
         return partial(glu, activation=s.activation, swiglu_limit=s.swiglu_limit, swiglu_alpha=s.swiglu_alpha)
 
     def _forward_loop(self, xs: Sequence[Tensor]) -> Tuple[Tensor, ...]:
