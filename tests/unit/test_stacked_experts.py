@@ -303,3 +303,41 @@ def test_cpu_outputs_are_row_blocks_of_one_tensor():
     assert torch.equal(whole, torch.cat(outs))
     grads = torch.autograd.grad(outs, pieces, [torch.ones_like(o) for o in outs])
     assert rows_in_place(grads) is not None  # the input gradients too (the dispatcher's backward)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_grouped_matmul_path_computes_as_per_module_experts_do(autocast, monkeypatch):
+    # dims that are multiples of 16 bytes take torch._grouped_mm on the CPU (the tiny test shapes
+    # above take the loop): the same values as per-module experts, to round-off of the compute dtype
+    import moesaic.layer.expert_mlp as expert_mlp
+
+    calls = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    torch.manual_seed(0)
+    d, f = 16, 32
+    kw = {"num_experts": E, "k": 2, "drop_tokens": False, "top2_2nd_expert_sampling": False}
+    a = moesaic.MoE(d, moesaic.GLUExpert(d, f), **kw)
+    b = moesaic.MoE(d, moesaic.GLUExpert(d, f), stacked_experts=True, **kw)
+    with torch.no_grad():
+        b.gate.wg.weight.copy_(a.gate.wg.weight)
+        for n in range(E):
+            for p in a.experts[n].parameters():
+                p.add_(torch.randn_like(p))
+            b.experts.load_expert_state_dict(n, a.experts.expert_state_dict(n))
+    assert expert_mlp._grouped_usable([p.weight for p in b.experts.projections()], [None] * 3)
+    x = torch.randn(64, d)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out_a, aux_a, _ = a(xa)
+        out_b, aux_b, _ = b(xb)
+    g = torch.randn(out_a.shape)
+    ((out_a.float() * g).sum() + aux_a).backward()
+    ((out_b.float() * g).sum() + aux_b).backward()
+    assert calls, "the grouped path did not run"
+    eps = torch.finfo(torch.bfloat16 if autocast else torch.float32).eps
+    _close(out_a, out_b, eps)
+    _close(xa.grad, xb.grad, eps)
+    for n in range(E):
+        for name, grad in a.experts.expert_grads(n).items():
+            _close(grad, b.experts.expert_grads(n)[name], eps)
