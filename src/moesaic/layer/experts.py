@@ -140,10 +140,6 @@ class Experts(ExpertContainer):
         """Copy ``tensors`` (as :meth:`expert_state_dict` returns them) into global expert ``number``."""
         self._local(number).load_state_dict(tensors, strict=True)
 
-    def expert_grads(self, number: int) -> Dict[str, Optional[Tensor]]:
-        """Gradients of global expert ``number``'s parameters, by their names inside it (None: no gradient)."""
-        return {name: p.grad for name, p in self._local(number).named_parameters()}
-
     def __getitem__(self, i: int) -> nn.Module:
         return self.deepspeed_experts[i]
 

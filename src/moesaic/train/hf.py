@@ -40,11 +40,12 @@ import torch.distributed as dist
 import moesaic
 import moesaic.hf
 from moesaic.models import GPTConfig
-from moesaic.parallel.launch import LaunchEnv, backend_for, resolve_device
+from moesaic.parallel.launch import LaunchEnv
 
 from .config import TrainConfig
 from .data import ByteCorpus, load_corpus
 from .hf_memory import check_hf_memory
+from .loop import join_processes
 from .stop import Stopped, StopRequest
 
 HF_DEFAULTS = {
@@ -172,10 +173,7 @@ def run_hf(cfg: TrainConfig, hf_path: Path, out: Path, resume: bool = False, qui
     """
     env = LaunchEnv.from_environ() if env is None else env
     t = cfg.train
-    device = resolve_device(t.device, env.local_rank, "train.device")
-    rank, world = env.rank, env.world_size
-    if world > 1:
-        rank, world = moesaic.init_distributed(backend=backend_for(device), timeout_s=t.dist_timeout_s)
+    device, rank, world = join_processes(cfg, env)
     if world != t.nproc:
         raise ValueError(f"train.nproc={t.nproc} but {world} processes are running; launch with --nproc {t.nproc}")
     check_hf_config(cfg)

@@ -28,7 +28,7 @@ import random
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -145,6 +145,19 @@ def _restart_seed(seed: int, step: int) -> int:
     return (seed + 1_000_003 * step) % (2 ** 63)
 
 
+def join_processes(cfg: TrainConfig, env: LaunchEnv) -> Tuple[torch.device, int, int]:
+    """This process's device, rank and world size for a run: joins the process group when launched
+    with several processes (NCCL on CUDA, gloo on the CPU) and makes a CUDA device the current one."""
+    t = cfg.train
+    device = resolve_device(t.device, env.local_rank, "train.device")
+    rank, world = env.rank, env.world_size
+    if world > 1:
+        rank, world = moesaic.init_distributed(backend=backend_for(device), timeout_s=t.dist_timeout_s)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device, rank, world
+
+
 def run(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False, model_factory=None,
         env: Optional[LaunchEnv] = None, resume_command: Optional[str] = None) -> Dict:
     """Train (see module docstring); returns the final summary on rank 0 (an empty dict elsewhere).
@@ -164,12 +177,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False, 
     """
     env = LaunchEnv.from_environ() if env is None else env
     t = cfg.train
-    device = resolve_device(t.device, env.local_rank, "train.device")
-    rank, world = env.rank, env.world_size
-    if world > 1:
-        rank, world = moesaic.init_distributed(backend=backend_for(device), timeout_s=t.dist_timeout_s)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device, rank, world = join_processes(cfg, env)
     # 1. every rank runs the same config, into the same folder (else weights diverge or a collective hangs)
     check_same_on_all_ranks({**cfg.to_dict(), "run": {"out": str(out), "resume": resume}}, "the training config",
                             device=device)
