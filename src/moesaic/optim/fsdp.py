@@ -187,7 +187,7 @@ def shard_model(model: nn.Module, *, param_dtype: Optional[torch.dtype] = torch.
         ``model``, its parameters now fp32 ``DTensor`` shards carrying moesaic's identity tags.
     """
     from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     _check_dtype(param_dtype, "param_dtype")
     _check_dtype(reduce_dtype, "reduce_dtype")
@@ -239,6 +239,8 @@ def shard_model(model: nn.Module, *, param_dtype: Optional[torch.dtype] = torch.
         expert_units[name] = (f"{path}.experts" if path else "experts", tuple(groups.edp_ranks))
         if any(True for _ in layer.gate.parameters()):
             fully_shard(layer.gate, mesh=world_mesh, mp_policy=router_mp, reshard_after_forward=reshard_after_forward)
+            # the Hugging Face blocks score through gate.logits, not gate(...): gather for it too
+            register_fsdp_forward_method(layer.gate, "logits")
             _sum_then_divide(layer.gate, world)
 
     if block_list is None:
