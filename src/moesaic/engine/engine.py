@@ -46,6 +46,7 @@ from ..optim.in_backward import InBackwardStepper
 from ..optim.loss_scaler import build_loss_scaler
 from ..optim.mixed_precision import GroupedMixedPrecisionOptimizer
 from ..optim.pipeline import StepPipeline
+from ..optim.zero3 import Zero3Pipeline
 from ..parallel.collectives import DEFAULT_BUCKET_ELEMS
 from ..telemetry import MetricsWriter, MoEStatsAccumulator
 from . import param_access
@@ -147,9 +148,12 @@ class MoEEngine(nn.Module):
         self.last_metrics: Dict[str, Any] = {}
         self.index = index if index is not None else ExpertIndex.build(model)
         zero = config.zero_optimization
-        self._pipeline = StepPipeline(optimizer, bucket_elems=zero.reduce_bucket_size or DEFAULT_BUCKET_ELEMS,
-                                      broadcast_bucket_elems=zero.allgather_bucket_size,
-                                      reduce_scatter=zero.reduce_scatter)
+        if zero.stage == 3:  # FSDP2 reduces in backward; the boundary step is optim/zero3.py's
+            self._pipeline = Zero3Pipeline(optimizer, model)
+        else:
+            self._pipeline = StepPipeline(optimizer, bucket_elems=zero.reduce_bucket_size or DEFAULT_BUCKET_ELEMS,
+                                          broadcast_bucket_elems=zero.allgather_bucket_size,
+                                          reduce_scatter=zero.reduce_scatter)
         self._in_backward = InBackwardStepper(optimizer) if config.optimizer_in_backward else None
         self._log_dir = log_dir
         self._losses: List[float] = []
@@ -300,6 +304,8 @@ class MoEEngine(nn.Module):
         with self._timers.time("backward"):
             if self._in_backward is not None and boundary:
                 self._in_backward.arm(want_stats=self._want_stats())
+            if self.config.zero_optimization.stage == 3:
+                self.module.set_requires_gradient_sync(boundary)  # FSDP2: reduce-scatter at the boundary only
             (loss.float() * (self.loss_scale / gas)).backward(retain_graph=retain_graph)
             if boundary and not self._inside_no_sync and self._in_backward is None:
                 self._pipeline.reduce()
@@ -444,6 +450,7 @@ class MoEEngine(nn.Module):
         Returns:
             The checkpoint folder (DeepSpeed returns True; a Path is truthy).
         """
+        self._refuse_zero3_checkpoint("save_checkpoint")
         if client_state is not None and not isinstance(client_state, dict):
             raise TypeError(f"client_state must be a dict or None, got {type(client_state).__name__}")
         if not isinstance(save_latest, bool):
@@ -473,6 +480,11 @@ class MoEEngine(nn.Module):
                 tmp.write_text(previous)
                 os.replace(tmp, latest)
         return folder
+
+    def _refuse_zero3_checkpoint(self, what: str) -> None:
+        if self.config.zero_optimization.stage == 3:
+            raise NotImplementedError(f"{what} at zero_optimization.stage 3 is not implemented yet (checkpoints of "
+                                      "FSDP2-sharded parameters by identity); train with stages 0-2 to checkpoint")
 
     def _check_tag(self, tag: str) -> None:
         """DeepSpeed's checkpoint.tag_validation: every rank must save under the same tag."""
@@ -527,6 +539,7 @@ class MoEEngine(nn.Module):
         Metrics that an earlier session wrote to ``log_dir`` after the checkpoint's step are
         discarded (CSV rows removed, TensorBoard events purged), since those steps are trained again.
         """
+        self._refuse_zero3_checkpoint("load_checkpoint")
         for name, value in (("load_module_strict", load_module_strict), ("load_optimizer_states",
                             load_optimizer_states), ("load_lr_scheduler_states", load_lr_scheduler_states),
                             ("load_module_only", load_module_only)):

@@ -58,7 +58,7 @@ REFUSED_SCHEDULERS = {
 }
 WARMUP_TYPES = ("log", "linear")
 OFFLOAD = ("none", "cpu")
-ZERO_STAGES = (0, 1, 2)  # 3 (parameter sharding) is refused with its own message
+ZERO_STAGES = (0, 1, 2, 3)  # 3: parameters sharded too, on torch's FSDP2 (optim/fsdp.py, optim/zero3.py)
 
 _positive = partial(check_number, lo=0.0, lo_open=True)
 _nonneg = partial(check_number, lo=0.0)
@@ -396,9 +396,6 @@ def _opt_bool(value: Any, key: str) -> Optional[bool]:
 
 def _zero_stage(value: Any, key: str) -> int:
     check_int(value, key)
-    if value == 3:
-        raise ValueError(f"{key}=3 (ZeRO-3, parameter sharding) is not supported by moesaic; allowed stages: "
-                         f"{', '.join(map(str, ZERO_STAGES))} (2 shards gradients and optimizer state)")
     return check_choice(value, key, ZERO_STAGES)
 
 
@@ -429,7 +426,8 @@ class ZeroConfig(Section):
     stage: int = setting(0, check=_zero_stage,
                          doc="DeepSpeed's ZeRO stage. 0: every rank keeps the whole optimizer state; 1: fp32 master "
                              "weights and optimizer state sharded over the data-parallel ranks (each optimizer group "
-                             "owned by one rank of its replica group); 2: gradients too; 3 (parameters) is refused.")
+                             "owned by one rank of its replica group); 2: gradients too; 3: parameters too, on torch's FSDP2 "
+                             "(fp32 sharded parameters, bf16/fp16 compute, a torch optimizer; no checkpoints yet).")
     reduce_bucket_size: Optional[int] = setting(None, check=partial(check_elements, none_word="null"),
                                                 doc=_BUCKET_DOC.format(what="the gradient reduction"))
     allgather_bucket_size: Optional[int] = setting(
