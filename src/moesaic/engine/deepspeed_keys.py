@@ -7,7 +7,7 @@ rest fall in two kinds, and neither is ever silently ignored:
 * **accepted values** (:func:`moesaic._checks.only`): the key is a setting whose values describe what moesaic
   always does (``zero_optimization.contiguous_gradients: true``: moesaic reduces each bucket of
   gradients from one contiguous buffer); any other value is refused with the reason;
-* **refused keys** (:data:`REFUSED`): features moesaic does not have (ZeRO-3, NVMe offload,
+* **refused keys** (:data:`REFUSED`): features moesaic does not have (DeepSpeed's ZeRO-3 tuning, NVMe offload,
   pipeline parallelism, profilers ...). Present with any value, they are refused with the
   reason; a feature section whose ``enabled`` is false asks for nothing and is accepted.
 
@@ -22,8 +22,18 @@ from .._checks import join_key
 
 # --- refused keys ---------------------------------------------------------------------------------
 
-_ZERO3 = "a ZeRO-3 (parameter partitioning) key; moesaic implements stages 0-2"
-_ZEROPP = "a ZeRO++ key (quantized/hierarchical partitions of ZeRO-3); moesaic implements stages 0-2"
+_ZERO3 = ("a ZeRO-3 (parameter partitioning) tuning key of DeepSpeed's own partitioner; moesaic's stage 3 is "
+          "torch's FSDP2, which has no such setting")
+_ZERO3_PREFETCH = ("a ZeRO-3 prefetch size in elements; moesaic's stage 3 is torch's FSDP2, which prefetches whole "
+                   "units (the next transformer block), not a number of elements")
+_ZERO3_PERSIST = ("a ZeRO-3 threshold below which parameters stay whole; moesaic's stage 3 (torch's FSDP2) shards "
+                  "every parameter of every unit")
+_ZERO3_LIVE = ("a ZeRO-3 limit on gathered parameters; moesaic's stage 3 (torch's FSDP2) gathers one unit (an MoE "
+               "layer's experts, a block) at a time and frees it after forward")
+_ZERO3_SAVE = ("gathers 16-bit weights at save time under ZeRO-3; moesaic does not checkpoint at stage 3 yet (use "
+               "stages 0-2 to checkpoint)")
+_ZERO3_OFFLOAD = "parameter offload; moesaic's stage 3 (torch's FSDP2) keeps the shards on the parameters' device"
+_ZEROPP = "a ZeRO++ key (quantized/hierarchical partitions of DeepSpeed's ZeRO-3); moesaic has no ZeRO++"
 _NO_TP = "moesaic has no tensor, pipeline or sequence parallelism (experts are parallel, the rest is data parallel)"
 _MONITOR = "moesaic writes TensorBoard events and metrics.csv itself: pass log_dir= to moesaic.initialize"
 
@@ -69,36 +79,36 @@ REFUSED: Dict[str, Dict[str, str]] = {
         "graph_harvesting": "moesaic does not capture CUDA graphs",
     },
     "zero_optimization": {
-        "offload_param": _ZERO3,
+        "offload_param": _ZERO3_OFFLOAD,
         "sub_group_size": _ZERO3,
-        "prefetch_bucket_size": _ZERO3,
-        "stage3_prefetch_bucket_size": _ZERO3,
-        "param_persistence_threshold": _ZERO3,
-        "stage3_param_persistence_threshold": _ZERO3,
-        "model_persistence_threshold": _ZERO3,
-        "stage3_model_persistence_threshold": _ZERO3,
-        "max_live_parameters": _ZERO3,
-        "stage3_max_live_parameters": _ZERO3,
-        "max_reuse_distance": _ZERO3,
-        "stage3_max_reuse_distance": _ZERO3,
-        "gather_16bit_weights_on_model_save": _ZERO3,
-        "stage3_gather_16bit_weights_on_model_save": _ZERO3,
-        "stage3_gather_fp16_weights_on_model_save": _ZERO3,
+        "prefetch_bucket_size": _ZERO3_PREFETCH,
+        "stage3_prefetch_bucket_size": _ZERO3_PREFETCH,
+        "param_persistence_threshold": _ZERO3_PERSIST,
+        "stage3_param_persistence_threshold": _ZERO3_PERSIST,
+        "model_persistence_threshold": _ZERO3_PERSIST,
+        "stage3_model_persistence_threshold": _ZERO3_PERSIST,
+        "max_live_parameters": _ZERO3_LIVE,
+        "stage3_max_live_parameters": _ZERO3_LIVE,
+        "max_reuse_distance": _ZERO3_LIVE,
+        "stage3_max_reuse_distance": _ZERO3_LIVE,
+        "gather_16bit_weights_on_model_save": _ZERO3_SAVE,
+        "stage3_gather_16bit_weights_on_model_save": _ZERO3_SAVE,
+        "stage3_gather_fp16_weights_on_model_save": _ZERO3_SAVE,
         "module_granularity_threshold": _ZERO3,
         "stage3_module_granularity_threshold": _ZERO3,
         "use_all_reduce_for_fetch_params": _ZERO3,
         "stage3_use_all_reduce_for_fetch_params": _ZERO3,
         "allgather_sequential": _ZERO3,
         "stage3_allgather_sequential": _ZERO3,
-        "cpu_offload_param": _ZERO3,
+        "cpu_offload_param": _ZERO3_OFFLOAD,
         "cpu_offload_use_pin_memory": "moesaic's CPU offload does not pin host memory",
         "zero_hpz_partition_size": _ZEROPP,
         "zero_quantized_weights": _ZEROPP,
         "zero_quantized_nontrainable_weights": _ZEROPP,
         "zero_quantized_gradients": _ZEROPP,
         "zeropp_loco_param": _ZEROPP,
-        "mics_shard_size": "MiCS (hierarchical ZeRO-3 partitioning); moesaic implements stages 0-2",
-        "mics_hierarchical_params_gather": "MiCS (hierarchical ZeRO-3 partitioning); moesaic implements stages 0-2",
+        "mics_shard_size": "MiCS (hierarchical ZeRO-3 partitioning); moesaic's stage 3 shards over every rank",
+        "mics_hierarchical_params_gather": "MiCS (hierarchical ZeRO-3 partitioning); moesaic's stage 3 shards over every rank",
         "memory_efficient_linear": _ZERO3,
         "pipeline_loading_checkpoint": _ZERO3,
         "override_module_apply": _ZERO3,
@@ -107,7 +117,7 @@ REFUSED: Dict[str, Dict[str, str]] = {
         "legacy_stage1": "DeepSpeed's old stage-1 implementation; moesaic has one implementation per stage",
         "parameter_alignment": "DeepSpeed's flat-buffer alignment; moesaic keeps every parameter as its own tensor",
         "log_trace_cache_warnings": _ZERO3,
-        "enable_sanity_checks": "DeepSpeed's ZeRO-3 sanity checks; moesaic implements stages 0-2",
+        "enable_sanity_checks": "DeepSpeed's ZeRO-3 partitioner's sanity checks; moesaic's stage 3 is torch's FSDP2",
         "save_muon_momentum_buffer_in_memory": "moesaic has no Muon optimizer",
         "use_multi_rank_bucket_allreduce": "moesaic reduces expert gradients over each expert-data-parallel group "
                                            "separately; there is no multi-rank bucket all-reduce to choose",
