@@ -132,8 +132,6 @@ def test_numbers_are_normalised():
     ({"engine": {"moe": {"split_by": "module"}}}, ValueError,
      r"engine.moe.split_by must be one of \['expert', 'layer'\], got 'module'"),
     ({"engine": {"moe": {"max_group_size": 0}}}, ValueError, r"engine.moe.max_group_size must be an int >= 1, got 0"),
-    ({"engine": {"zero_optimization": {"stage": 3}}}, ValueError,
-     r"engine.zero_optimization.stage=3 \(ZeRO-3, parameter sharding\) is not supported"),
     ({"train": 5}, TypeError, r"train must be a mapping \(dict / JSON object / TOML table\), got int: 5"),
 ])
 def test_errors_name_the_full_key(config, exc, match):
