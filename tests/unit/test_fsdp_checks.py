@@ -63,3 +63,42 @@ def test_clip_on_one_process_matches_torch():
     with pytest.raises(ValueError, match="norm_type must be 2.0 or math.inf"):
         grad_norm(a.parameters(), 1.0)
     assert shard_info(a) is None
+
+
+def _config(**over):
+    cfg = {"train_micro_batch_size_per_gpu": 4, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+           "zero_optimization": {"stage": 3}}
+    for k, v in over.items():
+        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
+    return cfg
+
+
+@pytest.mark.parametrize("over,kwargs,match", [
+    ({}, {"optimizer": "client"}, r"stage=3 builds its own torch optimizer .*pass optimizer=None"),
+    ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, {}, r"stage=3 with CPU offload .*allowed: "
+                                                                           r"offload 'none'"),
+    ({"zero_optimization": {"reduce_scatter": False}}, {}, r"reduce_scatter=false with stage=3: FSDP2 always"),
+    ({"zero_optimization": {"stage3_max_live_parameters": 10}}, {}, r"stage3_max_live_parameters .*FSDP2\) gathers "
+                                                                    r"one unit"),
+    ({"zero_optimization": {"stage3_prefetch_bucket_size": 10}}, {}, r"prefetches whole units"),
+    ({}, {}, r"stage=3 shards parameters with torch's FSDP2 and needs torch.distributed"),
+])
+def test_initialize_stage3_refusals_come_before_process_group_work(over, kwargs, match):
+    model = _net(1)
+    if kwargs.get("optimizer") == "client":
+        kwargs = {"optimizer": torch.optim.AdamW(model.parameters())}
+    with pytest.raises(ValueError, match=match):
+        moesaic.initialize(model=model, config=_config(**over), **kwargs)
+    assert not torch.distributed.is_initialized()
+
+
+def test_initialize_stage3_mesh_that_does_not_divide_the_world(monkeypatch):
+    # a launched job of 3 processes (as torchrun would say), a layer of ep_size 2: refused before joining
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")
+    with pytest.raises(ValueError, match=r"MoE layer 'ffn' .*ep_size=2, which does not divide the world of 3"):
+        moesaic.initialize(model=_net(2), config=_config())
+    assert not torch.distributed.is_initialized()
