@@ -5,7 +5,9 @@ DeepSpeed's ``safe_get_full_grad``, ``safe_get_full_fp32_param`` and
 optimizer state (stages 1-2) and its reduced gradient (stage 2) live on the group's owner only.
 Each call returns the whole tensor on every rank of the parameter's replica group (the owner
 broadcasts it), so every rank of that group must make the same calls in the same order, as with
-DeepSpeed's.
+DeepSpeed's. At stage 3 the parameters are FSDP2's fp32 ``DTensor`` shards: each call gathers
+the tensor (``full_tensor``) over the parameter's mesh (the world, or its expert-data-parallel
+ranks for an expert).
 
 :func:`link` gives every optimised parameter DeepSpeed's accessor protocol
 (``_hp_mapping``, ``get_full_hp_grad()``, ``get_full_hp_param(optim_state_key=None)``), so
@@ -95,7 +97,7 @@ def full_grad(param: Tensor) -> Optional[Tensor]:
 
 
 def full_fp32_param(param: Tensor, optim_state_key: Optional[str] = None) -> Optional[Tensor]:
-    """The fp32 master weights of ``param``, or its optimizer state ``optim_state_key``; collective at stages 1-2."""
+    """The fp32 master weights of ``param``, or its optimizer state ``optim_state_key``; collective at stages 1-3."""
     engine = _engine_of(param)
     opt = engine.optimizer
     if engine.zero_optimization_stage() == 3:  # the parameters are the fp32 masters, sharded
