@@ -4,7 +4,8 @@ At W=2 (ep_size 1, 2) and W=4 (ep_size 2): three AdamW steps with clipping, grad
 (FSDP2 reduces once per step), per-expert and per-layer ``lr_scale`` and (at ep_size 1) a frozen
 expert: the global norm of every step, every parameter (``safe_get_full_fp32_param``), the reduced
 gradients (``safe_get_full_grad``) and AdamW's moments (``safe_get_full_optimizer_state``) equal
-stage 0's to fp32 round-off. bf16 trains to within bf16's precision of stage 0 in bf16.
+stage 0's to fp32 round-off. bf16 trains to within bf16's precision of stage 0 in bf16. fp16 with loss
+scaling skips a step whose gradient is non-finite on any rank, on every rank.
 """
 
 import os
@@ -90,3 +91,34 @@ def _worker(rank, world, ep_size):
 @pytest.mark.parametrize("world,ep_size", [(2, 1), (2, 2), (4, 2)])
 def test_stage3_equals_stage0(world, ep_size):
     run_ranks(_worker, world, ep_size, timeout_s=400)
+
+
+def _fp16_worker(rank, world):
+    """fp16 compute with loss scaling: a non-finite gradient on one rank skips the step on every rank."""
+    model = MoENet(2)
+    engine, *_ = moesaic.initialize(model=model, config={
+        "train_micro_batch_size_per_gpu": TOKENS, "gradient_clipping": 1.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}},
+        "fp16": {"enabled": True, "initial_scale_power": 4}, "zero_optimization": {"stage": 3}})
+    x, y = _batch(rank, 0, 0)
+    before = [moesaic.safe_get_full_fp32_param(p) for p in model.parameters()]
+    loss = engine(x.half(), y.half())
+    engine.backward(loss * (float("inf") if rank == 1 else 1.0))  # one rank overflows
+    engine.step()
+    assert engine.skipped_steps == 1 and not engine.was_step_applied(), rank
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(moesaic.safe_get_full_fp32_param(p), b)
+    for step in range(2):
+        x, y = _batch(rank, step + 1, 0)
+        loss = engine(x.half(), y.half())
+        engine.backward(loss)
+        engine.step()
+        assert engine.was_step_applied() and torch.isfinite(loss), (rank, step)
+    after = [moesaic.safe_get_full_fp32_param(p) for p in model.parameters()]
+    assert all(torch.isfinite(a).all() for a in after)
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 masters, fp16 compute
+
+
+def test_stage3_fp16_skips_a_non_finite_step_everywhere():
+    run_ranks(_fp16_worker, 2, timeout_s=300)
