@@ -96,7 +96,7 @@ def check_shardable(model: nn.Module, world_size: int) -> None:
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
     if any(isinstance(m, FSDPModule) for m in model.modules()):
         raise ValueError("model is already sharded by fully_shard; call shard_model once, on the unsharded model")
-    for name, (path, layer) in moe_layers(model).items():
+    for name, (path, layer) in moe_layers(model).items():  # the names must be unique (name_moe_layers)
         if world_size % layer.ep_size:
             raise ValueError(f"MoE layer {name!r} (module {path!r}) has ep_size={layer.ep_size}, which does not divide "
                              f"the world of {world_size} processes; allowed: ep_size among the divisors of "
@@ -105,13 +105,14 @@ def check_shardable(model: nn.Module, world_size: int) -> None:
         if p.is_floating_point() and p.dtype != torch.float32:
             raise ValueError(f"parameter {name!r} is {p.dtype}; shard_model keeps fp32 parameters as the sharded "
                              "masters and computes in param_dtype: build or cast the model in float32 (model.float())")
+    layers = moe_layers(model)
     owner: Dict[int, str] = {}
-    for name, (path, layer) in moe_layers(model).items():
+    for name, (path, layer) in layers.items():
         for p in layer.experts.parameters():
             owner[id(p)] = name
     for pname, p in model.named_parameters(remove_duplicate=False):
         layer = owner.get(id(p))
-        if layer is not None and not _is_inside(pname, moe_layers(model)[layer][0]):
+        if layer is not None and not _is_inside(pname, layers[layer][0]):
             raise ValueError(f"parameter {pname!r} is shared with the experts of MoE layer {layer!r}; an expert's "
                              "tensors cannot be tied to tensors outside its layer when experts are sharded over "
                              "their expert-data-parallel mesh")
@@ -142,7 +143,7 @@ def _edp_mesh(groups, device_type: str, cache: Dict):
 
 
 def _block_units(model: nn.Module, layer_modules: Sequence[nn.Module]) -> List[Tuple[str, nn.Module]]:
-    """Modules of every ModuleList that holds an MoE layer (transformer blocks), outermost lists first."""
+    """Modules of every ModuleList that hold an MoE layer (transformer blocks); a block inside a chosen one is not."""
     holders = {id(m) for m in layer_modules}
     out, seen = [], set()
     for path, mod in model.named_modules():
@@ -152,7 +153,7 @@ def _block_units(model: nn.Module, layer_modules: Sequence[nn.Module]) -> List[T
             if id(child) in seen or id(child) in holders:
                 continue
             if any(id(m) in holders for m in child.modules()):
-                # the innermost block that holds the layer is its own unit; skip lists nested in it
+                # the outermost block holding the layer is the unit; lists nested inside it are skipped
                 out.append((f"{path}.{i}" if path else str(i), child))
                 seen.update(id(m) for m in child.modules())
     return out
