@@ -18,12 +18,14 @@ import zlib
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+import moesaic
 from moesaic import checkpoint
 from moesaic.checkpoint import CheckpointError
 from moesaic.checkpoint.files import write_tensors
 from moesaic.checkpoint.manifest import seal
-from support.checkpoint_net import make_engine, train, transient_files
+from support.checkpoint_net import CONFIG, Net, make_engine, train, transient_files
 
 TAG = "global_step3"  # the first two WarmupLR steps have lr 0: the third changes the weights
 
@@ -233,7 +235,6 @@ def _optimizer_file(folder, name):
 def test_a_bad_optimizer_step_tensor_names_its_file(ck, step, match):
     root, folder = ck
     rel = _optimizer_file(folder, "inp.weight")
-    from safetensors.torch import load_file
     tensors = load_file(folder / rel)
     tensors["inp.weight::step"] = step
     (folder / rel).unlink()
@@ -413,3 +414,87 @@ def test_a_full_disk_during_a_save_names_the_checkpoint_and_the_file(ck, monkeyp
     _target().load_checkpoint(root)
     engine.save_checkpoint(root, tag="after")  # the next save removes the debris
     assert transient_files(root) == []
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda s: s.__setitem__("garbage", 1), r"engine.json: scheduler has the keys .*'garbage'"),
+    (lambda s: s.__setitem__("last_epoch", "x"), r"engine.json: scheduler.last_epoch must be a number, got str"),
+    (lambda s: s.__setitem__("last_epoch", 10 ** 30), r"engine.json: scheduler.last_epoch must fit in 64 bits"),
+    (lambda s: s.__setitem__("_last_lr", s["_last_lr"][:1]),
+     r"engine.json: scheduler._last_lr must list \d+ values, got 1"),
+])
+def test_a_torch_schedulers_state_is_compared_with_its_own_shape(tmp_path, edit, match):
+    """torch's schedulers load any dict (``__dict__.update``): the saved state must have the live one's shape."""
+    cfg = dict(CONFIG, scheduler={"type": "StepLR", "params": {"step_size": 2, "gamma": 0.5}})
+    engine, *_ = moesaic.initialize(model=Net(), config=cfg)
+    train(engine, 3)
+    folder = engine.save_checkpoint(tmp_path / "ck")
+    _edit_json(folder, "engine.json", lambda e: edit(e["scheduler"]))
+    target, *_ = moesaic.initialize(model=Net(), config=cfg)
+    before = json.dumps(target.lr_scheduler.state_dict(), sort_keys=True)
+    groups = json.dumps(target.optimizer.state_dict()["param_groups"], sort_keys=True)
+    with pytest.raises(CheckpointError, match=match):
+        target.load_checkpoint(tmp_path / "ck")
+    assert json.dumps(target.lr_scheduler.state_dict(), sort_keys=True) == before
+    assert json.dumps(target.optimizer.state_dict()["param_groups"], sort_keys=True) == groups
+    assert target.global_steps == 0
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda s: s.__setitem__("cur_scale", 0.0), r"engine.json: loss_scaler: cur_scale must be a finite number"),
+    (lambda s: s.__setitem__("cur_iter", "1"), r"engine.json: loss_scaler: cur_iter must be an int"),
+    (lambda s: s.pop("cur_hysteresis"), r"engine.json: loss_scaler: loss scaler state_dict lacks \['cur_hysteresis'\]"),
+])
+def test_a_bad_loss_scaler_state_is_refused_before_anything_changes(tmp_path, edit, match):
+    cfg = dict(CONFIG, fp16={"enabled": True})
+    engine, *_ = moesaic.initialize(model=Net(), config=cfg)
+    for _ in range(3):
+        engine.backward(engine(torch.randn(16, 8).half()))
+        engine.step()
+    folder = engine.save_checkpoint(tmp_path / "ck")
+    _edit_json(folder, "engine.json", lambda e: edit(e["loss_scaler"]))
+    target, *_ = moesaic.initialize(model=Net(), config=cfg)
+    before = (dict(target.loss_scaler.state_dict()), _state(target))
+    with pytest.raises(CheckpointError, match=match):
+        target.load_checkpoint(tmp_path / "ck")
+    assert target.loss_scaler.state_dict() == before[0]
+    after = _state(target)
+    assert all(_same(before[1][k], after[k]) for k in after)
+
+
+class _OwnSchedule:
+    """A scheduler of the user's own: its state has the right shape, but its load_state_dict refuses a value."""
+
+    def __init__(self, optimizer):
+        self.optimizer, self.n = optimizer, 0
+
+    def step(self):
+        self.n += 1
+
+    def state_dict(self):
+        return {"n": self.n}
+
+    def load_state_dict(self, state):
+        self.n = state["n"]
+        if self.n > 100:
+            raise ValueError(f"n={self.n} is past the end of this schedule")
+
+
+def test_a_scheduler_of_ones_own_that_refuses_its_state_is_put_back_and_nothing_else_changes(tmp_path):
+    cfg = {k: v for k, v in CONFIG.items() if k != "scheduler"}
+    engine, *_ = moesaic.initialize(model=Net(), config=cfg, lr_scheduler=lambda opt: _OwnSchedule(opt))
+    train(engine, 3)
+    folder = engine.save_checkpoint(tmp_path / "ck")
+    _edit_json(folder, "engine.json", lambda e: e["scheduler"].__setitem__("n", 1000))
+    target, *_ = moesaic.initialize(model=Net(), config=cfg, lr_scheduler=lambda opt: _OwnSchedule(opt))
+    target.lr_scheduler.n = 5
+    before = _state(target)
+    with pytest.raises(CheckpointError, match=r"engine.json: scheduler: _OwnSchedule.load_state_dict refused the "
+                                              r"saved state \(ValueError: n=1000 is past the end"):
+        target.load_checkpoint(tmp_path / "ck")
+    assert target.lr_scheduler.n == 5
+    after = _state(target)
+    assert all(_same(before[k], after[k]) for k in after)
+    _edit_json(folder, "engine.json", lambda e: e["scheduler"].__setitem__("n", 7))
+    target.load_checkpoint(tmp_path / "ck")
+    assert target.lr_scheduler.n == 7 and target.global_steps == 3

@@ -37,7 +37,8 @@ def _got(value: Any) -> str:
 
 
 def check_engine_state(state: Any, path: Path) -> Dict[str, Any]:
-    """engine.json's known keys by type and range: counters, ``scheduler``/``loss_scaler`` (object or null), ``config``."""
+    """engine.json's known keys by type and range: the counters, ``scheduler`` and ``loss_scaler`` (object or
+    null), ``config`` (object); other keys are left to their readers."""
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: must hold a JSON object, got {_got(state)}")
     for key in ENGINE_COUNTERS:
