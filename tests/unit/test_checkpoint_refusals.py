@@ -196,7 +196,7 @@ OPTIMIZER_EDITS = {
                          r"optimizer.json: param_groups\[0\].betas .*\[1\] must be a finite number in \[0, 1\)"),
     "eps 'x'": (_group(lambda g: g.__setitem__("eps", "x")), r"optimizer.json: param_groups\[0\].eps"),
     "name 7": (_group(lambda g: g.__setitem__("name", 7)),
-               r"optimizer.json: param_groups\[0\].name must be a non-empty str, got int 7"),
+               r"optimizer.json: param_groups\[0\].name must be a str, got int 7"),
     "lr_scale [1]": (_group(lambda g: g.__setitem__("lr_scale", [1])), r"optimizer.json: param_groups\[0\].lr_scale"),
     "two groups of one name": (lambda o: o["param_groups"].append(dict(o["param_groups"][0])),
                                r"optimizer.json: param_groups\[\d+\].name '.*' names two groups"),

@@ -55,7 +55,8 @@ def check_engine_state(state: Any, path: Path) -> Dict[str, Any]:
 
 
 def check_optimizer_meta(meta: Any, path: Path, optimizer=None) -> Dict[str, Any]:
-    """optimizer.json: ``{"optimizer": str, "param_groups": [{"name": str, settings...}]}``, names unique.
+    """optimizer.json: ``{"optimizer": str, "param_groups": [{"name": str, settings...}]}``, names unique, the
+    type the optimizer's.
 
     The settings' types and ranges are checked by ``optimizer.check_param_groups`` when the
     optimizer has it (moesaic's does), naming the group and the key.
@@ -70,8 +71,8 @@ def check_optimizer_meta(meta: Any, path: Path, optimizer=None) -> Dict[str, Any
         if not isinstance(g, dict):
             raise CheckpointError(f"{path}: param_groups[{i}] must be an object, got {_got(g)}")
         name = g.get("name")
-        if not isinstance(name, str) or not name:
-            raise CheckpointError(f"{path}: param_groups[{i}].name must be a non-empty str, got {_got(name)}")
+        if not isinstance(name, str):
+            raise CheckpointError(f"{path}: param_groups[{i}].name must be a str, got {_got(name)}")
         if name in seen:
             raise CheckpointError(f"{path}: param_groups[{i}].name {name!r} names two groups")
         seen.add(name)

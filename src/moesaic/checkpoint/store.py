@@ -27,10 +27,12 @@ directory, switches ``latest`` atomically, and only then removes superseded save
 with ``keep_last``, the oldest checkpoints. A process killed at any instant leaves ``latest``
 naming a complete checkpoint. An error on any rank is raised on every rank.
 
-**Loading** (:func:`load`) reads every file this rank needs and verifies it (size, whole-file
-CRC-32, tensor names/dtypes/shapes against the manifest, then against the model and optimizer)
-before anything is copied; the ranks agree that all of them verified before any copies, so a
-failed load leaves every rank's model and optimizer unchanged.
+**Loading** has two phases (:mod:`.staging`). :func:`prepare` reads every file this rank needs
+and verifies it (size, whole-file CRC-32, tensor names/dtypes/shapes against the manifest, then
+against the model and optimizer; every JSON value by type and range; RNG states), runs the
+caller's own checks (the engine's scheduler and loss-scaler state), and the ranks agree that all of
+them succeeded; ``StagedLoad.apply()`` then only copies. :func:`load` is both, so a failed load
+leaves every rank's model, optimizer and RNG unchanged.
 """
 
 from __future__ import annotations

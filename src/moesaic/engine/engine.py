@@ -525,6 +525,12 @@ class MoEEngine(nn.Module):
             ``(folder, client_state)``; ``(None, None)`` with a warning when there is no
             checkpoint to load (no ``latest``, or no folder for ``tag``), as DeepSpeed does.
 
+        Raises:
+            CheckpointError: any file, tensor or value that fails its checks (naming the file and
+                the key), a tag that is not one folder name, a link or special file in the
+                checkpoint; the model, optimizer, scheduler, loss scaler, counters and RNGs are then
+                exactly as they were (docs/checkpoints.md, "What is verified, and when").
+
         Metrics that an earlier session wrote to ``log_dir`` after the checkpoint's step are
         discarded (CSV rows removed, TensorBoard events purged), since those steps are trained again.
         """
