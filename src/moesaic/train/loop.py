@@ -115,7 +115,8 @@ def memory_estimate(cfg: TrainConfig) -> memory.MemoryEstimate:
 def check_memory(cfg: TrainConfig, device: torch.device, processes_here: int) -> Optional[str]:
     """Refuse a micro-batch (or model) that cannot fit; returns a warning when it may not fit right now."""
     return memory.check_fits(memory_estimate(cfg), processes_here if device.type == "cpu" else 1, device,
-                             key="engine.train_micro_batch_size_per_gpu")
+                             key="engine.train_micro_batch_size_per_gpu",
+                             model_keys="model.n_layer, model.n_embd, model.num_experts")
 
 
 def _evaluate(engine, model: GPT, batches, device: torch.device) -> float:
