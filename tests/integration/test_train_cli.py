@@ -117,8 +117,13 @@ def test_without_tensorboard_and_matplotlib_the_run_writes_csv_with_one_warning_
     assert sum("tensorboard package is not installed" in t for t in texts) == 1, texts
     assert sum("matplotlib is not installed" in t for t in texts) == 1, texts
     assert (out / "logs" / "metrics.csv").exists() and not list((out / "logs").glob("events.out.tfevents.*"))
-    said = capsys.readouterr().out
+    captured = capsys.readouterr()
+    said = captured.out
     assert "(metrics.csv)" in said and "plots: none (matplotlib is not installed" in said
+    # issue 21: 2 steps under tiny.toml's 20 warmup steps: one line naming the keys, not the schedule's UserWarning
+    assert not [t for t in texts if "warmup_num_steps" in t], texts
+    assert captured.err.count("moesaic train: warning: engine.scheduler.params.warmup_num_steps=20 is more than the "
+                              "schedule's 2 steps (train.steps=2)") == 1, captured.err
 
 
 def test_keep_last_prunes_the_run_s_checkpoints(tmp_path, corpus):

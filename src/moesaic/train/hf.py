@@ -45,7 +45,7 @@ from moesaic.parallel.launch import LaunchEnv
 from .config import TrainConfig
 from .data import ByteCorpus, load_corpus
 from .hf_memory import check_hf_memory
-from .loop import join_processes
+from .loop import initialize_engine, join_processes
 from .stop import Stopped, StopRequest
 
 HF_DEFAULTS = {
@@ -196,8 +196,7 @@ def run_hf(cfg: TrainConfig, hf_path: Path, out: Path, resume: bool = False, qui
     split = load_corpus(cfg.data.path, cfg.data.val_percent, cfg.data.suffixes)
     train_windows = TokenWindows(split.train, tokenizer, cfg.model.block_size, t.seed)
     val_windows = TokenWindows(split.val, tokenizer, cfg.model.block_size, t.seed)
-    engine, *_ = moesaic.initialize(model=model, config=cfg.engine_config(), log_dir=str(out / "logs"),
-                                    telemetry_every=t.log_every)
+    engine = initialize_engine(cfg, rank, quiet, model=model, log_dir=str(out / "logs"), telemetry_every=t.log_every)
     history: Dict = {"train": [], "val": [], "load": {}}
     if resume:
         _, client = engine.load_checkpoint(ckpts)

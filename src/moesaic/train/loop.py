@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -36,6 +37,7 @@ import torch.distributed as dist
 import moesaic
 from moesaic.checkpoint import CheckpointError, read_manifest, resolve
 from moesaic.models import GPT, GPTConfig, unigram_baseline_loss
+from moesaic.optim.schedulers import WarmupLongerThanScheduleWarning
 from moesaic.parallel.agree import check_same_on_all_ranks
 from moesaic.parallel.launch import LaunchEnv, backend_for, resolve_device
 from moesaic.telemetry.writer import tensorboard_available
@@ -117,6 +119,18 @@ def check_memory(cfg: TrainConfig, device: torch.device, processes_here: int) ->
     return memory.check_fits(memory_estimate(cfg), processes_here if device.type == "cpu" else 1, device,
                              key="engine.train_micro_batch_size_per_gpu",
                              model_keys="model.n_layer, model.n_embd, model.num_experts")
+
+
+def initialize_engine(cfg: TrainConfig, rank: int, quiet: bool, **kwargs):
+    """``moesaic.initialize`` with the run's engine config; a warmup longer than the run is said once, on rank 0,
+    as one line naming the config keys (:meth:`TrainConfig.warmup_warning`), not as the schedule's own warning."""
+    line = cfg.warmup_warning()
+    if line and rank == 0 and not quiet:
+        print(f"moesaic train: warning: {line}", file=sys.stderr, flush=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", WarmupLongerThanScheduleWarning)
+        engine, *_ = moesaic.initialize(config=cfg.engine_config(), **kwargs)
+    return engine
 
 
 def _evaluate(engine, model: GPT, batches, device: torch.device) -> float:
@@ -215,8 +229,8 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False, 
     if world > 1:
         moesaic.setup_expert_parallel(model)
     log_dir = str(out / "logs")
-    engine, _, _, _ = moesaic.initialize(model=model, model_parameters=_param_groups(model),
-                                         config=cfg.engine_config(), log_dir=log_dir, telemetry_every=t.log_every)
+    engine = initialize_engine(cfg, rank, quiet, model=model, model_parameters=_param_groups(model),
+                               log_dir=log_dir, telemetry_every=t.log_every)
     progress = Progress(total=t.steps, start=0, enabled=rank == 0 and not quiet)
 
     # 4. resume
