@@ -237,9 +237,6 @@ def test_unknown_keys(config, pattern):
     ({"tensorboard": {"enabled": True, "output_path": "x"}}, r"tensorboard .*pass log_dir= to moesaic\.initialize"),
     ({"pipeline": {"stages": 2}}, r"pipeline .*no tensor, pipeline or sequence parallelism"),
     # values describing something moesaic does not do: refused with what it does instead
-    ({"zero_optimization": {"stage": 2, "overlap_comm": True}},
-     r"zero_optimization\.overlap_comm=True is not supported by moesaic: .*not overlapped with it; "
-     r"allowed: false or null"),
     ({"zero_optimization": {"offload_optimizer": {"device": "nvme"}}},
      r"zero_optimization\.offload_optimizer\.device='nvme' is not supported by moesaic"),
     ({"fp16": {"enabled": True, "auto_cast": True}}, r"fp16\.auto_cast=True is not supported by moesaic"),
@@ -273,6 +270,9 @@ def test_deepspeed_keys_accepted():
     assert (z.stage, z.reduce_bucket_size, z.allgather_bucket_size) == (2, 500_000_000, 200_000_000)
     assert cfg.offload() == "cpu" and cfg.checkpoint.tag_validation == "Fail"
     assert load_config({"zero_optimization": {"cpu_offload": True}}).offload() == "cpu"
+    assert load_config({"zero_optimization": {"stage": 1, "overlap_comm": True}}).zero_optimization.overlap_comm
+    with pytest.raises(TypeError, match=r"zero_optimization\.overlap_comm must be a bool"):
+        load_config({"zero_optimization": {"overlap_comm": "yes"}})
 
 
 def test_bf16_and_fp16_conflict():

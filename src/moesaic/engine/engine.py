@@ -7,6 +7,8 @@ boundary:
 1. ``backward`` synchronises gradients at its end (dense over the world, experts over their
    expert-data-parallel group, all to the gradient of the global mean loss; bucketed), so the
    gradients read between ``backward`` and ``step`` are the averaged ones, as in DeepSpeed;
+   with ``zero_optimization.overlap_comm`` the buckets are reduced while backward still runs
+   (:mod:`moesaic.optim.overlap`), with the same result;
 2. ``step`` checks every rank for non-finite gradients (fp16: a loss-scale overflow skips the
    step on every rank and lowers the scale; bf16/fp32: the step is skipped with a warning naming
    the groups);
@@ -45,6 +47,7 @@ from ..layer.identity import ExpertIndex
 from ..optim.in_backward import InBackwardStepper
 from ..optim.loss_scaler import build_loss_scaler
 from ..optim.mixed_precision import GroupedMixedPrecisionOptimizer
+from ..optim.overlap import OverlappedReducer
 from ..optim.pipeline import StepPipeline
 from ..parallel.collectives import DEFAULT_BUCKET_ELEMS
 from ..telemetry import MetricsWriter, MoEStatsAccumulator
@@ -151,6 +154,11 @@ class MoEEngine(nn.Module):
                                       broadcast_bucket_elems=zero.allgather_bucket_size,
                                       reduce_scatter=zero.reduce_scatter)
         self._in_backward = InBackwardStepper(optimizer) if config.optimizer_in_backward else None
+        # overlap_comm: buckets reduced during the boundary's backward (nothing to reduce on one process)
+        self._overlap = (OverlappedReducer(optimizer, model, reduce_scatter=zero.reduce_scatter,
+                                           bucket_elems=zero.reduce_bucket_size or DEFAULT_BUCKET_ELEMS)
+                         if zero.overlap_comm and optimizer is not None and optimizer.shard is not None
+                         and optimizer.shard.world_size > 1 else None)
         self._log_dir = log_dir
         self._losses: List[float] = []
         self._global_grad_norm: Optional[float] = None
@@ -300,8 +308,20 @@ class MoEEngine(nn.Module):
         with self._timers.time("backward"):
             if self._in_backward is not None and boundary:
                 self._in_backward.arm(want_stats=self._want_stats())
-            (loss.float() * (self.loss_scale / gas)).backward(retain_graph=retain_graph)
-            if boundary and not self._inside_no_sync and self._in_backward is None:
+            reduce = boundary and not self._inside_no_sync and self._in_backward is None
+            overlap = reduce and self._overlap is not None
+            if overlap:
+                self._overlap.arm()
+            try:
+                (loss.float() * (self.loss_scale / gas)).backward(retain_graph=retain_graph)
+            except BaseException:
+                if overlap:
+                    self._overlap.abandon()
+                raise
+            if overlap:
+                self._overlap.finish()
+                self._reduced = True
+            elif reduce:
                 self._pipeline.reduce()
                 self._reduced = True
         return loss.detach() / gas
