@@ -8,7 +8,7 @@ rest fall in two kinds, and neither is ever silently ignored:
   always does (``zero_optimization.contiguous_gradients: true``: moesaic reduces each bucket of
   gradients from one contiguous buffer); any other value is refused with the reason;
 * **refused keys** (:data:`REFUSED`): features moesaic does not have (ZeRO-3, NVMe offload,
-  pipeline parallelism, profilers ...). Present with any value, they are refused with the
+  pipeline parallelism, autotuning ...). Present with any value, they are refused with the
   reason; a feature section whose ``enabled`` is false asks for nothing and is accepted.
 
 Both kinds are listed in ``docs/config-reference.md`` (generated).
@@ -33,7 +33,6 @@ REFUSED: Dict[str, Dict[str, str]] = {
     "": {
         "activation_checkpointing": "moesaic does not rewrite the model; checkpoint activations in the model with "
                                     "torch.utils.checkpoint",
-        "flops_profiler": "moesaic has no FLOPs profiler; use torch.profiler",
         "autotuning": "moesaic has no autotuner",
         "elasticity": "moesaic has no elastic batch-size search; checkpoints reload under any world size instead",
         "comms_logger": "moesaic does not log collectives; use torch.profiler",
@@ -133,7 +132,7 @@ REFUSED: Dict[str, Dict[str, str]] = {
 }
 
 #: Top-level feature sections accepted when disabled (``{"enabled": false}``): they ask for nothing.
-FEATURE_SECTIONS = ("flops_profiler", "autotuning", "elasticity", "comms_logger",
+FEATURE_SECTIONS = ("autotuning", "elasticity", "comms_logger",
                     "tensorboard", "wandb", "csv_monitor", "comet", "aim", "hybrid_engine", "data_efficiency",
                     "curriculum_learning", "torch_autocast", "amp", "compile", "fp8")
 
