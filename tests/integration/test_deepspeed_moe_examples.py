@@ -43,7 +43,7 @@ def _run(config: str, steps: int) -> str:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-4000:]
-    losses = re.findall(r"rank (\d) first loss (\S+) last loss (\S+)", out)
+    losses = re.findall(r"rank (\d) first loss ([-\d.naif]+) last loss ([-\d.naif]+)", out)
     assert sorted(r for r, _, _ in losses) == ["0", "1"], out[-4000:]
     assert all(math.isfinite(float(a)) and math.isfinite(float(b)) for _, a, b in losses)
     return out

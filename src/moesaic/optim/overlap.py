@@ -35,8 +35,9 @@ of their own (a copy of the world), so no collective a model issues on the defau
 backward can interleave with them.
 
 **Cost.** Each bucket in flight holds an fp32 buffer until its reduction completes (finished
-buckets are unpacked and freed at each later hook); in the worst case that is one fp32 copy of
-the gradients, as torch DDP's buckets. Gloo and NCCL run the collectives in the background
+buckets are unpacked at each later hook and their buffers go back to a pool that later buckets
+and steps reuse); in the worst case that is one fp32 copy of the gradients, as torch DDP's
+buckets, and the pool keeps as many buffers as were ever in flight at once. Gloo and NCCL run the collectives in the background
 (``async_op=True``); the work handles are waited at the end of backward.
 """
 
@@ -69,6 +70,7 @@ class _Bucket:
     trainable: frozenset  # ids of the trainable parameters whose hooks make it ready
     pending: set = field(default_factory=set)
     flat: Optional[Tensor] = None
+    buffer: Optional[Tensor] = None
     work: object = None
     launched: bool = False
     done: bool = False
@@ -139,6 +141,8 @@ class OverlappedReducer:
                     self._of_param.setdefault(pid, []).append(b)
         self._in_flight: List[_Bucket] = []
         self._fired: set = set()
+        self._pool: List[Tensor] = []
+        self._max_bucket = max((b.numel for bs in self._streams.values() for b in bs), default=0)
         self._handles = []
         seen = set()
         for buckets in self._streams.values():
@@ -206,7 +210,7 @@ class OverlappedReducer:
         self._in_flight = []
         for buckets in self._streams.values():
             for b in buckets:
-                b.flat, b.work = None, None
+                b.flat, b.buffer, b.work = None, None, None
 
     def remove(self) -> None:
         """Unregister the hooks."""
@@ -244,9 +248,21 @@ class OverlappedReducer:
             self._next[key] += 1
             self.last_launched_in_backward += 1
 
-    def _launch(self, b: _Bucket) -> None:
+    def _buffer(self, b: _Bucket) -> Tensor:
+        """A flat fp32 buffer for ``b``: a pooled one (returned when a bucket completes), else a new one.
+
+        The pool keeps as many buffers as were ever in flight at once, so after the first boundary
+        no step maps fresh memory (a fresh multi-MiB buffer costs page faults every time).
+        """
         device = b.refs[0].param.device
-        b.flat = torch.empty(b.numel, dtype=torch.float32, device=device)
+        for i, buf in enumerate(self._pool):
+            if buf.device == device and buf.numel() >= b.numel:
+                return self._pool.pop(i)
+        return torch.empty(self._max_bucket, dtype=torch.float32, device=device)
+
+    def _launch(self, b: _Bucket) -> None:
+        b.buffer = self._buffer(b)
+        b.flat = b.buffer[:b.numel]
         triples = b.triples()
         pack_gradients(triples, b.flat)
         b.launched = True
@@ -279,5 +295,6 @@ class OverlappedReducer:
         receive = b.dst is None or b.group is False or self.rank == b.dst
         if receive:
             unpack_gradients(b.triples(), b.flat, self.world_size, receive=True)
-        b.flat, b.work, b.done = None, None, True
+        self._pool.append(b.buffer)
+        b.flat, b.buffer, b.work, b.done = None, None, None, True
 
