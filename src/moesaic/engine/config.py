@@ -136,14 +136,15 @@ class EngineConfig(Section):
     managed_gradient_accumulation: bool = setting(
         True, doc="The engine counts micro-batches to find the accumulation boundary (always, in moesaic).",
         check=only((True,), "moesaic counts micro-batches (or follows set_gradient_accumulation_boundary)"))
-    memory_breakdown: bool = setting(False, doc="DeepSpeed's per-step memory print (not done by moesaic).",
-                                     check=only((False,), "moesaic does not print memory per step; see "
-                                                          "benchmarks/bench_step_memory.py"))
-    dump_state: bool = setting(False, doc="DeepSpeed's dump of its state at start (not done by moesaic).",
-                               check=only((False,), "moesaic does not dump its state; print engine.config"))
-    disable_allgather: bool = setting(False, doc="DeepSpeed's switch to broadcasts (moesaic always broadcasts).",
-                                      check=only((False,), "moesaic's owners already broadcast their updated "
-                                                           "weights; there is no all-gather to disable"))
+    memory_breakdown: bool = setting(False, check=check_bool,
+                                     doc="DeepSpeed's per-step memory print: a logging hint, accepted with a note "
+                                         "(moesaic does not print it; see benchmarks/bench_step_memory.py).")
+    dump_state: bool = setting(False, check=check_bool,
+                               doc="DeepSpeed's dump of its state at start: a logging hint, accepted with a note "
+                                   "(print engine.config).")
+    disable_allgather: bool = setting(False, check=check_bool,
+                                      doc="DeepSpeed's switch to broadcasts: moesaic's owners always broadcast, so "
+                                          "either value gives the same result (true is noted).")
     optimizer_in_backward: bool = setting(
         False, check=check_bool,
         doc="Step each optimizer group during backward as soon as its gradients are complete, so the model's "
