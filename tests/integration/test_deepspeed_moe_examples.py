@@ -9,8 +9,11 @@ processes and ``--ep-world-size 2`` on:
   ZeRO 0 with ``overlap_comm: true``, bucket sizes, ``contiguous_gradients``, ``cpu_offload: false``)
   minus the five fp16-style keys of its ``bf16`` section that DeepSpeed 0.19.8 itself rejects;
 * ``megatron_gpt_moe.json``: Megatron-DeepSpeed's ``examples_deepspeed/MoE/ds_config_gpt_TEMPLATE.json``
-  as its MoE scripts fill it (ZeRO 1 with ``elastic_checkpoint``, bf16, ``curriculum_learning`` off,
-  ``wall_clock_breakdown``, ``flops_profiler`` at step 5), batch sizes scaled to the test.
+  as its MoE scripts fill it (ZeRO 1 with ``elastic_checkpoint``, bf16, ``wall_clock_breakdown``,
+  ``flops_profiler`` at step 5), batch sizes scaled to the test, minus its ``curriculum_learning``
+  section (off), a legacy top-level key DeepSpeed 0.19.8 itself rejects (moesaic accepts it disabled).
+
+tests/reference/test_example_configs.py checks that DeepSpeed 0.19.8 accepts both files.
 """
 
 import math
