@@ -7,7 +7,8 @@ there, tokens on the other ranks). Each rank trains it twice, overlap off and on
 0, 1 and 2 with gradient accumulation, and compares every gradient right after each boundary's
 backward and every parameter after the run: bitwise at W=2 (a sum of two is exact whatever the
 bucket), to fp32 round-off at W=4. A no_sync backward must not reduce (stages 0-1). Small buckets
-make many collectives, and some must start before backward ends (the overlap is real).
+make many collectives, and some must start before backward ends (the overlap is real). Stacked
+experts (one parameter for all of a rank's experts) are checked at W=2.
 """
 
 import os
@@ -27,15 +28,15 @@ D, E, TOKENS, STEPS, ACCUM = 8, 4, 12, 2, 2
 
 
 class Net(nn.Module):
-    def __init__(self, ep_size, rank):
+    def __init__(self, ep_size, rank, stacked=False):
         super().__init__()
         torch.manual_seed(0)
         self.rank = rank
         self.inp = nn.Linear(D, D)
         self.only_rank0 = nn.Linear(D, D)
-        self.ffn = moesaic.MoE(D, nn.Sequential(nn.Linear(D, 16), nn.GELU(), nn.Linear(16, D)), num_experts=E,
-                               ep_size=ep_size, k=2, drop_tokens=False, use_rts=False,
-                               top2_2nd_expert_sampling=False, expert_group_name="ffn")
+        expert = moesaic.GLUExpert(D, 16) if stacked else nn.Sequential(nn.Linear(D, 16), nn.GELU(), nn.Linear(16, D))
+        self.ffn = moesaic.MoE(D, expert, num_experts=E, ep_size=ep_size, k=2, drop_tokens=False, use_rts=False,
+                               top2_2nd_expert_sampling=False, expert_group_name="ffn", stacked_experts=stacked)
         with torch.no_grad():  # positive inputs never pick expert 3; negative ones always do
             self.ffn.deepspeed_moe.gate.wg.weight[3].fill_(-3.0)
         self.out = nn.Linear(D, D)
@@ -59,12 +60,13 @@ def _grads(model):
     return [None if p.grad is None else p.grad.clone() for p in model.parameters()]
 
 
-def _train(rank, ep_size, stage, overlap, no_sync):
-    model = Net(ep_size, rank)
+def _train(rank, ep_size, stage, overlap, no_sync, stacked=False):
+    model = Net(ep_size, rank, stacked)
     moesaic.setup_expert_parallel(model)
     index = ExpertIndex.build(model)
-    for ref in index.expert_refs(index.experts()[1]):  # freeze the second expert this rank holds
-        ref.param.requires_grad_(False)
+    if not stacked:  # a stacked parameter holds every local expert: nothing to freeze alone
+        for ref in index.expert_refs(index.experts()[1]):  # freeze the second expert this rank holds
+            ref.param.requires_grad_(False)
     engine, _, _, _ = moesaic.initialize(model=model, config={
         "train_micro_batch_size_per_gpu": TOKENS, "gradient_accumulation_steps": 1 if no_sync else ACCUM,
         "gradient_clipping": 0.5, "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}},
@@ -89,13 +91,13 @@ def _train(rank, ep_size, stage, overlap, no_sync):
     return model, grads, launched
 
 
-def _worker(rank, world, ep_size):
-    tag = f"rank {rank} W={world} P={ep_size}"
+def _worker(rank, world, ep_size, stacked=False):
+    tag = f"rank {rank} W={world} P={ep_size} stacked={stacked}"
     exact = world == 2
     for stage in (0, 1, 2):
-        for no_sync in ((False, True) if stage < 2 else (False,)):
-            ref, ref_grads, _ = _train(rank, ep_size, stage, False, no_sync)
-            model, grads, launched = _train(rank, ep_size, stage, True, no_sync)
+        for no_sync in ((False, True) if stage < 2 and not stacked else (False,)):
+            ref, ref_grads, _ = _train(rank, ep_size, stage, False, no_sync, stacked)
+            model, grads, launched = _train(rank, ep_size, stage, True, no_sync, stacked)
             case = f"{tag} stage={stage} no_sync={no_sync}"
             if no_sync:  # the net does what it says: the first backward's gradients are this rank's own
                 own = dict(zip([n for n, _ in model.named_parameters()], ref_grads[0]))
@@ -127,3 +129,9 @@ def test_two_ranks(ep_size):
 @pytest.mark.parametrize("ep_size", [1, 2])
 def test_four_ranks(ep_size):
     run_ranks(_worker, 4, ep_size, timeout_s=300)
+
+
+def test_two_ranks_stacked_experts():
+    """A stacked parameter holds every local expert: its slices sit in several buckets (and at stage 2
+    with several owners), all made ready by the parameter's one hook."""
+    run_ranks(_worker, 2, 1, True, timeout_s=240)
