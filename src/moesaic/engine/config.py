@@ -60,8 +60,9 @@ class FlopsProfilerConfig(Section):
     enabled: bool = setting(False, check=check_bool,
                             doc="Count every step's FLOPs with torch.utils.flop_counter (as executed: an expert "
                                 "counts the tokens it received) into the metrics (flops, flops_per_token, "
-                                "flops_per_s, mfu on CUDA), and print a per-module profile at profile_step. Costs "
-                                "some time per operation while enabled.")
+                                "flops_per_s, mfu on CUDA), and print a per-module profile at profile_step. While "
+                                "enabled every operation passes through torch's counting mode, which slows steps "
+                                "(several-fold on small CPU models, where per-operation overhead dominates).")
     recompute_fwd_factor: float = setting(
         0.0, doc="DeepSpeed's estimate of recomputed forward FLOPs (only 0.0).",
         check=only((0.0,), "moesaic counts the backward's FLOPs as executed, activation recomputation included"))

@@ -14,8 +14,9 @@ the step's wall time and, on CUDA, the model FLOPs utilisation against the devic
 profile step it also times every module's forward and writes :meth:`FlopsProfiler.report`, a
 per-module tree of parameters, forward FLOPs, latency and FLOP/s, with each expert's tokens.
 
-The counting mode is a Python dispatch mode: it costs some time per operation, paid only while
-``flops_profiler.enabled`` is true.
+The counting mode is a Python dispatch mode: it costs time on every operation, paid only while
+``flops_profiler.enabled`` is true (measured here: a 16-wide attention + MoE block's forward and
+backward took about 5x as long on one CPU thread; large matmuls amortise it).
 """
 
 from __future__ import annotations
