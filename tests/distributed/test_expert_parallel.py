@@ -210,6 +210,10 @@ def _silent_worker(rank, world, pg_timeout_s, done):
             time.sleep(0.1)
         os._exit(0)
     start = time.monotonic()
+    with pytest.raises(RuntimeError, match="Timed out"):  # the world group: as init_process_group was told
+        dist.all_reduce(torch.ones(1))
+    assert time.monotonic() - start < pg_timeout_s + 10, f"took {time.monotonic() - start:.0f}s"
+    start = time.monotonic()
     try:
         layer(torch.randn(8, D))
     except CollectiveError as err:
