@@ -78,7 +78,7 @@ def test_watchdog_names_the_worker_silent_longer_than_the_timeout_while_another_
         _beat(paths[0], n)
         dog.poll()
     assert dog.silent([True, True]) is None  # rank 1 is still importing: it is watched from its first beat on
-    assert dog.phase_of(1) == "start-up"
+    assert dog.phase_of(1) == "start-up" and dog.silence(1) == 76.0  # (for the message, when it is found stopped)
     _beat(paths[1], 1, phase="saving checkpoint step4")
     dog.poll()
     assert dog.silent([True, True]) is None

@@ -159,6 +159,7 @@ class Watchdog:
         self._beat: List[Optional[int]] = [None] * n
         self._changed: List[Optional[float]] = [None] * n  # launcher clock of the last change seen
         self._phase: List[str] = ["start-up"] * n
+        self._start = clock()
 
     def poll(self) -> None:
         """Read every heartbeat file once."""
@@ -170,8 +171,9 @@ class Watchdog:
                 self._phase[rank] = str(data.get("phase", "?"))
 
     def silence(self, rank: int) -> float:
-        """Seconds since ``rank`` last answered (0 before its first beat)."""
-        return self._clock() - self._changed[rank] if self._changed[rank] is not None else 0.0
+        """Seconds since ``rank`` last answered (before its first beat: since the watchdog was made, with the
+        workers)."""
+        return self._clock() - (self._changed[rank] if self._changed[rank] is not None else self._start)
 
     def phase_of(self, rank: int) -> str:
         return self._phase[rank]
@@ -179,7 +181,7 @@ class Watchdog:
     def silent(self, alive: Sequence[bool]) -> Optional[Silence]:
         """The live worker silent the longest, if for more than the timeout while another worker answers or has
         ended (so a peer waits, or waited, for it); None otherwise."""
-        candidates = [(self.silence(r), r) for r in range(len(self.paths)) if alive[r]]
+        candidates = [(self.silence(r), r) for r in range(len(self.paths)) if alive[r] and self._beat[r] is not None]
         over = [(s, r) for s, r in candidates if s > self.timeout_s]
         if not over:
             return None
