@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Sequence, Union
 
 import torch
 
-from .._checks import check_choice, check_int
+from .._checks import check_choice, check_int, check_keys
 from .config import WARMUP_TYPES, SchedulerConfig
 
 WARMUP_LOG_RATE = "log"
@@ -124,12 +124,24 @@ class _Scheduler:
         """
         return {"last_batch_iteration": self.last_batch_iteration}
 
+    def check_state_dict(self, state_dict: Any) -> None:
+        """Raise what :meth:`load_state_dict` would raise, changing nothing.
+
+        Args:
+            state_dict: must be ``{"last_batch_iteration": int >= -1}``.
+        """
+        check_keys(state_dict, "scheduler", ["last_batch_iteration"])
+        if "last_batch_iteration" not in state_dict:
+            raise ValueError(f"scheduler state lacks last_batch_iteration (got the keys {sorted(state_dict)})")
+        check_int(state_dict["last_batch_iteration"], "scheduler.last_batch_iteration", lo=-1, hi=(1 << 63) - 1)
+
     def load_state_dict(self, state_dict: Mapping) -> None:
         """Restore the iteration; the optimizer's lrs are updated at the next ``step()``.
 
         Args:
             state_dict: a dict from :meth:`state_dict`.
         """
+        self.check_state_dict(state_dict)
         self.last_batch_iteration = state_dict["last_batch_iteration"]
 
 
