@@ -10,6 +10,7 @@ ranks through ``/proc``). Marked ``subprocess``.
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -80,7 +81,7 @@ def training(tmp_path, corpus):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         started.append((proc, {}))
         deadline = time.monotonic() + 240  # start-up on a loaded 2-core machine can take a minute
-        while _trained_steps(run) < 2:
+        while _trained_steps(run) < 1:  # training has started
             if proc.poll() is not None:
                 out, err = proc.communicate()
                 raise AssertionError(f"the run ended early ({proc.returncode}):\n{out}\n{err}")
@@ -126,8 +127,10 @@ def test_sigstop_of_rank_1_ends_the_run_within_dist_timeout_naming_rank_1(traini
     assert proc.returncode == 1, (out, err)
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, err
-    assert lines[0].startswith("moesaic train: error (rank 1 of 2): stopped answering for "), err
-    assert "during step " in lines[0] and "the process is stopped" in lines[0], err
+    # e.g. "stopped answering for 10 s during step 5 (the process is stopped: ...)", or "during the stop
+    # agreement after step 4": where rank 1 was when it stopped
+    assert re.match(r"moesaic train: error \(rank 1 of 2\): stopped answering for \d+ s during .*step \d+ \(the "
+                    r"process is stopped: SIGSTOP or a debugger\); every process of the run was ended$", lines[0]), err
     assert elapsed < timeout_s + 10, f"{elapsed:.1f} s after rank 1 stopped (dist_timeout_s={timeout_s})"
     assert _gone(ranks[0]) and _gone(ranks[1])  # the launcher ended both (the stopped one too)
 
