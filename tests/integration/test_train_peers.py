@@ -81,7 +81,7 @@ def training(tmp_path, corpus):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         started.append((proc, {}))
         deadline = time.monotonic() + 240  # start-up on a loaded 2-core machine can take a minute
-        while _trained_steps(run) < 1:  # training has started
+        while _trained_steps(run) < 2:  # mid-training
             if proc.poll() is not None:
                 out, err = proc.communicate()
                 raise AssertionError(f"the run ended early ({proc.returncode}):\n{out}\n{err}")

@@ -5,9 +5,10 @@ that *noticed* (the one left waiting), and says nothing of the rank that stopped
 cannot report anything itself. So every worker of moesaic's launcher runs :class:`Heartbeat`: a
 daemon thread that rewrites a small JSON file every ``interval_s`` seconds with a beat counter and
 the phase the main thread is in (``"step 12"``, ``"saving checkpoint step12"``, set with
-:func:`phase`). The thread beats whatever the main thread does (a long step, a wait in a collective),
-so the beats stop only when the whole process stops running: SIGSTOP, a frozen cgroup, a debugger's
-breakpoint. The launcher reads the files through :class:`Watchdog`, which names the rank that has been
+:func:`phase`, which also writes the file at once, so the launcher knows the phase a process stopped
+in even when phases change faster than the beats). The thread beats whatever the main thread does (a
+long step, a wait in a collective), so the beats stop only when the whole process stops running:
+SIGSTOP, a frozen cgroup, a debugger's breakpoint. The launcher reads the files through :class:`Watchdog`, which names the rank that has been
 silent for longer than the timeout while another rank still answers (see :mod:`.launcher`).
 
 The files live in the launcher's private folder; the environment variables :data:`ENV_FILE` and
@@ -52,20 +53,28 @@ class Heartbeat:
         self.path, self.interval_s = str(path), float(interval_s)
         self._phase, self._beats = "start-up", 0
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # the thread and set_phase both write
         self._thread: Optional[threading.Thread] = None
 
     def set_phase(self, text: str) -> None:
-        """What the main thread does now (shown by the launcher if this process stops answering)."""
-        self._phase = text  # (read by the thread without a lock: one assignment is atomic)
+        """What the main thread does now (shown by the launcher if this process stops answering); written at
+        once while the heartbeat runs (a small file write: a few per training step)."""
+        self._phase = text
+        if self._thread is not None and not self._stop.is_set():
+            try:
+                self.beat()
+            except OSError:  # the launcher removed its folder (it is ending the run)
+                pass
 
     def beat(self) -> None:
         """Write one beat now: ``{"beat": n, "phase": ..., "pid": ...}``."""
-        self._beats += 1
-        data = {"beat": self._beats, "phase": self._phase, "pid": os.getpid()}
-        tmp = f"{self.path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, self.path)
+        with self._lock:
+            self._beats += 1
+            data = {"beat": self._beats, "phase": self._phase, "pid": os.getpid()}
+            tmp = f"{self.path}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(data, f)
+            os.replace(tmp, self.path)
 
     def start(self) -> "Heartbeat":
         """Beat once, then every ``interval_s`` seconds from a daemon thread (it ends with the process)."""
