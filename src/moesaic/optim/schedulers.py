@@ -67,10 +67,20 @@ def _check_common(warmup_num_steps: Any, warmup_type: Any, last_batch_iteration:
     check_int(last_batch_iteration, "last_batch_iteration")
 
 
+class WarmupLongerThanScheduleWarning(UserWarning):
+    """``total_num_steps < warmup_num_steps``: the lr is still warming up when the schedule ends.
+
+    Its own class so that a caller who reports it in its own terms (``moesaic train`` names its
+    config keys) can filter exactly this warning.
+    """
+
+
 def _check_total(total_num_steps: Any, warmup_num_steps: int) -> None:
     check_int(total_num_steps, "total_num_steps", lo=1)
     if total_num_steps < warmup_num_steps:
-        warnings.warn(f"total_num_steps {total_num_steps} is less than warmup_num_steps {warmup_num_steps}")
+        warnings.warn(f"total_num_steps {total_num_steps} is less than warmup_num_steps {warmup_num_steps}: the "
+                      "learning rate is still warming up when the schedule ends; lower warmup_num_steps or raise "
+                      "total_num_steps", WarmupLongerThanScheduleWarning, stacklevel=3)
 
 
 class _Scheduler:

@@ -15,7 +15,8 @@ The run is :func:`run_hf`, executed by every process, and follows ``moesaic trai
    group-by-group stepping, telemetry in ``<out>/logs``); the validation loss every
    ``train.eval_every`` steps; checkpoints in ``<out>/checkpoints`` (``--resume`` continues one);
 5. at the end: the Hugging Face folder ``<out>/hf`` (``moesaic.hf.save`` + the tokenizer),
-   ``history.json``, ``summary.json`` and plots.
+   ``history.json``, ``summary.json`` (the whole run's seconds and tokens/s and its segments,
+   :mod:`.timing`) and plots.
 
 Config: a ``moesaic train`` config (``[engine]``, ``[train]``, ``[data]``); of ``[model]`` only
 ``block_size`` (tokens per sequence) and ``ep_size`` apply, and any other model key is an error
@@ -48,8 +49,9 @@ from .config import TrainConfig
 from .data import ByteCorpus, load_corpus
 from .heartbeat import phase
 from .hf_memory import check_hf_memory
-from .loop import join_processes
+from .loop import initialize_engine, join_processes
 from .stop import Stopped, StopRequest
+from .timing import RunClock, check_segments
 
 HF_DEFAULTS = {
     "model": {"block_size": 256},
@@ -233,17 +235,19 @@ def run_hf(cfg: TrainConfig, hf_path: Path, out: Path, resume: bool = False, qui
     split = load_corpus(cfg.data.path, cfg.data.val_percent, cfg.data.suffixes)
     train_windows = TokenWindows(split.train, tokenizer, cfg.model.block_size, t.seed)
     val_windows = TokenWindows(split.val, tokenizer, cfg.model.block_size, t.seed)
-    engine, *_ = moesaic.initialize(model=model, config=cfg.engine_config(), log_dir=str(out / "logs"),
-                                    telemetry_every=t.log_every)
+    engine = initialize_engine(cfg, rank, quiet, model=model, log_dir=str(out / "logs"), telemetry_every=t.log_every)
     history: Dict = {"train": [], "val": [], "load": {}}
+    earlier: List[Dict] = []  # the run's segments before this one (see .timing)
     if resume:
         phase("loading the checkpoint")
         _, client = engine.load_checkpoint(ckpts)
         history = client.get("history", history)
+        earlier = check_segments(client.get("segments"), f"--resume: the checkpoint in {ckpts}")
 
     def save(step: int):
         phase(f"saving checkpoint step{step}")
-        return engine.save_checkpoint(ckpts, tag=f"step{step}", client_state={"history": history},
+        return engine.save_checkpoint(ckpts, tag=f"step{step}",
+                                      client_state={"history": history, "segments": clock.segments(step)},
                                       model_config=cfg.to_dict(), keep_last=t.keep_last)
 
     def on_signal(signum: int) -> None:
@@ -253,7 +257,7 @@ def run_hf(cfg: TrainConfig, hf_path: Path, out: Path, resume: bool = False, qui
 
     # 2. train; at every step boundary the ranks agree whether a signal or train.max_minutes stops
     # them (moesaic.train.stop), save together and stop after the same step
-    t0, start = time.perf_counter(), engine.global_steps
+    clock = RunClock(earlier, engine.global_steps, micro * accum * cfg.model.block_size * world, world)
     deadline = time.monotonic() + 60 * t.max_minutes if t.max_minutes else None
     signum, late, saved = None, False, None
     with StopRequest(on_first=on_signal) as stop:
@@ -279,12 +283,11 @@ def run_hf(cfg: TrainConfig, hf_path: Path, out: Path, resume: bool = False, qui
     summary: Dict = {}
     if rank == 0:
         tokenizer.save_pretrained(str(export))
-        elapsed = time.perf_counter() - t0
-        tokens = micro * accum * cfg.model.block_size * world * (engine.global_steps - start)
+        timing = clock.summary(step)  # every segment of the run: seconds and tokens/s of the whole run
         summary = {"steps": engine.global_steps, "target_steps": t.steps, "complete": step >= t.steps,
                    "val_loss": history["val"][-1][1] if history["val"] else math.nan,
-                   "tokens_per_s": tokens / max(elapsed, 1e-9), "seconds": elapsed, "world_size": world,
-                   "export": str(export)}
+                   "tokens_per_s": timing["tokens_per_s"], "seconds": timing["seconds"], "world_size": world,
+                   "segments": timing["segments"], "export": str(export)}
         (out / "history.json").write_text(json.dumps(history))
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         from .plots import write_plots
