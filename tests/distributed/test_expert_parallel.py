@@ -23,7 +23,8 @@ from launch import run_ranks  # noqa: E402
 
 import moesaic  # noqa: E402
 from moesaic.layer.all_to_all import AllToAllDispatcher  # noqa: E402
-from moesaic.parallel import CollectiveError, GroupRegistry, layout, reset_expert_parallel_groups  # noqa: E402
+from moesaic.parallel import (CollectiveError, GroupRegistry, get_expert_parallel_groups, layout,  # noqa: E402
+                              reset_expert_parallel_groups)
 
 D, E = 16, 8
 
@@ -194,6 +195,42 @@ def _dying_worker(rank, world):
 def test_dead_rank_makes_the_others_fail_within_bounded_time():
     errors = run_ranks(_dying_worker, 2, expect_failure=True, pg_timeout_s=20, timeout_s=90)
     assert 0 not in errors, errors.get(0)
+
+
+def _silent_worker(rank, world, pg_timeout_s, done):
+    layer = moesaic.MoE(D, _expert(), num_experts=4, ep_size=2, drop_tokens=False)
+    layer.set_deepspeed_parallelism()
+    groups = get_expert_parallel_groups(2)
+    timeout = groups.ep_group._get_backend(torch.device("cpu")).options._timeout
+    assert timeout.total_seconds() == pg_timeout_s  # init_process_group's, not torch's 30 min
+    layer(torch.randn(8, D))  # one good step
+    if rank == 1:  # alive, but never joins the next all-to-all (as a stopped process), until rank 0 is done
+        deadline = time.monotonic() + 60
+        while not os.path.exists(done) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os._exit(0)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="Timed out"):  # the world group: as init_process_group was told
+        dist.all_reduce(torch.ones(1))
+    assert time.monotonic() - start < pg_timeout_s + 10, f"took {time.monotonic() - start:.0f}s"
+    start = time.monotonic()
+    try:
+        layer(torch.randn(8, D))
+    except CollectiveError as err:
+        elapsed = time.monotonic() - start
+        open(done, "w").close()
+        assert elapsed < pg_timeout_s + 10, f"took {elapsed:.0f}s to give up on the silent peer"
+        assert "all-to-all" in str(err)
+        os._exit(0)  # the group is broken; skip the final barrier
+    raise AssertionError("rank 0's all-to-all returned although rank 1 never joined it")
+
+
+def test_a_silent_rank_makes_the_ep_all_to_all_fail_within_the_process_group_timeout(tmp_path):
+    """The expert-parallel groups wait as long as the world group (``train.dist_timeout_s``): they were
+    created without a timeout and waited torch's default of 30 minutes for a stopped peer (issue 21, item 6)."""
+    errors = run_ranks(_silent_worker, 2, 4, str(tmp_path / "done"), expect_failure=True, pg_timeout_s=4,
+                       timeout_s=120)
+    assert not errors, errors
 
 
 def test_ep_without_process_group_is_a_clear_error():

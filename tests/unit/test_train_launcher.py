@@ -38,7 +38,10 @@ def test_root_cause_is_the_first_error_that_is_not_an_echo(tmp_path):
     cause = _error(tmp_path, 1, RuntimeError("boom in rank 1"), False)["moesaic"]
     results = [WorkerResult(0, 2, echo), WorkerResult(1, 1, cause), WorkerResult(2, -9)]
     assert root_cause(results).rank == 1  # the collective failed on rank 0 because rank 1 had died
-    assert root_cause([WorkerResult(0, 2, echo), WorkerResult(1, -9)]).rank == 0
+    # rank 1 killed by the launcher after rank 0 failed: the echo is all there is to show
+    assert root_cause([WorkerResult(0, 2, echo), WorkerResult(1, -9, killed_by_launcher=True)]).rank == 0
+    # rank 1 killed by someone else (kill -9, the OOM killer): it is the cause, rank 0 only noticed (issue 21, item 6)
+    assert root_cause([WorkerResult(0, 2, echo), WorkerResult(1, -9)]).rank == 1
     assert root_cause([WorkerResult(0, 0), WorkerResult(1, -9)]).rank == 1
     assert root_cause([WorkerResult(0, 0), WorkerResult(1, 0)]) is None
 

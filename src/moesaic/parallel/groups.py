@@ -14,7 +14,9 @@ Layouts, as DeepSpeed's ``_create_expert_and_data_parallel``:
 Groups are keyed by ``(ep_size, layout)``, never by a layer's ``expert_group_name``: two layers
 with different names and the same ``ep_size`` share one set of groups. ``torch.distributed.new_group``
 is collective, so every rank must ask for the same sizes in the same order; asking through
-:func:`setup_expert_parallel` (which walks the model in module order) guarantees that.
+:func:`setup_expert_parallel` (which walks the model in module order) guarantees that. Every group
+gets the world group's timeout (``init_process_group(timeout=...)``, ``train.dist_timeout_s``):
+``new_group`` would otherwise wait torch's default of 30 minutes for a peer that stopped answering.
 
 Groups are cached in a :class:`GroupRegistry`. Code that manages several process groups (tests,
 a job that re-initialises ``torch.distributed``) makes its own or calls ``reset()``;
@@ -29,6 +31,7 @@ from typing import Dict, Optional, Tuple
 import torch.distributed as dist
 
 from .._checks import check_int
+from .process_group import world_timeout
 
 
 @dataclass(frozen=True)
@@ -114,13 +117,15 @@ def _create_groups(ep_size: int, data_before_expert: bool) -> ExpertParallelGrou
     world, rank = dist.get_world_size(), dist.get_rank()
     ep_lists, edp_lists = layout(world, ep_size, data_before_expert)
     mine_ep = mine_edp = None
+    # the world group's timeout: new_group's default is torch's (30 min for gloo), not init_process_group's
+    timeout = world_timeout()
     # every rank creates every group, in the same order (new_group is collective)
     for ranks in ep_lists:
-        group = dist.new_group(list(ranks)) if len(ranks) > 1 else None
+        group = dist.new_group(list(ranks), timeout=timeout) if len(ranks) > 1 else None
         if rank in ranks:
             mine_ep = (group, ranks)
     for ranks in edp_lists:
-        group = dist.new_group(list(ranks)) if len(ranks) > 1 else None
+        group = dist.new_group(list(ranks), timeout=timeout) if len(ranks) > 1 else None
         if rank in ranks:
             mine_edp = (group, ranks)
     assert mine_ep is not None and mine_edp is not None

@@ -54,3 +54,24 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 300.0,
         dist.init_process_group(backend=backend, init_method=f"tcp://{addr}:{port}", rank=env.rank,
                                 world_size=env.world_size, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
+
+
+def world_timeout() -> Optional[datetime.timedelta]:
+    """The timeout the default (world) process group was created with, or None when it cannot be read.
+
+    ``torch.distributed.new_group`` does not inherit it: a group created without ``timeout=`` waits
+    torch's default (30 minutes for gloo, 10 for NCCL) whatever ``init_process_group`` was given, so
+    a peer that stops answering inside an expert-parallel all-to-all would hang its group for that
+    long. Groups moesaic creates pass this value on.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    try:  # the backend's options (private attributes of torch; absent ones fall back to torch's default)
+        group = dist.distributed_c10d._get_default_group()
+        for device_type in group._device_types:
+            timeout = getattr(getattr(group._get_backend(device_type), "options", None), "_timeout", None)
+            if isinstance(timeout, datetime.timedelta):
+                return timeout
+    except (AttributeError, RuntimeError, ValueError):
+        pass
+    return None

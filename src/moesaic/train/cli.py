@@ -34,6 +34,7 @@ from moesaic.models import GPT, GPTConfig
 from moesaic.parallel.comm import CollectiveError
 from moesaic.parallel.launch import LaunchEnv, resolve_device
 
+from . import heartbeat
 from .config import load_train_config
 from .data import load_corpus
 from .launcher import launch, write_error_file
@@ -159,7 +160,8 @@ def cmd_train_hf(args, argv: List[str], env: LaunchEnv) -> int:
         return 0
     worker_args = _drop_flag(argv, "--nproc", True) + ["--out", str(out), "--set", f"train.nproc={cfg.train.nproc}",
                                                        "--resume-command", command]
-    return launch(worker_args, cfg.train.nproc, threads_per_process=max(1, (os.cpu_count() or 1) // cfg.train.nproc))
+    return launch(worker_args, cfg.train.nproc, threads_per_process=max(1, (os.cpu_count() or 1) // cfg.train.nproc),
+                  dist_timeout_s=cfg.train.dist_timeout_s)
 
 
 def cmd_train(args, argv: List[str], env: LaunchEnv) -> int:
@@ -185,7 +187,8 @@ def cmd_train(args, argv: List[str], env: LaunchEnv) -> int:
         return 0
     worker_args = _drop_flag(argv, "--nproc", True) + ["--out", str(out), "--set", f"train.nproc={nproc}",
                                                        "--resume-command", command]
-    return launch(worker_args, nproc, threads_per_process=max(1, (os.cpu_count() or 1) // nproc))
+    return launch(worker_args, nproc, threads_per_process=max(1, (os.cpu_count() or 1) // nproc),
+                  dist_timeout_s=cfg.train.dist_timeout_s)
 
 
 def generate_checkpoints(root: Path) -> Path:
@@ -294,6 +297,7 @@ def _main(args, argv: List[str], env: LaunchEnv) -> int:
         if args.command == "train":
             if env.launched:
                 abort_on_signals()  # SIGTERM during start-up: a clean "aborted", as Ctrl-C
+                heartbeat.start_from_environ()  # moesaic's launcher watches this process (train.dist_timeout_s)
             return cmd_train(args, argv, env)
         if args.command == "generate":
             return cmd_generate(args)

@@ -91,8 +91,10 @@ class LoopConfig(Section):
                                        doc="Keep only this many newest checkpoints in <out>/checkpoints (older ones "
                                            "are removed after each save); absent: keep every checkpoint.")
     dist_timeout_s: float = setting(300.0, check=partial(check_number, lo=0.0, lo_open=True),
-                                    doc="Seconds joining the process group or any collective waits for a peer "
-                                        "before failing (a stopped or dead rank is reported after this long).")
+                                    doc="Seconds any wait for a peer may last: joining the process group and "
+                                        "every collective of every process group; under moesaic train --nproc "
+                                        "N also how long a process may stop answering before the launcher "
+                                        "ends the run, naming its rank.")
     device: str = setting("auto", check=check_device,
                           doc="'auto' (CUDA when present, else CPU), 'cpu', 'cuda' (GPU = local rank) or "
                               "'cuda:<index>'; the model and every batch go there.")

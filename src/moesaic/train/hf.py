@@ -47,6 +47,7 @@ from moesaic.parallel.launch import LaunchEnv
 
 from .config import TrainConfig
 from .data import ByteCorpus, load_corpus
+from .heartbeat import phase
 from .hf_memory import check_hf_memory
 from .loop import initialize_engine, join_processes
 from .stop import Stopped, StopRequest
@@ -164,6 +165,7 @@ def _train_step(engine, model, train_windows: "TokenWindows", val_windows: "Toke
     rank agrees on them.
     """
     t = cfg.train
+    phase(f"step {engine.global_steps + 1}")
     step_loss = step_aux = 0.0
     for m in range(accum):
         ids = train_windows.batch(micro, rank, engine.global_steps, m).to(device)
@@ -183,11 +185,13 @@ def _train_step(engine, model, train_windows: "TokenWindows", val_windows: "Toke
     if rank == 0 and not quiet:
         print(f"step {step}/{t.steps}: loss {step_loss:.4f} aux {step_aux:.4f}", flush=True)
     if step % t.eval_every == 0 or step == t.steps:
+        phase(f"evaluation after step {step}")
         val = _evaluate(engine, val_windows, t.eval_batches, micro, device)
         history["val"].append([step, val])
         engine.log_metrics({"val": {"loss": val}})
         if rank == 0 and not quiet:
             print(f"step {step}: val loss {val:.4f}", flush=True)
+    phase(f"the stop agreement after step {step}")
     signum, late = stop.agree(deadline is not None and time.monotonic() > deadline, device)
     saved = None
     if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps or signum or late:
@@ -205,7 +209,9 @@ def run_hf(cfg: TrainConfig, hf_path: Path, out: Path, resume: bool = False, qui
     """
     env = LaunchEnv.from_environ() if env is None else env
     t = cfg.train
+    phase("joining the process group")
     device, rank, world = join_processes(cfg, env)
+    phase("start-up checks")
     if world != t.nproc:
         raise ValueError(f"train.nproc={t.nproc} but {world} processes are running; launch with --nproc {t.nproc}")
     check_hf_config(cfg)
@@ -223,6 +229,7 @@ def run_hf(cfg: TrainConfig, hf_path: Path, out: Path, resume: bool = False, qui
         warnings.warn(note, RuntimeWarning, stacklevel=2)
 
     # 1. model, tokenizer, data
+    phase("loading the model and building the engine")
     tokenizer = load_tokenizer(hf_path)
     model = moesaic.hf.load(hf_path, ep_size=cfg.model.ep_size).to(device)
     split = load_corpus(cfg.data.path, cfg.data.val_percent, cfg.data.suffixes)
@@ -232,11 +239,13 @@ def run_hf(cfg: TrainConfig, hf_path: Path, out: Path, resume: bool = False, qui
     history: Dict = {"train": [], "val": [], "load": {}}
     earlier: List[Dict] = []  # the run's segments before this one (see .timing)
     if resume:
+        phase("loading the checkpoint")
         _, client = engine.load_checkpoint(ckpts)
         history = client.get("history", history)
         earlier = check_segments(client.get("segments"), f"--resume: the checkpoint in {ckpts}")
 
     def save(step: int):
+        phase(f"saving checkpoint step{step}")
         return engine.save_checkpoint(ckpts, tag=f"step{step}",
                                       client_state={"history": history, "segments": clock.segments(step)},
                                       model_config=cfg.to_dict(), keep_last=t.keep_last)
@@ -259,6 +268,7 @@ def run_hf(cfg: TrainConfig, hf_path: Path, out: Path, resume: bool = False, qui
                 break
     engine.close()
     step = engine.global_steps
+    phase(f"ending the run after step {step} (export)")
     if signum and step < t.steps:  # (a signal during the last step: the run is complete)
         if world > 1:
             dist.barrier()

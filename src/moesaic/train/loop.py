@@ -44,6 +44,7 @@ from moesaic.parallel.launch import LaunchEnv, backend_for, resolve_device
 from moesaic.telemetry.writer import tensorboard_available
 
 from . import memory
+from .heartbeat import phase
 from .config import TrainConfig
 from .data import BatchStream, byte_counts, load_corpus, validation_batches
 from .progress import Progress
@@ -194,7 +195,9 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False, 
     """
     env = LaunchEnv.from_environ() if env is None else env
     t = cfg.train
+    phase("joining the process group")
     device, rank, world = join_processes(cfg, env)
+    phase("start-up checks")
     # 1. every rank runs the same config, into the same folder (else weights diverge or a collective hangs)
     check_same_on_all_ranks({**cfg.to_dict(), "run": {"out": str(out), "resume": resume}}, "the training config",
                             device=device)
@@ -226,6 +229,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False, 
     baseline = unigram_baseline_loss(byte_counts(split.train, max_bytes=4 << 20))
 
     # 3. model and engine
+    phase("building the model and engine")
     model = model_factory(cfg.model) if model_factory is not None else GPT(cfg.model)
     model.to(device)
     if world > 1:
@@ -239,6 +243,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False, 
     history: Dict = {"train": [], "val": [], "load": {}, "unigram_baseline": baseline}
     earlier: List[Dict] = []  # the run's segments before this one (see .timing)
     if resume:
+        phase("loading the checkpoint")
         _, client = engine.load_checkpoint(out / "checkpoints")
         history = client.get("history", history)
         earlier = check_segments(client.get("segments"), f"--resume: the checkpoint in {out / 'checkpoints'}")
@@ -267,6 +272,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False, 
     saved: Optional[Path] = None
 
     def save(step: int) -> Path:
+        phase(f"saving checkpoint step{step}")
         client = {"data": stream.state_dict(), "history": history, "segments": clock.segments(step)}
         return engine.save_checkpoint(out / "checkpoints", tag=f"step{step}", client_state=client,
                                       model_config=cfg.to_dict(), keep_last=t.keep_last)
@@ -282,6 +288,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False, 
     clock = RunClock(earlier, start_step, bytes_per_step, world)  # the whole run's seconds and tokens/s
     with StopRequest(on_first=on_signal) as stop:
         while engine.global_steps < t.steps:
+            phase(f"step {engine.global_steps + 1}")
             step_loss = step_aux = 0.0
             for _ in range(accum):
                 x, y = next(stream)
@@ -300,10 +307,12 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False, 
             tps = bytes_per_step * (step - start_step) / max(elapsed, 1e-9)
             progress.update(step, loss=step_loss, aux=step_aux, dropped=dropped, tokens_per_s=tps)
             if step % t.eval_every == 0 or step == t.steps:
+                phase(f"evaluation after step {step}")
                 val_loss = _evaluate(engine, model, val, device)
                 history["val"].append([step, val_loss])
                 engine.log_metrics({"val": {"loss": val_loss, "unigram_baseline": baseline}})
                 progress.note(f"step {step}: val loss {val_loss:.3f} (unigram baseline {baseline:.3f})")
+            phase(f"the stop agreement after step {step}")
             signum, late = stop.agree(deadline is not None and time.monotonic() > deadline, device)
             if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps or signum or late:
                 saved = save(step)
@@ -312,6 +321,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False, 
     progress.close()
     engine.close()
     step = engine.global_steps
+    phase(f"ending the run after step {step}")
     if signum and step < t.steps:  # (a signal during the last step: the run is complete, report it as such)
         if world > 1:
             dist.barrier()
