@@ -5,9 +5,9 @@
 * ``diff`` blocks (porting a DeepSpeed script) compile on both sides, and the new side is the old
   one with DeepSpeed's names replaced by moesaic's, nothing else;
 * ``bash`` blocks run line by line, in order, in a folder holding the checkout's ``configs/`` and
-  ``examples/`` and ``.venv`` (the environment running these tests), so ``.venv/bin/moesaic`` is the
+  ``examples/``, ``data/`` and ``.venv`` (the environment running these tests), so ``.venv/bin/moesaic`` is the
   command a reader types, with no virtual environment activated. ``moesaic train`` lines get tiny
-  overrides appended (a 2-step run of a 2-layer model: the command is the README's, the run short);
+  overrides appended (a 2-step run of a 2-layer model; ``--hf`` runs keep the README's model and run 2 steps);
   ``make`` lines are checked with ``make -n`` (their recipes are the commands tested here, and ``make
   test`` runs this very test).
 """
@@ -32,6 +32,8 @@ TINY_RUN = ["--set", "model.n_layer=2", "--set", "model.n_embd=32", "--set", "mo
             "--set", "model.block_size=32", "--set", "engine.train_micro_batch_size_per_gpu=4",
             "--set", "train.steps=2", "--set", "train.eval_batches=1", "--quiet"]
 
+TINY_HF_RUN = ["--set", "train.steps=2", "--set", "train.eval_batches=1", "--quiet"]  # the model is the README's
+
 
 def _blocks(lang):
     return [body for kind, body in BLOCKS if kind == lang]
@@ -44,7 +46,7 @@ def test_readme_has_only_blocks_this_test_runs():
 
 @pytest.fixture
 def sandbox(tmp_path):
-    for name in ("configs", "examples"):
+    for name in ("configs", "examples", "data"):
         (tmp_path / name).symlink_to(ROOT / name)
     venv = Path(sys.executable).parent.parent  # the environment running the tests
     if not (venv / "bin" / "moesaic").exists():
@@ -100,7 +102,7 @@ def test_bash_blocks_run_as_written(sandbox):
             continue
         assert words[0].startswith(".venv/bin/"), f"{words}: README commands name .venv/bin/..., no activation needed"
         if words[:2] == [".venv/bin/moesaic", "train"]:
-            words = words + TINY_RUN
+            words = words + (TINY_HF_RUN if "--hf" in words else TINY_RUN)
         res = subprocess.run(words, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, (words, res.stdout[-2000:], res.stderr[-3000:])
         if words[:2] == [".venv/bin/torchrun", "--nproc-per-node"] and words[-1] == "examples/ep_check.py":
