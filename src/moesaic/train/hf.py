@@ -46,6 +46,8 @@ import torch.distributed as dist
 
 import moesaic
 import moesaic.hf
+from moesaic.hf.families import describe_auto_map, family_of
+from moesaic.hf.files import open_folder
 from moesaic.models import GPTConfig
 from moesaic.parallel.launch import LaunchEnv
 
@@ -78,13 +80,41 @@ def check_hf_config(cfg: TrainConfig) -> None:
 
 
 def load_tokenizer(path: Path):
-    """The folder's tokenizer (a ValueError naming the folder when it has none)."""
+    """The folder's tokenizer (a ValueError naming the folder when it has none).
+
+    The folder's model must be a supported family (checked first, before ``transformers`` reads
+    its config), and its code is never run: a ``tokenizer_config.json`` whose ``auto_map`` names
+    the folder's own tokenizer class gets ``transformers``' built-in one, or an error naming it.
+    """
     import transformers
 
+    folder, raw = open_folder(path)
+    family_of(raw, str(folder / "config.json"))
     if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise ValueError(f"{path}: no tokenizer (tokenizer.json / tokenizer_config.json / tokenizer.model); "
                          "--hf trains on text and needs the model's tokenizer in its folder")
-    return transformers.AutoTokenizer.from_pretrained(str(path))
+    tok_config = path / "tokenizer_config.json"
+    auto_map = None
+    if tok_config.is_file():
+        try:
+            auto_map = json.loads(tok_config.read_text()).get("auto_map")
+        except (json.JSONDecodeError, AttributeError):
+            auto_map = None  # transformers reports a malformed file itself
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except ValueError as e:
+        if not auto_map:
+            raise
+        raise ValueError(f"{tok_config}: auto_map asks to run the folder's own tokenizer code "
+                         f"({describe_auto_map(auto_map)}) and transformers has no built-in class for it; moesaic "
+                         "never runs a model folder's code (trust_remote_code=False): save the tokenizer with a "
+                         "built-in class (e.g. tokenizer.json)") from e
+    if auto_map:
+        warnings.warn(f"{tok_config}: auto_map asks to run the folder's own tokenizer code "
+                      f"({describe_auto_map(auto_map)}); moesaic never runs a model folder's code "
+                      f"(trust_remote_code=False): transformers' {type(tokenizer).__name__} is used instead",
+                      UserWarning, stacklevel=2)
+    return tokenizer
 
 
 class TokenWindows:
