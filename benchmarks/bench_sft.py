@@ -1,4 +1,4 @@
-"""Fine-tuning on chat data: moesaic's packed, answers-only run vs ``transformers``' blocks fed padded batches (issue 25).
+"""Fine-tuning on chat data: moesaic's packed answers-only run vs ``transformers``' blocks fed padded batches (issue 25).
 
 The data is ``data/stdlib_chat.jsonl`` (docstring -> source conversations from the standard library),
 tokenized once with a byte-level BPE tokenizer trained on it (vocabulary ``--vocab``, ChatML template),
@@ -64,8 +64,9 @@ def build(args, folder: Path) -> None:
     raw = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
     raw.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = tokenizers.decoders.ByteLevel()
-    raw.train_from_iterator(texts, tokenizers.trainers.BpeTrainer(
-        vocab_size=args.vocab, special_tokens=specials, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
+    raw.train_from_iterator(texts, tokenizers.trainers.BpeTrainer(vocab_size=args.vocab, special_tokens=specials,
+                                                                  initial_alphabet=alphabet))
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", eos_token="<|endoftext|>",
                                                pad_token="<|endoftext|>")
     tok.chat_template = CHATML

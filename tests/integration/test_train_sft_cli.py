@@ -1,4 +1,4 @@
-"""``moesaic train --hf PATH --data chat.jsonl``: answers-only fine-tuning of packed rows, exact resume, a chat export."""
+"""``moesaic train --hf PATH --data chat.jsonl``: answers-only fine-tuning of packed rows, exact resume, chat export."""
 
 import json
 from pathlib import Path

@@ -42,7 +42,8 @@ def test_messages_train_on_assistant_turns_only(tok, tmp_path):
 def test_prompt_completion_and_text(tok):
     t = Tokenizing(tok, block_size=64)
     ids, targets = t.document({"prompt": "add 2 and 1 ", "completion": "the answer is 3"}, "prompt_completion")
-    assert tok.decode([i for i, m in zip(ids, targets) if m]) == " the answer is 3<|endoftext|>"  # " the": it holds the completion's start
+    # " the": the token holds the completion's first character
+    assert tok.decode([i for i, m in zip(ids, targets) if m]) == " the answer is 3<|endoftext|>"
     ids, targets = t.document({"text": "add 2 and 1"}, "text")
     assert all(targets) and ids[-1] == tok.eos_token_id
 

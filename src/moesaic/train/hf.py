@@ -213,10 +213,12 @@ def _prepare_sft_data(cfg: TrainConfig, tokenizer, out: Path, rank: int, world: 
     """Tokenize the instruction/chat data once (rank 0 first, the others then read it) and make the row streams."""
     d = cfg.data
     tok = sft_data.Tokenizing(tokenizer, cfg.model.block_size, train_on=d.train_on, truncate=d.truncate)
+    files = sft_data.file_signature(sft_data.data_files(d.path) +
+                                    (sft_data.data_files(d.val_path) if d.val_path else []))
 
     def prepare():
         return sft_data.prepare(d.path, out / "data", tok, val_path=d.val_path, val_percent=d.val_percent,
-                                max_bad_fraction=d.max_bad_fraction)
+                                max_bad_fraction=d.max_bad_fraction, signature=files)
 
     failed = None
     if rank == 0:
@@ -233,8 +235,6 @@ def _prepare_sft_data(cfg: TrainConfig, tokenizer, out: Path, rank: int, world: 
             train, val = prepare()
     elif failed is not None:
         raise failed
-    files = sft_data.file_signature(sft_data.data_files(d.path) +
-                                    (sft_data.data_files(d.val_path) if d.val_path else []))
     return {"train": train, "val": val, "files": files, "packing": d.packing,
             "train_rows": RowStream(train.lengths, cfg.model.block_size, cfg.train.seed, d.packing),
             "val_rows": RowStream(val.lengths, cfg.model.block_size, cfg.train.seed, d.packing)}

@@ -339,10 +339,15 @@ def tokenize_to_disk(path, out: Path, tok: Tokenizing, val_path=None, val_percen
 
 
 def prepare(path, out: Path, tok: Tokenizing, val_path=None, val_percent: int = 5,
-            max_bad_fraction: float = 0.01) -> Tuple[TokenStore, TokenStore]:
-    """Tokenize (if not done for these files and settings) and open both splits; check bad rows and emptiness."""
-    files = data_files(path) + (data_files(val_path) if val_path is not None else [])
-    key = json.dumps({"files": file_signature(files), "block_size": tok.block_size, "train_on": tok.train_on,
+            max_bad_fraction: float = 0.01,
+            signature: Optional[Dict[str, str]] = None) -> Tuple[TokenStore, TokenStore]:
+    """Tokenize (if not done for these files and settings) and open both splits; check bad rows and emptiness.
+
+    ``signature``: the files' :func:`file_signature` if the caller has it (else computed here).
+    """
+    if signature is None:
+        signature = file_signature(data_files(path) + (data_files(val_path) if val_path is not None else []))
+    key = json.dumps({"files": signature, "block_size": tok.block_size, "train_on": tok.train_on,
                       "truncate": tok.truncate, "val_path": str(val_path), "val_percent": val_percent,
                       "tokenizer": hashlib.sha256(json.dumps(tok.tokenizer.get_vocab(), sort_keys=True).encode()
                                                   + str(getattr(tok.tokenizer, "chat_template", "")).encode())
