@@ -7,6 +7,8 @@ boundary:
 1. ``backward`` synchronises gradients at its end (dense over the world, experts over their
    expert-data-parallel group, all to the gradient of the global mean loss; bucketed), so the
    gradients read between ``backward`` and ``step`` are the averaged ones, as in DeepSpeed;
+   with ``zero_optimization.overlap_comm`` the buckets are reduced while backward still runs
+   (:mod:`moesaic.optim.overlap`), with the same result;
 2. ``step`` checks every rank for non-finite gradients (fp16: a loss-scale overflow skips the
    step on every rank and lowers the scale; bf16/fp32: the step is skipped with a warning naming
    the groups);
@@ -40,15 +42,18 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import checkpoint
+from ..checkpoint.directory import read_pointer
 from ..layer.balancing import update_expert_bias
 from ..layer.identity import ExpertIndex
 from ..optim.in_backward import InBackwardStepper
 from ..optim.loss_scaler import build_loss_scaler
 from ..optim.mixed_precision import GroupedMixedPrecisionOptimizer
+from ..optim.overlap import OverlappedReducer
 from ..optim.pipeline import StepPipeline
 from ..parallel.collectives import DEFAULT_BUCKET_ELEMS
 from ..telemetry import MetricsWriter, MoEStatsAccumulator
-from . import param_access
+from ..telemetry.flops import FlopsProfiler
+from . import param_access, resume
 from .config import EngineConfig
 
 _LOG = logging.getLogger("moesaic.engine")
@@ -151,6 +156,15 @@ class MoEEngine(nn.Module):
                                       broadcast_bucket_elems=zero.allgather_bucket_size,
                                       reduce_scatter=zero.reduce_scatter)
         self._in_backward = InBackwardStepper(optimizer) if config.optimizer_in_backward else None
+        prof = config.flops_profiler
+        self._flops = (FlopsProfiler(model, module_depth=prof.module_depth, top_modules=prof.top_modules,
+                                     detailed=prof.detailed) if prof.enabled else None)
+        self._flops_profiled = False
+        # overlap_comm: buckets reduced during the boundary's backward (nothing to reduce on one process)
+        self._overlap = (OverlappedReducer(optimizer, model, reduce_scatter=zero.reduce_scatter,
+                                           bucket_elems=zero.reduce_bucket_size or DEFAULT_BUCKET_ELEMS)
+                         if zero.overlap_comm and optimizer is not None and optimizer.shard is not None
+                         and optimizer.shard.world_size > 1 else None)
         self._log_dir = log_dir
         self._losses: List[float] = []
         self._global_grad_norm: Optional[float] = None
@@ -238,7 +252,9 @@ class MoEEngine(nn.Module):
 
     # --- forward and backward ---------------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        with self._timers.time("forward"):
+        counting = self._flops is not None and self.module.training
+        with self._timers.time("forward"), (self._flops.forward(self._batch[1], timed=self._profile_step())
+                                            if counting else contextlib.nullcontext()):
             out = self.module(*args, **kwargs)
         if self.module.training:
             self._moe_stats.update(self.module)
@@ -300,8 +316,21 @@ class MoEEngine(nn.Module):
         with self._timers.time("backward"):
             if self._in_backward is not None and boundary:
                 self._in_backward.arm(want_stats=self._want_stats())
-            (loss.float() * (self.loss_scale / gas)).backward(retain_graph=retain_graph)
-            if boundary and not self._inside_no_sync and self._in_backward is None:
+            reduce = boundary and not self._inside_no_sync and self._in_backward is None
+            overlap = reduce and self._overlap is not None
+            if overlap:
+                self._overlap.arm()
+            try:
+                with self._flops.backward() if self._flops is not None else contextlib.nullcontext():
+                    (loss.float() * (self.loss_scale / gas)).backward(retain_graph=retain_graph)
+            except BaseException:
+                if overlap:
+                    self._overlap.abandon()
+                raise
+            if overlap:
+                self._overlap.finish()
+                self._reduced = True
+            elif reduce:
                 self._pipeline.reduce()
                 self._reduced = True
         return loss.detach() / gas
@@ -405,6 +434,10 @@ class MoEEngine(nn.Module):
                       "loss_scale": self.loss_scale, "skipped_steps": self.skipped_steps},
             "moe": self._moe_stats.summary(),
         }
+        if self._flops is not None:
+            metrics["flops"] = self._flops.step_metrics(self.device)
+            self._write_profile()
+            self._flops.reset()
         if group_stats:
             stats = self._pipeline.gather_stats()  # collective: every group once, from its owner
             if stats:
@@ -414,6 +447,25 @@ class MoEEngine(nn.Module):
         self.last_metrics = metrics
         if self._writer is not None:
             self._writer.write(self.global_steps + 1, metrics)
+
+    def _profile_step(self) -> bool:
+        """Whether this step is flops_profiler.profile_step (counted as DeepSpeed: optimizer steps taken)."""
+        return self._flops is not None and self.global_steps == self.config.flops_profiler.profile_step
+
+    def _write_profile(self) -> None:
+        """At the profile step, rank 0 prints (or writes to output_file) the per-module FLOPs profile."""
+        if not self._profile_step():
+            return
+        self._flops_profiled = True
+        if self.global_rank != 0:
+            return
+        text = self._flops.report(self.global_steps, world_size=self.world_size,
+                                  batch_size=self.train_micro_batch_size_per_gpu())
+        path = self.config.flops_profiler.output_file
+        if path is None:
+            print(text, flush=True)
+        else:
+            Path(path).write_text(text + "\n")
 
     # --- memory -----------------------------------------------------------------------------------
     def empty_partition_cache(self) -> None:
@@ -461,7 +513,7 @@ class MoEEngine(nn.Module):
                  "config": self.config.to_dict()}
         root = Path(save_dir)
         latest = root / "latest"
-        previous = latest.read_text() if (not save_latest and self.global_rank == 0 and latest.is_file()) else None
+        previous = read_pointer(root) if (not save_latest and self.global_rank == 0) else None
         folder = checkpoint.save(save_dir, self.module, tag=str(tag), optimizer=self.optimizer, engine_state=state,
                                  client_state=client_state, model_config=model_config, index=self.index,
                                  keep_last=keep_last)
@@ -524,6 +576,12 @@ class MoEEngine(nn.Module):
             ``(folder, client_state)``; ``(None, None)`` with a warning when there is no
             checkpoint to load (no ``latest``, or no folder for ``tag``), as DeepSpeed does.
 
+        Raises:
+            CheckpointError: any file, tensor or value that fails its checks (naming the file and
+                the key), a tag that is not one folder name, a link or special file in the
+                checkpoint; the model, optimizer, scheduler, loss scaler, counters and RNGs are then
+                exactly as they were (docs/checkpoints.md, "What is verified, and when").
+
         Metrics that an earlier session wrote to ``log_dir`` after the checkpoint's step are
         discarded (CSV rows removed, TensorBoard events purged), since those steps are trained again.
         """
@@ -538,9 +596,8 @@ class MoEEngine(nn.Module):
         if custom_load_fn is not None:
             raise ValueError("custom_load_fn is not supported: moesaic checkpoints are read by moesaic.checkpoint")
         root = Path(load_dir)
-        missing = (not (root / "latest").is_file() if tag is None else
-                   not any(p.name == str(tag) or p.name.startswith(f"{tag}@") for p in root.glob(f"{tag}*")))
-        if missing:
+        tag = None if tag is None else str(tag)
+        if checkpoint.find(root, tag) is None:  # a tag that cannot name a folder raises, naming it
             what = f"no 'latest' file in {root}" if tag is None else f"no checkpoint {tag!r} in {root}"
             warnings.warn(f"{what}: nothing loaded (as DeepSpeed, load_checkpoint returns (None, None))",
                           RuntimeWarning, stacklevel=2)
@@ -548,28 +605,28 @@ class MoEEngine(nn.Module):
         with_optimizer = load_optimizer_states and not load_module_only
         if with_optimizer:
             self._get_optimizer_ckpt_name(root, tag)
-        tag = None if tag is None else str(tag)
-        folder, client_state, state = checkpoint.load(load_dir, self.module, tag=tag,
-                                                      optimizer=self.optimizer if with_optimizer else None,
-                                                      index=self.index)
+        with_scheduler = load_lr_scheduler_states and not load_module_only
+        # 1. read and check everything (engine.json against this engine too) on every rank; nothing changes
+        staged = checkpoint.prepare(root, self.module, tag=tag, optimizer=self.optimizer if with_optimizer else None,
+                                    index=self.index, check=None if load_module_only else
+                                    (lambda s: resume.stage(self, s, with_scheduler)))
+        # 2. apply: a scheduler of the user's own first (the only step that runs foreign code; it is undone
+        #    if it raises), then model, optimizer, RNG, then the counters
+        plan = staged.extra
+        if plan is not None and plan.scheduler is not None:
+            resume.load_scheduler(self.lr_scheduler, plan.scheduler, staged.engine_file)
+        staged.apply()
         if not with_optimizer:
             self.optimizer.refresh_masters()  # the next step starts from the loaded weights
         if load_module_only:
-            return folder, client_state
-        self.global_steps = state.get("global_steps", 0)
-        self.global_samples = state.get("global_samples", self.global_steps * self.train_batch_size())
-        self.micro_steps = state.get("micro_steps", 0)
-        self.skipped_steps = state.get("skipped_steps", 0)
-        if load_lr_scheduler_states and self.lr_scheduler is not None and state.get("scheduler") is not None:
-            self.lr_scheduler.load_state_dict(state["scheduler"])
-            if self._client is not None:
-                self._client.sync(self.optimizer.param_groups)
-        if self.loss_scaler is not None and state.get("loss_scaler") is not None:
-            self.loss_scaler.load_state_dict(state["loss_scaler"])
+            return staged.folder, staged.client_state
+        resume.apply(self, plan)
+        if plan.scheduler is not None and self._client is not None:
+            self._client.sync(self.optimizer.param_groups)
         if self._writer is not None:
             # the steps after the checkpoint will be trained again: their old rows and events go
             self._writer.discard_after(self.global_steps)
-        return folder, client_state
+        return staged.folder, staged.client_state
 
     # --- telemetry --------------------------------------------------------------------------------
     def log_metrics(self, metrics: Dict[str, Any]) -> None:
@@ -581,6 +638,9 @@ class MoEEngine(nn.Module):
             self._writer.write(self.global_steps, metrics)
 
     def close(self) -> None:
-        """Flush and close the metrics writer."""
+        """Flush and close the metrics writer (and say so if flops_profiler.profile_step was never reached)."""
+        if self._flops is not None and not self._flops_profiled and self.global_rank == 0:
+            warnings.warn(f"flops_profiler.profile_step={self.config.flops_profiler.profile_step} was never reached "
+                          f"({self.global_steps} steps taken): no profile was written", RuntimeWarning, stacklevel=2)
         if self._writer is not None:
             self._writer.close()

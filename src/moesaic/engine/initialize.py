@@ -39,7 +39,8 @@ from ..parallel.process_group import init_distributed
 from .client import ClientOptimizer, class_name, split_client_groups
 from .replicas import sync_replicas
 from .config import EngineConfig
-from .engine import MoEEngine
+from .deepspeed_keys import note_hints_once
+from .engine import MoEEngine, _log
 
 TORCH_DISTRIBUTED_DEFAULT_PORT = 29500  # DeepSpeed's default for distributed_port
 
@@ -232,6 +233,8 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: A
     initialized = dist.is_available() and dist.is_initialized()
     world, rank = (dist.get_world_size(), dist.get_rank()) if initialized else (1, 0)
     local_rank = _local_rank(args)
+    if rank == 0:  # DeepSpeed's speed/logging hints: accepted, each noted once per process
+        note_hints_once(raw, _log)
     batch = cfg.check_batch(world)
     if cfg.optimizer_in_backward:
         why = check_in_backward_config(clip=cfg.gradient_clipping, fp16=cfg.fp16.enabled, world_size=world,

@@ -439,15 +439,18 @@ class ZeroConfig(Section):
                                    doc="Stage 2: reduce each gradient onto its owner only (true), or all-reduce it "
                                        "and let the other ranks drop their copy (false).")
     overlap_comm: Optional[bool] = setting(
-        None, doc="Overlap gradient reduction with backward (not done by moesaic).",
-        check=only((False, None), "moesaic reduces gradients in buckets after backward, at the accumulation "
-                                  "boundary, not overlapped with it"))
+        None, check=_opt_bool,
+        doc="Reduce gradient buckets while the accumulation boundary's backward still runs, each as soon as all its "
+            "gradients are final (launched in a fixed order, identical on every rank); the results equal the "
+            "reduction after backward. Costs up to one fp32 copy of the gradients in flight. null: false.")
     contiguous_gradients: bool = setting(
-        True, doc="Copy gradients into contiguous buffers (moesaic always reduces each bucket from one buffer).",
-        check=only((True,), "moesaic always copies each bucket of gradients into one contiguous buffer"))
+        True, check=check_bool,
+        doc="Copy gradients into contiguous buffers: moesaic always reduces each bucket from one buffer, so either "
+            "value gives the same result (false is noted).")
     round_robin_gradients: bool = setting(
-        False, doc="Round-robin gradient partitioning (moesaic assigns whole groups to owners by size).",
-        check=only((False,), "moesaic assigns each optimizer group to one owner, balanced by size"))
+        False, check=check_bool,
+        doc="Round-robin gradient partitioning (an offload speed hint): moesaic assigns whole groups to owners by "
+            "size, so either value gives the same result (true is noted).")
     allgather_partitions: bool = setting(
         True, check=check_bool,
         doc="All-gather (true) or broadcasts (false) to hand every rank the updated weights: either way every "

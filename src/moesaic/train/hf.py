@@ -15,7 +15,8 @@ The run is :func:`run_hf`, executed by every process, and follows ``moesaic trai
    group-by-group stepping, telemetry in ``<out>/logs``); the validation loss every
    ``train.eval_every`` steps; checkpoints in ``<out>/checkpoints`` (``--resume`` continues one);
 5. at the end: the Hugging Face folder ``<out>/hf`` (``moesaic.hf.save`` + the tokenizer),
-   ``history.json``, ``summary.json`` and plots.
+   ``history.json``, ``summary.json`` (the whole run's seconds and tokens/s and its segments,
+   :mod:`.timing`) and plots.
 
 With instruction or chat data as ``data.path`` (a ``.jsonl``/``.json``/``.parquet`` file, a folder
 of them, a ``datasets`` ``save_to_disk`` folder: :mod:`.sft_data`), step 3 instead tokenizes every
@@ -55,9 +56,10 @@ from .config import TrainConfig
 from . import sft, sft_data
 from .data import ByteCorpus, load_corpus
 from .hf_memory import check_hf_memory
-from .loop import join_processes
+from .loop import initialize_engine, join_processes
 from .packing import RowStream
 from .stop import Stopped, StopRequest
+from .timing import RunClock, check_segments
 
 HF_DEFAULTS = {
     "model": {"block_size": 256},
@@ -316,20 +318,21 @@ def run_hf(cfg: TrainConfig, hf_path: Path, out: Path, resume: bool = False, qui
         val_windows = TokenWindows(split.val, tokenizer, cfg.model.block_size, t.seed)
     # fine-tuning runs with recompute on once the layer offers it (issue 22): switch it on here, on `model`
     model = moesaic.hf.load(hf_path, ep_size=cfg.model.ep_size).to(device)
-    engine, *_ = moesaic.initialize(model=model, config=cfg.engine_config(), log_dir=str(out / "logs"),
-                                    telemetry_every=t.log_every)
+    engine = initialize_engine(cfg, rank, quiet, model=model, log_dir=str(out / "logs"), telemetry_every=t.log_every)
     history: Dict = {"train": [], "val": [], "load": {}}
-    client_state: Dict = {"history": history}
-    if instruction:
-        client_state["data_files"] = data["files"]
+    earlier: List[Dict] = []  # the run's segments before this one (see .timing)
     if resume:
         _, client = engine.load_checkpoint(ckpts)
-        history = client_state["history"] = client.get("history", history)
+        history = client.get("history", history)
+        earlier = check_segments(client.get("segments"), f"--resume: the checkpoint in {ckpts}")
         if instruction:
             sft_data.check_same_data(client.get("data_files", {}), data["files"])
 
     def save(step: int):
-        return engine.save_checkpoint(ckpts, tag=f"step{step}", client_state=client_state,
+        state = {"history": history, "segments": clock.segments(step)}
+        if instruction:
+            state["data_files"] = data["files"]
+        return engine.save_checkpoint(ckpts, tag=f"step{step}", client_state=state,
                                       model_config=cfg.to_dict(), keep_last=t.keep_last)
 
     def on_signal(signum: int) -> None:
@@ -339,7 +342,7 @@ def run_hf(cfg: TrainConfig, hf_path: Path, out: Path, resume: bool = False, qui
 
     # 2. train; at every step boundary the ranks agree whether a signal or train.max_minutes stops
     # them (moesaic.train.stop), save together and stop after the same step
-    t0, start = time.perf_counter(), engine.global_steps
+    clock = RunClock(earlier, engine.global_steps, micro * accum * cfg.model.block_size * world, world)
     deadline = time.monotonic() + 60 * t.max_minutes if t.max_minutes else None
     signum, late, saved = None, False, None
     with StopRequest(on_first=on_signal) as stop:
@@ -368,15 +371,12 @@ def run_hf(cfg: TrainConfig, hf_path: Path, out: Path, resume: bool = False, qui
     summary: Dict = {}
     if rank == 0:
         tokenizer.save_pretrained(str(export))
-        elapsed = time.perf_counter() - t0
-        tokens = micro * accum * cfg.model.block_size * world * (engine.global_steps - start)
-        if instruction:
-            tokens = history["tokens"]["real"] if "tokens" in history else 0
+        timing = clock.summary(step)  # every segment of the run: seconds and tokens/s of the whole run
         summary = {"steps": engine.global_steps, "target_steps": t.steps, "complete": step >= t.steps,
                    "val_loss": history["val"][-1][1] if history["val"] else math.nan,
-                   "tokens_per_s": tokens / max(elapsed, 1e-9), "seconds": elapsed, "world_size": world,
-                   "export": str(export)}
-        if instruction and "tokens" in history:
+                   "tokens_per_s": timing["tokens_per_s"], "seconds": timing["seconds"], "world_size": world,
+                   "segments": timing["segments"], "export": str(export)}
+        if instruction and "tokens" in history:  # rows are not full: count the real tokens
             figures = history["tokens"]
             summary.update(answer_tokens_per_s=figures["targets"] / max(figures["seconds"], 1e-9),
                            tokens_per_s=figures["real"] * world / max(figures["seconds"], 1e-9),
