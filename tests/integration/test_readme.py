@@ -6,10 +6,11 @@
 * ``diff`` blocks (porting a DeepSpeed script) compile on both sides, and the new side is the old
   one with DeepSpeed's names replaced by moesaic's, nothing else;
 * ``bash`` blocks run line by line, in order, in a folder holding the checkout's ``configs/`` and
-  ``examples/`` and ``.venv`` (the environment running these tests), so ``.venv/bin/moesaic`` is the
+  ``examples/``, ``data/`` and ``.venv`` (the environment running these tests), so ``.venv/bin/moesaic`` is the
   command a reader types, with no virtual environment activated. ``moesaic train`` lines get tiny
   overrides appended (a 2-step run of a 2-layer model, or of the ``--hf`` folder's model with short
-  sequences: the command is the README's, the run short);
+  sequences, or of its model on the README's chat file with the README's block size: the command is
+  the README's, the run short);
   ``make`` lines are checked with ``make -n`` (their recipes are the commands tested here, and ``make
   test`` runs this very test).
 """
@@ -35,7 +36,16 @@ TINY_RUN = ["--set", "model.n_layer=2", "--set", "model.n_embd=32", "--set", "mo
             "--set", "train.steps=2", "--set", "train.eval_batches=1", "--quiet"]
 TINY_HF_RUN = ["--set", "model.block_size=16", "--set", "engine.train_micro_batch_size_per_gpu=2",
                "--set", "train.steps=2", "--set", "train.eval_batches=1", "--quiet"]  # of [model], --hf takes these
+TINY_SFT_RUN = ["--set", "engine.train_micro_batch_size_per_gpu=1", "--set", "train.steps=2",
+                "--set", "train.eval_batches=1", "--quiet"]  # chat data: rows of the README's block size
 PROMISE = re.compile(r"#\s*prints\s+(.+?)\s*$")
+
+
+def _tiny_run(words):
+    if "--hf" not in words:
+        return TINY_RUN
+    chat = any(w.endswith((".jsonl", ".json", ".parquet")) for w in words)
+    return TINY_SFT_RUN if chat else TINY_HF_RUN
 
 
 def _blocks(lang):
@@ -49,7 +59,7 @@ def test_readme_has_only_blocks_this_test_runs():
 
 @pytest.fixture
 def sandbox(tmp_path):
-    for name in ("configs", "examples"):
+    for name in ("configs", "examples", "data"):
         (tmp_path / name).symlink_to(ROOT / name)
     venv = Path(sys.executable).parent.parent  # the environment running the tests
     if not (venv / "bin" / "moesaic").exists():
@@ -111,7 +121,7 @@ def test_bash_blocks_run_as_written(sandbox):
             continue
         assert words[0].startswith(".venv/bin/"), f"{words}: README commands name .venv/bin/..., no activation needed"
         if words[:2] == [".venv/bin/moesaic", "train"]:
-            words = words + (TINY_HF_RUN if "--hf" in words else TINY_RUN)
+            words = words + _tiny_run(words)
         res = subprocess.run(words, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, (words, res.stdout[-2000:], res.stderr[-3000:])
         if words[:2] == [".venv/bin/torchrun", "--nproc-per-node"] and words[-1] == "examples/ep_check.py":

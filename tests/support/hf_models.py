@@ -67,3 +67,23 @@ def build(family, folder, seed=0):
 def batch(seed=1):
     ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
     return ids
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_tokenizer(texts, vocab_size=300, chat_template=CHATML):
+    """A fast byte-level BPE tokenizer (``vocab_size`` > 260) trained on ``texts``, with ChatML's special tokens and template."""
+    import tokenizers
+
+    specials = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.train_from_iterator(texts, tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    out = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>",
+                                               pad_token="<|endoftext|>")
+    out.chat_template = chat_template
+    return out

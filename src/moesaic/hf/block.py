@@ -12,19 +12,51 @@ engine, identity, checkpoints and telemetry see an ordinary MoE layer, and adds 
   hooks on its router class, which no longer exists in the converted model, so the block hands
   its router's logits (in the dtype ``transformers``' router returns) to the same collector. The
   model's ``aux_loss`` is then ``transformers``' own formula over moesaic's routers. The logits are
-  computed again only when they are collected.
+  computed again only when they are collected;
+* pads that never reach an expert: the model's forward sets each block's ``token_mask`` (a
+  `(batch, seq)` 0/1 mask of the real tokens, from the ``token_mask=`` argument or else a 2-D
+  ``attention_mask``; :func:`install_token_mask`), and the block routes with it as DeepSpeed's
+  ``used_token``: masked tokens use no expert, are not counted in the expert-load statistics, and
+  are left out of the layer's own balance losses. The mask stays set until the next forward, so a
+  recompute in backward routes exactly as its forward did.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from typing import List, Optional
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..layer.moe import MoE
 
 
+_OWN_COLLECTOR: contextvars.ContextVar[Optional[List[Tensor]]] = contextvars.ContextVar("moesaic_router_logits",
+                                                                                         default=None)
+
+
+@contextlib.contextmanager
+def collect_router_logits():
+    """Collect every block's router logits `(tokens, E)` during the forwards run inside, in layer order.
+
+    For losses computed outside ``transformers``' ``ForCausalLM`` (whose own collection needs
+    ``output_router_logits=True`` and a 2-D ``attention_mask``). Yields the list being filled.
+    """
+    collected: List[Tensor] = []
+    token = _OWN_COLLECTOR.set(collected)
+    try:
+        yield collected
+    finally:
+        _OWN_COLLECTOR.reset(token)
+
+
 def _router_logits_list():
-    """The list ``transformers`` is collecting router logits into for the running forward, or None."""
+    """The list router logits are collected into for the running forward (ours or ``transformers``'), or None."""
+    own = _OWN_COLLECTOR.get()
+    if own is not None:
+        return own
     try:
         from transformers.utils.output_capturing import _active_collector
     except ImportError:  # pragma: no cover - a transformers without output capturing
@@ -58,12 +90,54 @@ class HFMoEBlock(MoE):
         x = hidden_states
         if self.training and self.jitter_noise > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-        out, _, _ = super().forward(x)
+        out, _, _ = super().forward(x, self._used_token(x))
         collect = _router_logits_list()
         if collect is not None:
             logits = self.gate.logits(x.reshape(-1, self.hidden_size))
             collect.append(logits if self.logits_fp32 else logits.to(x.dtype))
         return (out, None) if self.returns_router_scores else out
 
+    token_mask: Optional[Tensor] = None  # set by the model's forward (install_token_mask)
+
+    def _used_token(self, x: Tensor) -> Optional[Tensor]:
+        """The `(batch, seq)` mask of this forward's real tokens, or None (every token is real)."""
+        mask = self.token_mask
+        if mask is None or x.dim() != 3:
+            return None
+        if mask.shape[0] != x.shape[0] or mask.shape[1] < x.shape[1]:
+            raise ValueError(f"token mask of shape {tuple(mask.shape)} does not cover the hidden states "
+                             f"{tuple(x.shape[:2])} of {self.expert_group_name!r}")
+        # generate() with a cache: the mask covers past and new tokens, the block sees the new ones
+        return mask[:, mask.shape[1] - x.shape[1]:]
+
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", jitter_noise={self.jitter_noise}" if self.jitter_noise else "")
+
+
+def _set_token_mask(model: nn.Module, args, kwargs):
+    mask = kwargs.pop("token_mask", None)
+    if mask is None:
+        attention = kwargs.get("attention_mask")
+        if isinstance(attention, Tensor) and attention.dim() == 2:
+            mask = attention
+    if mask is not None:
+        if not isinstance(mask, Tensor) or mask.dim() != 2:
+            raise ValueError(f"token_mask must be a (batch, seq) tensor of 0/1, got "
+                             f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
+        mask = mask != 0
+        if bool(mask.all()):
+            mask = None  # no pad: route every token (the same numbers, less work)
+    for block in model.modules():
+        if isinstance(block, HFMoEBlock):
+            block.token_mask = mask
+    return args, kwargs
+
+
+def install_token_mask(model: nn.Module) -> None:
+    """Make ``model(...)`` route only its real tokens (see module docstring); once per model, idempotent.
+
+    ``model(input_ids, token_mask=m)`` takes the mask explicitly (packed rows pass their
+    position_ids and no ``attention_mask``); otherwise a 2-D ``attention_mask`` is the mask.
+    """
+    if getattr(model, "_moesaic_token_mask_hook", None) is None:
+        model._moesaic_token_mask_hook = model.register_forward_pre_hook(_set_token_mask, with_kwargs=True)

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .._checks import check_int
 from ..parallel.groups import default_registry
-from .block import HFMoEBlock
+from .block import HFMoEBlock, install_token_mask
 from .families import BlockLayout, Family, family_of
 from .files import FolderSource, StateDictSource, TensorSource, open_folder, warn_custom_code, write_folder
 
@@ -329,6 +329,7 @@ def load(path_or_model, *, ep_size: int = 1, dtype: Optional[torch.dtype] = None
         for plan in plans:
             _swap(model, plan.path, plan.layer)
     model.moesaic_hf_layouts = {p.path: (saved_layout or p.layout.name) for p in plans}
+    install_token_mask(model)  # pads (attention_mask / token_mask) never reach an expert
     model.moesaic_hf_dtypes = _changed_dtypes(plans, source)
     return model
 

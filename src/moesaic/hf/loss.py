@@ -15,7 +15,7 @@ DeepSeek-V3's model reports no ``aux_loss``; its balance comes from the correcti
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Optional
 
 from torch import Tensor, nn
 
@@ -74,3 +74,66 @@ def causal_lm_loss(model, outputs_or_batch) -> Tensor:
             if extra is not None:
                 loss = loss + extra.to(loss.dtype)
     return loss
+
+
+def _balance_loss(module: nn.Module, router_logits, token_mask) -> Optional[Tensor]:
+    """``transformers``' own balance loss of the family over the collected logits, pads left out."""
+    import sys
+
+    if not router_logits:
+        return None
+    family = family_of(module.config)
+    formula = getattr(sys.modules[type(module).__module__], "load_balancing_loss_func")
+    E = getattr(module.config, family.experts_key)
+    return formula(tuple(router_logits), E, module.config.num_experts_per_tok, token_mask.long())
+
+
+def answer_loss(model, batch: Mapping, *, denominator: float, scale: float = 1.0):
+    """The loss of one micro-batch of fine-tuning rows, normalised by the target tokens of the whole step.
+
+    ``moesaic.train.packing.collate`` makes the batch: ``input_ids``, ``position_ids``,
+    ``shift_labels`` (-100 where nothing is learned), ``token_mask`` (real tokens) and ``packed``.
+    Packed rows attend per document (:func:`moesaic.hf.packing.packed_forward_kwargs`); unpacked rows
+    are right-padded and run with ``attention_mask = token_mask``. Pads never reach an expert.
+
+    Args:
+        model: the converted model or its engine.
+        batch: the micro-batch.
+        denominator: target tokens of the whole optimizer step (every micro-batch, every process).
+        scale: ``gradient_accumulation_steps * world size`` under the engine, whose backward divides
+            by the one and averages over the other; 1 for a plain ``loss.backward()``.
+
+    Returns:
+        ``(loss, ce_sum, aux)``: the loss to back-propagate, ``scale * ce_sum / denominator +
+        router_aux_loss_coef * aux`` + the layers' z / sequence losses; ``ce_sum`` the summed
+        cross-entropy of this micro-batch's targets (detached) and ``aux`` the balance loss (or None).
+        So the step's gradient is that of ``sum of every target's cross-entropy / denominator``
+        whatever the split into micro-batches and processes (the balance loss, a statistic of each
+        micro-batch as in ``transformers``, is averaged over them).
+    """
+    import torch.nn.functional as F
+
+    from .block import collect_router_logits
+    from .packing import packed_forward_kwargs
+
+    module = getattr(model, "module", model)
+    if not isinstance(denominator, (int, float)) or not denominator > 0:
+        raise ValueError(f"denominator must be the step's number of target tokens (> 0), got {denominator!r}")
+    mask = batch["token_mask"]
+    kwargs = (packed_forward_kwargs(module, batch["position_ids"]) if batch.get("packed", True)
+              else {"attention_mask": mask.long(), "use_cache": False})
+    coef = router_aux_loss_coef(module)
+    with collect_router_logits() as logits:
+        out = model(input_ids=batch["input_ids"], token_mask=mask, **kwargs)
+    V = out.logits.shape[-1]
+    ce_sum = F.cross_entropy(out.logits.float().reshape(-1, V), batch["shift_labels"].reshape(-1),
+                             ignore_index=-100, reduction="sum")
+    loss = ce_sum * (scale / denominator)
+    aux = _balance_loss(module, logits, mask) if coef > 0 else None
+    if aux is not None:
+        loss = loss + coef * aux.to(loss.dtype)
+    for layer in converted_layers(module).values():
+        for extra in (layer.z_loss, layer.seq_aux_loss):
+            if extra is not None:
+                loss = loss + extra.to(loss.dtype)
+    return loss, ce_sum.detach(), None if aux is None else aux.detach()

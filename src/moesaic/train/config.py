@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
-from .._checks import check_int, check_list, check_number, check_str
+from .._checks import check_bool, check_choice, check_int, check_list, check_number, check_str
 from .._config import Section, apply_overrides, load_source, section, setting
 from ..engine.config import EngineConfig
 from ..models.gpt import GPTConfig
@@ -58,9 +58,27 @@ class DataConfig(Section):
 
     path: Optional[str] = setting(None, check=partial(check_str, allow_none=True),
                                   doc="A text file or a folder of them; absent: the Python standard library's "
-                                      "sources.")
+                                      "sources. With --hf also instruction/chat data: a .jsonl/.json/.parquet file, "
+                                      "a folder of them or a datasets save_to_disk folder (rows of text, "
+                                      "prompt + completion, or messages).")
     val_percent: int = setting(5, check=partial(check_int, lo=1, hi=50),
                                doc="Share of the corpus held out for validation, in percent.")
+    val_path: Optional[str] = setting(None, check=partial(check_str, allow_none=True),
+                                      doc="Instruction/chat data (--hf): a separate validation file or folder; "
+                                          "absent: val_percent of the rows of data.path.")
+    train_on: str = setting("answers", check=partial(check_choice, choices=("answers", "all")),
+                            doc="Instruction/chat data (--hf): 'answers' learns the completions and assistant "
+                                "turns only; 'all' every token.")
+    packing: bool = setting(True, check=check_bool,
+                            doc="Instruction/chat data (--hf): pack documents best-fit into rows of "
+                                "model.block_size tokens, each attending only to itself; false: one document "
+                                "per row, padded (pads never reach an expert).")
+    truncate: bool = setting(False, check=check_bool,
+                             doc="Instruction/chat data (--hf): cut rows longer than model.block_size; false: "
+                                 "such rows are bad rows.")
+    max_bad_fraction: float = setting(0.01, check=partial(check_number, lo=0.0, hi=1.0),
+                                      doc="Instruction/chat data (--hf): stop when more than this share of a "
+                                          "split's rows cannot be used (the report names the first ones).")
     suffixes: Tuple[str, ...] = setting(DEFAULT_SUFFIXES, check=partial(check_list, item=check_str, min_length=1,
                                                                         what="file suffixes (non-empty str)"),
                                         doc="In a folder, the files read (by suffix).")

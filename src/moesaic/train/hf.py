@@ -18,6 +18,13 @@ The run is :func:`run_hf`, executed by every process, and follows ``moesaic trai
    ``history.json``, ``summary.json`` (the whole run's seconds and tokens/s and its segments,
    :mod:`.timing`) and plots.
 
+With instruction or chat data as ``data.path`` (a ``.jsonl``/``.json``/``.parquet`` file, a folder
+of them, a ``datasets`` ``save_to_disk`` folder: :mod:`.sft_data`), step 3 instead tokenizes every
+row once into ``<out>/data`` (rank 0; the others wait and read it memory-mapped), and steps take
+rows of a best-fit packed stream (:mod:`.packing`; ``data.packing``) with the loss on the answers
+only (``data.train_on``), normalised by the target tokens of the whole step (:mod:`.sft`). The data
+files' hashes are kept in the checkpoints: a resume on changed data is refused, naming the file.
+
 Config: a ``moesaic train`` config (``[engine]``, ``[train]``, ``[data]``); of ``[model]`` only
 ``block_size`` (tokens per sequence) and ``ep_size`` apply, and any other model key is an error
 rather than silently ignored. Without a config file :data:`HF_DEFAULTS` apply.
@@ -46,10 +53,12 @@ from moesaic.models import GPTConfig
 from moesaic.parallel.launch import LaunchEnv
 
 from .config import TrainConfig
+from . import sft, sft_data
 from .data import ByteCorpus, load_corpus
 from .heartbeat import phase
 from .hf_memory import check_hf_memory
 from .loop import initialize_engine, join_processes
+from .packing import RowStream
 from .stop import Stopped, StopRequest
 from .timing import RunClock, check_segments
 
@@ -199,6 +208,81 @@ def _train_step(engine, model, train_windows: "TokenWindows", val_windows: "Toke
     return signum, late, saved
 
 
+def _check_block_size(hf_path: Path, block_size: int) -> None:
+    limit = json.loads((Path(hf_path) / "config.json").read_text()).get("max_position_embeddings")
+    if limit is not None and block_size > limit:
+        raise ValueError(f"model.block_size={block_size} is larger than the model's max_position_embeddings={limit} "
+                         f"({hf_path}/config.json); use model.block_size <= {limit}")
+
+
+def _prepare_sft_data(cfg: TrainConfig, tokenizer, out: Path, rank: int, world: int) -> Dict:
+    """Tokenize the instruction/chat data once (rank 0 first, the others then read it) and make the row streams."""
+    d = cfg.data
+    tok = sft_data.Tokenizing(tokenizer, cfg.model.block_size, train_on=d.train_on, truncate=d.truncate)
+    files = sft_data.file_signature(sft_data.data_files(d.path) +
+                                    (sft_data.data_files(d.val_path) if d.val_path else []))
+
+    def prepare():
+        return sft_data.prepare(d.path, out / "data", tok, val_path=d.val_path, val_percent=d.val_percent,
+                                max_bad_fraction=d.max_bad_fraction, signature=files)
+
+    failed = None
+    if rank == 0:
+        try:
+            train, val = prepare()
+        except Exception as e:  # the others must not wait forever for a store that will not come
+            failed = e
+    if world > 1:
+        flag = torch.tensor([failed is not None], dtype=torch.int32)
+        dist.broadcast(flag, 0)
+        if bool(flag):
+            raise failed if failed is not None else RuntimeError("rank 0 could not prepare the data (see its error)")
+        if rank != 0:
+            train, val = prepare()
+    elif failed is not None:
+        raise failed
+    return {"train": train, "val": val, "files": files, "packing": d.packing,
+            "train_rows": RowStream(train.lengths, cfg.model.block_size, cfg.train.seed, d.packing),
+            "val_rows": RowStream(val.lengths, cfg.model.block_size, cfg.train.seed, d.packing)}
+
+
+def _sft_step(engine, data: Dict, history: Dict, cfg: TrainConfig, micro: int, accum: int, rank: int, world: int,
+              quiet: bool, stop: StopRequest, deadline: Optional[float], save, device):
+    """One optimizer step on instruction/chat rows (:func:`moesaic.train.sft.train_step`), records, eval, checkpoint."""
+    t = cfg.train
+    phase(f"step {engine.global_steps + 1}")
+    t0 = time.perf_counter()
+    f = sft.train_step(engine, data["train_rows"], data["train"], engine.global_steps, micro, accum, world, rank,
+                       data["packing"])
+    seconds = time.perf_counter() - t0
+    step = engine.global_steps
+    totals = history.setdefault("tokens", {"targets": 0, "real": 0, "computed": 0, "seconds": 0.0})
+    totals["targets"] += f.targets
+    totals["real"] += f.real
+    totals["computed"] += f.computed
+    totals["seconds"] += seconds
+    history["train"].append([step, f.loss, f.aux, 0.0])
+    for name, figures in engine.last_metrics.get("moe", {}).items():
+        history["load"].setdefault(name, []).append([step] + list(figures["tokens_per_expert"]))
+    if rank == 0 and not quiet:
+        print(f"step {step}/{t.steps}: loss {f.loss:.4f} aux {f.aux:.4f} | {f.real * world / seconds:.0f} tok/s, "
+              f"{f.targets / seconds:.0f} answer tok/s, padding efficiency {100 * f.real / max(f.computed, 1):.1f}%",
+              flush=True)
+    if step % t.eval_every == 0 or step == t.steps:
+        phase(f"evaluation after step {step}")
+        val = sft.evaluate(engine, data["val_rows"], data["val"], t.eval_batches, micro, data["packing"])
+        history["val"].append([step, val])
+        engine.log_metrics({"val": {"loss": val}})
+        if rank == 0 and not quiet:
+            print(f"step {step}: val loss {val:.4f}", flush=True)
+    phase(f"the stop agreement after step {step}")
+    signum, late = stop.agree(deadline is not None and time.monotonic() > deadline, device)
+    saved = None
+    if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps or signum or late:
+        saved = save(step)
+    return signum, late, saved
+
+
 def run_hf(cfg: TrainConfig, hf_path: Path, out: Path, resume: bool = False, quiet: bool = False,
            env: Optional[LaunchEnv] = None, resume_command: Optional[str] = None) -> Dict:
     """Fine-tune the model in ``hf_path`` (see module docstring); returns the summary on rank 0.
@@ -231,10 +315,19 @@ def run_hf(cfg: TrainConfig, hf_path: Path, out: Path, resume: bool = False, qui
     # 1. model, tokenizer, data
     phase("loading the model and building the engine")
     tokenizer = load_tokenizer(hf_path)
+    instruction = sft_data.is_dataset_path(cfg.data.path)
+    if instruction:
+        _check_block_size(hf_path, cfg.model.block_size)
+        data = _prepare_sft_data(cfg, tokenizer, out, rank, world)
+        if rank == 0 and not quiet:
+            for split in ("train", "val"):
+                print(data[split].report.line(), flush=True)
+    else:
+        split = load_corpus(cfg.data.path, cfg.data.val_percent, cfg.data.suffixes)
+        train_windows = TokenWindows(split.train, tokenizer, cfg.model.block_size, t.seed)
+        val_windows = TokenWindows(split.val, tokenizer, cfg.model.block_size, t.seed)
+    # fine-tuning runs with recompute on once the layer offers it (issue 22): switch it on here, on `model`
     model = moesaic.hf.load(hf_path, ep_size=cfg.model.ep_size).to(device)
-    split = load_corpus(cfg.data.path, cfg.data.val_percent, cfg.data.suffixes)
-    train_windows = TokenWindows(split.train, tokenizer, cfg.model.block_size, t.seed)
-    val_windows = TokenWindows(split.val, tokenizer, cfg.model.block_size, t.seed)
     engine = initialize_engine(cfg, rank, quiet, model=model, log_dir=str(out / "logs"), telemetry_every=t.log_every)
     history: Dict = {"train": [], "val": [], "load": {}}
     earlier: List[Dict] = []  # the run's segments before this one (see .timing)
@@ -243,11 +336,15 @@ def run_hf(cfg: TrainConfig, hf_path: Path, out: Path, resume: bool = False, qui
         _, client = engine.load_checkpoint(ckpts)
         history = client.get("history", history)
         earlier = check_segments(client.get("segments"), f"--resume: the checkpoint in {ckpts}")
+        if instruction:
+            sft_data.check_same_data(client.get("data_files", {}), data["files"])
 
     def save(step: int):
         phase(f"saving checkpoint step{step}")
-        return engine.save_checkpoint(ckpts, tag=f"step{step}",
-                                      client_state={"history": history, "segments": clock.segments(step)},
+        state = {"history": history, "segments": clock.segments(step)}
+        if instruction:
+            state["data_files"] = data["files"]
+        return engine.save_checkpoint(ckpts, tag=f"step{step}", client_state=state,
                                       model_config=cfg.to_dict(), keep_last=t.keep_last)
 
     def on_signal(signum: int) -> None:
@@ -262,8 +359,12 @@ def run_hf(cfg: TrainConfig, hf_path: Path, out: Path, resume: bool = False, qui
     signum, late, saved = None, False, None
     with StopRequest(on_first=on_signal) as stop:
         while engine.global_steps < t.steps:
-            signum, late, saved = _train_step(engine, model, train_windows, val_windows, history, cfg, micro, accum,
-                                              rank, device, quiet, stop, deadline, save)
+            if instruction:
+                signum, late, saved = _sft_step(engine, data, history, cfg, micro, accum, rank, world, quiet, stop,
+                                                deadline, save, device)
+            else:
+                signum, late, saved = _train_step(engine, model, train_windows, val_windows, history, cfg, micro,
+                                                  accum, rank, device, quiet, stop, deadline, save)
             if signum or late:
                 break
     engine.close()
@@ -288,6 +389,12 @@ def run_hf(cfg: TrainConfig, hf_path: Path, out: Path, resume: bool = False, qui
                    "val_loss": history["val"][-1][1] if history["val"] else math.nan,
                    "tokens_per_s": timing["tokens_per_s"], "seconds": timing["seconds"], "world_size": world,
                    "segments": timing["segments"], "export": str(export)}
+        if instruction and "tokens" in history:  # rows are not full: count the real tokens
+            figures = history["tokens"]
+            summary.update(answer_tokens_per_s=figures["targets"] / max(figures["seconds"], 1e-9),
+                           tokens_per_s=figures["real"] * world / max(figures["seconds"], 1e-9),
+                           padding_efficiency=figures["real"] / max(figures["computed"], 1),
+                           data={k: v.report.__dict__ for k, v in (("train", data["train"]), ("val", data["val"]))})
         (out / "history.json").write_text(json.dumps(history))
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         from .plots import write_plots
