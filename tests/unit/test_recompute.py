@@ -1,0 +1,177 @@
+"""An MoE layer recomputed by activation checkpointing computes exactly what its first forward did.
+
+Every router option that draws from the RNG (Jitter, RSample, 2nd-expert sampling, random token
+selection) is run under ``torch.utils.checkpoint`` with ``preserve_rng_state=False`` and the RNG
+moved between forward and backward, so a re-drawn routing would differ: the output and every
+gradient must still equal the plain run's bit for bit, and side effects (``expert_load``, the
+layer's statistics) must happen once. Both checkpoint modes, per-module and stacked experts,
+nested checkpoints and a second backward (``retain_graph``) are covered.
+"""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import moesaic
+
+D, F, E = 8, 12, 8
+
+
+def _layer(seed=0, stacked=False, **options):
+    torch.manual_seed(seed)
+    kw = dict(num_experts=E, expert_group_name="moe", stacked_experts=stacked)
+    kw.update(options)
+    layer = moesaic.MoE(D, moesaic.GLUExpert(D, F), **kw)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return layer
+
+
+class _Block(nn.Module):
+    """A residual block around the MoE layer, with dropout after it (RNG used after the layer)."""
+
+    def __init__(self, layer, dropout=0.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(D)
+        self.moe = layer
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        out, l_aux, _ = self.moe(self.norm(x))
+        return x + self.drop(out), l_aux
+
+
+def _run(block, x, mode, seed=5):
+    """Forward (seeded), move the RNG, backward; returns outputs, grads and the layer's side effects."""
+    block.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    if mode is None:
+        y, l_aux = block(x)
+    else:
+        y, l_aux = checkpoint(block, x, use_reentrant=(mode == "reentrant"), preserve_rng_state=False)
+    torch.manual_seed(1234)  # a recompute that drew again would draw other numbers
+    w = torch.linspace(-1, 1, y.numel()).reshape(y.shape)
+    ((y * w).sum() + l_aux).backward()
+    layer = block.moe
+    grads = {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
+    stats = {"exp_counts": layer.exp_counts.clone(), "tokens_per_expert": layer.tokens_per_expert.clone(),
+             "num_routes": layer.num_routes, "num_dropped": layer.num_dropped_routes}
+    load = layer.gate.expert_load.clone() if layer.gate.config.enable_expert_bias else None
+    return y.detach(), l_aux.detach(), x.grad.clone(), grads, stats, load
+
+
+def _assert_same(a, b, what):
+    ya, la, gxa, ga, sa, loada = a
+    yb, lb, gxb, gb, sb, loadb = b
+    assert torch.equal(ya, yb), f"{what}: output differs"
+    assert torch.equal(la, lb), f"{what}: l_aux differs"
+    assert torch.equal(gxa, gxb), f"{what}: input gradient differs"
+    assert ga.keys() == gb.keys(), f"{what}: gradients of {sorted(ga)} vs {sorted(gb)}"
+    for n in ga:
+        assert torch.equal(ga[n], gb[n]), f"{what}: gradient of {n} differs by {(ga[n] - gb[n]).abs().max()}"
+    for k in sa:
+        assert (torch.equal(sa[k], sb[k]) if isinstance(sa[k], torch.Tensor) else sa[k] == sb[k]), f"{what}: {k}"
+    assert (loada is None) == (loadb is None)
+    if loada is not None:
+        assert torch.equal(loada, loadb), f"{what}: expert_load {loada.tolist()} vs {loadb.tolist()}"
+
+
+OPTIONS = {
+    "rsample_k1_rts_capacity": dict(k=1, noisy_gate_policy="RSample", use_rts=True, capacity_factor=0.5),
+    "jitter_k2_sampling_capacity": dict(k=2, noisy_gate_policy="Jitter", top2_2nd_expert_sampling=True,
+                                        capacity_factor=0.75),
+    "k2_sampling_dropless": dict(k=2, drop_tokens=False, top2_2nd_expert_sampling=True),
+    "k3_probs_drop": dict(k=3, capacity_factor=0.5, z_loss_coef=0.1),
+    "expert_choice_jitter": dict(k=2, routing_type="expert_choice", noisy_gate_policy="Jitter"),
+    "sigmoid_bias_groups": dict(k=2, score_func="sigmoid", enable_expert_bias=True, n_group=4, topk_group=2,
+                                norm_topk_prob=True, routed_scaling_factor=2.0, top2_2nd_expert_sampling=False,
+                                noisy_gate_policy="Jitter", seq_aux_loss_coef=0.1, drop_tokens=False),
+    "softmax_after_topk_shared": dict(k=2, softmax_after_topk=True, router_bias=True, drop_tokens=False,
+                                      top2_2nd_expert_sampling=False, shared_expert=moesaic.GLUExpert(D, F),
+                                      shared_expert_gate=True),
+}
+
+
+@pytest.mark.parametrize("mode", ["non_reentrant", "reentrant"])
+@pytest.mark.parametrize("stacked", [False, True], ids=["per_module", "stacked"])
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_recompute_reuses_routing_and_counts_once(name, stacked, mode):
+    block = _Block(_layer(stacked=stacked, **OPTIONS[name]), dropout=0.2)
+    block.train()
+    x = torch.randn(3, 8, D, generator=torch.Generator().manual_seed(7))
+    plain = _run(block, x, None)
+    if block.moe.gate.config.enable_expert_bias:
+        block.moe.gate.expert_load.zero_()
+    again = _run(block, x, mode)
+    _assert_same(plain, again, f"{name} {mode}")
+
+
+def test_plain_forward_has_no_recompute_state():
+    # outside a checkpoint nothing is recorded or restored: the RNG moves exactly as before
+    layer = _layer(k=2, noisy_gate_policy="Jitter")
+    x = torch.randn(16, D)
+    torch.manual_seed(3)
+    layer(x)
+    after = torch.get_rng_state()
+    torch.manual_seed(3)
+    torch.rand(16, D)  # Jitter draws one (S, D) uniform tensor, 2nd-expert sampling one (S, E)
+    torch.rand(16, E)
+    assert torch.equal(after, torch.get_rng_state())
+
+
+def test_nested_checkpoints_and_second_backward():
+    layer = _layer(k=2, noisy_gate_policy="Jitter", capacity_factor=0.75, enable_expert_bias=True,
+                   top2_2nd_expert_sampling=False)
+    block = _Block(layer, dropout=0.2)
+    x = torch.randn(2, 8, D, generator=torch.Generator().manual_seed(1))
+
+    def run(kind):
+        block.zero_grad(set_to_none=True)
+        layer.gate.expert_load.zero_()
+        xi = x.clone().requires_grad_(True)
+        torch.manual_seed(9)
+        if kind == "plain":
+            y, aux = block(xi)
+        else:
+            def inner(t):
+                return checkpoint(block, t, use_reentrant=(kind == "reentrant_in_non"), preserve_rng_state=False)
+            y, aux = checkpoint(inner, xi, use_reentrant=False, preserve_rng_state=False)
+        torch.manual_seed(77)
+        loss = (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum() + aux
+        loss.backward(retain_graph=True)
+        first = {n: p.grad.clone() for n, p in block.named_parameters()}
+        block.zero_grad(set_to_none=True)
+        torch.manual_seed(78)
+        loss.backward()  # a second backward recomputes again
+        second = {n: p.grad.clone() for n, p in block.named_parameters()}
+        return y.detach(), first, second, layer.gate.expert_load.clone()
+
+    ref = run("plain")
+    for kind in ("non_in_non", "reentrant_in_non"):
+        got = run(kind)
+        assert torch.equal(ref[0], got[0]), kind
+        for i in (1, 2):
+            for n in ref[i]:
+                assert torch.equal(ref[i][n], got[i][n]), f"{kind}: gradient {n} of backward {i}"
+        assert torch.equal(ref[3], got[3]), f"{kind}: expert_load {ref[3].tolist()} vs {got[3].tolist()}"
+
+
+def test_checkpointed_experts_are_not_kept_by_saved_pieces():
+    # under a checkpoint the experts' saved tensors go to the checkpoint (dropped, recomputed),
+    # not to the layer's own saved-input hooks, which would keep them alive until backward
+    layer = _layer(k=2, drop_tokens=False, top2_2nd_expert_sampling=False, stacked=True)
+    x = torch.randn(64, D, requires_grad=True)
+    packed = []
+
+    def pack(t):
+        packed.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, _, _ = layer(x)
+    shapes = {tuple(t.shape) for t in packed}
+    assert (128, F) in shapes, f"the experts' (N, F) activations reached the outer hooks: {sorted(shapes)}"
+    out.sum().backward()
