@@ -175,3 +175,67 @@ def test_checkpointed_experts_are_not_kept_by_saved_pieces():
     shapes = {tuple(t.shape) for t in packed}
     assert (128, F) in shapes, f"the experts' (N, F) activations reached the outer hooks: {sorted(shapes)}"
     out.sum().backward()
+
+
+# --- selective recompute policies ----------------------------------------------------------------
+
+def _gpt():
+    from moesaic.models.gpt import GPT, GPTConfig
+    torch.manual_seed(0)
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, num_experts=4, top_k=2, moe_every=1,
+                         dropout=0.1, capacity_factor=1.0))
+
+
+@pytest.mark.parametrize("policy", ["block", "moe", "experts"])
+def test_policies_are_exact_on_the_gpt(policy):
+    model = _gpt().train()
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(11)
+        _, loss, aux = model(idx, idx)
+        model.objective(loss, aux).backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, \
+            [layer.exp_counts.clone() for layer in model.moe_layers.values()]
+
+    plain = step()
+    assert moesaic.apply_recompute(model, policy)
+    assert moesaic.layer.recompute_policy(model) == policy
+    got = step()
+    assert torch.equal(plain[0], got[0])
+    for n, g in plain[1].items():
+        assert torch.equal(g, got[1][n]), f"{policy}: gradient of {n}"
+    assert all(torch.equal(a, b) for a, b in zip(plain[2], got[2]))
+    moesaic.apply_recompute(model, "none")
+    assert moesaic.layer.recompute_policy(model) == "none"
+    assert torch.equal(step()[0], plain[0])
+
+
+def test_policies_recompute_in_backward():
+    model = _gpt().train()
+    calls = []
+    layer = next(iter(model.moe_layers.values()))
+    layer.experts.register_forward_pre_hook(lambda *a: calls.append(1))  # a recompute may stop early
+    idx = torch.randint(0, 256, (2, 16))
+    for policy, runs in (("none", 1), ("experts", 2), ("moe", 2), ("block", 2)):
+        moesaic.apply_recompute(model, policy)
+        calls.clear()
+        _, loss, aux = model(idx, idx)
+        (loss + aux).backward()
+        assert len(calls) == runs, f"{policy}: the experts ran {len(calls)} times"
+    with torch.no_grad():  # evaluation and no_grad run plainly
+        calls.clear()
+        model(idx)
+        assert len(calls) == 1
+
+
+def test_bad_policies_are_refused():
+    with pytest.raises(ValueError, match="Unknown recompute policy 'all'.*'none', 'block', 'moe', 'experts'"):
+        moesaic.apply_recompute(_gpt(), "all")
+    with pytest.raises(ValueError, match="has none"):
+        moesaic.apply_recompute(nn.Linear(2, 2), "moe")
+    with pytest.raises(ValueError, match="nn.ModuleList"):
+        moesaic.apply_recompute(nn.Sequential(_layer()), "block")
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        moesaic.apply_recompute("gpt", "moe")

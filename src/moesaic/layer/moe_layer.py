@@ -28,6 +28,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from . import recompute
 from .dispatch import Dispatcher, LocalDispatcher
@@ -76,6 +77,8 @@ class MOELayer(nn.Module):
         self.tokens_per_expert: Optional[Tensor] = None
         self.num_routes: int = 0
         self.num_dropped_routes: int = 0
+        #: recompute the experts' intermediate activations in backward (moesaic.apply_recompute(model, "experts"))
+        self.recompute_experts = False
         self._logits_out: Optional[list] = None  # set by a caller that wants the router logits (the HF block)
 
     def set_dispatcher(self, dispatcher: Dispatcher) -> None:
@@ -149,7 +152,11 @@ class MOELayer(nn.Module):
             for sink in call.sinks:
                 sink.decision, sink.peer_counts = made, counts
         with self.dispatcher.saved_inputs(pieces, meta, **hint):
-            outputs = self.experts(pieces)
+            if getattr(self, "recompute_experts", False) and self.training and torch.is_grad_enabled():
+                # the "experts" recompute policy: keep the pieces, recompute the experts' activations
+                outputs = list(checkpoint(_run_experts, self.experts, *pieces, use_reentrant=False))
+            else:
+                outputs = self.experts(pieces)
         del pieces  # the experts' saved inputs are the only references left
         out_SD = self.dispatcher.combine(outputs, meta)
         # the last forward's statistics are a snapshot (a recompute writes the same values, and the
@@ -184,6 +191,10 @@ class MOELayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"ep_group_name={self.ep_group_name!r}, ep_size={self.ep_size}, dispatcher={self.dispatcher!r}"
+
+
+def _run_experts(experts: ExpertContainer, *pieces: Tensor):
+    return tuple(experts(list(pieces)))
 
 
 @functools.lru_cache(maxsize=None)
