@@ -239,3 +239,21 @@ def test_bad_policies_are_refused():
         moesaic.apply_recompute(nn.Sequential(_layer()), "block")
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         moesaic.apply_recompute("gpt", "moe")
+
+
+def test_train_key_and_memory_estimates_follow_the_policy():
+    from moesaic.models.gpt import GPTConfig
+    from moesaic.train import memory
+    from moesaic.train.config import TrainConfig
+    from moesaic.train.hf_memory import activation_elements_per_token
+
+    with pytest.raises(ValueError, match="train.recompute"):
+        TrainConfig.from_dict({"train": {"recompute": "everything"}, "engine": {"train_batch_size": 1}})
+    assert TrainConfig.from_dict({"train": {"recompute": "moe"}, "engine": {"train_batch_size": 1}}).train.recompute == "moe"
+    gpt = GPTConfig(n_layer=8, n_embd=64, num_experts=8, top_k=2, moe_every=1)
+    act = {p: memory.estimate(gpt, 8, recompute=p).activations for p in ("none", "experts", "moe", "block")}
+    assert act["none"] > act["experts"] > act["moe"] > act["block"], act
+    raw = dict(hidden_size=256, num_hidden_layers=8, vocab_size=1024, num_attention_heads=8, num_experts=64,
+               num_experts_per_tok=8, intermediate_size=128)
+    per = {p: activation_elements_per_token(raw, p) for p in ("none", "experts", "moe", "block")}
+    assert per["none"] > per["experts"] > per["moe"] > per["block"], per

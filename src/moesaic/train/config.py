@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
-from .._checks import check_int, check_list, check_number, check_str
+from .._checks import check_choice, check_int, check_list, check_number, check_str
+from ..layer.recompute_policy import POLICIES as RECOMPUTE_POLICIES
 from .._config import Section, apply_overrides, load_source, section, setting
 from ..engine.config import EngineConfig
 from ..models.gpt import GPTConfig
@@ -93,6 +94,11 @@ class LoopConfig(Section):
     dist_timeout_s: float = setting(300.0, check=partial(check_number, lo=0.0, lo_open=True),
                                     doc="Seconds joining the process group or any collective waits for a peer "
                                         "before failing (a stopped or dead rank is reported after this long).")
+    recompute: str = setting("none", check=partial(check_choice, choices=RECOMPUTE_POLICIES),
+                             doc="Activation recompute (moesaic.apply_recompute): 'none' keeps every activation; "
+                                 "'block' recomputes each transformer block in backward (keeps its input); 'moe' "
+                                 "recomputes only the MoE layers; 'experts' only the experts' hidden activations. "
+                                 "Exact: the recompute reuses the first forward's routing.")
     device: str = setting("auto", check=check_device,
                           doc="'auto' (CUDA when present, else CPU), 'cpu', 'cuda' (GPU = local rank) or "
                               "'cuda:<index>'; the model and every batch go there.")

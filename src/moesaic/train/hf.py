@@ -193,6 +193,8 @@ def run_hf(cfg: TrainConfig, hf_path: Path, out: Path, resume: bool = False, qui
     # 1. model, tokenizer, data
     tokenizer = load_tokenizer(hf_path)
     model = moesaic.hf.load(hf_path, ep_size=cfg.model.ep_size).to(device)
+    if t.recompute != "none":
+        moesaic.apply_recompute(model, t.recompute)
     split = load_corpus(cfg.data.path, cfg.data.val_percent, cfg.data.suffixes)
     train_windows = TokenWindows(split.train, tokenizer, cfg.model.block_size, t.seed)
     val_windows = TokenWindows(split.val, tokenizer, cfg.model.block_size, t.seed)
