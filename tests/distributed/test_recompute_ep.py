@@ -4,7 +4,8 @@ On 2 gloo ranks, a block holding ``MoE(ep_size=2)`` (aux-loss-free bias, Jitter 
 mode and dropless, per-module and stacked experts) run under ``torch.utils.checkpoint`` (both
 modes, ``preserve_rng_state=False`` and the RNG moved before backward) gives the output, every
 gradient, ``expert_load`` and the layer's statistics of the plain run on the same rank, and the
-recompute does no second routing-header exchange.
+recompute does no second routing-header exchange. A recorded forward replayed after a step sends
+every token of each rank to the recorded experts.
 """
 
 import os
@@ -80,6 +81,30 @@ def _worker(rank, world):
                     assert torch.equal(ref[2][n], got[2][n]), f"{what}: gradient of {n}"
                 assert torch.equal(ref[3], got[3]), f"{what}: expert_load {got[3].tolist()} vs {ref[3].tolist()}"
                 assert torch.equal(ref[4], got[4]) and torch.equal(ref[5], got[5]), f"{what}: statistics"
+
+
+def _replay_worker(rank, world):
+    torch.manual_seed(0)
+    layer = moesaic.MoE(D, moesaic.GLUExpert(D, F), num_experts=E, ep_size=2, k=2, expert_group_name="moe",
+                        capacity_factor=0.5, noisy_gate_policy="Jitter")
+    layer.set_deepspeed_parallelism()
+    model = nn.Sequential(layer)
+    moesaic.name_moe_layers(model)
+    x = torch.randn(12, D, generator=torch.Generator().manual_seed(rank))
+    with moesaic.record_routing(model) as routes:
+        layer(x)[0].sum().backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sub_(0.5 * p.grad)
+    with moesaic.replay_routing(model, routes), moesaic.record_routing(model) as again:
+        out = layer(x)[0]
+        out.sum().backward()
+    assert torch.equal(again["0"], routes["0"]), f"rank {rank}: replay chose other experts"
+    assert layer.num_dropped_routes == 0 and int(layer.exp_counts.sum()) == 24
+
+
+def test_replay_at_ep2_uses_the_recorded_experts():
+    run_ranks(_replay_worker, 2, timeout_s=120)
 
 
 def test_checkpointed_ep2_layer_is_exact_and_counts_once():

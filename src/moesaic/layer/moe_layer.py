@@ -80,6 +80,8 @@ class MOELayer(nn.Module):
         #: recompute the experts' intermediate activations in backward (moesaic.apply_recompute(model, "experts"))
         self.recompute_experts = False
         self._logits_out: Optional[list] = None  # set by a caller that wants the router logits (the HF block)
+        self._replay_ids: Optional[Tensor] = None  # routes to replay (moesaic.replay_routing)
+        self._route_recorder: Optional[list] = None  # where chosen expert ids go (moesaic.record_routing)
 
     def set_dispatcher(self, dispatcher: Dispatcher) -> None:
         """Install the dispatcher that moves this layer's tokens (chosen for its process groups)."""
@@ -134,12 +136,16 @@ class MOELayer(nn.Module):
                            call: Optional[recompute.Call]) -> Tensor:
         record = call.record if call is not None else None
         decision = record.decision if record is not None else None
+        if decision is None and self._replay_ids is not None:  # moesaic.replay_routing (layer/replay.py)
+            decision = recompute.replay_decision(self, self._replay_ids, x_SD.shape[0], x_SD.device)
         # sequences for the sequence-level balance loss: rows of (batch, seq, D); a 2-D input is one
         num_sequences = math.prod(hidden_states.shape[:-2]) if hidden_states.dim() >= 3 else 1
         routing = self.gate(x_SD, used_token, num_sequences=num_sequences, decision=decision,
                             count=call is None or not call.recomputing, logits_out=self._logits_out)
         if record is not None and record.peer_counts is not None:
             routing = dataclasses.replace(routing, peer_counts=tuple(map(tuple, record.peer_counts)))
+        if self._route_recorder is not None and (call is None or not call.recomputing):  # moesaic.record_routing
+            self._route_recorder.append(routing.expert_ids_SK.detach().clone())
         # experts that take their pieces as one batch (stacked) get them as row blocks of one
         # tensor, from dispatchers that take the hint (a dispatcher of the older two-argument
         # interface is called as before)

@@ -252,3 +252,18 @@ def active(layer) -> Optional[Call]:
     """The open call of ``layer``, or None."""
     call = _ACTIVE.get()
     return call if call is not None and call.layer is layer else None
+
+
+def replay_decision(layer, ids: Tensor, num_tokens: int, device: torch.device):
+    """The dropless :class:`~moesaic.layer.recompute.Decision` that sends token t to ``ids[t]`` (``layer``: an MOELayer)."""
+    from .routing import count_routes, place_routes  # routing.py imports nothing of this module
+
+    if ids.shape[0] != num_tokens:
+        raise ValueError(f"replay_routing: MoE layer {layer.ep_group_name!r} got {num_tokens} tokens but its routes "
+                         f"have shape {tuple(ids.shape)}: the routes were recorded for another batch")
+    ids = ids.to(device)
+    E = layer.gate.config.num_experts
+    exp_counts = count_routes(ids, E)
+    placed = place_routes(ids, exp_counts, None, None)
+    return Decision(ids, placed.token_idx_N, placed.expert_idx_N, placed.slot_N, placed.tokens_per_expert_E,
+                    exp_counts, None, placed.num_routes, placed.num_routes // ids.shape[1])
