@@ -257,3 +257,17 @@ def test_train_key_and_memory_estimates_follow_the_policy():
                num_experts_per_tok=8, intermediate_size=128)
     per = {p: activation_elements_per_token(raw, p) for p in ("none", "experts", "moe", "block")}
     assert per["none"] > per["experts"] > per["moe"] > per["block"], per
+
+
+def test_deepspeed_activation_checkpointing_section():
+    from moesaic.engine.config import EngineConfig
+    cfg = EngineConfig.from_dict({"train_batch_size": 1, "activation_checkpointing": {
+        "partition_activations": False, "cpu_checkpointing": False, "contiguous_memory_optimization": False,
+        "number_checkpoints": None, "synchronize_checkpoint_boundary": False, "profile": False}})
+    assert cfg.activation_checkpointing.cpu_checkpointing is False
+    for key, value, why in (("partition_activations", True, "tensor parallelism"),
+                            ("cpu_checkpointing", True, "save_on_cpu"),
+                            ("contiguous_memory_optimization", True, "contiguous buffer"),
+                            ("number_checkpoints", 4, "contiguous_memory_optimization")):
+        with pytest.raises(ValueError, match=f"activation_checkpointing.{key}.*{why}"):
+            EngineConfig.from_dict({"train_batch_size": 1, "activation_checkpointing": {key: value}})

@@ -31,8 +31,6 @@ _MONITOR = "moesaic writes TensorBoard events and metrics.csv itself: pass log_d
 #: Feature sections listed in :data:`FEATURE_SECTIONS` are accepted while ``enabled`` is false.
 REFUSED: Dict[str, Dict[str, str]] = {
     "": {
-        "activation_checkpointing": "moesaic does not rewrite the model; checkpoint activations in the model with "
-                                    "torch.utils.checkpoint",
         "flops_profiler": "moesaic has no FLOPs profiler; use torch.profiler",
         "autotuning": "moesaic has no autotuner",
         "elasticity": "moesaic has no elastic batch-size search; checkpoints reload under any world size instead",
