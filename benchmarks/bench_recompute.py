@@ -6,7 +6,7 @@ Contenders, each in fresh processes (one for memory, one for time):
 * ``moesaic`` and ``moesaic-{block,moe,experts}``: ``moesaic.hf.load`` (stacked experts) without recompute and
   with ``moesaic.apply_recompute(model, policy)``.
 
-Memory: the process's RSS high-water mark over one training step (forward, backward, AdamW) after three
+Memory: the process's RSS high-water mark over one training step (forward, backward, AdamW) after two
 warm-up steps, with glibc returning large blocks (RSS follows the live tensors). ``step peak`` is that
 mark; ``activation`` is the mark minus the RSS before the step's forward (what the step adds: saved
 activations, gradients' growth is nil after warm-up, temporaries). ``largest micro-batch`` divides a
@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_hf import KEEP_MEMORY_ENV, RETURN_MEMORY_ENV, _kib, build_folder  # noqa: E402
 
-CONTENDERS = ("hf", "hf-gc", "moesaic", "moesaic-block", "moesaic-moe", "moesaic-experts")
+CONTENDERS = ("moesaic", "moesaic-block", "hf-gc", "moesaic-moe", "moesaic-experts", "hf")
+WARMUP = 2  # steps before the measured one (AdamW's state exists after the first)
 
 
 def _model(name: str, folder: str):
@@ -66,11 +67,11 @@ def worker(name, folder, mode, steps, batch, seq) -> dict:
         return float(out.loss)
 
     if mode == "memory":
-        losses = [step(data[i]) for i in range(3)]
+        losses = [step(data[i]) for i in range(WARMUP)]
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM := current RSS
         before = _kib("VmRSS")
-        losses.append(step(data[3]))
+        losses.append(step(data[WARMUP]))
         peak = _kib("VmHWM")
         return {"step_peak_mib": peak / 1024, "resident_mib": before / 1024,
                 "activation_mib": (peak - before) / 1024, "losses": losses}
