@@ -195,3 +195,46 @@ def test_a_corrupt_file_one_rank_reads_fails_the_load_on_every_rank(tmp_path):
     data[-3] ^= 0x10
     f.write_bytes(bytes(data))
     run_ranks(_load_fails_everywhere, 2, str(tmp_path / "ck"), timeout_s=90)
+
+
+def _bad_rng_refused_everywhere(rank, world, path):
+    import random
+
+    import pytest
+
+    from moesaic.checkpoint import CheckpointError
+
+    engine = _engine(world, True)
+    torch.manual_seed(99)
+    random.seed(99)
+    before = ({k: v.clone() for k, v in engine.module.state_dict().items()},
+              json.dumps(engine.optimizer.state_dict()["param_groups"]), engine.global_steps,
+              torch.get_rng_state(), random.getstate())
+    match = r"rank1.json: rng.python\[1\]: must list 625 ints" if rank == 1 else r"rank 1 failed loading"
+    with pytest.raises(CheckpointError, match=match):
+        engine.load_checkpoint(path)
+    after = ({k: v.clone() for k, v in engine.module.state_dict().items()},
+             json.dumps(engine.optimizer.state_dict()["param_groups"]), engine.global_steps,
+             torch.get_rng_state(), random.getstate())
+    assert all(torch.equal(v, before[0][k]) for k, v in after[0].items()), "model changed"
+    assert after[1:3] == before[1:3] and torch.equal(after[3], before[3]) and after[4] == before[4]
+
+
+def test_a_bad_value_only_one_rank_reads_refuses_the_load_on_every_rank_before_anything_changes(tmp_path):
+    """rank1.json is read by rank 1 only: rank 0 must not apply its part while rank 1 refuses (the manifest
+    is resealed, so only the check of the RNG state can refuse it)."""
+    import zlib
+
+    from moesaic.checkpoint.manifest import seal
+
+    run_ranks(_write_then_continue, 2, str(tmp_path / "ck"), str(tmp_path / "ref.json"), True)
+    folder = tmp_path / "ck" / "global_step3"
+    state = json.loads((folder / "rank1.json").read_text())
+    state["rng"]["python"][1] = state["rng"]["python"][1][:10]
+    data = json.dumps(state).encode()
+    (folder / "rank1.json").write_bytes(data)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest.pop("manifest_crc32")
+    manifest["files"]["rank1.json"].update(bytes=len(data), crc32=zlib.crc32(data))
+    (folder / "manifest.json").write_bytes(seal(manifest))
+    run_ranks(_bad_rng_refused_everywhere, 2, str(tmp_path / "ck"), timeout_s=90)

@@ -1,13 +1,15 @@
 """Every code block of the README runs as written (issue 11, item 13).
 
-* ``python`` blocks run, each alone, in a fresh interpreter in an empty folder;
+* ``python`` blocks run, each alone, in a fresh interpreter in an empty folder, and print something a
+  reader can check: a ``# prints TEXT`` comment on a line promises TEXT in the block's output;
 * ``toml`` blocks are config fragments: they load as a training config;
 * ``diff`` blocks (porting a DeepSpeed script) compile on both sides, and the new side is the old
   one with DeepSpeed's names replaced by moesaic's, nothing else;
 * ``bash`` blocks run line by line, in order, in a folder holding the checkout's ``configs/`` and
   ``examples/`` and ``.venv`` (the environment running these tests), so ``.venv/bin/moesaic`` is the
   command a reader types, with no virtual environment activated. ``moesaic train`` lines get tiny
-  overrides appended (a 2-step run of a 2-layer model: the command is the README's, the run short);
+  overrides appended (a 2-step run of a 2-layer model, or of the ``--hf`` folder's model with short
+  sequences: the command is the README's, the run short);
   ``make`` lines are checked with ``make -n`` (their recipes are the commands tested here, and ``make
   test`` runs this very test).
 """
@@ -31,6 +33,9 @@ BLOCKS = re.findall(r"^```(\w*)\n(.*?)^```", (ROOT / "README.md").read_text(), r
 TINY_RUN = ["--set", "model.n_layer=2", "--set", "model.n_embd=32", "--set", "model.n_head=2",
             "--set", "model.block_size=32", "--set", "engine.train_micro_batch_size_per_gpu=4",
             "--set", "train.steps=2", "--set", "train.eval_batches=1", "--quiet"]
+TINY_HF_RUN = ["--set", "model.block_size=16", "--set", "engine.train_micro_batch_size_per_gpu=2",
+               "--set", "train.steps=2", "--set", "train.eval_batches=1", "--quiet"]  # of [model], --hf takes these
+PROMISE = re.compile(r"#\s*prints\s+(.+?)\s*$")
 
 
 def _blocks(lang):
@@ -58,9 +63,15 @@ def sandbox(tmp_path):
 @pytest.mark.parametrize("index", range(len(_blocks("python"))))
 def test_python_block_runs_as_written(index, sandbox):
     folder, env = sandbox
-    res = subprocess.run([sys.executable, "-c", _blocks("python")[index]], cwd=folder, env=env, capture_output=True,
-                         text=True, timeout=180)
+    block = _blocks("python")[index]
+    res = subprocess.run([sys.executable, "-c", block], cwd=folder, env=env, capture_output=True, text=True,
+                         timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip(), "a README example prints what a reader can check against it"
+    for line in block.splitlines():
+        promise = PROMISE.search(line)
+        if promise:
+            assert promise.group(1) in res.stdout, (promise.group(1), res.stdout)
 
 
 @pytest.mark.parametrize("index", range(len(_blocks("toml"))))
@@ -100,7 +111,7 @@ def test_bash_blocks_run_as_written(sandbox):
             continue
         assert words[0].startswith(".venv/bin/"), f"{words}: README commands name .venv/bin/..., no activation needed"
         if words[:2] == [".venv/bin/moesaic", "train"]:
-            words = words + TINY_RUN
+            words = words + (TINY_HF_RUN if "--hf" in words else TINY_RUN)
         res = subprocess.run(words, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, (words, res.stdout[-2000:], res.stderr[-3000:])
         if words[:2] == [".venv/bin/torchrun", "--nproc-per-node"] and words[-1] == "examples/ep_check.py":
@@ -108,3 +119,4 @@ def test_bash_blocks_run_as_written(sandbox):
                 assert f"rank {rank}/{words[2]} (gloo): expert parallelism matches data parallelism" in res.stdout
         ran.append(words[0])
     assert ".venv/bin/moesaic" in ran and ".venv/bin/torchrun" in ran and "make demo" in ran
+    assert (folder / "runs" / "tiny-mixtral-ft" / "hf" / "tokenizer.json").exists()  # train --hf ran and exported

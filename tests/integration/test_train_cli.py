@@ -85,6 +85,43 @@ def test_resume_continues_refuses_to_overwrite_and_names_the_key_that_must_match
     assert {name: (out / name).read_bytes() for name in before} == before
 
 
+def test_summary_of_a_stopped_and_resumed_run_is_the_whole_run_with_its_segments(tmp_path, corpus, monkeypatch,
+                                                                                  capsys):
+    # issue 21: summary.json of a resumed run reported the last segment's seconds and tokens/s only
+    import os
+    import signal
+    import time
+
+    real, calls = GPT.objective, []
+
+    def slow_then_signal(self, loss, aux):  # the first segment takes >= 1.2 s; SIGTERM during step 3
+        calls.append(1)
+        time.sleep(0.4)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, loss, aux)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(GPT, "objective", slow_then_signal)
+    assert train(out, corpus, "--set", "train.steps=5", "--set", "train.checkpoint_every=0") == 143
+    assert not (out / "summary.json").exists()
+    monkeypatch.setattr(GPT, "objective", real)
+    assert train(out, corpus, "--set", "train.steps=5", "--resume") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    first, second = summary["segments"]
+    assert [(s["first_step"], s["last_step"], s["steps"]) for s in (first, second)] == [(1, 3, 3), (4, 5, 2)]
+    assert first["seconds"] >= 1.2 and summary["seconds"] == pytest.approx(first["seconds"] + second["seconds"])
+    bytes_per_step = 4 * 32  # micro-batch 4 x block 32 x 1 process
+    assert first["tokens"] == 3 * bytes_per_step and second["tokens"] == 2 * bytes_per_step
+    assert summary["tokens_per_s"] == pytest.approx(5 * bytes_per_step / summary["seconds"])
+    assert first["tokens_per_s"] == pytest.approx(first["tokens"] / first["seconds"])
+    # the checkpoint of step 3 carried the first segment (the resumed run read it); the final one carries both
+    _, client, _ = checkpoint.load(out / "checkpoints", GPT(GPTConfig.from_dict(
+        checkpoint.read_manifest(checkpoint.resolve(out / "checkpoints"))["model_config"]["model"])))
+    assert client["segments"][0] == first and client["segments"][1]["last_step"] == 5
+    assert client["segments"][1]["seconds"] <= second["seconds"]  # saved before the run ended
+
+
 def test_impossible_micro_batch_is_refused_with_the_estimate_before_anything_runs(tmp_path, capsys):
     import time
 
@@ -117,8 +154,13 @@ def test_without_tensorboard_and_matplotlib_the_run_writes_csv_with_one_warning_
     assert sum("tensorboard package is not installed" in t for t in texts) == 1, texts
     assert sum("matplotlib is not installed" in t for t in texts) == 1, texts
     assert (out / "logs" / "metrics.csv").exists() and not list((out / "logs").glob("events.out.tfevents.*"))
-    said = capsys.readouterr().out
+    captured = capsys.readouterr()
+    said = captured.out
     assert "(metrics.csv)" in said and "plots: none (matplotlib is not installed" in said
+    # issue 21: 2 steps under tiny.toml's 20 warmup steps: one line naming the keys, not the schedule's UserWarning
+    assert not [t for t in texts if "warmup_num_steps" in t], texts
+    assert captured.err.count("moesaic train: warning: engine.scheduler.params.warmup_num_steps=20 is more than the "
+                              "schedule's 2 steps (train.steps=2)") == 1, captured.err
 
 
 def test_keep_last_prunes_the_run_s_checkpoints(tmp_path, corpus):

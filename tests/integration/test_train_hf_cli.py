@@ -99,6 +99,12 @@ def test_train_hf_stops_on_sigterm_after_the_step_and_resumes_exactly(folder, tm
     assert main(_args(path, data, tmp_path / "split", 5, "--resume")) == 0
     whole, resumed = _tensors(tmp_path / "whole" / "hf"), _tensors(tmp_path / "split" / "hf")
     assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+    # issue 21: summary.json is the whole run's (both segments), not the resumed segment's alone
+    summary = json.loads((tmp_path / "split" / "summary.json").read_text())
+    first, second = summary["segments"]
+    assert [(s["first_step"], s["last_step"], s["tokens"]) for s in (first, second)] == [(1, 3, 3 * 24), (4, 5, 2 * 24)]
+    assert summary["seconds"] == pytest.approx(first["seconds"] + second["seconds"])
+    assert summary["tokens_per_s"] == pytest.approx(5 * 24 / summary["seconds"])  # 2 sequences x 12 tokens a step
 
 
 def test_train_hf_refuses_a_micro_batch_that_cannot_fit(folder, tmp_path, capsys):

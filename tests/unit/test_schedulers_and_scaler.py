@@ -8,7 +8,8 @@ import torch
 from moesaic.optim.config import FP16Config, SchedulerConfig
 from moesaic.optim.loss_scaler import (DynamicLossScaler, LossScaleUnderflowError, StaticLossScaler,
                                        build_loss_scaler)
-from moesaic.optim.schedulers import WarmupCosineLR, WarmupDecayLR, WarmupLR, build_scheduler
+from moesaic.optim.schedulers import (WarmupCosineLR, WarmupDecayLR, WarmupLongerThanScheduleWarning, WarmupLR,
+                                       build_scheduler)
 
 
 class DummyOptimizer:
@@ -121,8 +122,11 @@ def test_scheduler_errors_and_build():
     resumed = WarmupLR(opt, last_batch_iteration=3)
     with pytest.raises(RuntimeError, match="step"):
         resumed.get_last_lr()
-    with pytest.warns(UserWarning, match="less than warmup_num_steps"):
+    with pytest.warns(WarmupLongerThanScheduleWarning, match="total_num_steps 5 is less than warmup_num_steps 10: "
+                                                           "the learning rate is still warming up when the schedule "
+                                                           "ends; lower warmup_num_steps or raise total_num_steps"):
         WarmupCosineLR(opt, total_num_steps=5, warmup_num_steps=10)
+    assert issubclass(WarmupLongerThanScheduleWarning, UserWarning)  # DeepSpeed users' filters still apply
     sched = build_scheduler(opt, SchedulerConfig("WarmupDecayLR", {"total_num_steps": 100, "warmup_num_steps": 10}))
     assert isinstance(sched, WarmupDecayLR) and sched.max_lrs == [0.001]
     sched = build_scheduler(opt, {"type": "WarmupCosineLR", "params": {"total_num_steps": 5000}})

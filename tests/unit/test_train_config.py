@@ -52,6 +52,25 @@ def test_total_num_steps_defaults_to_train_steps():
     assert plain.engine_config() is plain.engine  # no scheduler: nothing to fill
 
 
+def test_a_warmup_longer_than_the_run_is_one_line_naming_the_keys():
+    # issue 21: a 9-step run of tiny.toml (warmup 20) printed the schedule's raw UserWarning on every rank
+    key = "engine.scheduler.params"
+    line = load_train_config(TINY, {"train.steps": 9}).warmup_warning()
+    assert line == (f"{key}.warmup_num_steps=20 is more than the schedule's 9 steps (train.steps=9): the learning "
+                    f"rate is still warming up when the run ends; lower {key}.warmup_num_steps or raise train.steps")
+    assert load_train_config(TINY).warmup_warning() is None  # 400 steps
+    assert load_train_config(TINY, {"train.steps": 20}).warmup_warning() is None  # warmup ends with the run
+    fixed = load_train_config(TINY, {f"{key}.total_num_steps": 5, "train.steps": 400}).warmup_warning()
+    assert f"the schedule's 5 steps ({key}.total_num_steps=5)" in fixed and fixed.endswith(f"{key}.total_num_steps")
+    # the schedules' default warmup is 1000 steps (DeepSpeed's), named as such
+    default = load_train_config({**BATCH, "train": {"steps": 50}, "engine": {
+        **BATCH["engine"], "scheduler": {"type": "WarmupDecayLR", "params": {}}}}).warmup_warning()
+    assert default.startswith(f"{key}.warmup_num_steps=1000 is more than the schedule's 50 steps")
+    assert load_train_config(BATCH).warmup_warning() is None  # no schedule
+    no_end = {**BATCH, "engine": {**BATCH["engine"], "scheduler": {"type": "WarmupLR", "params": {}}}}
+    assert load_train_config(no_end).warmup_warning() is None  # WarmupLR holds its peak: it has no end
+
+
 def test_defaults_and_round_trip():
     cfg = load_train_config(BATCH)
     assert cfg.model == GPTConfig() and cfg.train == LoopConfig() and cfg.data == DataConfig()
@@ -200,3 +219,23 @@ def test_overrides():
         cfg.with_overrides({"train..steps": 1})
     with pytest.raises(ValueError, match=r"train.nproc \(1\) must be divisible by model.ep_size \(2\)"):
         cfg.with_overrides({"train.nproc": 1})
+
+
+def test_the_run_says_a_short_warmup_once_on_rank_0_without_the_schedule_s_own_warning(capsys, tmp_path):
+    import warnings
+
+    from moesaic.models import GPT
+    from moesaic.train.loop import initialize_engine
+
+    cfg = load_train_config(TINY, {"train.steps": 9, "model.n_layer": 1, "model.n_embd": 16, "model.n_head": 2,
+                                   "model.moe_every": 1, "model.ep_size": 1, "train.nproc": 1})
+    for rank, quiet, said in ((0, False, 1), (1, False, 0), (0, True, 0)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine = initialize_engine(cfg, rank, quiet, model=GPT(cfg.model), log_dir=str(tmp_path / str(rank)))
+        engine.close()
+        err = capsys.readouterr().err
+        assert not [w for w in caught if "warmup_num_steps" in str(w.message)], [str(w.message) for w in caught]
+        assert err.count("moesaic train: warning: engine.scheduler.params.warmup_num_steps=20 is more than") == said
+        assert err.count("\n") == said, err
+        assert engine.lr_scheduler.total_num_steps == 9  # the schedule itself is as before

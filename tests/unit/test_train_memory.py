@@ -50,3 +50,32 @@ def test_check_fits_refuses_with_both_figures_and_warns_when_short_now(monkeypat
 def test_machine_memory_reads_this_machine():
     total, available, what = memory.machine_memory(torch.device("cpu"))
     assert total > (256 << 20) and (available is None or 0 < available <= total) and "memory" in what
+
+
+def test_a_model_that_alone_exceeds_memory_is_named_as_the_cause_not_the_micro_batch(monkeypatch):
+    # issue 21: the refusal led with the micro-batch although no micro-batch could fit
+    monkeypatch.setattr(memory, "machine_memory", lambda device: (8 << 30, 8 << 30, "this machine's memory"))
+    big = GPTConfig.from_dict({"n_layer": 8, "n_embd": 1024, "n_head": 8, "num_experts": 16})
+    need = memory.estimate(big, 1)
+    assert need.model_state == need.total - need.activations and need.model_state > 8 << 30 > need.activations
+    over = (need.model_state - (8 << 30)) / (1 << 30)
+    with pytest.raises(ValueError) as err:
+        memory.check_fits(need, 1, torch.device("cpu"), key="engine.train_micro_batch_size_per_gpu",
+                          model_keys="model.n_layer, model.n_embd")
+    message = str(err.value)
+    assert message.startswith("the model does not fit in this machine's memory (8 GiB): its parameters, gradients "
+                              "and optimizer state alone need about ")
+    assert f"{over:.3g} GiB more than there is" in message
+    assert "lowering engine.train_micro_batch_size_per_gpu cannot help: train a smaller model (model.n_layer, " \
+           "model.n_embd)" in message and "too large" not in message
+    # two processes on one machine: both copies count; a GPU suggests splitting the experts
+    small = memory.estimate(GPTConfig.from_dict({"n_layer": 8, "n_embd": 768, "n_head": 8, "num_experts": 16}), 1)
+    assert small.model_state < 8 << 30 < 2 * small.model_state
+    with pytest.raises(ValueError, match=r"need about 2 processes x .* GiB .* = .* GiB, .* GiB more than there is"):
+        memory.check_fits(small, 2, torch.device("cpu"), key="k")
+    monkeypatch.setattr(memory, "machine_memory", lambda device: (8 << 30, 8 << 30, "GPU 0 (test)"))
+    with pytest.raises(ValueError, match=r"train a smaller model or its experts split over more GPUs \(model.ep_size\)"):
+        memory.check_fits(need, 1, torch.device("cuda"), key="k")
+    # parameters that fit, activations that do not: the micro-batch is still the one named
+    with pytest.raises(ValueError, match="k is too large for this machine"):
+        memory.check_fits(memory.estimate(GPTConfig(), 100_000), 1, torch.device("cpu"), key="k")

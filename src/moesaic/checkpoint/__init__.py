@@ -4,10 +4,11 @@ See ``docs/checkpoints.md`` for the layout, what is verified and the publication
 """
 
 from .deepspeed_import import convert_deepspeed_checkpoint
-from .directory import resolve
+from .directory import find, resolve
 from .errors import CheckpointError
 from .manifest import FORMAT_VERSION
-from .store import load, read_manifest, save, verify, writes_optimizer_entry
+from .staging import StagedLoad
+from .store import load, prepare, read_manifest, save, verify, writes_optimizer_entry
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "convert_deepspeed_checkpoint", "load", "read_manifest", "resolve",
-           "save", "verify", "writes_optimizer_entry"]
+__all__ = ["FORMAT_VERSION", "CheckpointError", "StagedLoad", "convert_deepspeed_checkpoint", "find", "load", "prepare",
+           "read_manifest", "resolve", "save", "verify", "writes_optimizer_entry"]

@@ -10,6 +10,8 @@ and only then removes the old folder, so ``latest`` never names a missing or par
 from __future__ import annotations
 
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -17,6 +19,10 @@ from typing import List, Optional
 from . import durable
 from .errors import CheckpointError
 from .names import POINTER, TRANSIENT_PREFIX, check_folder_name, encode_component, folder_name, split_folder_name
+from .safeio import check_entry, read_small
+
+_MAX_POINTER = 4096  # a folder name (at most 200 bytes) and a newline
+_MAX_PEEK = 256 << 20  # the manifest's own limit
 
 
 @dataclass(frozen=True)
@@ -32,24 +38,40 @@ class Published:
 
 
 def read_pointer(root: Path) -> Optional[str]:
-    """The folder name ``latest`` holds (checked to be one folder inside ``root``), or None."""
+    """The folder name ``latest`` holds (checked to be one folder inside ``root``), or None.
+
+    ``latest`` must be a regular file, not a symbolic link (see :mod:`.safeio`).
+    """
     pointer = root / POINTER
-    if not pointer.is_file():
+    if check_entry(pointer) is None:
         return None
+    data = read_small(root, POINTER, _MAX_POINTER)
     try:
-        text = pointer.read_bytes().decode("utf-8")
-    except (OSError, UnicodeDecodeError) as err:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
         raise CheckpointError(f"{pointer}: cannot be read as text ({err})") from None
     return check_folder_name(text.strip(), str(pointer))
 
 
 def _peek(folder: Path) -> Optional[dict]:
-    """A folder's manifest as plain JSON (no verification), or None when it has no readable one."""
+    """A folder's manifest as plain JSON (no verification), or None when it has no readable one.
+
+    Never follows a link or opens a file that is not regular (a FIFO named ``manifest.json`` in a
+    neighbouring folder must not block a load or a save).
+    """
     try:
-        m = json.loads((folder / "manifest.json").read_bytes())
-    except (OSError, ValueError):
+        m = json.loads(read_small(folder, "manifest.json", _MAX_PEEK))
+    except (CheckpointError, OSError, ValueError):
         return None
     return m if isinstance(m, dict) and type(m.get("format_version")) is int else None
+
+
+def _is_folder(entry: Path) -> bool:
+    """A real folder (a symbolic link to one is never a checkpoint of this directory, nor removed by it)."""
+    try:
+        return stat.S_ISDIR(os.lstat(entry).st_mode)
+    except OSError:
+        return False
 
 
 def published(root: Path) -> List[Published]:
@@ -58,7 +80,7 @@ def published(root: Path) -> List[Published]:
     if not root.is_dir():
         return out
     for entry in root.iterdir():
-        if entry.name.startswith(".") or entry.name == POINTER or not entry.is_dir():
+        if entry.name.startswith(".") or entry.name == POINTER or not _is_folder(entry):
             continue
         m = _peek(entry)
         if m is None:
@@ -74,22 +96,44 @@ def published(root: Path) -> List[Published]:
 def resolve(directory, tag: Optional[str] = None) -> Path:
     """The checkpoint folder for ``tag`` (its newest save), or the one ``latest`` names.
 
-    ``tag`` may also be a folder name as ``latest`` holds it (``"best@2"``).
+    ``tag`` may also be a folder name as ``latest`` holds it (``"best@2"``). Tags are names, not
+    patterns: ``"global_step*"`` means a tag with a ``*`` in it.
+
+    Raises:
+        CheckpointError: no ``latest``; a tag or a ``latest`` that does not name one folder inside
+            the directory (naming it); a folder that is a symbolic link or has no manifest.
     """
     root = Path(directory)
-    if tag is None:
-        name = read_pointer(root)
-        if name is None:
+    folder = find(root, tag)
+    if folder is None:
+        if tag is None:
             raise CheckpointError(f"{root}: no '{POINTER}' file; pass a tag or point at a checkpoint folder")
-        folder = root / name
-    else:
-        check_folder_name(tag, f"{root}: tag")
-        folder = _newest_of_tag(root, tag) or root / tag
-    if not (folder / "manifest.json").is_file():
+        folder = root / tag
+    if check_entry(folder, want_dir=True) is None or check_entry(folder / "manifest.json") is None:
         known = sorted({p.tag for p in published(root)})
         raise CheckpointError(f"{folder}: no manifest.json (not a moesaic checkpoint, or an unfinished save); "
                               f"tags in {root}: {known[:8]}")
     return folder
+
+
+def find(directory, tag: Optional[str] = None) -> Optional[Path]:
+    """Where ``tag`` (None: ``latest``) would load from, or None when there is no such entry (nothing verified).
+
+    Raises:
+        CheckpointError: a tag, or the content of ``latest``, that is not one folder name (naming
+            it); a ``latest`` that is a link or not a regular file.
+    """
+    root = Path(directory)
+    if tag is None:
+        name = read_pointer(root)
+        return None if name is None else root / name
+    if not isinstance(tag, str):
+        raise CheckpointError(f"{root}: tag must be a str, got {type(tag).__name__}: {tag!r}")
+    check_folder_name(tag, f"{root}: tag")
+    folder = _newest_of_tag(root, tag)
+    if folder is not None:
+        return folder
+    return root / tag if os.path.lexists(root / tag) else None
 
 
 def _newest_of_tag(root: Path, tag: str) -> Optional[Path]:
@@ -99,7 +143,7 @@ def _newest_of_tag(root: Path, tag: str) -> Optional[Path]:
         return None
     for entry in root.iterdir():
         name_base, version = split_folder_name(entry.name)
-        if name_base != base or not entry.is_dir():
+        if name_base != base or not _is_folder(entry):
             continue
         m = _peek(entry)
         if m is None or m.get("tag") != tag:

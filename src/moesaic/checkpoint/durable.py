@@ -6,7 +6,7 @@ rename whose parent folder was never fsynced can be undone. So every step here e
 fsync that makes it permanent before the next step may depend on it:
 
 * :func:`write_file` writes chunks, fsyncs the file and returns its size and CRC-32 (computed
-  over the very bytes written, so no second read);
+  over the very bytes written, so no second read); its errors (a full disk) name the file;
 * :func:`fsync_tree` fsyncs every folder of a staging tree (their entries name the files);
 * :func:`rename_into_place` renames a complete folder to a name that does not exist yet and
   fsyncs the parent;
@@ -36,7 +36,10 @@ def write_file(path: Path, chunks: Iterable) -> Tuple[int, int]:
         ``(size in bytes, CRC-32 of the whole file)``.
     """
     crc, size = 0, 0
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
+    except OSError as err:
+        raise _with_path(err, path) from err
     try:
         with os.fdopen(fd, "wb", buffering=0) as f:
             for chunk in chunks:
@@ -47,13 +50,22 @@ def write_file(path: Path, chunks: Iterable) -> Tuple[int, int]:
                     view = view[n:]
                     size += n
             os.fsync(f.fileno())
-    except BaseException:
+    except BaseException as err:
         try:
             os.unlink(path)
         except OSError:
             pass
+        if isinstance(err, OSError):  # a full disk: say which file (the write's own error names none)
+            raise _with_path(err, path) from err
         raise
     return size, crc
+
+
+def _with_path(err: OSError, path: Path) -> OSError:
+    """``err`` naming ``path`` (the same errno, so the same OSError subclass)."""
+    if err.filename is not None:
+        return err
+    return OSError(err.errno, err.strerror or str(err), str(path))
 
 
 def fsync_dir(path: Path) -> None:

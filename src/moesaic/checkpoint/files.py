@@ -25,13 +25,14 @@ import os
 import struct
 import zlib
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch
 from torch import Tensor
 
 from .durable import write_file
 from .errors import CheckpointError
+from .safeio import open_file
 
 DTYPES: Dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -41,6 +42,7 @@ DTYPES: Dict[torch.dtype, str] = {
 }
 _BY_NAME = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 << 20  # safetensors' own limit
+_MAX_BYTES = 1 << 63  # torch indexes bytes and strides with int64
 
 
 # --- tensor files -------------------------------------------------------------------------------
@@ -89,20 +91,19 @@ def write_tensors(path: Path, tensors: Dict[str, Tensor]) -> Dict[str, Any]:
 _MMAP_FROM = 1 << 20  # files from 1 MiB on are mapped, not copied: the page cache is the buffer
 
 
-def read_verified_bytes(path: Path, entry: Dict[str, Any], check_crc: bool = True):
-    """All bytes of ``path`` (a buffer) after checking its size and (``check_crc``) whole-file CRC-32.
+def read_verified_bytes(folder: Path, rel: str, entry: Dict[str, Any], check_crc: bool = True):
+    """All bytes of ``folder/rel`` (a buffer) after checking its size and (``check_crc``) whole-file CRC-32.
+
+    The file is opened by :func:`.safeio.open_file`: a symbolic link on the way or a file that is
+    not a regular file (a FIFO would block the read) is refused before anything is read.
 
     Large files are memory-mapped copy-on-write: checksumming and parsing touch the page cache
     directly, no anonymous memory is allocated and zero-filled, and writes to tensors made from the
     buffer never reach the file. Small files are read into a bytearray.
     """
+    path = folder / rel
     expected = entry["bytes"]
-    try:
-        f = open(path, "rb", buffering=0)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file missing from the checkpoint") from None
-    except OSError as err:
-        raise CheckpointError(f"{path}: cannot be opened ({err.strerror})") from err
+    f = os.fdopen(open_file(folder, rel), "rb", buffering=0)
     with f:
         size = os.fstat(f.fileno()).st_size
         if size != expected:
@@ -152,11 +153,15 @@ def parse_tensors(buf, path: Path) -> Dict[str, Tensor]:
         shape, offsets = info["shape"], info["data_offsets"]
         if dtype is None:
             raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {info['dtype']!r}")
-        if (not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)
+        if (not isinstance(shape, list) or not all(type(d) is int and 0 <= d < _MAX_BYTES for d in shape)
                 or not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)):
             raise CheckpointError(f"{path}: tensor {name!r} has a malformed shape {shape!r} or offsets {offsets!r}")
+        size = torch.empty((), dtype=dtype).element_size()
+        if math.prod(max(d, 1) for d in shape) * size >= _MAX_BYTES:  # even with a 0 dim: torch's strides overflow
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {shape}, which no tensor can have (its strides "
+                                  "exceed 2**63 bytes)")
         begin, end = offsets
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * size
         if not 0 <= begin <= end <= data_len or end - begin != nbytes:
             raise CheckpointError(f"{path}: tensor {name!r} ({info['dtype']} {shape}) does not fit its byte range "
                                   f"{offsets} (data holds {data_len} bytes)")
@@ -199,9 +204,10 @@ def check_tensor_meta(path: Path, tensors: Dict[str, Tensor], recorded: Dict[str
                                   f"but {recorded[name]['dtype']} {recorded[name]['shape']} in the manifest")
 
 
-def read_tensors(path: Path, entry: Dict[str, Any]) -> Dict[str, Tensor]:
+def read_tensors(folder: Path, rel: str, entry: Dict[str, Any]) -> Dict[str, Tensor]:
     """A verified tensor file: size, whole-file CRC-32, header structure, names/dtypes/shapes."""
-    tensors = parse_tensors(read_verified_bytes(path, entry), path)
+    path = folder / rel
+    tensors = parse_tensors(read_verified_bytes(folder, rel, entry), path)
     check_tensor_meta(path, tensors, entry["tensors"])
     return tensors
 
@@ -225,9 +231,9 @@ def parse_json(data, path: Path) -> Any:
         raise CheckpointError(f"{path}: not valid JSON ({err}); the file is truncated or corrupted") from None
 
 
-def read_json(path: Path, entry: Optional[Dict[str, Any]]) -> Any:
+def read_json(folder: Path, rel: str, entry: Dict[str, Any]) -> Any:
     """A verified JSON file (size and CRC-32 from ``entry``)."""
-    return parse_json(read_verified_bytes(path, entry), path)
+    return parse_json(read_verified_bytes(folder, rel, entry), folder / rel)
 
 
 def tensors_crc32(tensors: Dict[str, Tensor]) -> int:
@@ -241,9 +247,10 @@ def tensors_crc32(tensors: Dict[str, Tensor]) -> int:
     return crc
 
 
-def read_v1_tensors(path: Path, entry: Dict[str, Any]) -> Dict[str, Tensor]:
+def read_v1_tensors(folder: Path, rel: str, entry: Dict[str, Any]) -> Dict[str, Tensor]:
     """A format-1 tensor file: size, structure, and the CRC-32 of its tensors."""
-    tensors = parse_tensors(read_verified_bytes(path, entry, check_crc=False), path)
+    path = folder / rel
+    tensors = parse_tensors(read_verified_bytes(folder, rel, entry, check_crc=False), path)
     if tensors_crc32(tensors) != entry["tensors_crc32"]:
         raise CheckpointError(f"{path}: checksum mismatch (CRC-32 of its tensors); the file is corrupted")
     return tensors

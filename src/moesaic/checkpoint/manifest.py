@@ -33,6 +33,7 @@ from .errors import CheckpointError
 from .files import encode_json
 from .legacy import v1_expert_file
 from .names import check_relative_path
+from .safeio import read_small
 
 FORMAT_VERSION = 2
 _MAX_MANIFEST = 256 << 20
@@ -77,13 +78,8 @@ class Plan:
 def read_manifest_plan(folder: Path) -> Plan:
     """Read, verify and normalise ``folder/manifest.json``."""
     path = folder / "manifest.json"
-    try:
-        with open(path, "rb") as f:
-            data = f.read(_MAX_MANIFEST + 1)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing (not a moesaic checkpoint, or an unfinished save)") from None
-    except OSError as err:
-        raise CheckpointError(f"{path}: cannot be read ({err.strerror})") from err
+    data = read_small(folder, "manifest.json", _MAX_MANIFEST,
+                      missing="missing (not a moesaic checkpoint, or an unfinished save)")
     if len(data) > _MAX_MANIFEST:
         raise CheckpointError(f"{path}: larger than {_MAX_MANIFEST} bytes; not a manifest")
     try:

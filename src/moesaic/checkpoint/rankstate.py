@@ -15,7 +15,9 @@ Tensors in ``client_state`` come back on the CPU.
 
 from __future__ import annotations
 
+import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Tuple, Union
 
@@ -113,26 +115,90 @@ def capture_rng() -> Tuple[Dict[str, Any], Dict[str, Tensor]]:
     return {"python": [version, list(internal), gauss], "cuda_devices": len(cuda)}, tensors
 
 
-def restore_rng(part: Any, tensors: Dict[str, Tensor], file: Path) -> None:
-    """Set the RNG states :func:`capture_rng` returned (checked first; CheckpointError naming ``file``)."""
-    ok = (isinstance(part, dict) and isinstance(part.get("python"), list) and len(part["python"]) == 3
-          and isinstance(part["python"][1], list) and all(type(v) is int for v in part["python"][1])
-          and type(part.get("cuda_devices")) is int and "rng/torch" in tensors)
-    if not ok:
-        raise CheckpointError(f"{file}: the RNG state is malformed")
-    current = torch.get_rng_state()
-    if tensors["rng/torch"].dtype != current.dtype or tensors["rng/torch"].shape != current.shape:
-        raise CheckpointError(f"{file}: torch's RNG state has {tensors['rng/torch'].dtype} "
-                              f"{tuple(tensors['rng/torch'].shape)}, expected {current.dtype} {tuple(current.shape)}")
-    version, internal, gauss = part["python"]
-    cuda = [tensors[f"rng/cuda/{i}"] for i in range(part["cuda_devices"]) if f"rng/cuda/{i}" in tensors]
-    if len(cuda) != part["cuda_devices"]:
-        raise CheckpointError(f"{file}: {part['cuda_devices']} CUDA RNG states recorded, {len(cuda)} stored")
+_MT_WORDS = 624  # Python's Mersenne Twister: 624 32-bit words, then the position in them
+_MAX_CUDA_DEVICES = 1 << 16
+
+
+@dataclass(frozen=True)
+class RngState:
+    """RNG states read and checked, ready to install (:func:`apply_rng` cannot fail on them)."""
+
+    python: Tuple[Any, ...]  # as random.getstate() returns it
+    torch: Tensor
+    cuda: Tuple[Tensor, ...]  # one per CUDA device of this process that gets a state
+
+
+def stage_rng(part: Any, tensors: Dict[str, Tensor], file: Path) -> RngState:
+    """Check the RNG states :func:`capture_rng` wrote, changing nothing; CheckpointError naming ``file`` and the key.
+
+    Python's state is tried on a private ``random.Random`` and torch's on a private
+    ``torch.Generator``, so whatever those would refuse is refused here, before the live RNGs
+    (or anything else) change. CUDA states beyond this process's device count are not restored.
+    """
+    def bad(key: str, what: str) -> CheckpointError:
+        return CheckpointError(f"{file}: rng.{key}: {what}")
+
+    if not isinstance(part, dict) or set(part) != {"python", "cuda_devices"}:
+        got = sorted(part) if isinstance(part, dict) else type(part).__name__
+        raise CheckpointError(f"{file}: rng must be an object with the keys ['cuda_devices', 'python'], got {got}")
+    python = part["python"]
+    if not isinstance(python, list) or len(python) != 3:
+        raise bad("python", f"must be [version, state, gauss], got {_short(python)}")
+    version, internal, gauss = python
+    if type(version) is not int or version != 3:
+        raise bad("python[0]", f"the state version must be 3 (what random.getstate() writes), got {_short(version)}")
+    if not isinstance(internal, list) or len(internal) != _MT_WORDS + 1:
+        got = f"{len(internal)} values" if isinstance(internal, list) else _short(internal)
+        raise bad("python[1]", f"must list {_MT_WORDS + 1} ints, got {got}")
+    for i, v in enumerate(internal):
+        hi = _MT_WORDS if i == _MT_WORDS else (1 << 32) - 1
+        if type(v) is not int or not 0 <= v <= hi:
+            raise bad(f"python[1][{i}]", f"must be an int in [0, {hi}], got {_short(v)}")
+    if gauss is not None and (type(gauss) is not float or not math.isfinite(gauss)):
+        raise bad("python[2]", f"must be null or a finite float, got {_short(gauss)}")
     state = (version, tuple(internal), gauss)
     try:
-        random.setstate(state)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{file}: Python's RNG state is invalid ({err})") from None
-    torch.set_rng_state(tensors["rng/torch"].clone())
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([c.clone() for c in cuda])
+        random.Random().setstate(state)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise bad("python", f"random.setstate refuses it ({err})") from None
+    n = part["cuda_devices"]
+    if type(n) is not int or not 0 <= n <= _MAX_CUDA_DEVICES:
+        raise bad("cuda_devices", f"must be an int in [0, {_MAX_CUDA_DEVICES}], got {_short(n)}")
+    expected = {"rng/torch", *(f"rng/cuda/{i}" for i in range(n))}
+    stored = {k for k in tensors if k.startswith("rng/")}
+    if stored != expected:
+        raise CheckpointError(f"{file}: rng.cuda_devices is {n} but the rank's tensor file holds the RNG tensors "
+                              f"{sorted(stored)[:6]} (expected {sorted(expected)[:6]})")
+    current = torch.get_rng_state()
+    saved = tensors["rng/torch"]
+    if saved.dtype != current.dtype or tuple(saved.shape) != tuple(current.shape):
+        raise CheckpointError(f"{file}: torch's RNG state (rng/torch) has {saved.dtype} {tuple(saved.shape)}, "
+                              f"expected {current.dtype} {tuple(current.shape)}")
+    saved = saved.clone()  # own, contiguous memory: set_state reads a view's storage from its start
+    try:
+        torch.Generator().set_state(saved)
+    except RuntimeError as err:
+        raise CheckpointError(f"{file}: torch's RNG state (rng/torch) is invalid ({err})") from None
+    cuda = []
+    devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for i in range(min(n, devices)):
+        t = tensors[f"rng/cuda/{i}"]
+        want = torch.cuda.get_rng_state(i)
+        if t.dtype != want.dtype or tuple(t.shape) != tuple(want.shape):
+            raise CheckpointError(f"{file}: the CUDA RNG state rng/cuda/{i} has {t.dtype} {tuple(t.shape)}, expected "
+                                  f"{want.dtype} {tuple(want.shape)}")
+        cuda.append(t.clone())
+    return RngState(python=state, torch=saved, cuda=tuple(cuda))
+
+
+def apply_rng(state: RngState) -> None:
+    """Install checked RNG states (Python's, torch's, CUDA's)."""
+    random.setstate(state.python)
+    torch.set_rng_state(state.torch)
+    for i, t in enumerate(state.cuda):
+        torch.cuda.set_rng_state(t, i)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"

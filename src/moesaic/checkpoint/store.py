@@ -27,10 +27,12 @@ directory, switches ``latest`` atomically, and only then removes superseded save
 with ``keep_last``, the oldest checkpoints. A process killed at any instant leaves ``latest``
 naming a complete checkpoint. An error on any rank is raised on every rank.
 
-**Loading** (:func:`load`) reads every file this rank needs and verifies it (size, whole-file
-CRC-32, tensor names/dtypes/shapes against the manifest, then against the model and optimizer)
-before anything is copied; the ranks agree that all of them verified before any copies, so a
-failed load leaves every rank's model and optimizer unchanged.
+**Loading** has two phases (:mod:`.staging`). :func:`prepare` reads every file this rank needs
+and verifies it (size, whole-file CRC-32, tensor names/dtypes/shapes against the manifest, then
+against the model and optimizer; every JSON value by type and range; RNG states), runs the
+caller's own checks (the engine's scheduler and loss-scaler state), and the ranks agree that all of
+them succeeded; ``StagedLoad.apply()`` then only copies. :func:`load` is both, so a failed load
+leaves every rank's model, optimizer and RNG unchanged.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ from .files import read_json, read_tensors, read_v1_tensors, read_verified_bytes
 from .legacy import read_v1_rank_state, upgrade_dense_names, v1_optimizer_source
 from .manifest import FORMAT_VERSION, Plan, read_manifest_plan, seal
 from .names import POINTER, check_tag, layer_folders
-from .rankstate import capture_rng, decode_client_state, encode_client_state, restore_rng
+from .rankstate import capture_rng, decode_client_state, encode_client_state, stage_rng
+from .staging import StagedLoad, check_engine_state, check_optimizer_entry, check_optimizer_meta
 
 _IO_THREADS = 4  # files written / read at once: enough to overlap checksums, fsyncs and reads
 
@@ -185,7 +188,8 @@ def save(directory, model: nn.Module, *, tag: str, optimizer=None, engine_state:
     try:
         report = _write_rank_files(staging, model, index, optimizer, rank, client_part, client_tensors)
     except Exception as err:  # noqa: BLE001 - any failure must reach the other ranks, not hang them
-        error, report = err, _Report(error=f"{type(err).__name__}: {err}")
+        error = _named(err, root, tag)
+        report = _Report(error=f"{type(error).__name__}: {error}")
     reports = [report]
     if world > 1:
         reports = [None] * world
@@ -203,10 +207,10 @@ def save(directory, model: nn.Module, *, tag: str, optimizer=None, engine_state:
                      optimizer, world, keep_last)
             outcome = [("ok", final_name)]
         except Exception as err:  # noqa: BLE001
-            outcome = [("error", f"{type(err).__name__}: {err}")]
+            error = _named(err, root, tag)
+            outcome = [("error", f"{type(error).__name__}: {error}")]
             if world == 1:
-                raise
-            error = err
+                raise error
     if world > 1:
         dist.broadcast_object_list(outcome, src=0)
     if error is not None:
@@ -215,6 +219,15 @@ def save(directory, model: nn.Module, *, tag: str, optimizer=None, engine_state:
     if status != "ok":
         raise CheckpointError(f"rank 0 failed publishing checkpoint {tag!r}: {value}")
     return root / value
+
+
+def _named(err: BaseException, root: Path, tag: str) -> BaseException:
+    """A file-system error of a save (a full disk) as a CheckpointError naming the checkpoint and the file."""
+    if not isinstance(err, OSError):
+        return err
+    named = CheckpointError(f"saving checkpoint {tag!r} in {root} failed: {err}")
+    named.__cause__ = err
+    return named
 
 
 @dataclass
@@ -345,9 +358,40 @@ def read_manifest(folder) -> Dict:
     return read_manifest_plan(Path(folder)).raw
 
 
+def prepare(directory, model: nn.Module, *, tag: Optional[str] = None, optimizer=None,
+            index: Optional[ExpertIndex] = None, check: Optional[Callable[[StagedLoad], Any]] = None) -> StagedLoad:
+    """Read and check a checkpoint for ``model`` (and ``optimizer``) on every rank; apply nothing.
+
+    Every file this rank needs is read and verified, every tensor checked against the model and
+    the optimizer, every JSON value by type and range; then ``check(staged)`` runs (the engine's
+    checks of its scheduler and loss-scaler state; its result is kept as ``staged.extra``); then
+    the ranks agree that all of them succeeded. Nothing live has changed until the caller calls
+    ``staged.apply()``.
+
+    Raises:
+        CheckpointError: on every rank when any rank's checks failed, naming the file and the key.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if check is not None and not callable(check):
+        raise TypeError(f"check must be None or a callable taking the staged load, got {type(check).__name__}")
+    rank, world = _dist()
+    index = index if index is not None else ExpertIndex.build(model)
+    error, staged = None, None
+    try:
+        folder = resolve(directory, tag)
+        staged = _read_and_check(read_manifest_plan(folder), model, index, optimizer, rank, world)
+        if check is not None:
+            staged.extra = check(staged)
+    except Exception as err:  # noqa: BLE001 - every rank must learn of it, or the others would copy in alone
+        error = err
+    _agree(error, "loading the checkpoint")
+    return staged
+
+
 def load(directory, model: nn.Module, *, tag: Optional[str] = None, optimizer=None,
          index: Optional[ExpertIndex] = None) -> Tuple[Path, Dict, Dict]:
-    """Load a checkpoint into ``model`` (and ``optimizer``) on every rank.
+    """Load a checkpoint into ``model`` (and ``optimizer``) on every rank: :func:`prepare`, then apply.
 
     Everything this rank needs is read and verified first; the ranks agree that all of them
     succeeded; only then is anything copied, so a failed load changes nothing anywhere.
@@ -356,28 +400,9 @@ def load(directory, model: nn.Module, *, tag: Optional[str] = None, optimizer=No
         ``(folder, client_state, engine_state)``; client_state is this rank's when the world size
         matches the writer's, else rank 0's (and the RNG states are then left as they are).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    rank, world = _dist()
-    index = index if index is not None else ExpertIndex.build(model)
-    error, staged, folder = None, None, None
-    try:
-        folder = resolve(directory, tag)
-        staged = _read_and_check(read_manifest_plan(folder), model, index, optimizer, rank, world)
-    except Exception as err:  # noqa: BLE001 - every rank must learn of it, or the others would copy in alone
-        error = err
-    _agree(error, "loading the checkpoint")
-    dense, experts, optim_sd, rank_state, engine_state = staged
-    # all checks passed on every rank: copy in (the model first: a master weight absent from the state starts from it)
-    model.load_state_dict({**dense, **{k: v for k, v in model.state_dict().items() if k not in dense}}, strict=True)
-    for key, tensors in experts.items():
-        index.load_expert_state_dict(key, tensors)
-    if optim_sd is not None:
-        optimizer.load_state_dict(optim_sd)
-    rng_part, rng_tensors, client_state, state_file = rank_state
-    if rng_part is not None:
-        restore_rng(rng_part, rng_tensors, state_file)
-    return folder, client_state, engine_state
+    staged = prepare(directory, model, tag=tag, optimizer=optimizer, index=index)
+    staged.apply()
+    return staged.folder, staged.client_state, staged.engine_state
 
 
 class _Reader:
@@ -388,12 +413,13 @@ class _Reader:
         self.cache: Dict[str, Any] = {}
 
     def _read_one(self, rel: str):
-        path, entry = self.plan.folder / rel, self.plan.entry(rel)
+        folder, entry = self.plan.folder, self.plan.entry(rel)
         if rel.endswith(".safetensors"):
-            return read_v1_tensors(path, entry) if self.plan.format_version == 1 else read_tensors(path, entry)
+            read = read_v1_tensors if self.plan.format_version == 1 else read_tensors
+            return read(folder, rel, entry)
         if rel.endswith(".json"):
-            return read_json(path, entry)
-        return read_verified_bytes(path, entry)  # format 1's rank<r>.state.pt: parsed by the caller
+            return read_json(folder, rel, entry)
+        return read_verified_bytes(folder, rel, entry)  # format 1's rank<r>.state.pt: parsed by the caller
 
     def read(self, rels: List[str]) -> None:
         todo = [r for r in dict.fromkeys(rels) if r not in self.cache]
@@ -470,7 +496,7 @@ def _read_and_check(plan: Plan, model: nn.Module, index: ExpertIndex, optimizer,
             optimizer.check_state_dict(optim_sd)
         except (ValueError, TypeError) as err:
             raise CheckpointError(f"{folder}: {err}") from err
-    # 5. rank state and engine state
+    # 5. rank state (RNG states checked here, applied only with the rest) and engine state
     if plan.format_version == 1:
         rel = plan.ranks[state_rank]["pt"]
         rng_part, rng_tensors, client_state = read_v1_rank_state(reader[rel], folder / rel)
@@ -483,11 +509,12 @@ def _read_and_check(plan: Plan, model: nn.Module, index: ExpertIndex, optimizer,
             raise CheckpointError(f"{state_file}: not a rank state (expected 'rng' and 'client_state')")
         rng_part = part["rng"]
         client_state = decode_client_state(part["client_state"], rng_tensors, state_file)
-    engine_state = reader[plan.engine] if plan.engine is not None else {}
-    if not isinstance(engine_state, dict):
-        raise CheckpointError(f"{folder / plan.engine}: not a JSON object")
-    return dense, experts, optim_sd, (rng_part if same_world else None, rng_tensors, client_state, state_file), \
-        engine_state
+    rng = stage_rng(rng_part, rng_tensors, state_file)
+    engine_file = folder / plan.engine if plan.engine is not None else None
+    engine_state = check_engine_state(reader[plan.engine], engine_file) if engine_file is not None else {}
+    return StagedLoad(folder=folder, client_state=client_state, engine_state=engine_state, engine_file=engine_file,
+                      model=model, index=index, dense=dense, experts=experts, optimizer=optimizer,
+                      optimizer_state=optim_sd, rng=rng if same_world else None)
 
 
 def _optimizer_files(plan: Plan, index: ExpertIndex, wanted: List[str], renames: Dict[str, str]) -> Dict[str, str]:
@@ -512,7 +539,18 @@ def _optimizer_state(plan: Plan, reader: _Reader, index: ExpertIndex, files: Dic
     """The optimizer state dict this rank needs, from the files that hold its tensors' entries."""
     folder = plan.folder
     back = {new: old for old, new in renames.items()}  # model name -> name in the checkpoint
+    # the settings and the type first: a state for another optimizer type is refused as such
+    if plan.optimizer_meta is not None:
+        meta = check_optimizer_meta(reader[plan.optimizer_meta], folder / plan.optimizer_meta, optimizer)
+    else:  # format 1 before optimizer.json existed: the type is not recorded, the lrs are in engine.json
+        engine = reader[plan.engine] if plan.engine is not None else {}
+        lrs = engine.get("group_lr", {}) if isinstance(engine, dict) else {}
+        if not isinstance(lrs, dict):
+            raise CheckpointError(f"{folder / plan.engine}: group_lr must be an object, got {type(lrs).__name__}")
+        meta = check_optimizer_meta({"optimizer": optimizer.kind, "param_groups": [
+            {"name": n, "lr": lr} for n, lr in lrs.items()]}, folder / str(plan.engine), optimizer)
     state: Dict[str, Dict[str, Tensor]] = {}
+    fields = getattr(optimizer, "state_fields", None)  # the per-tensor state it keeps besides step and master
     for name, rel in files.items():
         saved = back.get(name, name)
         if plan.format_version == 1 and index.ref(name).expert is not None:
@@ -520,17 +558,9 @@ def _optimizer_state(plan: Plan, reader: _Reader, index: ExpertIndex, files: Dic
         prefix = f"{saved}::"
         entry = {k[len(prefix):]: v for k, v in reader[rel].items() if k.startswith(prefix)}
         if entry:
+            shape = tuple(index.ref(name).shape) if name in index else None
+            check_optimizer_entry(name, entry, folder / rel, fields, shape)
             state[name] = entry
-    if plan.optimizer_meta is not None:
-        meta = reader[plan.optimizer_meta]
-        ok = isinstance(meta, dict) and isinstance(meta.get("param_groups"), list) and all(
-            isinstance(g, dict) for g in meta["param_groups"])
-        if not ok:
-            raise CheckpointError(f"{folder / plan.optimizer_meta}: expected {{'optimizer', 'param_groups': [...]}}")
-    else:  # format 1 before optimizer.json existed: the type is not recorded, the lrs are in engine.json
-        engine = reader[plan.engine] if plan.engine is not None else {}
-        lrs = engine.get("group_lr", {}) if isinstance(engine, dict) else {}
-        meta = {"optimizer": optimizer.kind, "param_groups": [{"name": n, "lr": lr} for n, lr in lrs.items()]}
     return {"optimizer": meta.get("optimizer"), "state": state, "param_groups": meta["param_groups"]}
 
 
@@ -563,6 +593,11 @@ def _check_tensors(path: Path, got: Dict[str, Tensor], want: Dict[str, Tensor]) 
 def verify(directory, tag: Optional[str] = None) -> Path:
     """Verify every file of a checkpoint (all ranks' and experts'), without a model; returns its folder.
 
+    Checks what can be checked without a model: every file as a load reads it, the rank states
+    (RNG states as they would be restored, client state structure), engine.json's counters and
+    optimizer.json's structure. The optimizer settings' ranges and everything against a model are
+    checked when loading.
+
     Raises:
         CheckpointError: naming the first file that is missing, truncated, corrupted or malformed.
     """
@@ -571,12 +606,18 @@ def verify(directory, tag: Optional[str] = None) -> Path:
     reader = _Reader(plan)
     reader.read(sorted(plan.files))
     if plan.format_version == 1:
-        for r, rels in enumerate(plan.ranks):
-            read_v1_rank_state(reader[rels["pt"]], folder / rels["pt"])
+        for rels in plan.ranks:
+            part, tensors, _ = read_v1_rank_state(reader[rels["pt"]], folder / rels["pt"])
+            stage_rng(part, tensors, folder / rels["pt"])
     else:
         for rels in plan.ranks:
             part = reader[rels["json"]]
             if not isinstance(part, dict) or set(part) != {"rng", "client_state"}:
                 raise CheckpointError(f"{folder / rels['json']}: not a rank state")
             decode_client_state(part["client_state"], reader[rels["tensors"]], folder / rels["json"])
+            stage_rng(part["rng"], reader[rels["tensors"]], folder / rels["json"])
+    if plan.engine is not None:
+        check_engine_state(reader[plan.engine], folder / plan.engine)
+    if plan.optimizer_meta is not None:
+        check_optimizer_meta(reader[plan.optimizer_meta], folder / plan.optimizer_meta)
     return folder

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import checkpoint
+from ..checkpoint.directory import read_pointer
 from ..layer.balancing import update_expert_bias
 from ..layer.identity import ExpertIndex
 from ..optim.in_backward import InBackwardStepper
@@ -48,7 +49,7 @@ from ..optim.mixed_precision import GroupedMixedPrecisionOptimizer
 from ..optim.pipeline import StepPipeline
 from ..parallel.collectives import DEFAULT_BUCKET_ELEMS
 from ..telemetry import MetricsWriter, MoEStatsAccumulator
-from . import param_access
+from . import param_access, resume
 from .config import EngineConfig
 
 _LOG = logging.getLogger("moesaic.engine")
@@ -461,7 +462,7 @@ class MoEEngine(nn.Module):
                  "config": self.config.to_dict()}
         root = Path(save_dir)
         latest = root / "latest"
-        previous = latest.read_text() if (not save_latest and self.global_rank == 0 and latest.is_file()) else None
+        previous = read_pointer(root) if (not save_latest and self.global_rank == 0) else None
         folder = checkpoint.save(save_dir, self.module, tag=str(tag), optimizer=self.optimizer, engine_state=state,
                                  client_state=client_state, model_config=model_config, index=self.index,
                                  keep_last=keep_last)
@@ -524,6 +525,12 @@ class MoEEngine(nn.Module):
             ``(folder, client_state)``; ``(None, None)`` with a warning when there is no
             checkpoint to load (no ``latest``, or no folder for ``tag``), as DeepSpeed does.
 
+        Raises:
+            CheckpointError: any file, tensor or value that fails its checks (naming the file and
+                the key), a tag that is not one folder name, a link or special file in the
+                checkpoint; the model, optimizer, scheduler, loss scaler, counters and RNGs are then
+                exactly as they were (docs/checkpoints.md, "What is verified, and when").
+
         Metrics that an earlier session wrote to ``log_dir`` after the checkpoint's step are
         discarded (CSV rows removed, TensorBoard events purged), since those steps are trained again.
         """
@@ -538,9 +545,8 @@ class MoEEngine(nn.Module):
         if custom_load_fn is not None:
             raise ValueError("custom_load_fn is not supported: moesaic checkpoints are read by moesaic.checkpoint")
         root = Path(load_dir)
-        missing = (not (root / "latest").is_file() if tag is None else
-                   not any(p.name == str(tag) or p.name.startswith(f"{tag}@") for p in root.glob(f"{tag}*")))
-        if missing:
+        tag = None if tag is None else str(tag)
+        if checkpoint.find(root, tag) is None:  # a tag that cannot name a folder raises, naming it
             what = f"no 'latest' file in {root}" if tag is None else f"no checkpoint {tag!r} in {root}"
             warnings.warn(f"{what}: nothing loaded (as DeepSpeed, load_checkpoint returns (None, None))",
                           RuntimeWarning, stacklevel=2)
@@ -548,28 +554,28 @@ class MoEEngine(nn.Module):
         with_optimizer = load_optimizer_states and not load_module_only
         if with_optimizer:
             self._get_optimizer_ckpt_name(root, tag)
-        tag = None if tag is None else str(tag)
-        folder, client_state, state = checkpoint.load(load_dir, self.module, tag=tag,
-                                                      optimizer=self.optimizer if with_optimizer else None,
-                                                      index=self.index)
+        with_scheduler = load_lr_scheduler_states and not load_module_only
+        # 1. read and check everything (engine.json against this engine too) on every rank; nothing changes
+        staged = checkpoint.prepare(root, self.module, tag=tag, optimizer=self.optimizer if with_optimizer else None,
+                                    index=self.index, check=None if load_module_only else
+                                    (lambda s: resume.stage(self, s, with_scheduler)))
+        # 2. apply: a scheduler of the user's own first (the only step that runs foreign code; it is undone
+        #    if it raises), then model, optimizer, RNG, then the counters
+        plan = staged.extra
+        if plan is not None and plan.scheduler is not None:
+            resume.load_scheduler(self.lr_scheduler, plan.scheduler, staged.engine_file)
+        staged.apply()
         if not with_optimizer:
             self.optimizer.refresh_masters()  # the next step starts from the loaded weights
         if load_module_only:
-            return folder, client_state
-        self.global_steps = state.get("global_steps", 0)
-        self.global_samples = state.get("global_samples", self.global_steps * self.train_batch_size())
-        self.micro_steps = state.get("micro_steps", 0)
-        self.skipped_steps = state.get("skipped_steps", 0)
-        if load_lr_scheduler_states and self.lr_scheduler is not None and state.get("scheduler") is not None:
-            self.lr_scheduler.load_state_dict(state["scheduler"])
-            if self._client is not None:
-                self._client.sync(self.optimizer.param_groups)
-        if self.loss_scaler is not None and state.get("loss_scaler") is not None:
-            self.loss_scaler.load_state_dict(state["loss_scaler"])
+            return staged.folder, staged.client_state
+        resume.apply(self, plan)
+        if plan.scheduler is not None and self._client is not None:
+            self._client.sync(self.optimizer.param_groups)
         if self._writer is not None:
             # the steps after the checkpoint will be trained again: their old rows and events go
             self._writer.discard_after(self.global_steps)
-        return folder, client_state
+        return staged.folder, staged.client_state
 
     # --- telemetry --------------------------------------------------------------------------------
     def log_metrics(self, metrics: Dict[str, Any]) -> None:

@@ -34,7 +34,7 @@ from .._checks import check_int
 from ..parallel.groups import default_registry
 from .block import HFMoEBlock
 from .families import BlockLayout, Family, family_of
-from .files import FolderSource, StateDictSource, TensorSource, open_folder, write_folder
+from .files import FolderSource, StateDictSource, TensorSource, open_folder, warn_custom_code, write_folder
 
 # moesaic.MoE options a user may set on a converted model: they change how it trains, not what the
 # checkpoint's model computes in evaluation (the family's routing options are fixed by its config)
@@ -182,36 +182,49 @@ def _check_plan(plans: List[BlockPlan], dense: Dict[str, Tensor], source: Tensor
             raise ValueError(f"checkpoint tensor {key!r} would fill both {claimed[key]} and {by}")
         claimed[key] = by
 
-    def want(key: str, shape, what: str) -> None:
+    def want(key: str, shape, dtype: torch.dtype, what: str) -> None:
         if key not in keys:
             raise ValueError(f"config/weights mismatch: the checkpoint has no tensor {key!r} for {what} "
                              f"(expected shape {tuple(shape)})")
         if tuple(source.shape(key)) != tuple(shape):
             raise ValueError(f"config/weights mismatch: tensor {key!r} in {source.where(key)} has shape "
                              f"{tuple(source.shape(key))}, the model's {what} needs {tuple(shape)}")
+        _check_dtype(source, key, dtype, what)
 
     for name, t in dense.items():
-        want(name, t.shape, f"parameter {name!r}")
+        want(name, t.shape, t.dtype, f"parameter {name!r}")
         claim(name, f"parameter {name!r}")
     for plan in plans:
         layer = plan.layer
         own = layer.state_dict()
         for key, target in plan.dense_keys().items():
-            want(key, own[target].shape, f"{plan.path}.{target}")
+            want(key, own[target].shape, own[target].dtype, f"{plan.path}.{target}")
             claim(key, f"{plan.path}.{target}")
         one = layer.experts.expert_state_dict(layer.experts.local_numbers[0])
         for key, (n, name) in plan.expert_keys(range(layer.num_experts)).items():
-            want(key, one[name].shape, f"expert {n} {name} of {plan.path}")
+            want(key, one[name].shape, one[name].dtype, f"expert {n} {name} of {plan.path}")
             claim(key, f"expert {n} of {plan.path}")
         for key, fused in plan.fused_keys().items():
             shape = (layer.num_experts, *_fused_shape(fused, one))
-            want(key, shape, f"the stacked {fused.key} of {plan.path}'s {layer.num_experts} experts")
+            want(key, shape, next(iter(one.values())).dtype,
+                 f"the stacked {fused.key} of {plan.path}'s {layer.num_experts} experts")
             claim(key, f"the experts of {plan.path}")
     unused = sorted(keys - set(claimed))
     if unused:
         raise ValueError(f"checkpoint tensor {unused[0]!r} in {source.where(unused[0])} is not used by the model "
                          f"({len(unused)} unused: {unused[:5]}); a config/weights mismatch or an architecture "
                          "variant moesaic.hf does not map")
+
+
+def _check_dtype(source: TensorSource, key: str, dtype: torch.dtype, what: str) -> None:
+    """A floating model tensor takes a floating checkpoint tensor (any width: the copy casts);
+    any other takes exactly its own dtype. An int32 or bool "weight" is never cast silently."""
+    got = source.dtype(key)
+    if (got.is_floating_point if dtype.is_floating_point else got == dtype):
+        return
+    need = "a floating-point tensor" if dtype.is_floating_point else f"dtype {dtype}"
+    raise ValueError(f"tensor {key!r} in {source.where(key)} has dtype {got}, the model's {what} needs {need} "
+                     f"(the model is {dtype}); refusing to cast it (a corrupt, quantized or mislabelled checkpoint?)")
 
 
 def _fill(plan: BlockPlan, source: TensorSource) -> None:
@@ -281,7 +294,9 @@ def load(path_or_model, *, ep_size: int = 1, dtype: Optional[torch.dtype] = None
         preferred, saved_layout = "fused", "hub"
     else:
         folder, raw = open_folder(path_or_model)
-        config = transformers.AutoConfig.from_pretrained(str(folder))
+        family_of(raw, str(folder / "config.json"))  # before transformers reads it (and might ask to run code)
+        warn_custom_code(raw, folder / "config.json")
+        config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
         family = family_of(config)
         _check_ep(family, config, ep_size)
         source = FolderSource(folder)
@@ -342,10 +357,10 @@ def _skeleton(transformers, config, dtype) -> nn.Module:
     from transformers.initialization import no_init_weights
 
     with no_init_weights(), torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     if any(m._non_persistent_buffers_set and not _is_rotary(m) for m in model.modules()):
         with no_init_weights():
-            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     model.tie_weights()  # no_init_weights skips the tying post_init does
     return model
 

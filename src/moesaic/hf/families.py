@@ -258,14 +258,31 @@ SUPPORTED = tuple(FAMILIES)
 DENSE_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
 
-def family_of(config) -> Family:
-    """The :class:`Family` of a ``transformers`` config (a ValueError listing the supported ones otherwise)."""
-    model_type = getattr(config, "model_type", None)
+def family_of(config, where: Optional[str] = None) -> Family:
+    """The :class:`Family` of a ``transformers`` config or a raw ``config.json`` dict.
+
+    Any other ``model_type`` is a ValueError listing the supported ones (prefixed with ``where``,
+    e.g. the config file); one whose config asks for the folder's own code (``auto_map``) says
+    that moesaic never runs it.
+    """
+    if isinstance(config, dict):
+        model_type, auto_map = config.get("model_type"), config.get("auto_map")
+    else:
+        model_type, auto_map = getattr(config, "model_type", None), getattr(config, "auto_map", None)
     if model_type not in FAMILIES:
         hint = (" (a dense model: moesaic.hf.upcycle turns it into an MoE)" if model_type in DENSE_FAMILIES else "")
-        raise ValueError(f"unsupported architecture: config.model_type={model_type!r}{hint}; moesaic.hf supports "
-                         f"{list(SUPPORTED)}")
+        code = (f"; its auto_map asks to run the folder's own code ({describe_auto_map(auto_map)}), which moesaic "
+                "never does (trust_remote_code=False)" if auto_map else "")
+        raise ValueError(f"{where + ': ' if where else ''}unsupported architecture: config.model_type={model_type!r}"
+                         f"{hint}; moesaic.hf supports {list(SUPPORTED)}{code}")
     return FAMILIES[model_type]
+
+
+def describe_auto_map(auto_map) -> str:
+    """``auto_map`` of a config (``{"AutoConfig": "configuration_x.XConfig", ...}``) in one line, for messages."""
+    if isinstance(auto_map, dict):
+        return ", ".join(f"{k}: {v}" for k, v in auto_map.items())
+    return repr(auto_map)
 
 
 def expert_names(layout: BlockLayout) -> List[str]:

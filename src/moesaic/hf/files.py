@@ -14,8 +14,10 @@ ranks write their own part.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
+import warnings
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
@@ -29,6 +31,7 @@ INDEX_NAME = "model.safetensors.index.json"
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
+_ITEMSIZE = {name: torch.empty((), dtype=dtype).element_size() for name, dtype in _DTYPES.items()}
 
 
 class TensorSource:
@@ -95,16 +98,59 @@ def read_header(path: Path) -> Dict[str, dict]:
     if not isinstance(header, dict):
         raise ValueError(f"{path}: corrupt safetensors header (not a JSON object)")
     entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    for k, v in entries.items():
+        _check_entry(path, k, v)
     data = size - 8 - n
-    end = max((int(v["data_offsets"][1]) for v in entries.values()), default=0)
+    end = max((v["data_offsets"][1] for v in entries.values()), default=0)
     if end > data:
         raise ValueError(f"{path}: truncated: its tensors need {end} bytes of data but the file holds {data} "
                          f"(an interrupted download or copy; fetch the file again)")
-    for k, v in entries.items():
-        if v.get("dtype") not in _DTYPES:
-            raise ValueError(f"{path}: tensor {k!r} has dtype {v.get('dtype')!r}; moesaic.hf reads "
-                             f"{sorted(_DTYPES)} (quantized checkpoints are not supported)")
+    _check_layout(path, entries, data)
     return entries
+
+
+def _check_entry(path: Path, key: str, entry) -> None:
+    """One header entry: a known dtype, a shape of non-negative ints, offsets spanning exactly its bytes.
+
+    safetensors refuses an inconsistent entry too, but with a message naming neither the file nor
+    the tensor; a header that lies about a tensor's dtype or shape is caught here instead.
+    """
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path}: corrupt safetensors header: the entry of tensor {key!r} is not a JSON object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in _DTYPES:
+        raise ValueError(f"{path}: tensor {key!r} has dtype {dtype!r}; moesaic.hf reads "
+                         f"{sorted(_DTYPES)} (quantized checkpoints are not supported)")
+    if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
+        raise ValueError(f"{path}: corrupt safetensors header: tensor {key!r} has shape {shape!r} (expected a list "
+                         "of non-negative integers)")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_size(o) for o in offsets)
+            or offsets[0] > offsets[1]):
+        raise ValueError(f"{path}: corrupt safetensors header: tensor {key!r} has data_offsets {offsets!r} (expected "
+                         "[begin, end] with 0 <= begin <= end)")
+    nbytes = math.prod(shape) * _ITEMSIZE[dtype]
+    if offsets[1] - offsets[0] != nbytes:
+        raise ValueError(f"{path}: corrupt safetensors header: tensor {key!r} is declared {dtype} of shape "
+                         f"{tuple(shape)} ({nbytes} bytes) but its data_offsets {offsets} span "
+                         f"{offsets[1] - offsets[0]} bytes (the header's dtype or shape is wrong)")
+
+
+def _check_layout(path: Path, entries: Dict[str, dict], data: int) -> None:
+    """The tensors' byte ranges tile the data section, as safetensors requires (no overlap, no gap)."""
+    pos, prev = 0, None
+    for key, entry in sorted(entries.items(), key=lambda kv: tuple(kv[1]["data_offsets"])):
+        begin, end = entry["data_offsets"]
+        if begin != pos:
+            what = f"overlaps tensor {prev!r}" if begin < pos else f"leaves {begin - pos} bytes unused before it"
+            raise ValueError(f"{path}: corrupt safetensors header: tensor {key!r} at bytes [{begin}, {end}) {what}")
+        pos, prev = end, key
+    if pos != data:
+        raise ValueError(f"{path}: corrupt safetensors file: {data - pos} bytes after the last tensor's data "
+                         "(a header that does not describe the file)")
+
+
+def _is_size(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2 ** 63
 
 
 class FolderSource(TensorSource):
@@ -154,15 +200,18 @@ class FolderSource(TensorSource):
         return str(self._file_of[key])
 
     def get(self, key: str, rows: Optional[Tuple[int, int]] = None) -> Tensor:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         path = self._file_of[key]
-        if path not in self._open:
-            self._open[path] = safe_open(str(path), framework="pt")
-        handle = self._open[path]
-        if rows is None:
-            return handle.get_tensor(key)
-        return handle.get_slice(key)[rows[0]:rows[1]]
+        try:
+            if path not in self._open:
+                self._open[path] = safe_open(str(path), framework="pt")
+            handle = self._open[path]
+            if rows is None:
+                return handle.get_tensor(key)
+            return handle.get_slice(key)[rows[0]:rows[1]]
+        except (SafetensorError, OSError, RuntimeError) as e:  # safetensors' own messages name neither
+            raise ValueError(f"{path}: cannot read tensor {key!r}: {e}") from e
 
 
 def _weight_files(folder: Path) -> List[Path]:
@@ -196,6 +245,22 @@ def open_folder(path) -> Tuple[Path, dict]:
     if not isinstance(raw, dict) or "model_type" not in raw:
         raise ValueError(f"{config}: no 'model_type' key; a transformers config names its architecture there")
     return folder, raw
+
+
+def warn_custom_code(raw: dict, where) -> None:
+    """Say so when a config asks for the folder's own code (``auto_map``): moesaic never runs it.
+
+    Every ``transformers`` call of moesaic passes ``trust_remote_code=False``, so the model (or
+    tokenizer) is built from ``transformers``' own classes for its ``model_type``; without this
+    line a user would not know the folder's ``modeling_*.py`` was not what ran.
+    """
+    auto_map = raw.get("auto_map") if isinstance(raw, dict) else None
+    if auto_map:
+        from .families import describe_auto_map
+
+        warnings.warn(f"{where}: auto_map asks to run the folder's own code ({describe_auto_map(auto_map)}); "
+                      "moesaic never runs a model folder's code (trust_remote_code=False): transformers' own "
+                      f"classes for model_type={raw.get('model_type')!r} are used instead", UserWarning, stacklevel=3)
 
 
 def write_folder(out_dir: Path, tensors: Dict[str, Tensor], *, shard: Optional[Tuple[int, int]] = None,

@@ -25,7 +25,7 @@ from torch import nn
 from .._checks import check_int, check_number
 from .convert import check_options, hf_tensors, load, require_transformers
 from .families import DENSE_FAMILIES, FAMILIES
-from .files import FolderSource, open_folder
+from .files import FolderSource, open_folder, warn_custom_code
 
 # dense model_type -> its MoE sibling in transformers
 _SIBLING = {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
@@ -91,8 +91,14 @@ def upcycle(path_or_model, num_experts: int, top_k: int, *, router_init_std: Opt
     else:
         folder, raw = open_folder(path_or_model)
         _check_dense_type(raw.get("model_type"), folder)
-        FolderSource(folder)  # the files are checked (truncation, headers) before transformers reads them
-        dense = transformers.AutoModelForCausalLM.from_pretrained(str(folder))
+        warn_custom_code(raw, folder / "config.json")
+        source = FolderSource(folder)  # the files are checked (truncation, headers) before transformers reads them
+        for key in source.keys():  # transformers would cast an integer "weight" silently
+            if not source.dtype(key).is_floating_point:
+                raise ValueError(f"tensor {key!r} in {source.where(key)} has dtype {source.dtype(key)}; every tensor "
+                                 "of a dense model upcycle takes is a floating-point weight (a corrupt, quantized or "
+                                 "mislabelled checkpoint?)")
+        dense = transformers.AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=False)
     _check_dense_type(dense.config.model_type, type(dense).__name__)
     if any(type(m).__name__ == "HFMoEBlock" for m in dense.modules()):
         raise ValueError(f"the {type(dense).__name__} already has MoE layers; upcycle takes a dense model")
@@ -105,7 +111,7 @@ def upcycle(path_or_model, num_experts: int, top_k: int, *, router_init_std: Opt
     from transformers.initialization import no_init_weights
 
     with no_init_weights():
-        moe = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        moe = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     moe.tie_weights()
     mlps = [p for p, m in dense.named_modules() if p.endswith(".mlp") and hasattr(m, "gate_proj")]
     blocks = [p for p, m in moe.named_modules() if p.endswith(".mlp")]

@@ -16,18 +16,62 @@ Every parameter of expert ``i`` on expert-parallel rank ``r`` is tagged (see
 ``r * num_local_experts + i``: the identity that optimizer groups, telemetry and checkpoints are
 built on. The tags are written again whenever the container is unpickled or deep-copied (torch
 drops attributes of parameters on ``deepcopy``), so identity survives both.
+
+An expert maps `(T, D)` tokens to `(T, D)`. :func:`check_expert_width` reads the widths an expert
+takes and gives from its structure where that says them (an ``nn.Linear``, moesaic's FFN/GLU
+experts, an ``nn.Sequential`` of those with activations, norms and dropout between), so a wrong
+width is refused when the layer is built; for any other module the first Linear an expert runs is
+checked at the first forward, and the output width at every forward.
 """
 
 from __future__ import annotations
 
 import copy
 from abc import abstractmethod
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
+import torch
 from torch import Tensor, nn
 
 from .._checks import check_int
+from .ffn import FFNExpert, GLUExpert
 from .identity import ExpertKey, tag_expert_param
+
+
+# modules that keep the width of what passes through them (skipped when reading a Sequential's ends)
+_WIDTH_KEEPING = (nn.Identity, nn.Dropout, nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.LeakyReLU,
+                  nn.ELU, nn.Softplus)
+
+
+def expert_width(module: nn.Module, end: str, path: str = "") -> Optional[Tuple[int, str]]:
+    """The width ``module`` takes (``end="in"``) or gives (``end="out"``) and the submodule that fixes it,
+    where its structure says so; None where only running it would tell."""
+    if isinstance(module, nn.Linear):
+        attr = "in_features" if end == "in" else "out_features"
+        return getattr(module, attr), (f"{attr} of its Linear {path!r}" if path else f"its {attr}")
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
+        return module.normalized_shape[0], (f"its LayerNorm {path!r}" if path else "its normalized_shape")
+    named = {GLUExpert: ("gate_proj", "down_proj"), FFNExpert: ("fc1", "fc2")}.get(type(module))
+    if named is not None:
+        name = named[0] if end == "in" else named[1]
+        return expert_width(getattr(module, name), end, f"{path}.{name}" if path else name)
+    if type(module) is nn.Sequential:
+        children = list(module.named_children())
+        for name, child in (children if end == "in" else reversed(children)):
+            if not isinstance(child, _WIDTH_KEEPING):
+                return expert_width(child, end, f"{path}.{name}" if path else name)
+    return None
+
+
+def check_expert_width(module: nn.Module, hidden_size: int, what: str, layer: str) -> None:
+    """Refuse an expert (or shared expert) that does not take and give ``hidden_size`` wide tokens,
+    as far as its structure says (see module docstring)."""
+    for end, verb in (("in", "takes inputs"), ("out", "gives outputs")):
+        found = expert_width(module, end)
+        if found is not None and found[0] != hidden_size:
+            raise ValueError(f"MoE layer {layer!r}: the {what} ({type(module).__name__}) {verb} of width {found[0]} "
+                             f"({found[1]}), but the layer's hidden_size is {hidden_size}; an expert maps "
+                             f"(tokens, hidden_size) to (tokens, hidden_size)")
 
 
 class ExpertContainer(nn.Module):
@@ -108,13 +152,19 @@ class Experts(ExpertContainer):
     """
 
     def __init__(self, expert: nn.Module, num_local_experts: int = 1, expert_group_name: str = "ep_size_1",
-                 ep_rank: int = 0) -> None:
+                 ep_rank: int = 0, hidden_size: Optional[int] = None) -> None:
         super().__init__()
         if not isinstance(expert, nn.Module):
             raise TypeError(f"expert must be a torch.nn.Module, got {type(expert).__name__}")
         check_int(num_local_experts, "num_local_experts", 1)
+        if hidden_size is not None:
+            check_int(hidden_size, "hidden_size", 1)
+            check_expert_width(expert, hidden_size, "expert", expert_group_name)
         if not any(True for _ in expert.parameters()):
             raise ValueError("expert has no parameters; an MoE expert must own at least one parameter")
+        self.hidden_size = hidden_size
+        # the first forward checks the width the expert's first Linear takes (what its structure did not say)
+        self._widths_checked = hidden_size is None or expert_width(expert, "in") is not None
         self.deepspeed_experts = nn.ModuleList([copy.deepcopy(expert) for _ in range(num_local_experts)])
         self.num_local_experts = num_local_experts
         self.expert_group_name = expert_group_name
@@ -161,11 +211,44 @@ class Experts(ExpertContainer):
             got = "a Tensor" if isinstance(xs, Tensor) else f"{len(xs)} pieces"
             raise ValueError(f"Experts expects one piece per local expert ({self.num_local_experts}), got {got}")
         outputs: List[Tensor] = []
-        for expert, chunk in zip(self.deepspeed_experts, xs):
+        D = getattr(self, "hidden_size", None)  # (containers pickled before it was recorded lack both)
+        for i, (expert, chunk) in enumerate(zip(self.deepspeed_experts, xs)):
             # an expert with no tokens still runs (on 0 rows) so its parameters get zero grads,
             # not None, exactly as with DeepSpeed's padded buffers
-            out = expert(chunk)
+            if not getattr(self, "_widths_checked", True) and not torch.compiler.is_compiling():
+                out = self._first_call(expert, chunk)
+                self._widths_checked = True
+            else:
+                out = expert(chunk)
             if isinstance(out, tuple):
                 out = out[0]  # DeepSpeed convention: ignore a returned bias
+            if D is not None and (out.dim() < 1 or out.shape[-1] != D):
+                raise ValueError(f"MoE layer {self.expert_group_name!r}: expert {self.first_expert_number + i} "
+                                 f"({type(expert).__name__}) gave outputs of shape {tuple(out.shape)} for inputs of "
+                                 f"shape {tuple(chunk.shape)}; an expert must give hidden_size={D} wide outputs")
             outputs.append(out)
         return outputs
+
+    def _first_call(self, expert: nn.Module, chunk: Tensor):
+        """Run ``expert`` once, refusing (before torch's bare matmul error) a first Linear that does not
+        take the width it is given."""
+        seen: List[bool] = []
+
+        def check(name: str, linear: nn.Linear, args) -> None:
+            if seen:
+                return
+            seen.append(True)
+            x = args[0] if args else None
+            if isinstance(x, Tensor) and x.dim() >= 1 and x.shape[-1] != linear.in_features:
+                raise ValueError(f"MoE layer {self.expert_group_name!r}: the expert ({type(expert).__name__}) takes "
+                                 f"inputs of width {linear.in_features} (its first Linear {name!r}), but it is given "
+                                 f"tokens of width {x.shape[-1]} (the layer's hidden_size is {self.hidden_size}); an "
+                                 "expert maps (tokens, hidden_size) to (tokens, hidden_size)")
+
+        handles = [m.register_forward_pre_hook(lambda mod, args, name=name: check(name, mod, args))
+                   for name, m in expert.named_modules() if isinstance(m, nn.Linear)]
+        try:
+            return expert(chunk)
+        finally:
+            for h in handles:
+                h.remove()

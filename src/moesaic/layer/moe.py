@@ -40,7 +40,7 @@ from .._checks import check_int
 from ..parallel.groups import GroupRegistry, default_registry
 from .all_to_all import AllToAllDispatcher
 from .dispatch import LocalDispatcher
-from .experts import ExpertContainer, Experts
+from .experts import ExpertContainer, Experts, check_expert_width
 from .moe_layer import MOELayer
 from .router import RouterConfig, TopKGate
 from .stacked import StackedExperts
@@ -147,11 +147,13 @@ class MoE(nn.Module):
         if shared_expert is not None and use_residual:
             raise ValueError("shared_expert cannot be combined with use_residual=True (Residual MoE already mixes in a "
                              "dense expert); pick one")
+        if shared_expert is not None:  # (the experts' containers check the expert's widths)
+            check_expert_width(shared_expert, hidden_size, "shared_expert", expert_group_name)
         if stacked_experts:
             experts: ExpertContainer = StackedExperts(expert, num_experts // ep_size, expert_group_name,
                                                       hidden_size=hidden_size)
         else:
-            experts = Experts(expert, num_experts // ep_size, expert_group_name)
+            experts = Experts(expert, num_experts // ep_size, expert_group_name, hidden_size=hidden_size)
         self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.ep_size = ep_size

@@ -110,8 +110,15 @@ class MOELayer(nn.Module):
             raise ValueError(f"hidden_states must have last dimension hidden_size={D}, "
                              f"got shape {tuple(hidden_states.shape)}")
         weight = next(self.experts.parameters(), None)
-        if (weight is not None and hidden_states.is_floating_point() and hidden_states.dtype != weight.dtype
-                and not torch.is_autocast_enabled(hidden_states.device.type)):
+        if weight is None:
+            weight = self.gate.wg.weight
+        if not hidden_states.is_floating_point():
+            # integer or bool tokens: no cast of the layer or autocast helps (torch would say only
+            # "mat1 and mat2 must have the same dtype")
+            raise TypeError(f"hidden_states has dtype {hidden_states.dtype} but the MoE layer {self.ep_group_name!r} "
+                            f"holds {weight.dtype} experts and takes floating-point tokens; cast the input "
+                            f"(x.to({weight.dtype})), or embed token ids first")
+        if hidden_states.dtype != weight.dtype and not torch.is_autocast_enabled(hidden_states.device.type):
             # else torch's matmul error names neither the layer nor what to do
             raise TypeError(f"hidden_states has dtype {hidden_states.dtype} but the MoE layer {self.ep_group_name!r} "
                             f"holds {weight.dtype} experts; cast the input (x.to({weight.dtype})) or the layer, "

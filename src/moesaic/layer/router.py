@@ -20,6 +20,7 @@ Shape legend: S = tokens, E = experts, D = model dim, K = top-k.
 from __future__ import annotations
 
 import dataclasses
+import math
 import zlib
 from dataclasses import dataclass
 from typing import Optional
@@ -45,13 +46,29 @@ DEFAULT_BIAS_UPDATE_RATE = 1e-3  # DeepSeek-V3's bias update speed (Megatron-Cor
 def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float, k: int, min_capacity: int) -> int:
     """Slots per expert: ``max(ceil(S / E * capacity_factor * k), min_capacity)``.
 
-    Evaluated exactly as DeepSpeed does, with ``capacity_factor * k`` held in a float32 tensor,
-    so that the rounding (and therefore the capacity) agrees to the last slot. This is host
-    arithmetic on Python numbers, so the scalar lives on the CPU whatever the model's device.
+    Evaluated exactly as DeepSpeed does, in float32: DeepSpeed multiplies ``S / E`` (a Python
+    float, which torch rounds to float32) by ``capacity_factor * k`` held in a float32 tensor, so
+    both factors are rounded to float32 and so is their product. Here the same roundings are done
+    on Python floats (:func:`_to_float32`; the product of two float32 values is exact in a double,
+    so rounding it once gives float32's product), and the capacity agrees to the last slot
+    (``tests/unit/test_layer_compile.py`` checks it against the tensor form). Pure Python, with no
+    tensor and no ``.item()``: under ``torch.compile`` a static token count gives a constant
+    capacity, not a graph break.
     """
-    factor = torch.tensor(capacity_factor * k, dtype=torch.float32, device="cpu")
-    capacity = int(torch.ceil((num_tokens / num_experts) * factor).item())
-    return max(capacity, int(min_capacity))
+    product = _to_float32(_to_float32(num_tokens / num_experts) * _to_float32(capacity_factor * k))
+    return max(math.ceil(product), int(min_capacity))
+
+
+def _to_float32(x: float) -> float:
+    """``x`` rounded to the nearest float32 (ties to even), as ``torch.tensor(x, dtype=torch.float32)`` does.
+
+    For the normal float32 range (capacities are far inside it): the 24 significant bits of the
+    mantissa are kept, with Python's round() breaking ties to even.
+    """
+    if x == 0.0 or not math.isfinite(x):
+        return x
+    mantissa, exponent = math.frexp(x)  # x = mantissa * 2**exponent, 0.5 <= |mantissa| < 1
+    return math.ldexp(round(mantissa * 2.0 ** 24), exponent - 24)
 
 
 @dataclass(frozen=True)

@@ -173,7 +173,10 @@ class StackedExperts(ExpertContainer):
         if not isinstance(expert, nn.Module):
             raise TypeError(f"expert must be a torch.nn.Module, got {type(expert).__name__}")
         check_int(num_local_experts, "num_local_experts", 1)
-        shape, linears = expert_shape(expert, hidden_size)
+        try:
+            shape, linears = expert_shape(expert, hidden_size)
+        except ValueError as e:
+            raise ValueError(f"MoE layer {expert_group_name!r}: {e}") from None
         self.shape = shape
         for name, linear in zip(shape.names, linears):
             self.add_module(name, StackedLinear.copies_of(linear, num_local_experts))

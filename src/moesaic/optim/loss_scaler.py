@@ -38,6 +38,23 @@ _positive = partial(check_number, lo=0.0, lo_open=True)
 _count = partial(check_int, lo=1)
 
 
+_INT64_MAX = (1 << 63) - 1
+_STATE_CHECKS = {"cur_scale": _positive, "cur_iter": partial(check_int, lo=0, hi=_INT64_MAX),
+                 "last_overflow_iter": partial(check_int, lo=-1, hi=_INT64_MAX),
+                 "cur_hysteresis": partial(check_int, lo=1, hi=_INT64_MAX)}
+
+
+def _check_state(state_dict: Any, keys) -> None:
+    """A scaler's saved state: a mapping holding ``keys``, each of its type and range (KeyError when one is missing)."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"loss scaler state_dict must be a mapping, got {type(state_dict).__name__}")
+    missing = [key for key in keys if key not in state_dict]
+    if missing:
+        raise KeyError(f"loss scaler state_dict lacks {missing}; expected keys {list(keys)}")
+    for key in keys:
+        _STATE_CHECKS[key](state_dict[key], key)
+
+
 class _LossScalerBase:
     """Shared API: the scale, scaling a loss and finding non-finite gradients."""
 
@@ -104,13 +121,18 @@ class StaticLossScaler(_LossScalerBase):
         """
         return {"cur_scale": self.cur_scale}
 
+    def check_state_dict(self, state_dict: Any) -> None:
+        """Raise what :meth:`load_state_dict` would raise, changing nothing (a finite ``cur_scale`` > 0)."""
+        _check_state(state_dict, ("cur_scale",))
+
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore the scale from :meth:`state_dict` output.
 
         Args:
             state_dict: a dict holding ``cur_scale``.
         """
-        self.cur_scale = _positive(state_dict["cur_scale"], "cur_scale")
+        self.check_state_dict(state_dict)
+        self.cur_scale = float(state_dict["cur_scale"])
 
 
 class DynamicLossScaler(_LossScalerBase):
@@ -189,13 +211,15 @@ class DynamicLossScaler(_LossScalerBase):
         Args:
             state_dict: a dict holding every key :meth:`state_dict` writes.
         """
-        missing = [key for key in _STATE_KEYS if key not in state_dict]
-        if missing:
-            raise KeyError(f"loss scaler state_dict lacks {missing}; expected keys {list(_STATE_KEYS)}")
-        self.cur_scale = _positive(state_dict["cur_scale"], "cur_scale")
-        self.cur_iter = int(state_dict["cur_iter"])
-        self.last_overflow_iter = int(state_dict["last_overflow_iter"])
-        self.cur_hysteresis = int(state_dict["cur_hysteresis"])
+        self.check_state_dict(state_dict)
+        self.cur_scale = float(state_dict["cur_scale"])
+        self.cur_iter = state_dict["cur_iter"]
+        self.last_overflow_iter = state_dict["last_overflow_iter"]
+        self.cur_hysteresis = state_dict["cur_hysteresis"]
+
+    def check_state_dict(self, state_dict: Any) -> None:
+        """Raise what :meth:`load_state_dict` would raise, changing nothing (every key, ints and a scale > 0)."""
+        _check_state(state_dict, _STATE_KEYS)
 
 
 def build_loss_scaler(config: FP16Config) -> Optional[Union[StaticLossScaler, DynamicLossScaler]]:

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from ..layer.identity import ExpertIndex, ParamRef
+from .._checks import check_bool, check_list, check_number
 from .config import OPTIMIZER_TYPES, optimizer_defaults
 from .functional import adam_step, sgd_step
 from .sharding import ShardPlan
@@ -46,6 +47,7 @@ OPTIMIZERS = OPTIMIZER_TYPES
 _HYPER = {"AdamW": ("lr", "betas", "eps", "weight_decay"), "Adam": ("lr", "betas", "eps", "weight_decay"),
           "SGD": ("lr", "momentum", "dampening", "weight_decay", "nesterov")}
 _MOMENTS = {"AdamW": ("exp_avg", "exp_avg_sq"), "Adam": ("exp_avg", "exp_avg_sq"), "SGD": ()}
+_OPTIONAL_STATE = {"SGD": ("momentum_buffer",)}  # made at the first step with momentum
 FUSE_ELEMS_LIMIT = 1 << 19  # 512K elements (2 MiB in fp32): amortises launches over tiny groups, stays in cache
 _IDENTITY_KEYS = ("params", "name", "moe", "expert_group_name", "expert_number")
 
@@ -84,6 +86,65 @@ def _refs_of_group(group: Mapping, gi: int, index: Optional[ExpertIndex]) -> Lis
         else:
             refs.append(ParamRef(f"{group['name']}/{j}", p))
     return refs
+
+
+def _nonneg(value: Any, key: str) -> float:
+    return check_number(value, key, lo=0.0)
+
+
+def _beta(value: Any, key: str) -> float:
+    return check_number(value, key, lo=0.0, hi=1.0, hi_open=True)
+
+
+#: How a saved group setting is checked before it replaces a live one (torch.optim's own ranges).
+_SETTING_CHECKS = {
+    "lr": _nonneg, "eps": _nonneg, "weight_decay": _nonneg, "momentum": _nonneg, "lr_scale": _nonneg,
+    "dampening": check_number, "nesterov": check_bool,
+    "betas": lambda v, k: check_list(v, k, _beta, length=2, what="2 numbers in [0, 1)"),
+}
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)) or (isinstance(value, Tensor) and value.numel() == 1):
+        return "number"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    return type(value).__name__
+
+
+def check_group_settings(groups: Any, live: Sequence[Mapping[str, Any]] = ()) -> None:
+    """Saved per-group settings (``state_dict()["param_groups"]``) by type and range, before any is applied.
+
+    Known hyperparameters are checked as ``torch.optim`` ranges them (``lr``, ``eps``,
+    ``weight_decay``, ``momentum``, ``lr_scale`` finite and >= 0; ``betas`` two numbers in [0, 1);
+    ``nesterov`` a bool); any other key that a live group of the same name holds (a client
+    group's own key, torch's ``initial_lr``) must hold the same kind of value.
+
+    Raises:
+        TypeError / ValueError: naming ``param_groups[i].key`` and the group.
+    """
+    if not isinstance(groups, (list, tuple)):
+        raise TypeError(f"param_groups must be a list of group settings, got {type(groups).__name__}")
+    by_name = {g.get("name"): g for g in live}
+    for i, g in enumerate(groups):
+        if not isinstance(g, Mapping):
+            raise TypeError(f"param_groups[{i}] must be a mapping, got {type(g).__name__}")
+        name = g.get("name")
+        if not isinstance(name, str):
+            raise TypeError(f"param_groups[{i}].name must be a str, got {type(name).__name__}: {name!r}")
+        current = by_name.get(name, {})
+        for key, value in g.items():
+            if key in _IDENTITY_KEYS:
+                continue
+            where = f"param_groups[{i}].{key} (group {name!r})"
+            check = _SETTING_CHECKS.get(key)
+            if check is not None:
+                check(value, where)
+            elif key in current and _json_kind(value) != _json_kind(current[key]):
+                raise TypeError(f"{where} must be a {_json_kind(current[key])} like this optimizer's, got "
+                                f"{type(value).__name__}: {value!r}")
 
 
 class GroupedMixedPrecisionOptimizer(torch.optim.Optimizer):
@@ -466,6 +527,15 @@ class GroupedMixedPrecisionOptimizer(torch.optim.Optimizer):
                   for gi, g in enumerate(self.param_groups)]
         return {"optimizer": self.kind, "state": state, "param_groups": groups}
 
+    @property
+    def state_fields(self) -> Tuple[str, ...]:
+        """The per-tensor state fields this optimizer keeps besides ``step`` and ``master``."""
+        return _MOMENTS[self.kind] + _OPTIONAL_STATE.get(self.kind, ())
+
+    def check_param_groups(self, groups: Any) -> None:
+        """Check saved group settings for :meth:`load_state_dict` (see :func:`check_group_settings`)."""
+        check_group_settings(groups, self.param_groups)
+
     def check_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
         """Raise the error :meth:`load_state_dict` would raise, changing nothing."""
         self._read_state_dict(state_dict, strict, copy=False)
@@ -549,5 +619,7 @@ class GroupedMixedPrecisionOptimizer(torch.optim.Optimizer):
                 if src is not None and copy:
                     src = src.detach().to(device=master.device, dtype=torch.float32).clone()
                 new_master[name] = src
-        settings = {g.get("name"): g for g in state_dict.get("param_groups") or ()}
+        groups = state_dict.get("param_groups") or ()
+        self.check_param_groups(groups)
+        settings = {g.get("name"): g for g in groups}
         return new_state, new_master, settings

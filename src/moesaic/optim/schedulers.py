@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Sequence, Union
 
 import torch
 
-from .._checks import check_choice, check_int
+from .._checks import check_choice, check_int, check_keys
 from .config import WARMUP_TYPES, SchedulerConfig
 
 WARMUP_LOG_RATE = "log"
@@ -67,10 +67,20 @@ def _check_common(warmup_num_steps: Any, warmup_type: Any, last_batch_iteration:
     check_int(last_batch_iteration, "last_batch_iteration")
 
 
+class WarmupLongerThanScheduleWarning(UserWarning):
+    """``total_num_steps < warmup_num_steps``: the lr is still warming up when the schedule ends.
+
+    Its own class so that a caller who reports it in its own terms (``moesaic train`` names its
+    config keys) can filter exactly this warning.
+    """
+
+
 def _check_total(total_num_steps: Any, warmup_num_steps: int) -> None:
     check_int(total_num_steps, "total_num_steps", lo=1)
     if total_num_steps < warmup_num_steps:
-        warnings.warn(f"total_num_steps {total_num_steps} is less than warmup_num_steps {warmup_num_steps}")
+        warnings.warn(f"total_num_steps {total_num_steps} is less than warmup_num_steps {warmup_num_steps}: the "
+                      "learning rate is still warming up when the schedule ends; lower warmup_num_steps or raise "
+                      "total_num_steps", WarmupLongerThanScheduleWarning, stacklevel=3)
 
 
 class _Scheduler:
@@ -124,12 +134,24 @@ class _Scheduler:
         """
         return {"last_batch_iteration": self.last_batch_iteration}
 
+    def check_state_dict(self, state_dict: Any) -> None:
+        """Raise what :meth:`load_state_dict` would raise, changing nothing.
+
+        Args:
+            state_dict: must be ``{"last_batch_iteration": int >= -1}``.
+        """
+        check_keys(state_dict, "scheduler", ["last_batch_iteration"])
+        if "last_batch_iteration" not in state_dict:
+            raise ValueError(f"scheduler state lacks last_batch_iteration (got the keys {sorted(state_dict)})")
+        check_int(state_dict["last_batch_iteration"], "scheduler.last_batch_iteration", lo=-1, hi=(1 << 63) - 1)
+
     def load_state_dict(self, state_dict: Mapping) -> None:
         """Restore the iteration; the optimizer's lrs are updated at the next ``step()``.
 
         Args:
             state_dict: a dict from :meth:`state_dict`.
         """
+        self.check_state_dict(state_dict)
         self.last_batch_iteration = state_dict["last_batch_iteration"]
 
 

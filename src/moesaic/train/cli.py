@@ -29,6 +29,7 @@ import torch
 from moesaic import checkpoint
 from moesaic._config import parse_override
 from moesaic.checkpoint import CheckpointError
+from moesaic.checkpoint.names import POINTER
 from moesaic.models import GPT, GPTConfig
 from moesaic.parallel.comm import CollectiveError
 from moesaic.parallel.launch import LaunchEnv, resolve_device
@@ -187,13 +188,32 @@ def cmd_train(args, argv: List[str], env: LaunchEnv) -> int:
     return launch(worker_args, nproc, threads_per_process=max(1, (os.cpu_count() or 1) // nproc))
 
 
+def generate_checkpoints(root: Path) -> Path:
+    """The checkpoints folder ``generate --checkpoint ROOT`` reads: ``ROOT/checkpoints`` (a run folder) or ``ROOT``.
+
+    Raises:
+        FileNotFoundError: ``ROOT`` does not exist, or holds no checkpoint (no ``latest`` in either
+            place); the message says which.
+        ValueError: ``ROOT`` is a file.
+    """
+    what = "a run folder written by `moesaic train` (runs/NAME) or its checkpoints folder"
+    if not root.exists():
+        raise FileNotFoundError(f"--checkpoint {root}: the folder does not exist; pass {what}")
+    if not root.is_dir():
+        raise ValueError(f"--checkpoint {root}: not a folder; pass {what}")
+    ckpts = root / "checkpoints" if (root / "checkpoints").is_dir() else root
+    if not (ckpts / POINTER).exists():
+        raise FileNotFoundError(f"--checkpoint {root}: no checkpoint in it (no {ckpts / POINTER} file); "
+                                f"pass {what}")
+    return ckpts
+
+
 def cmd_generate(args) -> int:
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.temperature < 0:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
-    root = Path(args.checkpoint)
-    ckpts = root / "checkpoints" if (root / "checkpoints").is_dir() else root
+    ckpts = generate_checkpoints(Path(args.checkpoint))
     folder = checkpoint.resolve(ckpts)
     manifest = checkpoint.read_manifest(folder)
     model_cfg = dict((manifest.get("model_config") or {}).get("model") or {})

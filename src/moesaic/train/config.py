@@ -143,6 +143,24 @@ class TrainConfig(Section):
             return self.engine
         return dataclasses.replace(self.engine, scheduler=scheduler.with_total(self.train.steps))
 
+    def warmup_warning(self) -> Optional[str]:
+        """One line when the lr schedule's warmup is longer than the run (the lr never reaches its peak), else None.
+
+        Names the keys to change: ``engine.scheduler.params.warmup_num_steps`` and the run's length
+        (``train.steps``, or ``engine.scheduler.params.total_num_steps`` when that is set).
+        """
+        scheduler = self.engine.scheduler
+        if scheduler is None or "warmup_num_steps" not in scheduler.params or "total_num_steps" not in scheduler.params:
+            return None
+        key = "engine.scheduler.params"
+        warmup, total = scheduler.params["warmup_num_steps"], scheduler.params["total_num_steps"]
+        length = f"{key}.total_num_steps" if total is not None else "train.steps"
+        total = self.train.steps if total is None else total
+        if total >= max(2, warmup):  # (the schedules act as 2 below 2)
+            return None
+        return (f"{key}.warmup_num_steps={warmup} is more than the schedule's {total} steps ({length}={total}): the "
+                f"learning rate is still warming up when the run ends; lower {key}.warmup_num_steps or raise {length}")
+
     def batch(self) -> Tuple[int, int, int]:
         """``(global batch, micro batch per process, accumulation steps)`` for ``train.nproc`` processes."""
         return self.engine.check_batch(self.train.nproc, "engine")

@@ -15,7 +15,8 @@ The run is :func:`run_hf`, executed by every process, and follows ``moesaic trai
    group-by-group stepping, telemetry in ``<out>/logs``); the validation loss every
    ``train.eval_every`` steps; checkpoints in ``<out>/checkpoints`` (``--resume`` continues one);
 5. at the end: the Hugging Face folder ``<out>/hf`` (``moesaic.hf.save`` + the tokenizer),
-   ``history.json``, ``summary.json`` and plots.
+   ``history.json``, ``summary.json`` (the whole run's seconds and tokens/s and its segments,
+   :mod:`.timing`) and plots.
 
 Config: a ``moesaic train`` config (``[engine]``, ``[train]``, ``[data]``); of ``[model]`` only
 ``block_size`` (tokens per sequence) and ``ep_size`` apply, and any other model key is an error
@@ -39,14 +40,17 @@ import torch.distributed as dist
 
 import moesaic
 import moesaic.hf
+from moesaic.hf.families import describe_auto_map, family_of
+from moesaic.hf.files import open_folder
 from moesaic.models import GPTConfig
 from moesaic.parallel.launch import LaunchEnv
 
 from .config import TrainConfig
 from .data import ByteCorpus, load_corpus
 from .hf_memory import check_hf_memory
-from .loop import join_processes
+from .loop import initialize_engine, join_processes
 from .stop import Stopped, StopRequest
+from .timing import RunClock, check_segments
 
 HF_DEFAULTS = {
     "model": {"block_size": 256},
@@ -69,13 +73,41 @@ def check_hf_config(cfg: TrainConfig) -> None:
 
 
 def load_tokenizer(path: Path):
-    """The folder's tokenizer (a ValueError naming the folder when it has none)."""
+    """The folder's tokenizer (a ValueError naming the folder when it has none).
+
+    The folder's model must be a supported family (checked first, before ``transformers`` reads
+    its config), and its code is never run: a ``tokenizer_config.json`` whose ``auto_map`` names
+    the folder's own tokenizer class gets ``transformers``' built-in one, or an error naming it.
+    """
     import transformers
 
+    folder, raw = open_folder(path)
+    family_of(raw, str(folder / "config.json"))
     if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise ValueError(f"{path}: no tokenizer (tokenizer.json / tokenizer_config.json / tokenizer.model); "
                          "--hf trains on text and needs the model's tokenizer in its folder")
-    return transformers.AutoTokenizer.from_pretrained(str(path))
+    tok_config = path / "tokenizer_config.json"
+    auto_map = None
+    if tok_config.is_file():
+        try:
+            auto_map = json.loads(tok_config.read_text()).get("auto_map")
+        except (json.JSONDecodeError, AttributeError):
+            auto_map = None  # transformers reports a malformed file itself
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except ValueError as e:
+        if not auto_map:
+            raise
+        raise ValueError(f"{tok_config}: auto_map asks to run the folder's own tokenizer code "
+                         f"({describe_auto_map(auto_map)}) and transformers has no built-in class for it; moesaic "
+                         "never runs a model folder's code (trust_remote_code=False): save the tokenizer with a "
+                         "built-in class (e.g. tokenizer.json)") from e
+    if auto_map:
+        warnings.warn(f"{tok_config}: auto_map asks to run the folder's own tokenizer code "
+                      f"({describe_auto_map(auto_map)}); moesaic never runs a model folder's code "
+                      f"(trust_remote_code=False): transformers' {type(tokenizer).__name__} is used instead",
+                      UserWarning, stacklevel=2)
+    return tokenizer
 
 
 class TokenWindows:
@@ -198,15 +230,17 @@ def run_hf(cfg: TrainConfig, hf_path: Path, out: Path, resume: bool = False, qui
     split = load_corpus(cfg.data.path, cfg.data.val_percent, cfg.data.suffixes)
     train_windows = TokenWindows(split.train, tokenizer, cfg.model.block_size, t.seed)
     val_windows = TokenWindows(split.val, tokenizer, cfg.model.block_size, t.seed)
-    engine, *_ = moesaic.initialize(model=model, config=cfg.engine_config(), log_dir=str(out / "logs"),
-                                    telemetry_every=t.log_every)
+    engine = initialize_engine(cfg, rank, quiet, model=model, log_dir=str(out / "logs"), telemetry_every=t.log_every)
     history: Dict = {"train": [], "val": [], "load": {}}
+    earlier: List[Dict] = []  # the run's segments before this one (see .timing)
     if resume:
         _, client = engine.load_checkpoint(ckpts)
         history = client.get("history", history)
+        earlier = check_segments(client.get("segments"), f"--resume: the checkpoint in {ckpts}")
 
     def save(step: int):
-        return engine.save_checkpoint(ckpts, tag=f"step{step}", client_state={"history": history},
+        return engine.save_checkpoint(ckpts, tag=f"step{step}",
+                                      client_state={"history": history, "segments": clock.segments(step)},
                                       model_config=cfg.to_dict(), keep_last=t.keep_last)
 
     def on_signal(signum: int) -> None:
@@ -216,7 +250,7 @@ def run_hf(cfg: TrainConfig, hf_path: Path, out: Path, resume: bool = False, qui
 
     # 2. train; at every step boundary the ranks agree whether a signal or train.max_minutes stops
     # them (moesaic.train.stop), save together and stop after the same step
-    t0, start = time.perf_counter(), engine.global_steps
+    clock = RunClock(earlier, engine.global_steps, micro * accum * cfg.model.block_size * world, world)
     deadline = time.monotonic() + 60 * t.max_minutes if t.max_minutes else None
     signum, late, saved = None, False, None
     with StopRequest(on_first=on_signal) as stop:
@@ -241,12 +275,11 @@ def run_hf(cfg: TrainConfig, hf_path: Path, out: Path, resume: bool = False, qui
     summary: Dict = {}
     if rank == 0:
         tokenizer.save_pretrained(str(export))
-        elapsed = time.perf_counter() - t0
-        tokens = micro * accum * cfg.model.block_size * world * (engine.global_steps - start)
+        timing = clock.summary(step)  # every segment of the run: seconds and tokens/s of the whole run
         summary = {"steps": engine.global_steps, "target_steps": t.steps, "complete": step >= t.steps,
                    "val_loss": history["val"][-1][1] if history["val"] else math.nan,
-                   "tokens_per_s": tokens / max(elapsed, 1e-9), "seconds": elapsed, "world_size": world,
-                   "export": str(export)}
+                   "tokens_per_s": timing["tokens_per_s"], "seconds": timing["seconds"], "world_size": world,
+                   "segments": timing["segments"], "export": str(export)}
         (out / "history.json").write_text(json.dumps(history))
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         from .plots import write_plots

@@ -15,7 +15,8 @@ One function, :func:`run`, executed by every process (one process, or each rank 
 5. train: micro-batches through ``engine``; a progress line on rank 0; every ``eval_every`` steps
    the validation loss; every ``checkpoint_every`` steps and at the end a checkpoint. At every step
    boundary the ranks agree whether to stop (a signal or ``train.max_minutes``, :mod:`.stop`);
-6. at the end, rank 0 writes ``history.json``, ``summary.json`` and PNG plots and prints where
+6. at the end, rank 0 writes ``history.json``, ``summary.json`` (seconds and tokens/s of the whole run,
+   every segment of a stopped and resumed run included, :mod:`.timing`) and PNG plots and prints where
    everything is. A signal ends the run with :class:`~.stop.Stopped` after the checkpoint is saved.
 """
 
@@ -25,6 +26,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -36,6 +38,7 @@ import torch.distributed as dist
 import moesaic
 from moesaic.checkpoint import CheckpointError, read_manifest, resolve
 from moesaic.models import GPT, GPTConfig, unigram_baseline_loss
+from moesaic.optim.schedulers import WarmupLongerThanScheduleWarning
 from moesaic.parallel.agree import check_same_on_all_ranks
 from moesaic.parallel.launch import LaunchEnv, backend_for, resolve_device
 from moesaic.telemetry.writer import tensorboard_available
@@ -45,6 +48,7 @@ from .config import TrainConfig
 from .data import BatchStream, byte_counts, load_corpus, validation_batches
 from .progress import Progress
 from .stop import Stopped, StopRequest
+from .timing import RunClock, check_segments
 
 RUN_FILE = "run.json"
 # keys that fix the checkpoint's tensors (names, shapes) or the function they compute; the rest of the
@@ -115,7 +119,20 @@ def memory_estimate(cfg: TrainConfig) -> memory.MemoryEstimate:
 def check_memory(cfg: TrainConfig, device: torch.device, processes_here: int) -> Optional[str]:
     """Refuse a micro-batch (or model) that cannot fit; returns a warning when it may not fit right now."""
     return memory.check_fits(memory_estimate(cfg), processes_here if device.type == "cpu" else 1, device,
-                             key="engine.train_micro_batch_size_per_gpu")
+                             key="engine.train_micro_batch_size_per_gpu",
+                             model_keys="model.n_layer, model.n_embd, model.num_experts")
+
+
+def initialize_engine(cfg: TrainConfig, rank: int, quiet: bool, **kwargs):
+    """``moesaic.initialize`` with the run's engine config; a warmup longer than the run is said once, on rank 0,
+    as one line naming the config keys (:meth:`TrainConfig.warmup_warning`), not as the schedule's own warning."""
+    line = cfg.warmup_warning()
+    if line and rank == 0 and not quiet:
+        print(f"moesaic train: warning: {line}", file=sys.stderr, flush=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", WarmupLongerThanScheduleWarning)
+        engine, *_ = moesaic.initialize(config=cfg.engine_config(), **kwargs)
+    return engine
 
 
 def _evaluate(engine, model: GPT, batches, device: torch.device) -> float:
@@ -216,15 +233,17 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False, 
     if t.recompute != "none":
         moesaic.apply_recompute(model, t.recompute)
     log_dir = str(out / "logs")
-    engine, _, _, _ = moesaic.initialize(model=model, model_parameters=_param_groups(model),
-                                         config=cfg.engine_config(), log_dir=log_dir, telemetry_every=t.log_every)
+    engine = initialize_engine(cfg, rank, quiet, model=model, model_parameters=_param_groups(model),
+                               log_dir=log_dir, telemetry_every=t.log_every)
     progress = Progress(total=t.steps, start=0, enabled=rank == 0 and not quiet)
 
     # 4. resume
     history: Dict = {"train": [], "val": [], "load": {}, "unigram_baseline": baseline}
+    earlier: List[Dict] = []  # the run's segments before this one (see .timing)
     if resume:
         _, client = engine.load_checkpoint(out / "checkpoints")
         history = client.get("history", history)
+        earlier = check_segments(client.get("segments"), f"--resume: the checkpoint in {out / 'checkpoints'}")
         data_state = client.get("data") or {}
         if data_state.get("world_size") == world and data_state.get("batch_size") == micro:
             if data_state.get("seed") != stream.seed:  # the stream was restarted by an earlier resume (below)
@@ -250,7 +269,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False, 
     saved: Optional[Path] = None
 
     def save(step: int) -> Path:
-        client = {"data": stream.state_dict(), "history": history}
+        client = {"data": stream.state_dict(), "history": history, "segments": clock.segments(step)}
         return engine.save_checkpoint(out / "checkpoints", tag=f"step{step}", client_state=client,
                                       model_config=cfg.to_dict(), keep_last=t.keep_last)
 
@@ -262,6 +281,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False, 
     # 5. train
     signum, late = None, False
     t0 = time.perf_counter()
+    clock = RunClock(earlier, start_step, bytes_per_step, world)  # the whole run's seconds and tokens/s
     with StopRequest(on_first=on_signal) as stop:
         while engine.global_steps < t.steps:
             step_loss = step_aux = 0.0
@@ -303,19 +323,19 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False, 
     # 6. report
     summary: Dict = {}
     if rank == 0:
-        elapsed = time.perf_counter() - t0
         final_val = history["val"][-1][1] if history["val"] else math.nan
+        timing = clock.summary(step)  # every segment of the run: seconds and tokens/s of the whole run
         summary = {"steps": step, "target_steps": t.steps, "complete": step >= t.steps, "val_loss": final_val,
-                   "unigram_baseline": baseline,
-                   "tokens_per_s": bytes_per_step * (step - start_step) / max(elapsed, 1e-9), "seconds": elapsed,
-                   "world_size": world}
+                   "unigram_baseline": baseline, "tokens_per_s": timing["tokens_per_s"], "seconds": timing["seconds"],
+                   "world_size": world, "segments": timing["segments"]}
         (out / "history.json").write_text(json.dumps(history))
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         from .plots import write_plots
         plots = write_plots(history, out / "plots")
         if not quiet:
+            parts = f" in {len(timing['segments'])} segments" if len(timing["segments"]) > 1 else ""
             print(f"\nvalidation loss {final_val:.3f} nats/byte vs unigram baseline {baseline:.3f} "
-                  f"({step} steps, {summary['tokens_per_s']:.0f} bytes/s, {elapsed:.0f} s)")
+                  f"({step} steps{parts}, {summary['tokens_per_s']:.0f} bytes/s, {summary['seconds']:.0f} s)")
             if late:
                 print(f"stopped early: train.max_minutes={t.max_minutes} ran out at step {step} of {t.steps}; figures "
                       f"of a full run need all {t.steps} steps. Finish with: "

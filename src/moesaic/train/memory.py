@@ -16,7 +16,9 @@ The estimate counts what a training step must hold, per process:
   test_train_memory.py``), the count is within about 15% for dense, MoE, dropless and wider shapes.
 
 Only a run whose estimate exceeds the device's total memory is refused (it cannot fit however idle the
-machine is); one that exceeds what is free right now gets a warning. The Python runtime, allocator
+machine is); one that exceeds what is free right now gets a warning. When the parameters, gradients
+and optimizer state alone exceed it, the refusal says that (and by how much) instead of naming the
+micro-batch, which no value of could make the run fit. The Python runtime, allocator
 slack and the data buffer come on top of the estimate.
 """
 
@@ -47,6 +49,11 @@ class MemoryEstimate:
     def total(self) -> int:
         return self.params + self.grads + self.master + self.optimizer + self.activations
 
+    @property
+    def model_state(self) -> int:
+        """What the model takes whatever the micro-batch: parameters, gradients, master copies, optimizer state."""
+        return self.params + self.grads + self.master + self.optimizer
+
     def describe(self) -> str:
         parts = [("activations", self.activations), ("parameters", self.params + self.grads + self.master),
                  ("optimizer state", self.optimizer)]
@@ -54,6 +61,8 @@ class MemoryEstimate:
 
 
 def _gib(n: float) -> str:
+    if n >= 1000 * GIB:
+        return f"{n / GIB:.0f} GiB"  # not 1.73e+03
     return f"{n / GIB:.3g} GiB" if n >= 0.1 * GIB else f"{n / (1 << 20):.3g} MiB"
 
 
@@ -166,8 +175,12 @@ def machine_memory(device: torch.device) -> Tuple[int, Optional[int], str]:
     return total, available, what
 
 
-def check_fits(need: MemoryEstimate, processes: int, device: torch.device, *, key: str) -> Optional[str]:
+def check_fits(need: MemoryEstimate, processes: int, device: torch.device, *, key: str,
+               model_keys: Optional[str] = None) -> Optional[str]:
     """Refuse a run that cannot fit in the device's memory; returns a warning text when it may not fit now.
+
+    When the parameters, gradients and optimizer state alone exceed the memory, the message says so
+    (no micro-batch can fit then); otherwise it names the micro-batch size's key.
 
     Args:
         need: one process's estimate.
@@ -175,6 +188,8 @@ def check_fits(need: MemoryEstimate, processes: int, device: torch.device, *, ke
             1 per GPU).
         device: the run's device.
         key: the setting to name (the micro-batch size's key path).
+        model_keys: the settings that size the model, named when the model alone does not fit
+            (e.g. ``"model.n_layer, model.n_embd, model.num_experts"``); None when the model is given.
 
     Raises:
         ValueError: the estimate exceeds the total memory; the message gives both.
@@ -182,6 +197,17 @@ def check_fits(need: MemoryEstimate, processes: int, device: torch.device, *, ke
     total, available, what = machine_memory(device)
     want = need.total * processes
     per = f"{processes} processes x " if processes > 1 else ""
+    state = need.model_state * processes
+    if state > total:
+        parts = (f"parameters and gradients {_gib(need.params + need.grads + need.master)}, "
+                 f"optimizer state {_gib(need.optimizer)}")
+        smaller = f"a smaller model ({model_keys})" if model_keys else "a smaller model"
+        if device.type == "cuda":
+            smaller += " or its experts split over more GPUs (model.ep_size)"
+        raise ValueError(f"the model does not fit in {what} ({_gib(total)}): its parameters, gradients and optimizer "
+                         f"state alone need about {per}{_gib(need.model_state)} ({parts}) = {_gib(state)}, "
+                         f"{_gib(state - total)} more than there is, before any activations; lowering {key} cannot "
+                         f"help: train {smaller}, or on a machine with more memory")
     if want > total:
         raise ValueError(f"{key} is too large for this machine: a training step needs about {per}{need.describe()}"
                          f" = {_gib(want)}, but {what} is {_gib(total)}; lower {key} (or the model size) and raise "
