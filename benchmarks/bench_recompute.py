@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_hf import KEEP_MEMORY_ENV, RETURN_MEMORY_ENV, _kib, build_folder  # noqa: E402
 
 CONTENDERS = ("moesaic", "moesaic-block", "hf-gc", "moesaic-moe", "moesaic-experts", "hf")
-WARMUP = 2  # steps before the measured one (AdamW's state exists after the first)
+WARMUP = int(os.environ.get("BENCH_WARMUP", 2))  # steps before the measured one (AdamW's state exists after the first)
 
 
 def _model(name: str, folder: str):

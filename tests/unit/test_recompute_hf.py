@@ -12,6 +12,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+import moesaic  # noqa: E402
 import moesaic.hf  # noqa: E402
 from moesaic.layer.moe import iter_moe_modules  # noqa: E402
 
@@ -71,3 +72,23 @@ def test_gradient_checkpointing_is_exact(family, stacked, folders):
             assert (load is None) == (g_load is None)
             if load is not None:
                 assert torch.equal(load, g_load), f"{what}: expert_load of {path}: {g_load.tolist()} vs {load.tolist()}"
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_recompute_policies_on_a_converted_model(family, folders):
+    model = moesaic.hf.load(folders[family])
+    model.train()
+    ids = batch()
+    plain = _step(model, ids, router_logits=True)
+    for policy in ("block", "moe", "experts"):
+        moesaic.apply_recompute(model, policy)
+        got = _step(model, ids, router_logits=True)
+        assert torch.allclose(got[0], plain[0], rtol=1e-6, atol=0), policy
+        for name, g in plain[2].items():
+            err = (got[2][name] - g).abs().max() / g.abs().max().clamp(min=1e-30)
+            assert err <= 1e-6, f"{family} {policy}: gradient of {name} differs by {err:.2e} of its scale"
+        for path, stats in plain[3].items():
+            assert all(a is None and b is None or (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b)
+                       for a, b in zip(stats, got[3][path])), f"{family} {policy}: statistics of {path}"
+    moesaic.apply_recompute(model, "none")
+    assert moesaic.layer.recompute_policy(model) == "none"

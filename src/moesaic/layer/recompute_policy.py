@@ -64,6 +64,24 @@ def transformer_blocks(model: nn.Module) -> List[nn.Module]:
     return list(blocks.values())
 
 
+def _hf_checkpointing(model: nn.Module) -> bool:
+    """Whether a transformers model has its own checkpointing on (transformers 5's name first: no deprecation warning)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
+
+
+def _hf_enable(model: nn.Module, on: bool) -> None:
+    new = "activation_checkpointing_enable" if on else "activation_checkpointing_disable"
+    if hasattr(model, new):
+        getattr(model, new)(**({"activation_checkpointing_kwargs": {"use_reentrant": False}} if on else {}))
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
 def _is_hf(model: nn.Module) -> bool:
     return hasattr(model, "gradient_checkpointing_enable") and getattr(model, "supports_gradient_checkpointing",
                                                                          False)
@@ -93,12 +111,12 @@ def apply_recompute(model: nn.Module, policy: str) -> Dict[str, int]:
         _unwrap(module)
     for layer in layers:
         layer.deepspeed_moe.recompute_experts = False
-    if _is_hf(model) and getattr(model, "is_gradient_checkpointing", False):
-        model.gradient_checkpointing_disable()
+    if _is_hf(model) and _hf_checkpointing(model):
+        _hf_enable(model, False)
     counts = {"blocks": 0, "moe_layers": 0}
     if policy == "block":
         if _is_hf(model):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _hf_enable(model, True)
             counts["blocks"] = len(transformer_blocks(model))
         else:
             blocks = transformer_blocks(model)
@@ -128,6 +146,6 @@ def recompute_policy(model: nn.Module) -> str:
     if any(getattr(layer, _MARK, False) for layer in layers):
         return "moe"
     if any(getattr(m, _MARK, False) for m in model.modules()) or \
-            (_is_hf(model) and getattr(model, "is_gradient_checkpointing", False)):
+            (_is_hf(model) and _hf_checkpointing(model)):
         return "block"
     return "none"
