@@ -16,8 +16,11 @@ Linear(h, 4h)-GELU-Linear(4h, h) block before each, bf16 parameters, AdamW, 64 t
   ``split_params_into_different_moe_groups_for_optimizer`` groups (``max_group_size`` = one
   expert), ZeRO stage 0.
 
-``sharded`` (W processes, gloo, ``ep_size`` P): moesaic with ``zero_optimization.stage`` 0, 1
-and 2 and DeepSpeed with ZeRO-2 and its MoE groups, the same model and batch per rank.
+``sharded`` (W processes, gloo, ``ep_size`` P): moesaic with ``zero_optimization.stage`` 0, 1,
+2 and 3 and DeepSpeed with ZeRO-2 and its MoE groups, the same model and batch per rank. Stage 3
+(FSDP2) keeps fp32 sharded parameters and computes in bf16; "tensors held between steps" counts
+this rank's weights, gradients, masters and optimizer state (a DTensor by its local shard) after
+the measured step, against the ideal 16 B x (dense / W + local experts / EDP size).
 
 Method: a fresh process per run (per rank); glibc returns large blocks to the OS
 (``MALLOC_MMAP_THRESHOLD_``) so RSS follows the tensors; after two warm-up steps (optimizer
@@ -29,6 +32,7 @@ and ``AdamW.step()``) and reads it after, so it is the optimizer step's own peak
 shows the method measures a known 256 MiB allocation.
 
     python benchmarks/bench_step_memory.py single [--repeats 3]
+    python benchmarks/bench_step_memory.py sharded --world 4 --ep-size 1 --modes moesaic-z2 moesaic-z3
     .venv-deepspeed/bin/python benchmarks/bench_step_memory.py single sharded   # with the DeepSpeed columns
 """
 
@@ -134,9 +138,26 @@ class PlainRecipe:
             m.grad = None
 
 
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _state_bytes_moesaic(opt) -> int:
-    sd = opt.state_dict()["state"]
-    return sum(t.numel() * t.element_size() for entry in sd.values() for k, t in entry.items() if k != "step")
+    """Masters and optimizer state this rank holds (a DTensor counts its local shard: stage 3)."""
+    if hasattr(opt, "_inner"):  # stage 3: torch's state over the sharded parameters
+        entries = opt.state.values()
+    else:
+        entries = opt.state_dict()["state"].values()
+    return sum(_local(t).numel() * _local(t).element_size() for entry in entries for k, t in entry.items()
+               if k != "step" and isinstance(t, torch.Tensor))
+
+
+def _held_bytes(model, opt) -> int:
+    """Tensor bytes held between steps on this rank: weights, gradients, masters and optimizer state."""
+    weights = sum(_local(p).numel() * _local(p).element_size() for p in model.parameters())
+    grads = sum(_local(p.grad).numel() * _local(p.grad).element_size() for p in model.parameters()
+                if p.grad is not None)
+    return weights + grads + _state_bytes_moesaic(opt)
 
 
 def _measure_iteration(loss_fn, backward, step, x) -> dict:
@@ -226,10 +247,11 @@ def _sharded_rank(rank: int, world: int, port: int, mode: str, ep_size: int, out
             "train_micro_batch_size_per_gpu": TOKENS, "bf16": {"enabled": True}, "gradient_clipping": CLIP,
             "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}, "moe": {"max_group_size": _expert_numel()},
             "zero_optimization": {"stage": int(mode[-1])}})
-        out = _measure_iteration(engine, engine.backward, engine.step, x)
-        out["state_mib"] = _state_bytes_moesaic(opt) / MIB
         dense = sum(p.numel() for p in model.parameters() if getattr(p, "allreduce", True))
         local_experts = sum(p.numel() for p in model.parameters() if not getattr(p, "allreduce", True))
+        out = _measure_iteration(engine, engine.backward, engine.step, x)
+        out["state_mib"] = _state_bytes_moesaic(opt) / MIB
+        out["held_mib"] = _held_bytes(model, opt) / MIB
         out["dense_m"], out["local_experts_m"] = dense / 1e6, local_experts / 1e6
     out.update(mode=mode, rank=rank)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
@@ -250,7 +272,8 @@ def child_sharded(mode: str, world: int, ep_size: int) -> dict:
     ranks = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
     return {"mode": mode, "ranks": ranks, "peak_mib": max(r["peak_mib"] for r in ranks),
             "step_s": max(r["step_s"] for r in ranks), "iter_s": max(r["iter_s"] for r in ranks),
-            "state_mib": max(r.get("state_mib", float("nan")) for r in ranks)}
+            "state_mib": max(r.get("state_mib", float("nan")) for r in ranks),
+            "held_mib": max(r.get("held_mib", float("nan")) for r in ranks)}
 
 
 def run_child(*args) -> dict:
@@ -295,22 +318,37 @@ def bench_single(repeats: int) -> dict:
     return {"summary": summary, "runs": runs}
 
 
-def bench_sharded(repeats: int, world: int, ep_size: int) -> dict:
-    modes = ["moesaic-z0", "moesaic-z1", "moesaic-z2"] + (["deepspeed-z2"] if _have_deepspeed() else [])
+def bench_sharded(repeats: int, world: int, ep_size: int, modes=None) -> dict:
+    modes = modes or (["moesaic-z0", "moesaic-z1", "moesaic-z2", "moesaic-z3"] +
+                      (["deepspeed-z2"] if _have_deepspeed() else []))
     runs = {m: [] for m in modes}
     for _ in range(repeats):
         for mode in modes:
             runs[mode].append(run_child("sharded", mode, world, ep_size))
-    summary = {m: {k: _median(rs, k) for k in ("peak_mib", "step_s", "iter_s", "state_mib")} for m, rs in runs.items()}
-    z0 = runs["moesaic-z0"][0]["ranks"][0]
-    dense, local = z0["dense_m"], z0["local_experts_m"]
+    summary = {m: {k: _median(rs, k) for k in ("peak_mib", "step_s", "iter_s", "state_mib", "held_mib")}
+               for m, rs in runs.items()}
+    first = runs[modes[0]][0]["ranks"][0]
+    dense, local = first["dense_m"], first["local_experts_m"]
     expected = (dense / world + local / (world // ep_size)) / (dense + local)
+    ideal = 16 * (dense / world + local / (world // ep_size)) * 1e6 / MIB
     print(f"| run (W={world}, ep_size={ep_size}) | peak RSS MiB per rank (max) | masters+state MiB per rank (max) | "
-          f"step s |\n|---|---|---|---|")
+          f"tensors held between steps MiB per rank (max) | step s |\n|---|---|---|---|---|")
     for m, r in summary.items():
-        print(f"| {m} | {r['peak_mib']:.0f} | {r['state_mib']:.0f} | {r['iter_s']:.2f} |")
+        print(f"| {m} | {r['peak_mib']:.0f} | {r['state_mib']:.0f} | {r['held_mib']:.0f} | {r['iter_s']:.2f} |")
+    if "moesaic-z3" in summary:
+        held = summary["moesaic-z3"]["held_mib"]
+        print(f"moesaic-z3: tensors held between steps {held:.0f} MiB = {held / ideal:.3f}x the ideal 16 B x "
+              f"(dense/{world} + local experts/{world // ep_size}) = {ideal:.0f} MiB")
+        summary["moesaic-z3"]["held_vs_ideal16"] = held / ideal
+        if "moesaic-z2" in summary:
+            peak = summary["moesaic-z3"]["peak_mib"] / summary["moesaic-z2"]["peak_mib"]
+            t = statistics.median(a["iter_s"] / b["iter_s"] for a, b in zip(runs["moesaic-z3"], runs["moesaic-z2"]))
+            print(f"moesaic-z3: peak RSS {peak:.3f}x stage 2's, step time {t:.3f}x stage 2's (same run order)")
+            summary["moesaic-z3"]["peak_vs_z2"], summary["moesaic-z3"]["time_vs_z2"] = peak, t
+    if "moesaic-z0" not in summary:
+        return {"summary": summary, "runs": runs}
     z0s = summary["moesaic-z0"]["state_mib"]
-    for stage in ("moesaic-z1", "moesaic-z2"):
+    for stage in [m for m in ("moesaic-z1", "moesaic-z2") if m in summary]:
         got = summary[stage]["state_mib"] / z0s
         t = statistics.median(a["iter_s"] / b["iter_s"] for a, b in zip(runs[stage], runs["moesaic-z0"]))
         print(f"{stage}: masters+state {got:.3f} of stage 0's (expected (dense/{world} + local experts/"
@@ -331,6 +369,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="fresh processes per mode (medians reported)")
     ap.add_argument("--world", type=int, default=4)
     ap.add_argument("--ep-size", type=int, default=2)
+    ap.add_argument("--modes", nargs="+", help="sharded runs to make (default: moesaic-z0..z3, deepspeed-z2 "
+                                                "where DeepSpeed is importable)")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--check-memory", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "step_memory.json"))
@@ -354,7 +394,7 @@ def main() -> None:
     if "single" in args.what:
         results["single"] = bench_single(args.repeats)
     if "sharded" in args.what:
-        results["sharded"] = bench_sharded(args.repeats, args.world, args.ep_size)
+        results["sharded"] = bench_sharded(args.repeats, args.world, args.ep_size, args.modes)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
 

@@ -14,6 +14,7 @@ from .optim.param_groups import (
 )
 
 from .parallel import init_distributed
+from .optim.fsdp import clip_grad_norm_, shard_model
 from .engine import (MoEEngine, initialize, safe_get_full_fp32_param, safe_get_full_grad,
                      safe_get_full_optimizer_state)
 
@@ -25,5 +26,5 @@ __all__ = [
     "configure_moe_param_groups", "describe_param_groups", "has_moe_layers", "is_moe_param", "is_moe_param_group",
     "split_params_grads_into_shared_and_expert_params", "split_params_into_different_moe_groups_for_optimizer",
     "split_params_into_shared_and_expert_params", "safe_get_full_grad", "safe_get_full_fp32_param",
-    "safe_get_full_optimizer_state",
+    "safe_get_full_optimizer_state", "shard_model", "clip_grad_norm_",
 ]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ._config import KeyDoc
-from .engine.deepspeed_keys import FEATURE_SECTIONS, refused_rows
+from .engine.deepspeed_keys import FEATURE_SECTIONS, VALUE_HINTS, hint_rows, refused_rows
 from .train.config import RENAMED, TrainConfig
 
 COMMAND = "python -m moesaic.config_reference --out docs/config-reference.md"
@@ -61,6 +61,11 @@ def render() -> str:
                "what moesaic does are settings in the tables above that refuse any other value.\n\n"
                "| key | why it is refused |\n|---|---|")
     out.extend(f"| `{path}` | {_cell(reason)} |" for path, reason in refused_rows())
+    out.append("\n## DeepSpeed hints moesaic accepts with a note\n\nKeys that in DeepSpeed only tune speed, memory "
+               "placement or logging and cannot change the numbers: accepted with any value, and `initialize` notes "
+               "each once (rank 0). Settings of the tables above whose other values are such hints are noted too "
+               "(" + ", ".join(f"`{k}`" for k in VALUE_HINTS) + ").\n\n| key | note |\n|---|---|")
+    out.extend(f"| `{path}` | {_cell(note)} |" for path, note in hint_rows())
     out.append("\n## Keys of the former layout\n\nRefused with a message naming the new key "
                "(checkpoints written with them still resume).\n\n| former key | now |\n|---|---|")
     out.extend(f"| `{old}` | `{new}` |" for old, new in RENAMED.items())

@@ -211,8 +211,11 @@ def test_initialize_takes_an_engine_config_and_zero_stages():
         e.step()
     for p, q in zip(engine.module.parameters(), sharded.module.parameters()):
         assert torch.equal(p, q)
-    with pytest.raises(ValueError, match=r"zero_optimization.stage=3 \(ZeRO-3, parameter sharding\) is not supported"):
+    # stage 3 shards with FSDP2: without a process group it is refused before any is created
+    with pytest.raises(ValueError, match=r"zero_optimization.stage=3 shards parameters with torch's FSDP2 and needs "
+                                         r"torch.distributed"):
         moesaic.initialize(model=Net(), config=config(zero_optimization={"stage": 3}))
+    assert not torch.distributed.is_initialized()
     with pytest.raises(ValueError, match=r"scheduler.params.total_num_steps is required for scheduler type "
                                          r"WarmupDecayLR"):
         moesaic.initialize(model=Net(), config=config(scheduler={"type": "WarmupDecayLR"}))

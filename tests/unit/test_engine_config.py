@@ -227,19 +227,15 @@ def test_unknown_keys(config, pattern):
 @pytest.mark.parametrize("config, pattern", [
     # features moesaic lacks: refused by name with the reason, whatever the value
     ({"zero_optimization": {"stage": 1, "offload_param": {}}},
-     r"zero_optimization\.offload_param is a DeepSpeed key that moesaic does not support: a ZeRO-3"),
+     r"zero_optimization\.offload_param is a DeepSpeed key that moesaic does not support: parameter offload"),
     ({"zero_optimization": {"stage3_max_live_parameters": 1e9}},
      r"zero_optimization\.stage3_max_live_parameters .*ZeRO-3"),
     ({"zero_optimization": {"offload_optimizer": {"device": "cpu", "nvme_path": "/x"}}},
      r"zero_optimization\.offload_optimizer\.nvme_path .*NVMe"),
     ({"activation_checkpointing": {"partition_activations": True}},
      r"activation_checkpointing\.partition_activations=True is not supported by moesaic: .*tensor parallelism"),
-    ({"tensorboard": {"enabled": True, "output_path": "x"}}, r"tensorboard .*pass log_dir= to moesaic\.initialize"),
     ({"pipeline": {"stages": 2}}, r"pipeline .*no tensor, pipeline or sequence parallelism"),
     # values describing something moesaic does not do: refused with what it does instead
-    ({"zero_optimization": {"stage": 2, "overlap_comm": True}},
-     r"zero_optimization\.overlap_comm=True is not supported by moesaic: .*not overlapped with it; "
-     r"allowed: false or null"),
     ({"zero_optimization": {"offload_optimizer": {"device": "nvme"}}},
      r"zero_optimization\.offload_optimizer\.device='nvme' is not supported by moesaic"),
     ({"fp16": {"enabled": True, "auto_cast": True}}, r"fp16\.auto_cast=True is not supported by moesaic"),
@@ -249,8 +245,6 @@ def test_unknown_keys(config, pattern):
     ({"optimizer": {"type": "Adam", "params": {"amsgrad": True}}}, r"optimizer\.params\.amsgrad=True is not supported"),
     ({"optimizer": {"type": "AdamW", "params": {"adam_w_mode": False}}}, r"type AdamW always decouples weight decay"),
     ({"scheduler": {"type": "OneCycle"}}, r"scheduler\.type='OneCycle' is not supported by moesaic: .*OneCycleLR"),
-    ({"zero_optimization": {"stage": 3}},
-     r"zero_optimization\.stage=3 \(ZeRO-3, parameter sharding\) is not supported"),
 ])
 def test_deepspeed_keys_refused_with_reason(config, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -273,6 +267,9 @@ def test_deepspeed_keys_accepted():
     assert (z.stage, z.reduce_bucket_size, z.allgather_bucket_size) == (2, 500_000_000, 200_000_000)
     assert cfg.offload() == "cpu" and cfg.checkpoint.tag_validation == "Fail"
     assert load_config({"zero_optimization": {"cpu_offload": True}}).offload() == "cpu"
+    assert load_config({"zero_optimization": {"stage": 1, "overlap_comm": True}}).zero_optimization.overlap_comm
+    with pytest.raises(TypeError, match=r"zero_optimization\.overlap_comm must be a bool"):
+        load_config({"zero_optimization": {"overlap_comm": "yes"}})
 
 
 def test_bf16_and_fp16_conflict():
@@ -316,13 +313,10 @@ def test_file_errors(tmp_path):
 
 
 def test_zero_optimization_stages():
-    for stage in (0, 1, 2):
+    for stage in (0, 1, 2, 3):
         assert load_config({"zero_optimization": {"stage": stage}}).zero_optimization.stage == stage
-    with pytest.raises(ValueError, match=r"zero_optimization\.stage=3 \(ZeRO-3, parameter sharding\) is not "
-                                         r"supported by moesaic; allowed stages: 0, 1, 2"):
-        load_config({"zero_optimization": {"stage": 3}})
     for bad in (4, -1):
-        with pytest.raises(ValueError, match=rf"zero_optimization\.stage must be one of \[0, 1, 2\], got {bad}"):
+        with pytest.raises(ValueError, match=rf"zero_optimization\.stage must be one of \[0, 1, 2, 3\], got {bad}"):
             load_config({"zero_optimization": {"stage": bad}})
     with pytest.raises(TypeError, match=r"zero_optimization\.stage must be an int, got str: '1'"):
         load_config({"zero_optimization": {"stage": "1"}})
@@ -365,3 +359,27 @@ def test_each_default_has_one_source():
         for name, default in SchedulerConfig(kind).params.items():
             if name != "total_num_steps":  # required by the constructors; the config leaves it open
                 assert ctor[name].default == default, (kind, name)
+
+
+def test_deepspeed_hints_accepted_and_noted_once(capsys):
+    """Speed, memory-placement and logging hints cannot change the numbers: accepted, each noted once."""
+    from moesaic.engine import deepspeed_keys
+    raw = {"train_micro_batch_size_per_gpu": 2, "tensorboard": {"enabled": True, "output_path": "x"},
+           "comms_logger": {"enabled": True}, "memory_breakdown": True,
+           "zero_optimization": {"stage": 1, "elastic_checkpoint": True, "contiguous_gradients": False,
+                                 "round_robin_gradients": True, "cpu_offload_use_pin_memory": True,
+                                 "offload_optimizer": {"device": "cpu", "buffer_count": 4}}}
+    cfg = load_config(raw)
+    assert cfg.zero_optimization.stage == 1 and cfg.offload() == "cpu"
+    notes = deepspeed_keys.hint_notes(raw)
+    assert [n.split(":")[0] for n in notes] == [
+        "tensorboard", "comms_logger", "memory_breakdown=true", "zero_optimization.elastic_checkpoint=true",
+        "zero_optimization.contiguous_gradients=false", "zero_optimization.round_robin_gradients=true",
+        "zero_optimization.cpu_offload_use_pin_memory", "zero_optimization.offload_optimizer.buffer_count"]
+    assert all("cannot change the numbers" in n for n in notes)
+    assert deepspeed_keys.hint_notes({"zero_optimization": {"contiguous_gradients": True}}) == []
+    seen = []
+    deepspeed_keys._NOTED.clear()
+    deepspeed_keys.note_hints_once(raw, seen.append)
+    deepspeed_keys.note_hints_once(raw, seen.append)
+    assert len(seen) == len(notes)  # once per process

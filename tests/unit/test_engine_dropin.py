@@ -265,3 +265,24 @@ def test_dist_init_required_from_the_launcher_environment(monkeypatch):
         if dist.is_initialized():
             dist.destroy_process_group()
         reset_expert_parallel_groups()
+
+
+def test_groups_split_before_initialize_with_two_layers_of_one_ep_size():
+    """DeepSpeedExamples' cifar ``--moe-param-group``: the script splits before ``initialize`` names the
+    layers, so DeepSpeed's grouping by ``ep_size_1`` puts expert n of both layers in one group; each
+    layer gets its own groups (before: 'an optimizer group mixes tensors of different replica sets')."""
+    torch.manual_seed(0)
+    expert = nn.Linear(8, 8)
+    model = nn.Sequential(nn.Linear(4, 8), moesaic.MoE(8, expert, num_experts=2, k=1),
+                          moesaic.MoE(8, expert, num_experts=4, k=1))
+    groups = moesaic.split_params_into_different_moe_groups_for_optimizer(
+        {"params": list(model.parameters()), "name": "parameters", "lr": 0.5})
+    assert any(len({id(p) for p in g["params"]}) == 4 for g in groups if g.get("moe"))  # two layers' expert 0
+    engine, opt, _, _ = moesaic.initialize(model=model, model_parameters=groups,
+                                           config={"train_micro_batch_size_per_gpu": 2})
+    index = engine.index
+    for gi, g in enumerate(opt.param_groups):
+        layers = {r.expert.layer for r in opt.refs(gi) if r.expert is not None}
+        assert len(layers) <= 1, (g["name"], layers)
+        assert g["lr"] == 0.5
+    assert sum(len(opt.refs(gi)) for gi in range(len(opt.param_groups))) == len(index.refs(trainable_only=True))

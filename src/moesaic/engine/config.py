@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
-from .._checks import check_bool, check_choice, check_int, check_number, join_key, only
+from .._checks import check_bool, check_choice, check_int, check_number, check_str, join_key, only
 from .._config import Section, load_source, section, setting
 from ..optim.config import (BF16Config, FP16Config, MoEOptimConfig, OptimizerConfig, SchedulerConfig,
                             ZeroConfig)
@@ -39,6 +39,44 @@ class CheckpointConfig(Section):
     tag_validation: str = setting("Warn", check=partial(check_choice, choices=TAG_VALIDATION, fold_case=True),
                                   doc="Every rank must save under the same tag: 'Warn' warns when they differ, "
                                       "'Fail' raises, 'Ignore' does not check (any case).")
+
+
+def _output_file(value: Any, key: str) -> Optional[str]:
+    check_str(value, key, allow_none=True)
+    if value is not None:
+        folder = os.path.dirname(os.path.abspath(value))
+        if not os.path.isdir(folder):
+            raise ValueError(f"{key}={value!r}: the folder {folder!r} does not exist; create it or give another "
+                             "path")
+    return value
+
+
+@dataclass(frozen=True)
+class FlopsProfilerConfig(Section):
+    """The ``flops_profiler`` section (DeepSpeed's keys): FLOPs per step and a per-module profile at one step."""
+
+    PATH = "flops_profiler"
+
+    enabled: bool = setting(False, check=check_bool,
+                            doc="Count every step's FLOPs with torch.utils.flop_counter (as executed: an expert "
+                                "counts the tokens it received) into the metrics (flops, flops_per_token, "
+                                "flops_per_s, mfu on CUDA), and print a per-module profile at profile_step. While "
+                                "enabled every operation passes through torch's counting mode, which slows steps "
+                                "(several-fold on small CPU models, where per-operation overhead dominates).")
+    recompute_fwd_factor: float = setting(
+        0.0, doc="DeepSpeed's estimate of recomputed forward FLOPs (only 0.0).",
+        check=only((0.0,), "moesaic counts the backward's FLOPs as executed, activation recomputation included"))
+    profile_step: int = setting(1, check=partial(check_int, lo=0),
+                                doc="The step profiled: the one taken after this many optimizer steps (DeepSpeed's "
+                                    "count); it must come before the schedule's total_num_steps.")
+    module_depth: int = setting(-1, check=partial(check_int, lo=-1),
+                                doc="Deepest module level in the detailed profile; -1: all.")
+    top_modules: int = setting(1, check=partial(check_int, lo=1),
+                               doc="Modules listed per depth in the aggregated profile.")
+    detailed: bool = setting(True, check=check_bool, doc="Print the per-module tree.")
+    output_file: Optional[str] = setting(None, check=_output_file, type_text="str or null",
+                                         doc="Write the profile to this file (its folder must exist); null: stdout. "
+                                             "Rank 0 writes it.")
 
 
 @dataclass(frozen=True)
@@ -135,14 +173,15 @@ class EngineConfig(Section):
     managed_gradient_accumulation: bool = setting(
         True, doc="The engine counts micro-batches to find the accumulation boundary (always, in moesaic).",
         check=only((True,), "moesaic counts micro-batches (or follows set_gradient_accumulation_boundary)"))
-    memory_breakdown: bool = setting(False, doc="DeepSpeed's per-step memory print (not done by moesaic).",
-                                     check=only((False,), "moesaic does not print memory per step; see "
-                                                          "benchmarks/bench_step_memory.py"))
-    dump_state: bool = setting(False, doc="DeepSpeed's dump of its state at start (not done by moesaic).",
-                               check=only((False,), "moesaic does not dump its state; print engine.config"))
-    disable_allgather: bool = setting(False, doc="DeepSpeed's switch to broadcasts (moesaic always broadcasts).",
-                                      check=only((False,), "moesaic's owners already broadcast their updated "
-                                                           "weights; there is no all-gather to disable"))
+    memory_breakdown: bool = setting(False, check=check_bool,
+                                     doc="DeepSpeed's per-step memory print: a logging hint, accepted with a note "
+                                         "(moesaic does not print it; see benchmarks/bench_step_memory.py).")
+    dump_state: bool = setting(False, check=check_bool,
+                               doc="DeepSpeed's dump of its state at start: a logging hint, accepted with a note "
+                                   "(print engine.config).")
+    disable_allgather: bool = setting(False, check=check_bool,
+                                      doc="DeepSpeed's switch to broadcasts: moesaic's owners always broadcast, so "
+                                          "either value gives the same result (true is noted).")
     optimizer_in_backward: bool = setting(
         False, check=check_bool,
         doc="Step each optimizer group during backward as soon as its gradients are complete, so the model's "
@@ -159,6 +198,7 @@ class EngineConfig(Section):
                                            "moesaic.apply_recompute / train.recompute).")
     zero_optimization: ZeroConfig = section(ZeroConfig, doc="ZeRO optimizer-state sharding.")
     checkpoint: CheckpointConfig = section(CheckpointConfig, doc="Checkpoint tag validation.")
+    flops_profiler: FlopsProfilerConfig = section(FlopsProfilerConfig, doc="DeepSpeed's FLOPs profiler.")
     moe: MoEOptimConfig = section(MoEOptimConfig, doc="Expert parameters in the optimizer.")
 
     @classmethod
@@ -234,6 +274,11 @@ class EngineConfig(Section):
         if self.scheduler is not None and self.scheduler.needs_total():
             raise ValueError(f"{join_key(path, 'scheduler.params.total_num_steps')} is required for scheduler "
                              f"type {self.scheduler.type} (the number of steps of the whole schedule)")
+        total = self.scheduler.params.get("total_num_steps") if self.scheduler is not None else None
+        prof = self.flops_profiler
+        if prof.enabled and total is not None and prof.profile_step >= total:
+            raise ValueError(f"{join_key(path, 'flops_profiler.profile_step')}={prof.profile_step} is beyond the run: "
+                             f"{join_key(path, 'scheduler.params.total_num_steps')} is {total} (steps 0-{total - 1})")
 
 
 def load_config(config: Union[Mapping[str, Any], str, os.PathLike, EngineConfig]) -> EngineConfig:

@@ -7,6 +7,8 @@ boundary:
 1. ``backward`` synchronises gradients at its end (dense over the world, experts over their
    expert-data-parallel group, all to the gradient of the global mean loss; bucketed), so the
    gradients read between ``backward`` and ``step`` are the averaged ones, as in DeepSpeed;
+   with ``zero_optimization.overlap_comm`` the buckets are reduced while backward still runs
+   (:mod:`moesaic.optim.overlap`), with the same result;
 2. ``step`` checks every rank for non-finite gradients (fp16: a loss-scale overflow skips the
    step on every rank and lowers the scale; bf16/fp32: the step is skipped with a warning naming
    the groups);
@@ -46,9 +48,12 @@ from ..layer.identity import ExpertIndex
 from ..optim.in_backward import InBackwardStepper
 from ..optim.loss_scaler import build_loss_scaler
 from ..optim.mixed_precision import GroupedMixedPrecisionOptimizer
+from ..optim.overlap import OverlappedReducer
 from ..optim.pipeline import StepPipeline
+from ..optim.zero3 import Zero3Pipeline
 from ..parallel.collectives import DEFAULT_BUCKET_ELEMS
 from ..telemetry import MetricsWriter, MoEStatsAccumulator
+from ..telemetry.flops import FlopsProfiler
 from . import param_access, resume
 from .config import EngineConfig
 
@@ -148,10 +153,23 @@ class MoEEngine(nn.Module):
         self.last_metrics: Dict[str, Any] = {}
         self.index = index if index is not None else ExpertIndex.build(model)
         zero = config.zero_optimization
-        self._pipeline = StepPipeline(optimizer, bucket_elems=zero.reduce_bucket_size or DEFAULT_BUCKET_ELEMS,
-                                      broadcast_bucket_elems=zero.allgather_bucket_size,
-                                      reduce_scatter=zero.reduce_scatter)
+        if zero.stage == 3:  # FSDP2 reduces in backward; the boundary step is optim/zero3.py's
+            self._pipeline = Zero3Pipeline(optimizer, model)
+        else:
+            self._pipeline = StepPipeline(optimizer, bucket_elems=zero.reduce_bucket_size or DEFAULT_BUCKET_ELEMS,
+                                          broadcast_bucket_elems=zero.allgather_bucket_size,
+                                          reduce_scatter=zero.reduce_scatter)
         self._in_backward = InBackwardStepper(optimizer) if config.optimizer_in_backward else None
+        prof = config.flops_profiler
+        self._flops = (FlopsProfiler(model, module_depth=prof.module_depth, top_modules=prof.top_modules,
+                                     detailed=prof.detailed) if prof.enabled else None)
+        self._flops_profiled = False
+        # overlap_comm: buckets reduced during the boundary's backward (nothing to reduce on one process)
+        self._overlap = (OverlappedReducer(optimizer, model, reduce_scatter=zero.reduce_scatter,
+                                           bucket_elems=zero.reduce_bucket_size or DEFAULT_BUCKET_ELEMS)
+                         if zero.overlap_comm and zero.stage != 3 and optimizer is not None  # FSDP2 overlaps itself
+                         and optimizer.shard is not None
+                         and optimizer.shard.world_size > 1 else None)
         self._log_dir = log_dir
         self._losses: List[float] = []
         self._global_grad_norm: Optional[float] = None
@@ -239,7 +257,9 @@ class MoEEngine(nn.Module):
 
     # --- forward and backward ---------------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        with self._timers.time("forward"):
+        counting = self._flops is not None and self.module.training
+        with self._timers.time("forward"), (self._flops.forward(self._batch[1], timed=self._profile_step())
+                                            if counting else contextlib.nullcontext()):
             out = self.module(*args, **kwargs)
         if self.module.training:
             self._moe_stats.update(self.module)
@@ -301,8 +321,23 @@ class MoEEngine(nn.Module):
         with self._timers.time("backward"):
             if self._in_backward is not None and boundary:
                 self._in_backward.arm(want_stats=self._want_stats())
-            (loss.float() * (self.loss_scale / gas)).backward(retain_graph=retain_graph)
-            if boundary and not self._inside_no_sync and self._in_backward is None:
+            if self.config.zero_optimization.stage == 3:
+                self.module.set_requires_gradient_sync(boundary)  # FSDP2: reduce-scatter at the boundary only
+            reduce = boundary and not self._inside_no_sync and self._in_backward is None
+            overlap = reduce and self._overlap is not None
+            if overlap:
+                self._overlap.arm()
+            try:
+                with self._flops.backward() if self._flops is not None else contextlib.nullcontext():
+                    (loss.float() * (self.loss_scale / gas)).backward(retain_graph=retain_graph)
+            except BaseException:
+                if overlap:
+                    self._overlap.abandon()
+                raise
+            if overlap:
+                self._overlap.finish()
+                self._reduced = True
+            elif reduce:
                 self._pipeline.reduce()
                 self._reduced = True
         return loss.detach() / gas
@@ -406,6 +441,10 @@ class MoEEngine(nn.Module):
                       "loss_scale": self.loss_scale, "skipped_steps": self.skipped_steps},
             "moe": self._moe_stats.summary(),
         }
+        if self._flops is not None:
+            metrics["flops"] = self._flops.step_metrics(self.device)
+            self._write_profile()
+            self._flops.reset()
         if group_stats:
             stats = self._pipeline.gather_stats()  # collective: every group once, from its owner
             if stats:
@@ -415,6 +454,25 @@ class MoEEngine(nn.Module):
         self.last_metrics = metrics
         if self._writer is not None:
             self._writer.write(self.global_steps + 1, metrics)
+
+    def _profile_step(self) -> bool:
+        """Whether this step is flops_profiler.profile_step (counted as DeepSpeed: optimizer steps taken)."""
+        return self._flops is not None and self.global_steps == self.config.flops_profiler.profile_step
+
+    def _write_profile(self) -> None:
+        """At the profile step, rank 0 prints (or writes to output_file) the per-module FLOPs profile."""
+        if not self._profile_step():
+            return
+        self._flops_profiled = True
+        if self.global_rank != 0:
+            return
+        text = self._flops.report(self.global_steps, world_size=self.world_size,
+                                  batch_size=self.train_micro_batch_size_per_gpu())
+        path = self.config.flops_profiler.output_file
+        if path is None:
+            print(text, flush=True)
+        else:
+            Path(path).write_text(text + "\n")
 
     # --- memory -----------------------------------------------------------------------------------
     def empty_partition_cache(self) -> None:
@@ -445,6 +503,7 @@ class MoEEngine(nn.Module):
         Returns:
             The checkpoint folder (DeepSpeed returns True; a Path is truthy).
         """
+        self._refuse_zero3_checkpoint("save_checkpoint")
         if client_state is not None and not isinstance(client_state, dict):
             raise TypeError(f"client_state must be a dict or None, got {type(client_state).__name__}")
         if not isinstance(save_latest, bool):
@@ -474,6 +533,11 @@ class MoEEngine(nn.Module):
                 tmp.write_text(previous)
                 os.replace(tmp, latest)
         return folder
+
+    def _refuse_zero3_checkpoint(self, what: str) -> None:
+        if self.config.zero_optimization.stage == 3:
+            raise NotImplementedError(f"{what} at zero_optimization.stage 3 is not implemented yet (checkpoints of "
+                                      "FSDP2-sharded parameters by identity); train with stages 0-2 to checkpoint")
 
     def _check_tag(self, tag: str) -> None:
         """DeepSpeed's checkpoint.tag_validation: every rank must save under the same tag."""
@@ -534,6 +598,7 @@ class MoEEngine(nn.Module):
         Metrics that an earlier session wrote to ``log_dir`` after the checkpoint's step are
         discarded (CSV rows removed, TensorBoard events purged), since those steps are trained again.
         """
+        self._refuse_zero3_checkpoint("load_checkpoint")
         for name, value in (("load_module_strict", load_module_strict), ("load_optimizer_states",
                             load_optimizer_states), ("load_lr_scheduler_states", load_lr_scheduler_states),
                             ("load_module_only", load_module_only)):
@@ -587,6 +652,9 @@ class MoEEngine(nn.Module):
             self._writer.write(self.global_steps, metrics)
 
     def close(self) -> None:
-        """Flush and close the metrics writer."""
+        """Flush and close the metrics writer (and say so if flops_profiler.profile_step was never reached)."""
+        if self._flops is not None and not self._flops_profiled and self.global_rank == 0:
+            warnings.warn(f"flops_profiler.profile_step={self.config.flops_profiler.profile_step} was never reached "
+                          f"({self.global_steps} steps taken): no profile was written", RuntimeWarning, stacklevel=2)
         if self._writer is not None:
             self._writer.close()

@@ -33,13 +33,16 @@ from ..optim.mixed_precision import GroupedMixedPrecisionOptimizer, default_fuse
 from ..optim.param_groups import split_params_into_different_moe_groups_for_optimizer
 from ..optim.schedulers import build_scheduler
 from ..optim.config import torch_scheduler_class
+from ..optim.fsdp import check_shardable, shard_model
 from ..optim.sharding import plan_shards
+from ..optim.zero3 import Zero3Optimizer, build_zero3_groups
 from ..parallel.launch import LaunchEnv, resolve_device
 from ..parallel.process_group import init_distributed
 from .client import ClientOptimizer, class_name, split_client_groups
 from .replicas import sync_replicas
 from .config import EngineConfig
-from .engine import MoEEngine
+from .deepspeed_keys import note_hints_once
+from .engine import MoEEngine, _log
 
 TORCH_DISTRIBUTED_DEFAULT_PORT = 29500  # DeepSpeed's default for distributed_port
 
@@ -148,6 +151,43 @@ def _build_optimizer(model, index, cfg: EngineConfig, optimizer, model_parameter
     return opt, client
 
 
+def _check_zero3(cfg: EngineConfig, model: nn.Module, optimizer, dist_init_required) -> None:
+    """What zero_optimization.stage 3 (FSDP2) cannot honour, refused before any process-group work."""
+    if optimizer is not None:
+        raise ValueError("zero_optimization.stage=3 builds its own torch optimizer over the sharded parameters from "
+                         "the config's optimizer section; pass optimizer=None and set optimizer.type/params")
+    if cfg.offload() != "none":
+        raise ValueError("zero_optimization.stage=3 with CPU offload (zero_optimization.offload_optimizer.device or "
+                         "moe.offload 'cpu') is not supported: FSDP2 keeps the shards on the parameters' device; "
+                         "allowed: offload 'none'")
+    if not cfg.zero_optimization.reduce_scatter:
+        raise ValueError("zero_optimization.reduce_scatter=false with stage=3: FSDP2 always reduce-scatters "
+                         "gradients onto their shards; allowed: true")
+    if cfg.optimizer is None:
+        raise ValueError("zero_optimization.stage=3 needs the config's optimizer section (type and params): the "
+                         "engine builds a torch optimizer over the sharded parameters")
+    launched = dist.is_available() and dist.is_initialized()
+    env = LaunchEnv.from_environ()
+    if not launched and (dist_init_required is False or not env.launched):
+        raise ValueError("zero_optimization.stage=3 shards parameters with torch's FSDP2 and needs torch.distributed: "
+                         "launch with torchrun (one process is fine) or initialise the process group first")
+    world = dist.get_world_size() if launched else env.world_size
+    check_shardable(model, world)
+
+
+def _build_zero3(model: nn.Module, cfg: EngineConfig):
+    """Shard the model (EP + FSDP2) and build the torch optimizer over moesaic's named groups."""
+    param_dtype = torch.bfloat16 if cfg.bf16.enabled else torch.float16 if cfg.fp16.enabled else None
+    shard_model(model, param_dtype=param_dtype, reduce_dtype=torch.float32,
+                use_data_before_expert_parallel_=cfg.use_data_before_expert_parallelism)
+    index = ExpertIndex.build(model)  # FSDP2 made new Parameter objects
+    moe = cfg.moe
+    groups = build_zero3_groups(model, index, split_by=moe.split_by, lr_scale=moe.lr_scale,
+                                freeze=moe.freeze_experts)
+    kind, defaults = cfg.optimizer.update()
+    return Zero3Optimizer(groups, kind, defaults)
+
+
 def _check_same_parameters(optimizer, model_parameters) -> None:
     """DeepSpeed ignores model_parameters when given an optimizer; moesaic checks they say the same thing."""
     items = list(model_parameters)
@@ -228,10 +268,15 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: A
     check_int(telemetry_every, "telemetry_every", lo=1)
     # 1-2. config and process group
     cfg, raw = _resolve_config(args, config, config_params)
+    stage3 = cfg.zero_optimization.stage == 3
+    if stage3:  # every refusal before any process-group work
+        _check_zero3(cfg, model, optimizer, dist_init_required)
     _init_distributed(dist_init_required, distributed_port)
     initialized = dist.is_available() and dist.is_initialized()
     world, rank = (dist.get_world_size(), dist.get_rank()) if initialized else (1, 0)
     local_rank = _local_rank(args)
+    if rank == 0:  # DeepSpeed's speed/logging hints: accepted, each noted once per process
+        note_hints_once(raw, _log)
     batch = cfg.check_batch(world)
     if cfg.optimizer_in_backward:
         why = check_in_backward_config(clip=cfg.gradient_clipping, fp16=cfg.fp16.enabled, world_size=world,
@@ -245,7 +290,9 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: A
     _name_layers(model)
     if world > 1 and any(m.parallel_groups is None for _, m in iter_moe_modules(model)):
         setup_expert_parallel(model, cfg.use_data_before_expert_parallelism)
-    if cfg.bf16.enabled:
+    if stage3:
+        pass  # fp32 parameters: the sharded masters; FSDP2 computes in bf16/fp16 (optim/fsdp.py)
+    elif cfg.bf16.enabled:
         model.to(torch.bfloat16)
     elif cfg.fp16.enabled:
         model.to(torch.float16)
@@ -255,7 +302,10 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: A
     # replicas agree on config and layout, then start from the same weights (replicas.py)
     sync_replicas(index, cfg.to_dict(), device)
     # 4-5. optimizer and schedule
-    opt, client = _build_optimizer(model, index, cfg, optimizer, model_parameters, raw)
+    if stage3:
+        opt, client, index = _build_zero3(model, cfg), None, None
+    else:
+        opt, client = _build_optimizer(model, index, cfg, optimizer, model_parameters, raw)
     scheduler = _build_scheduler(cfg, raw, lr_scheduler, client.opt if client is not None else opt)
     if client is not None:
         client.sync(opt.param_groups)  # the lrs a schedule has just written

@@ -5,7 +5,9 @@ DeepSpeed's ``safe_get_full_grad``, ``safe_get_full_fp32_param`` and
 optimizer state (stages 1-2) and its reduced gradient (stage 2) live on the group's owner only.
 Each call returns the whole tensor on every rank of the parameter's replica group (the owner
 broadcasts it), so every rank of that group must make the same calls in the same order, as with
-DeepSpeed's.
+DeepSpeed's. At stage 3 the parameters are FSDP2's fp32 ``DTensor`` shards: each call gathers
+the tensor (``full_tensor``) over the parameter's mesh (the world, or its expert-data-parallel
+ranks for an expert).
 
 :func:`link` gives every optimised parameter DeepSpeed's accessor protocol
 (``_hp_mapping``, ``get_full_hp_grad()``, ``get_full_hp_param(optim_state_key=None)``), so
@@ -69,18 +71,37 @@ def _gather(engine, param: Tensor, read) -> Optional[Tensor]:
     return out if found else None
 
 
+def _full(t: Optional[Tensor]) -> Optional[Tensor]:
+    """Stage 3: the whole tensor of a DTensor shard (collective over its mesh), as fp32."""
+    if t is None:
+        return None
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).float()
+
+
+def _zero3_state(engine, param: Tensor, key: str) -> Tensor:
+    state = engine.optimizer.state.get(param, {})
+    if key not in state:
+        raise KeyError(f"no optimizer state {key!r} for this parameter; {engine.optimizer.kind} keeps "
+                       f"{sorted(k for k in state if k != 'step')}")
+    return _full(state[key])
+
+
 def full_grad(param: Tensor) -> Optional[Tensor]:
-    """The reduced fp32 gradient of ``param`` (None when it is not optimised); collective at stage 2."""
+    """The reduced fp32 gradient of ``param`` (None when it is not optimised); collective at stages 2-3."""
     engine = _engine_of(param)
+    if engine.zero_optimization_stage() == 3:
+        return _full(param.grad)
     if engine.zero_optimization_stage() < 2:
         return param.grad
     return _gather(engine, param, lambda ref: ref.grad)
 
 
 def full_fp32_param(param: Tensor, optim_state_key: Optional[str] = None) -> Optional[Tensor]:
-    """The fp32 master weights of ``param``, or its optimizer state ``optim_state_key``; collective at stages 1-2."""
+    """The fp32 master weights of ``param``, or its optimizer state ``optim_state_key``; collective at stages 1-3."""
     engine = _engine_of(param)
     opt = engine.optimizer
+    if engine.zero_optimization_stage() == 3:  # the parameters are the fp32 masters, sharded
+        return _full(param.detach()) if optim_state_key is None else _zero3_state(engine, param, optim_state_key)
 
     def read(ref):
         if optim_state_key is None:
@@ -114,9 +135,13 @@ def link(engine) -> None:
     ref = weakref.ref(engine)
     stage = engine.zero_optimization_stage()
     done = set()
+    optimised = {id(p) for g in engine.optimizer.param_groups for p in g["params"]} if stage == 3 else None
     for r in engine.index:
         param = r.param
-        if r.name not in engine.optimizer._by_name or id(param) in done:
+        if stage == 3:
+            if id(param) not in optimised or id(param) in done:
+                continue
+        elif r.name not in engine.optimizer._by_name or id(param) in done:
             continue  # not optimised (frozen), or a stacked parameter already linked
         done.add(id(param))
         param._hp_mapping = ref

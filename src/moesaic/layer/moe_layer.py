@@ -118,7 +118,9 @@ class MOELayer(nn.Module):
             raise TypeError(f"hidden_states has dtype {hidden_states.dtype} but the MoE layer {self.ep_group_name!r} "
                             f"holds {weight.dtype} experts and takes floating-point tokens; cast the input "
                             f"(x.to({weight.dtype})), or embed token ids first")
-        if hidden_states.dtype != weight.dtype and not torch.is_autocast_enabled(hidden_states.device.type):
+        # sharded experts (FSDP2, moesaic.shard_model) hold fp32 masters and compute in their policy's dtype
+        if (hidden_states.dtype != weight.dtype and not torch.is_autocast_enabled(hidden_states.device.type)
+                and not _is_dtensor(weight)):
             # else torch's matmul error names neither the layer nor what to do
             raise TypeError(f"hidden_states has dtype {hidden_states.dtype} but the MoE layer {self.ep_group_name!r} "
                             f"holds {weight.dtype} experts; cast the input (x.to({weight.dtype})) or the layer, "
@@ -211,6 +213,12 @@ def _run_experts(experts: ExpertContainer, *pieces: Tensor):
 
 
 @functools.lru_cache(maxsize=None)
+def _is_dtensor(t: Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def _class_takes_together(cls) -> bool:
     params = [inspect.signature(getattr(cls, name)).parameters for name in ("dispatch", "saved_inputs")]
     return all("together" in p for p in params)

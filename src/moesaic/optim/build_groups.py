@@ -136,6 +136,8 @@ def build_param_groups(model: nn.Module, model_parameters: Optional[Iterable] = 
     if not any(g.get("moe") for g in groups):
         groups = split_params_into_different_moe_groups_for_optimizer(groups, max_group_size=max_group_size,
                                                                       split_by=split_by, stacked="views")
+    else:
+        groups = [h for g in groups for h in _resplit_mixed(g, index, split_by, max_group_size)]
     out = []
     for g in groups:
         out.extend(_chunk_dense(g, max_group_size) if not g.get("moe") else [g])
@@ -146,6 +148,28 @@ def build_param_groups(model: nn.Module, model_parameters: Optional[Iterable] = 
             g["lr_scale"] = lr_scale.get(key_expert, lr_scale.get(g["expert_group_name"], g.get("lr_scale", 1.0)))
     _check_coverage(index, out)
     return out
+
+
+def _resplit_mixed(group: Dict, index: ExpertIndex, split_by: str, max_group_size: Optional[int]) -> List[Dict]:
+    """A group already split by the client, split again when it spans several MoE layers.
+
+    DeepSpeed's splitter groups experts by ``group_name`` (``ep_size_<n>``), shared by every layer
+    of one ``ep_size`` until ``initialize`` names the layers; a script that splits before
+    ``initialize`` (DeepSpeedExamples' cifar ``--moe-param-group``) hands over groups holding the
+    same expert number of several layers. Each layer gets its own groups here, the client's keys kept.
+    """
+    if not group.get("moe"):
+        return [group]
+    layers = set()
+    for p in group["params"]:
+        refs = [p] if isinstance(p, ParamRef) else (index.refs_of(p) if p in index else [])
+        layers.update(r.expert.layer for r in refs if r.expert is not None)
+    if len(layers) <= 1:
+        return [group]
+    plain = {k: v for k, v in group.items() if k not in ("moe", "expert_group_name", "expert_number")}
+    return [g for g in split_params_into_different_moe_groups_for_optimizer([plain], max_group_size=max_group_size,
+                                                                            split_by=split_by, stacked="views")
+            if g["params"]]
 
 
 def _check_coverage(index: ExpertIndex, groups: List[Dict]) -> None:

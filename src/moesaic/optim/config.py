@@ -58,7 +58,7 @@ REFUSED_SCHEDULERS = {
 }
 WARMUP_TYPES = ("log", "linear")
 OFFLOAD = ("none", "cpu")
-ZERO_STAGES = (0, 1, 2)  # 3 (parameter sharding) is refused with its own message
+ZERO_STAGES = (0, 1, 2, 3)  # 3: parameters sharded too, on torch's FSDP2 (optim/fsdp.py, optim/zero3.py)
 
 _positive = partial(check_number, lo=0.0, lo_open=True)
 _nonneg = partial(check_number, lo=0.0)
@@ -396,9 +396,6 @@ def _opt_bool(value: Any, key: str) -> Optional[bool]:
 
 def _zero_stage(value: Any, key: str) -> int:
     check_int(value, key)
-    if value == 3:
-        raise ValueError(f"{key}=3 (ZeRO-3, parameter sharding) is not supported by moesaic; allowed stages: "
-                         f"{', '.join(map(str, ZERO_STAGES))} (2 shards gradients and optimizer state)")
     return check_choice(value, key, ZERO_STAGES)
 
 
@@ -429,7 +426,8 @@ class ZeroConfig(Section):
     stage: int = setting(0, check=_zero_stage,
                          doc="DeepSpeed's ZeRO stage. 0: every rank keeps the whole optimizer state; 1: fp32 master "
                              "weights and optimizer state sharded over the data-parallel ranks (each optimizer group "
-                             "owned by one rank of its replica group); 2: gradients too; 3 (parameters) is refused.")
+                             "owned by one rank of its replica group); 2: gradients too; 3: parameters too, on torch's FSDP2 "
+                             "(fp32 sharded parameters, bf16/fp16 compute, a torch optimizer; no checkpoints yet).")
     reduce_bucket_size: Optional[int] = setting(None, check=partial(check_elements, none_word="null"),
                                                 doc=_BUCKET_DOC.format(what="the gradient reduction"))
     allgather_bucket_size: Optional[int] = setting(
@@ -439,15 +437,18 @@ class ZeroConfig(Section):
                                    doc="Stage 2: reduce each gradient onto its owner only (true), or all-reduce it "
                                        "and let the other ranks drop their copy (false).")
     overlap_comm: Optional[bool] = setting(
-        None, doc="Overlap gradient reduction with backward (not done by moesaic).",
-        check=only((False, None), "moesaic reduces gradients in buckets after backward, at the accumulation "
-                                  "boundary, not overlapped with it"))
+        None, check=_opt_bool,
+        doc="Reduce gradient buckets while the accumulation boundary's backward still runs, each as soon as all its "
+            "gradients are final (launched in a fixed order, identical on every rank); the results equal the "
+            "reduction after backward. Costs up to one fp32 copy of the gradients in flight. null: false.")
     contiguous_gradients: bool = setting(
-        True, doc="Copy gradients into contiguous buffers (moesaic always reduces each bucket from one buffer).",
-        check=only((True,), "moesaic always copies each bucket of gradients into one contiguous buffer"))
+        True, check=check_bool,
+        doc="Copy gradients into contiguous buffers: moesaic always reduces each bucket from one buffer, so either "
+            "value gives the same result (false is noted).")
     round_robin_gradients: bool = setting(
-        False, doc="Round-robin gradient partitioning (moesaic assigns whole groups to owners by size).",
-        check=only((False,), "moesaic assigns each optimizer group to one owner, balanced by size"))
+        False, check=check_bool,
+        doc="Round-robin gradient partitioning (an offload speed hint): moesaic assigns whole groups to owners by "
+            "size, so either value gives the same result (true is noted).")
     allgather_partitions: bool = setting(
         True, check=check_bool,
         doc="All-gather (true) or broadcasts (false) to hand every rank the updated weights: either way every "

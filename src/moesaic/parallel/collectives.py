@@ -76,38 +76,54 @@ def reduce_gradients(grads: Sequence[Tuple[GetTensor, Callable[[Tensor], None], 
     for start, stop in _buckets(sizes, bucket_elems):
         n = sum(sizes[start:stop])
         flat = buffer[:n] if n <= buffer.numel() else torch.empty(n, dtype=torch.float32, device=device)
-        offset = 0
-        for get, _, like in grads[start:stop]:
-            g = get()
-            view = flat[offset:offset + like.numel()]
-            if g is None:
-                view.zero_()
-            else:
-                view.copy_(g.reshape(-1))  # converts to fp32 while copying
-            offset += like.numel()
+        pack_gradients(grads[start:stop], flat)
         if group is not False:
             if dst is None:
                 _call("gradient all-reduce", dist.all_reduce, flat, group=group)
             else:
                 _call(f"gradient reduce onto rank {dst}", dist.reduce, flat, dst, group=group)
             calls += 1
-        if divide_by != 1 and receive:
-            flat.div_(divide_by)
-        offset = 0
-        for get, set_, like in grads[start:stop]:
-            k = like.numel()
-            if receive:
-                g = get()
-                if g is None:
-                    g = torch.empty_like(like)
-                    g.copy_(flat[offset:offset + k].view_as(like))
-                    set_(g)
-                else:
-                    g.copy_(flat[offset:offset + k].view_as(g))
-            else:
-                set_(None)
-            offset += k
+        unpack_gradients(grads[start:stop], flat, divide_by, receive)
     return calls
+
+
+def pack_gradients(grads: Sequence[Tuple[GetTensor, Callable[[Tensor], None], Tensor]], flat: Tensor) -> None:
+    """Copy the gradients of ``grads`` (``reduce_gradients``' triples) into the fp32 ``flat``, zeros for None.
+
+    Shared by the bucketed reduction after backward and the overlapped one during it
+    (:mod:`moesaic.optim.overlap`), so both put the same values in the same places.
+    """
+    offset = 0
+    for get, _, like in grads:
+        g = get()
+        view = flat[offset:offset + like.numel()]
+        if g is None:
+            view.zero_()
+        else:
+            view.copy_(g.reshape(-1))  # converts to fp32 while copying
+        offset += like.numel()
+
+
+def unpack_gradients(grads: Sequence[Tuple[GetTensor, Callable[[Tensor], None], Tensor]], flat: Tensor,
+                     divide_by: int, receive: bool) -> None:
+    """Divide the reduced ``flat`` by ``divide_by`` and write it back into the gradients (``receive``),
+    or drop this rank's copies (``receive`` False: a stage-2 non-owner)."""
+    if divide_by != 1 and receive:
+        flat.div_(divide_by)
+    offset = 0
+    for get, set_, like in grads:
+        k = like.numel()
+        if receive:
+            g = get()
+            if g is None:
+                g = torch.empty_like(like)
+                g.copy_(flat[offset:offset + k].view_as(like))
+                set_(g)
+            else:
+                g.copy_(flat[offset:offset + k].view_as(g))
+        else:
+            set_(None)
+        offset += k
 
 
 def broadcast_tensors(tensors: Sequence[Tensor], group, src: int, *,
