@@ -80,6 +80,42 @@ class FlopsProfilerConfig(Section):
 
 
 @dataclass(frozen=True)
+class ActivationCheckpointingConfig(Section):
+    """DeepSpeed's ``activation_checkpointing`` section: how ``deepspeed.checkpointing.checkpoint`` stores inputs.
+
+    In DeepSpeed the section configures the checkpoint calls a model makes; it turns nothing on.
+    moesaic's MoE layers recompute exactly under any ``torch.utils.checkpoint`` (reentrant or
+    not), DeepSpeed's included; to choose what is recomputed use ``moesaic.apply_recompute(model,
+    policy)`` or ``train.recompute``. Each key is accepted with the value that describes what
+    torch's checkpoint does; the others are refused with the reason.
+    """
+
+    PATH = "activation_checkpointing"
+
+    partition_activations: bool = setting(
+        False, doc="Split checkpointed inputs over model-parallel ranks (moesaic has no tensor parallelism).",
+        check=only((False,), "moesaic has no tensor parallelism, so a checkpointed input has no model-parallel "
+                             "partition"))
+    cpu_checkpointing: bool = setting(
+        False, doc="Offload checkpointed inputs to the CPU (not done: they stay on the device).",
+        check=only((False,), "moesaic keeps checkpointed inputs on the device; offload them with "
+                             "torch.autograd.graph.save_on_cpu if needed"))
+    contiguous_memory_optimization: bool = setting(
+        False, doc="Copy checkpointed inputs into one preallocated buffer (not done: torch's allocator holds them).",
+        check=only((False,), "torch's caching allocator holds the checkpointed inputs; there is no contiguous buffer"))
+    number_checkpoints: Optional[int] = setting(
+        None, type_text="int or null", doc="Size of the contiguous buffer in checkpoints (only with "
+                                           "contiguous_memory_optimization, so null).",
+        check=only((None,), "it sizes the contiguous buffer of contiguous_memory_optimization, which moesaic does "
+                            "not use"))
+    synchronize_checkpoint_boundary: bool = setting(
+        False, doc="CUDA-synchronize at every checkpoint boundary (a debugging aid; not done).",
+        check=only((False,), "moesaic does not synchronize at checkpoint boundaries"))
+    profile: bool = setting(False, doc="Time the checkpoint calls (not done; use torch.profiler).",
+                            check=only((False,), "moesaic does not time checkpoint calls; use torch.profiler"))
+
+
+@dataclass(frozen=True)
 class EngineConfig(Section):
     """The whole training-engine config (DeepSpeed's keys plus ``moe``); load a dict or file with :func:`load_config`."""
 
@@ -157,6 +193,9 @@ class EngineConfig(Section):
                                                    doc="The learning-rate schedule; absent: a constant lr.")
     fp16: FP16Config = section(FP16Config, doc="fp16 training and its loss scale.")
     bf16: BF16Config = section(BF16Config, doc="bf16 training.")
+    activation_checkpointing: ActivationCheckpointingConfig = section(
+        ActivationCheckpointingConfig, doc="DeepSpeed's checkpoint-call settings (recompute itself: "
+                                           "moesaic.apply_recompute / train.recompute).")
     zero_optimization: ZeroConfig = section(ZeroConfig, doc="ZeRO optimizer-state sharding.")
     checkpoint: CheckpointConfig = section(CheckpointConfig, doc="Checkpoint tag validation.")
     flops_profiler: FlopsProfilerConfig = section(FlopsProfilerConfig, doc="DeepSpeed's FLOPs profiler.")

@@ -43,8 +43,7 @@ _NO_TP = "moesaic has no tensor, pipeline or sequence parallelism (experts are p
 #: Feature sections listed in :data:`FEATURE_SECTIONS` are accepted while ``enabled`` is false.
 REFUSED: Dict[str, Dict[str, str]] = {
     "": {
-        "activation_checkpointing": "moesaic does not rewrite the model; checkpoint activations in the model with "
-                                    "torch.utils.checkpoint",
+        "autotuning": "moesaic has no autotuner",
         "elasticity": "moesaic has no elastic batch-size search; checkpoints reload under any world size instead",
         "pipeline": _NO_TP,
         "tensor_parallel": _NO_TP,

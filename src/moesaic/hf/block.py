@@ -11,8 +11,9 @@ engine, identity, checkpoints and telemetry see an ordinary MoE layer, and adds 
 * router logits for ``output_router_logits=True``: ``transformers`` collects them with forward
   hooks on its router class, which no longer exists in the converted model, so the block hands
   its router's logits (in the dtype ``transformers``' router returns) to the same collector. The
-  model's ``aux_loss`` is then ``transformers``' own formula over moesaic's routers. The logits are
-  computed again only when they are collected;
+  model's ``aux_loss`` is then ``transformers``' own formula over moesaic's routers. They are the
+  logits the router routed with (no second matmul), so a forward and its recompute under
+  gradient checkpointing save the same tensors;
 * pads that never reach an expert: the model's forward sets each block's ``token_mask`` (a
   `(batch, seq)` 0/1 mask of the real tokens, from the ``token_mask=`` argument or else a 2-D
   ``attention_mask``; :func:`install_token_mask`), and the block routes with it as DeepSpeed's
@@ -30,6 +31,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor, nn
 
+from ..layer import recompute
 from ..layer.moe import MoE
 
 
@@ -87,14 +89,25 @@ class HFMoEBlock(MoE):
 
     def forward(self, hidden_states: Tensor):  # type: ignore[override]
         """The block's output for `(batch, seq, D)` hidden states (``(output, None)`` for GPT-OSS)."""
-        x = hidden_states
-        if self.training and self.jitter_noise > 0:
-            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-        out, _, _ = super().forward(x, self._used_token(x))
-        collect = _router_logits_list()
-        if collect is not None:
-            logits = self.gate.logits(x.reshape(-1, self.hidden_size))
-            collect.append(logits if self.logits_fp32 else logits.to(x.dtype))
+        # one recompute call around the jitter too, so a recompute draws the same noise (layer/recompute.py)
+        layer = self.deepspeed_moe
+        call, token = recompute.begin(layer, hidden_states.device)
+        try:
+            x = hidden_states
+            if self.training and self.jitter_noise > 0:
+                x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+            collect = _router_logits_list()  # None in a recompute: transformers collects in forward only
+            captured: list = []
+            layer._logits_out = captured if collect is not None else None
+            try:
+                out, _, _ = super().forward(x, self._used_token(x))
+            finally:
+                layer._logits_out = None
+            if collect is not None:  # the router's own logits: no second matmul, no extra saved tensor
+                logits = captured[0]
+                collect.append(logits if self.logits_fp32 else logits.to(x.dtype))
+        finally:
+            recompute.end(call, token, hidden_states.device)
         return (out, None) if self.returns_router_scores else out
 
     token_mask: Optional[Tensor] = None  # set by the model's forward (install_token_mask)

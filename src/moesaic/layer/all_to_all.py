@@ -253,7 +253,9 @@ class AllToAllDispatcher(Dispatcher):
         # 1. header: agreement, and the counts for my local experts
         if routing.tokens_per_expert_E.numel() != self.E:
             raise ValueError(f"routing is over {routing.tokens_per_expert_E.numel()} experts, the layer has {self.E}")
-        counts = self._exchange_header(routing, x_SD)
+        # a recompute moves the rows its first forward moved: no second count exchange
+        counts = ([list(row) for row in routing.peer_counts] if routing.peer_counts is not None
+                  else self._exchange_header(routing, x_SD))
         P, L, me, C = self.P, self.num_local_experts, self.groups.ep_rank, routing.capacity
         blocks = Blocks.build(counts, me, C)
         to_rank = routing.tokens_per_expert_E.view(P, L).sum(1).tolist()

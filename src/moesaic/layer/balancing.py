@@ -15,8 +15,8 @@ state dict (the dense checkpoint file) and shown to telemetry as ``layer.expert_
 
 The engine calls it at every optimizer step; a plain torch loop calls it after ``optimizer.step()``.
 Loads are the routes *chosen* (before any capacity drop): the demand the bias steers. A forward
-that is recomputed (activation checkpointing) counts twice, which a sign-based rule does not mind
-as long as every token is recomputed alike.
+that activation checkpointing recomputes is counted once: the recompute reuses the first forward's
+routing and leaves ``expert_load`` alone (:mod:`moesaic.layer.recompute`).
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ Shape legend: S = tokens, E = experts, D = model dim.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -27,7 +28,9 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
+from . import recompute
 from .dispatch import Dispatcher, LocalDispatcher
 from .experts import ExpertContainer
 from .router import TopKGate
@@ -74,6 +77,11 @@ class MOELayer(nn.Module):
         self.tokens_per_expert: Optional[Tensor] = None
         self.num_routes: int = 0
         self.num_dropped_routes: int = 0
+        #: recompute the experts' intermediate activations in backward (moesaic.apply_recompute(model, "experts"))
+        self.recompute_experts = False
+        self._logits_out: Optional[list] = None  # set by a caller that wants the router logits (the HF block)
+        self._replay_ids: Optional[Tensor] = None  # routes to replay (moesaic.replay_routing)
+        self._route_recorder: Optional[list] = None  # where chosen expert ids go (moesaic.record_routing)
 
     def set_dispatcher(self, dispatcher: Dispatcher) -> None:
         """Install the dispatcher that moves this layer's tokens (chosen for its process groups)."""
@@ -125,19 +133,49 @@ class MOELayer(nn.Module):
         if used_token is not None:
             used_token = _check_used_token(used_token, hidden_states, x_SD.shape[0])
 
+        # under activation checkpointing the call is recorded, and its recompute replays the record
+        # (layer/recompute.py); elsewhere call is None and nothing changes
+        call, token = recompute.begin(self, x_SD.device)
+        try:
+            return self._route_and_compute(hidden_states, x_SD, used_token, call)
+        finally:
+            recompute.end(call, token, x_SD.device)
+
+    def _route_and_compute(self, hidden_states: Tensor, x_SD: Tensor, used_token: Optional[Tensor],
+                           call: Optional[recompute.Call]) -> Tensor:
+        record = call.record if call is not None else None
+        decision = record.decision if record is not None else None
+        if decision is None and self._replay_ids is not None:  # moesaic.replay_routing (layer/replay.py)
+            decision = recompute.replay_decision(self, self._replay_ids, x_SD.shape[0], x_SD.device)
         # sequences for the sequence-level balance loss: rows of (batch, seq, D); a 2-D input is one
         num_sequences = math.prod(hidden_states.shape[:-2]) if hidden_states.dim() >= 3 else 1
-        routing = self.gate(x_SD, used_token, num_sequences=num_sequences)
+        routing = self.gate(x_SD, used_token, num_sequences=num_sequences, decision=decision,
+                            count=call is None or not call.recomputing, logits_out=self._logits_out)
+        if record is not None and record.peer_counts is not None:
+            routing = dataclasses.replace(routing, peer_counts=tuple(map(tuple, record.peer_counts)))
+        if self._route_recorder is not None and (call is None or not call.recomputing):  # moesaic.record_routing
+            self._route_recorder.append(routing.expert_ids_SK.detach().clone())
         # experts that take their pieces as one batch (stacked) get them as row blocks of one
         # tensor, from dispatchers that take the hint (a dispatcher of the older two-argument
         # interface is called as before)
         hint = {"together": True} if getattr(self.experts, "pieces_together", False) and \
             _takes_together(self.dispatcher) else {}
         pieces, meta = self.dispatcher.dispatch(x_SD, routing, **hint)
+        if call is not None and call.sinks and decision is None:
+            made = recompute.Decision.of(routing)
+            counts = getattr(getattr(meta, "blocks", None), "counts", None)
+            for sink in call.sinks:
+                sink.decision, sink.peer_counts = made, counts
         with self.dispatcher.saved_inputs(pieces, meta, **hint):
-            outputs = self.experts(pieces)
+            if getattr(self, "recompute_experts", False) and self.training and torch.is_grad_enabled():
+                # the "experts" recompute policy: keep the pieces, recompute the experts' activations
+                outputs = list(checkpoint(_run_experts, self.experts, *pieces, use_reentrant=False))
+            else:
+                outputs = self.experts(pieces)
         del pieces  # the experts' saved inputs are the only references left
         out_SD = self.dispatcher.combine(outputs, meta)
+        # the last forward's statistics are a snapshot (a recompute writes the same values, and the
+        # losses MoE.forward returns must be this call's tensors, not the first forward's)
         self._record(routing)
         return out_SD.reshape(hidden_states.shape)
 
@@ -168,6 +206,10 @@ class MOELayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"ep_group_name={self.ep_group_name!r}, ep_size={self.ep_size}, dispatcher={self.dispatcher!r}"
+
+
+def _run_experts(experts: ExpertContainer, *pieces: Tensor):
+    return tuple(experts(list(pieces)))
 
 
 @functools.lru_cache(maxsize=None)

@@ -263,6 +263,12 @@ class SavedPieces:
         return piece
 
     def __enter__(self):
+        if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+            # other saved-tensor hooks are active (activation checkpointing, which drops every
+            # saved tensor and recomputes it, or offloading): they own the experts' saved tensors.
+            # Taking over would keep the experts' activations of a checkpointed region alive.
+            self._hooks = None
+            return self
         self._hooks.__enter__()
         return self
 
@@ -270,7 +276,7 @@ class SavedPieces:
         # drop the hooks object: it holds this object's bound methods, a reference cycle that
         # kept every layer's input and routing alive until Python's cyclic collector ran
         hooks, self._hooks = self._hooks, None
-        return hooks.__exit__(*exc)
+        return hooks.__exit__(*exc) if hooks is not None else False
 
 
 def _key(t: Tensor):

@@ -286,11 +286,7 @@ def compute_routing(logits_SE: Tensor, config: RouterConfig, *, training: bool,
         raise ValueError("config.enable_expert_bias is set: pass the gate's expert_bias_E")
     k = config.k
     capacity = config.capacity(S, training)
-    if config.score_func == "softmax":
-        probs_SE = scores_SE = F.softmax(logits_SE, dim=1)
-    else:
-        scores_SE = score_tokens(logits_SE, config.score_func)
-        probs_SE = normalised_scores(scores_SE, config.score_func)
+    scores_SE, probs_SE = _scores(logits_SE, config)
     if config.default_selection:
         expert_ids_SK = select_experts(probs_SE, logits_SE, k,
                                        rsample=training and config.noisy_gate_policy == "RSample",
@@ -303,11 +299,8 @@ def compute_routing(logits_SE: Tensor, config: RouterConfig, *, training: bool,
 
     # 2. DeepSpeed counts (and balances) the routes chosen, before any are dropped
     exp_counts_E = count_routes(expert_ids_SK, E)
-    l_aux = load_balancing_loss(probs_SE, expert_ids_SK, exp_counts_E, k)
-    z_loss = router_z_loss(logits_SE, config.z_loss_coef)
-    seq_aux_loss = sequence_balance_loss(
-        probs_SE, expert_ids_SK, num_sequences, config.seq_aux_loss_coef,
-        None if used_token_S is None or not config.seq_aux_loss_coef else used_token_S.reshape(S) != 0)
+    l_aux, z_loss, seq_aux_loss = _losses(logits_SE, probs_SE, expert_ids_SK, exp_counts_E, config, used_token_S,
+                                          num_sequences)
 
     # 3. which routes survive an over-full expert, and where each kept route sits in its expert
     priority_R = route_priority(scores_SE, expert_ids_SK, capacity, config.drop_policy,
@@ -315,20 +308,94 @@ def compute_routing(logits_SE: Tensor, config: RouterConfig, *, training: bool,
     placed = place_routes(expert_ids_SK, exp_counts_E, capacity, priority_R)
 
     # 4. combine weights
-    if config.default_weights:
-        weight_N = combine_weights(scores_SE, placed.token_idx_N, placed.expert_idx_N, k)
-    elif config.norm_topk_prob is None and not config.softmax_after_topk:  # DeepSpeed's rule, then scaled
-        weight_N = combine_weights(scores_SE, placed.token_idx_N, placed.expert_idx_N, k) * config.routed_scaling_factor
-    else:
-        weight_N = topk_weights(scores_SE, logits_SE, expert_ids_SK, placed.route_N,
-                                norm_topk_prob=bool(config.norm_topk_prob),
-                                softmax_after_topk=config.softmax_after_topk,
-                                scale=config.routed_scaling_factor)
+    weight_N = _weights(scores_SE, logits_SE, expert_ids_SK, placed.token_idx_N, placed.expert_idx_N,
+                        placed.route_N, config)
     return Routing(probs_SE=probs_SE, expert_ids_SK=expert_ids_SK, token_idx_N=placed.token_idx_N,
                    expert_idx_N=placed.expert_idx_N, slot_N=placed.slot_N, weight_N=weight_N,
                    tokens_per_expert_E=placed.tokens_per_expert_E, exp_counts_E=exp_counts_E, capacity=capacity,
                    num_routes=placed.num_routes, l_aux=l_aux, z_loss=z_loss, config=config,
                    seq_aux_loss=seq_aux_loss, num_tokens=S, num_valid_tokens=placed.num_routes // k)
+
+
+def _scores(logits_SE: Tensor, config: RouterConfig):
+    """``(scores_SE, probs_SE)``: the scores routes are weighted by, and the distribution the losses read."""
+    if config.score_func == "softmax":
+        probs_SE = scores_SE = F.softmax(logits_SE, dim=1)
+    else:
+        scores_SE = score_tokens(logits_SE, config.score_func)
+        probs_SE = normalised_scores(scores_SE, config.score_func)
+    return scores_SE, probs_SE
+
+
+def _losses(logits_SE, probs_SE, expert_ids_SK, exp_counts_E, config: RouterConfig, used_token_S, num_sequences):
+    S = logits_SE.shape[0]
+    l_aux = load_balancing_loss(probs_SE, expert_ids_SK, exp_counts_E, config.k)
+    z_loss = router_z_loss(logits_SE, config.z_loss_coef)
+    seq_aux_loss = sequence_balance_loss(
+        probs_SE, expert_ids_SK, num_sequences, config.seq_aux_loss_coef,
+        None if used_token_S is None or not config.seq_aux_loss_coef else used_token_S.reshape(S) != 0)
+    return l_aux, z_loss, seq_aux_loss
+
+
+def _weights(scores_SE, logits_SE, expert_ids_SK, token_idx_N, expert_idx_N, route_N, config: RouterConfig) -> Tensor:
+    if config.default_weights:
+        return combine_weights(scores_SE, token_idx_N, expert_idx_N, config.k)
+    if config.norm_topk_prob is None and not config.softmax_after_topk:  # DeepSpeed's rule, then scaled
+        return combine_weights(scores_SE, token_idx_N, expert_idx_N, config.k) * config.routed_scaling_factor
+    return topk_weights(scores_SE, logits_SE, expert_ids_SK, route_N, norm_topk_prob=bool(config.norm_topk_prob),
+                        softmax_after_topk=config.softmax_after_topk, scale=config.routed_scaling_factor)
+
+
+def route_with_decision(logits_SE: Tensor, config: RouterConfig, decision, *, used_token_S: Optional[Tensor] = None,
+                        num_sequences: int = 1) -> Routing:
+    """A :class:`Routing` whose choices, drops and slots are ``decision``'s, with the scores, combine
+    weights and losses computed from ``logits_SE`` (so they carry the router's gradient).
+
+    With the logits and decision of a :func:`compute_routing` call, every tensor equals that call's
+    bit for bit (the same operations on the same values): what a recompute under activation
+    checkpointing runs instead of choosing again (:mod:`moesaic.layer.recompute`).
+
+    Args:
+        logits_SE: `(S, E)` fp32 router logits.
+        config: the router's options.
+        decision: a :class:`moesaic.layer.recompute.Decision`.
+        used_token_S: the `(S,)` mask the decision was made with (for the sequence-level loss).
+        num_sequences: as for :func:`compute_routing`.
+    """
+    S, E = logits_SE.shape
+    d = decision
+    if d.tokens_per_expert_E.numel() != E or (d.expert_ids_SK is not None and d.expert_ids_SK.shape[0] != S):
+        raise ValueError(f"the routing decision is for {d.tokens_per_expert_E.numel()} experts and "
+                         f"{None if d.expert_ids_SK is None else d.expert_ids_SK.shape[0]} tokens; the logits have "
+                         f"shape {tuple(logits_SE.shape)}")
+    if config.routing_type == "expert_choice":
+        scores_SE = score_tokens(logits_SE, config.score_func)
+        probs_SE = normalised_scores(scores_SE, config.score_func)
+        weight_N = scores_SE[d.token_idx_N, d.expert_idx_N]
+        if config.routed_scaling_factor != 1.0:
+            weight_N = weight_N * config.routed_scaling_factor
+        l_aux, z_loss, seq_aux_loss = (logits_SE.new_zeros(()), router_z_loss(logits_SE, config.z_loss_coef),
+                                       logits_SE.new_zeros(()))
+    else:
+        scores_SE, probs_SE = _scores(logits_SE, config)
+        l_aux, z_loss, seq_aux_loss = _losses(logits_SE, probs_SE, d.expert_ids_SK, d.exp_counts_E, config,
+                                              used_token_S, num_sequences)
+        route_N = None
+        if not config.default_weights and (config.norm_topk_prob is not None or config.softmax_after_topk):
+            route_N = route_index(d.expert_ids_SK, d.token_idx_N, d.expert_idx_N)
+        weight_N = _weights(scores_SE, logits_SE, d.expert_ids_SK, d.token_idx_N, d.expert_idx_N, route_N, config)
+    return Routing(probs_SE=probs_SE, expert_ids_SK=d.expert_ids_SK, token_idx_N=d.token_idx_N,
+                   expert_idx_N=d.expert_idx_N, slot_N=d.slot_N, weight_N=weight_N,
+                   tokens_per_expert_E=d.tokens_per_expert_E, exp_counts_E=d.exp_counts_E, capacity=d.capacity,
+                   num_routes=d.num_routes, l_aux=l_aux, z_loss=z_loss, config=config, seq_aux_loss=seq_aux_loss,
+                   num_tokens=S, num_valid_tokens=d.num_valid_tokens)
+
+
+def route_index(expert_ids_SK: Tensor, token_idx_N: Tensor, expert_idx_N: Tensor) -> Tensor:
+    """The flat index ``t * K + j`` into the `(S, K)` choices of each kept route (a token's k experts differ)."""
+    K = expert_ids_SK.shape[1]
+    j_N = (expert_ids_SK[token_idx_N] == expert_idx_N[:, None]).to(torch.int64).argmax(dim=1)
+    return token_idx_N * K + j_N
 
 
 class TopKGate(nn.Module):
@@ -415,13 +482,26 @@ class TopKGate(nn.Module):
         bias = self.wg.bias
         return F.linear(x_fp32, self.wg.weight.float(), None if bias is None else bias.float())
 
-    def forward(self, x_SD: Tensor, used_token: Optional[Tensor] = None, num_sequences: int = 1) -> Routing:
+    def forward(self, x_SD: Tensor, used_token: Optional[Tensor] = None, num_sequences: int = 1, *,
+                decision=None, count: bool = True, logits_out: Optional[list] = None) -> Routing:
         """Route the tokens of ``x_SD`` (`(S, D)`, ``num_sequences`` sequences of equal length, sequence-major);
-        ``used_token`` is an optional `(S,)` 0/1 mask."""
+        ``used_token`` is an optional `(S,)` 0/1 mask.
+
+        ``decision`` (a :class:`moesaic.layer.recompute.Decision`): reuse those choices instead of
+        choosing (recompute, replay). ``count=False``: leave ``expert_load`` alone (a recompute:
+        the first forward counted). ``logits_out``: a list the router logits are appended to.
+        """
         bias_E = self.expert_bias if self.config.enable_expert_bias else None
-        routing = compute_routing(self.logits(x_SD), self.config, training=self.training, used_token_S=used_token,
-                                  expert_bias_E=bias_E, num_sequences=num_sequences)
-        if bias_E is not None and self.training:
+        logits_SE = self.logits(x_SD)
+        if logits_out is not None:
+            logits_out.append(logits_SE)
+        if decision is None:
+            routing = compute_routing(logits_SE, self.config, training=self.training, used_token_S=used_token,
+                                      expert_bias_E=bias_E, num_sequences=num_sequences)
+        else:
+            routing = route_with_decision(logits_SE, self.config, decision, used_token_S=used_token,
+                                          num_sequences=num_sequences)
+        if bias_E is not None and self.training and count:
             # loads for the next bias update: the routes chosen, summed over the step's micro-batches
             self.expert_load += routing.exp_counts_E
         return routing

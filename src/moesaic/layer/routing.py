@@ -26,7 +26,7 @@ N = kept routes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -62,6 +62,9 @@ class Routing:
             disabled).
         num_tokens: S.
         num_valid_tokens: tokens not masked by ``used_token``.
+        peer_counts: under expert parallelism, the routes every peer sends to each local expert
+            as a first forward's header exchange found them; set only on a recompute's routing,
+            so the all-to-all dispatcher moves the same rows without exchanging counts again.
     """
 
     probs_SE: Tensor
@@ -80,6 +83,7 @@ class Routing:
     seq_aux_loss: Optional[Tensor] = None
     num_tokens: int = 0
     num_valid_tokens: int = 0
+    peer_counts: Optional[Tuple[Tuple[int, ...], ...]] = None
 
     @property
     def num_dropped(self) -> int:
@@ -140,7 +144,10 @@ def select_experts(probs_SE: Tensor, logits_SE: Tensor, k: int, *, rsample: bool
         scores_SE = scores_SE.scatter(1, first_S[:, None], float("-inf"))
         second_S = scores_SE.argmax(dim=1)
         return torch.stack([first_S, second_S], dim=1)
-    return probs_SE.topk(k, dim=1).indices
+    # detached: a choice carries no gradient, and autograd would save the indices for nothing
+    # (which a recompute that reuses the choices would not save: activation checkpointing
+    # compares the counts)
+    return probs_SE.detach().topk(k, dim=1).indices
 
 
 def mask_unused_tokens(expert_ids_SK: Tensor, used_token_S: Tensor, num_experts: int) -> Tensor:

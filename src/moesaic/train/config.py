@@ -28,6 +28,7 @@ from functools import partial
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 from .._checks import check_bool, check_choice, check_int, check_list, check_number, check_str
+from ..layer.recompute_policy import POLICIES as RECOMPUTE_POLICIES
 from .._config import Section, apply_overrides, load_source, section, setting
 from ..engine.config import EngineConfig
 from ..models.gpt import GPTConfig
@@ -113,6 +114,11 @@ class LoopConfig(Section):
                                         "every collective of every process group; under moesaic train --nproc "
                                         "N also how long a process may stop answering before the launcher "
                                         "ends the run, naming its rank.")
+    recompute: str = setting("none", check=partial(check_choice, choices=RECOMPUTE_POLICIES),
+                             doc="Activation recompute (moesaic.apply_recompute): 'none' keeps every activation; "
+                                 "'block' recomputes each transformer block in backward (keeps its input); 'moe' "
+                                 "recomputes only the MoE layers; 'experts' only the experts' hidden activations. "
+                                 "Exact: the recompute reuses the first forward's routing.")
     device: str = setting("auto", check=check_device,
                           doc="'auto' (CUDA when present, else CPU), 'cpu', 'cuda' (GPU = local rank) or "
                               "'cuda:<index>'; the model and every batch go there.")

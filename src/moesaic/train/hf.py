@@ -326,8 +326,10 @@ def run_hf(cfg: TrainConfig, hf_path: Path, out: Path, resume: bool = False, qui
         split = load_corpus(cfg.data.path, cfg.data.val_percent, cfg.data.suffixes)
         train_windows = TokenWindows(split.train, tokenizer, cfg.model.block_size, t.seed)
         val_windows = TokenWindows(split.val, tokenizer, cfg.model.block_size, t.seed)
-    # fine-tuning runs with recompute on once the layer offers it (issue 22): switch it on here, on `model`
+    # train.recompute (default "none"): fine-tuning runs usually want "block" (exact, see docs/recompute.md)
     model = moesaic.hf.load(hf_path, ep_size=cfg.model.ep_size).to(device)
+    if t.recompute != "none":
+        moesaic.apply_recompute(model, t.recompute)
     engine = initialize_engine(cfg, rank, quiet, model=model, log_dir=str(out / "logs"), telemetry_every=t.log_every)
     history: Dict = {"train": [], "val": [], "load": {}}
     earlier: List[Dict] = []  # the run's segments before this one (see .timing)

@@ -44,8 +44,13 @@ def _first(raw: dict, keys, default=None):
     return default
 
 
-def activation_elements_per_token(raw_config: dict) -> int:
-    """Elements one token saves for backward across the whole model (see module docstring)."""
+def activation_elements_per_token(raw_config: dict, recompute: str = "none") -> int:
+    """Elements one token saves for backward across the whole model (see module docstring).
+
+    ``recompute`` (``train.recompute``): "block" keeps each layer's input (D) plus one layer's
+    activations; "moe" keeps each MoE's input instead of its activations, plus one MoE's; "experts"
+    drops the experts' ``k 2 F`` but for one layer.
+    """
     D = int(raw_config["hidden_size"])
     L = int(raw_config["num_hidden_layers"])
     V = int(raw_config["vocab_size"])
@@ -57,8 +62,15 @@ def activation_elements_per_token(raw_config: dict) -> int:
     F = int(_first(raw_config, _F_KEYS, 4 * D))
     shared = int(raw_config.get("shared_expert_intermediate_size") or 0)
     shared += int(raw_config.get("n_shared_experts") or 0) * int(raw_config.get("moe_intermediate_size") or 0)
-    per_layer = 8 * D + 4 * KV * hd + 2 * E + k * (2 * F + D) + 3 * shared
-    return L * per_layer + 3 * V
+    attention = 8 * D + 4 * KV * hd
+    moe = 2 * E + k * (2 * F + D) + 3 * shared
+    if recompute == "block":
+        return L * D + attention + moe + 3 * V
+    if recompute == "moe":
+        return L * (attention + D) + moe + 3 * V
+    if recompute == "experts":
+        return L * (attention + moe - k * 2 * F) + k * 2 * F + 3 * V
+    return L * (attention + moe) + 3 * V
 
 
 def estimate(folder, cfg: TrainConfig) -> memory.MemoryEstimate:
@@ -82,7 +94,7 @@ def estimate(folder, cfg: TrainConfig) -> memory.MemoryEstimate:
     momentum = bool((dict(e.optimizer.params) if e.optimizer is not None else {}).get("momentum", 0.0))
     moments = 2 if optimizer in ("adamw", "adam") else (1 if momentum else 0)
     tokens = cfg.batch()[1] * cfg.model.block_size
-    activations = activation_elements_per_token(raw) * tokens * dtype_bytes
+    activations = activation_elements_per_token(raw, cfg.train.recompute) * tokens * dtype_bytes
     return memory.MemoryEstimate(params=params * dtype_bytes, grads=params * dtype_bytes,
                                  master=params * 4 if dtype_bytes < 4 else 0, optimizer=moments * 4 * params,
                                  activations=activations)

@@ -111,7 +111,7 @@ def memory_estimate(cfg: TrainConfig) -> memory.MemoryEstimate:
     """One process's training memory for this config (see :mod:`.memory`)."""
     e = cfg.engine
     params = dict(e.optimizer.params) if e.optimizer is not None else {}
-    return memory.estimate(cfg.model, cfg.batch()[1], dtype_bytes=2 if (e.bf16.enabled or e.fp16.enabled) else 4,
+    return memory.estimate(cfg.model, cfg.batch()[1], recompute=cfg.train.recompute, dtype_bytes=2 if (e.bf16.enabled or e.fp16.enabled) else 4,
                            optimizer=e.optimizer.type if e.optimizer is not None else "AdamW",
                            momentum=bool(params.get("momentum", 0.0)), zero_stage=e.zero_optimization.stage,
                            replicas=cfg.train.nproc)
@@ -234,6 +234,8 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False, 
     model.to(device)
     if world > 1:
         moesaic.setup_expert_parallel(model)
+    if t.recompute != "none":
+        moesaic.apply_recompute(model, t.recompute)
     log_dir = str(out / "logs")
     engine = initialize_engine(cfg, rank, quiet, model=model, model_parameters=_param_groups(model),
                                log_dir=log_dir, telemetry_every=t.log_every)

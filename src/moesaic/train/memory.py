@@ -79,8 +79,14 @@ def param_counts(model: GPTConfig) -> Tuple[int, int]:
     return dense, mlp
 
 
-def activation_elements(model: GPTConfig, micro_batch: int) -> Tuple[int, int]:
-    """``(model-dtype elements, fp32 elements)`` autograd saves for one micro-batch of ``block_size`` tokens."""
+def activation_elements(model: GPTConfig, micro_batch: int, recompute: str = "none") -> Tuple[int, int]:
+    """``(model-dtype elements, fp32 elements)`` autograd saves for one micro-batch of ``block_size`` tokens.
+
+    ``recompute`` (``train.recompute``): under "block" each block keeps only its input, plus one
+    block's activations while it is recomputed; under "moe" each MoE layer keeps only its input
+    plus one layer's activations; under "experts" each MoE layer drops its experts' hidden
+    activations (``2 F`` per route) but for one layer being recomputed.
+    """
     T = micro_batch * model.block_size
     D, F, V, H = model.n_embd, model.ffn_mult * model.n_embd, model.vocab_size, model.n_head
     # 1. per block: layer-norm inputs (2 x D), qkv (3 D), attention output (D), proj input (D), residual sums;
@@ -92,15 +98,28 @@ def activation_elements(model: GPTConfig, micro_batch: int) -> Tuple[int, int]:
     routes = model.top_k * T * (1.0 if not model.drop_tokens else min(1.0, model.capacity_factor))
     moe = int(routes * (D + 2 * F + D)) + T * D  # gathered input, fc out, GELU out, expert output; combine
     n_moe = sum(model.is_moe_block(i) for i in range(model.n_layer))
-    lowp = model.n_layer * per_block + (model.n_layer - n_moe) * dense_mlp + n_moe * moe + T * 2 * D  # + ln_f
+    hidden = int(routes * 2 * F)  # the experts' hidden activations (fc out, GELU out) of one MoE layer
+    probs = T * model.num_experts  # one MoE layer's fp32 gate probabilities
+    if recompute == "block":  # block inputs kept; one block's activations live while it is recomputed
+        lowp = model.n_layer * T * D + per_block + (moe if n_moe else dense_mlp) + T * 2 * D
+        fp32 = T * V + (probs if n_moe else 0)
+    elif recompute == "moe":  # MoE layers keep their input; one is recomputed at a time
+        lowp = model.n_layer * per_block + (model.n_layer - n_moe) * dense_mlp + n_moe * T * D + \
+            (moe if n_moe else 0) + T * 2 * D
+        fp32 = T * V + (probs if n_moe else 0)
+    else:
+        if recompute == "experts":  # one layer's hidden activations at a time
+            moe -= hidden
+        lowp = model.n_layer * per_block + (model.n_layer - n_moe) * dense_mlp + n_moe * moe + T * 2 * D  # + ln_f
+        lowp += hidden if recompute == "experts" and n_moe else 0
+        fp32 = n_moe * probs + T * V  # gate probabilities (fp32 router); log-softmax
     # 3. the LM head: logits, and the fp32 log-softmax the loss keeps
-    fp32 = T * V + n_moe * T * model.num_experts  # log-softmax; gate probabilities (fp32 router)
     lowp += T * V
     return lowp, fp32
 
 
 def estimate(model: GPTConfig, micro_batch: int, *, dtype_bytes: int = 4, optimizer: str = "AdamW",
-             momentum: bool = False, zero_stage: int = 0, replicas: int = 1) -> MemoryEstimate:
+             momentum: bool = False, zero_stage: int = 0, replicas: int = 1, recompute: str = "none") -> MemoryEstimate:
     """Estimate one process's training memory (see the module docstring).
 
     Args:
@@ -111,6 +130,7 @@ def estimate(model: GPTConfig, micro_batch: int, *, dtype_bytes: int = 4, optimi
         momentum: SGD's momentum is not zero.
         zero_stage: ZeRO stage; >= 1 shards the dense optimizer state over ``replicas``.
         replicas: processes holding a copy of the dense parameters (the world size).
+        recompute: the recompute policy (``train.recompute``).
     """
     if micro_batch < 1:
         raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
@@ -119,7 +139,7 @@ def estimate(model: GPTConfig, micro_batch: int, *, dtype_bytes: int = 4, optimi
     params = dense + n_moe * per_expert * (model.num_experts // model.ep_size)
     moments = 2 if optimizer.lower() in ("adamw", "adam") else (1 if momentum else 0)
     sharded = dense * (1 - 1 / replicas) if zero_stage >= 1 else 0
-    lowp, fp32 = activation_elements(model, micro_batch)
+    lowp, fp32 = activation_elements(model, micro_batch, recompute)
     return MemoryEstimate(params=params * dtype_bytes, grads=params * dtype_bytes,
                           master=params * 4 if dtype_bytes < 4 else 0,
                           optimizer=int(moments * 4 * (params - sharded)),

@@ -1,0 +1,269 @@
+"""Exact recompute: an MoE layer run again by activation checkpointing computes what it first computed.
+
+Activation checkpointing (``torch.utils.checkpoint``, reentrant or not, ``transformers``'
+``gradient_checkpointing_enable``, DeepSpeed's ``checkpointing.checkpoint``) throws a region's
+activations away in forward and runs the region again in backward. A router is not a pure
+function of its input: noise (Jitter, RSample, 2nd-expert sampling, random token selection)
+draws from the RNG, near-ties flip under non-deterministic kernels, and a forward has side
+effects (the aux-loss-free ``expert_load``, the layer's statistics). So this module records, for
+every MoE call made inside a checkpointed region, the routing *decision* (expert ids, kept routes,
+slots, capacity, counts, the expert-parallel header) and the RNG state around the call, on the
+checkpoint's own bookkeeping object; the recompute of that region takes the records back in the
+same order:
+
+* the decision is reused, never re-drawn (:func:`moesaic.layer.router.route_with_decision`
+  recomputes only the differentiable parts: scores, combine weights, losses);
+* the RNG state at the call is restored, so Jitter noise (which changes the router logits and
+  so the weights), Mixtral's input jitter and an expert's dropout draw the same numbers, and the
+  state after the call is restored too, so the rest of the region draws what it drew;
+* side effects happen once: ``expert_load``, the layer's last-forward statistics;
+* under expert parallelism the recompute reuses the routes-per-peer header: no second count
+  exchange.
+
+**Where the record lives.** A non-reentrant checkpoint's region is a ``_CheckpointFrame``; in
+forward, the innermost one is reached through the saved-tensor hook it pushed (outer ones that
+were started with ``torch.utils.checkpoint.checkpoint`` through the Python stack), and its
+recompute runs inside its ``unpack_hook`` (on the stack). A reentrant checkpoint
+(``CheckpointFunction``, torch's or DeepSpeed's) runs its region inside its ``forward(ctx, ...)``
+and again inside ``backward(ctx, ...)``: the ``ctx`` is found on the stack. Records are stored as
+an attribute of that frame or ``ctx``, so they live exactly as long as the checkpoint can
+recompute. A recompute walks its records with a cursor per backward pass, so a second backward
+(``retain_graph=True``) and early-stopped recomputes start over, and a nested checkpoint run by
+an outer recompute records into its own new region. A region with no record for a call (the
+region's forward ran where no checkpoint could be seen, e.g. inside a user's own saved-tensor
+hooks) re-routes with its side effects skipped and warns once.
+
+Nothing here runs outside a checkpointed region: a plain forward computes, and costs, what it did.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import sys
+import types
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.utils import checkpoint as _ckpt
+
+_TAPE_ATTR = "_moesaic_routes"
+
+
+def _nested_code(fn, name: str) -> Optional[types.CodeType]:
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return None
+    return next((c for c in code.co_consts if isinstance(c, types.CodeType) and c.co_name == name), None)
+
+
+_HOOK_INIT = getattr(getattr(_ckpt, "_checkpoint_hook", None), "__init__", None)
+_PACK_CODE = _nested_code(_HOOK_INIT, "pack_hook")          # non-reentrant forward: the frame's pack hook
+_UNPACK_CODE = _nested_code(_HOOK_INIT, "unpack_hook")      # non-reentrant recompute runs inside it
+_CKPT_FILE = getattr(_ckpt, "__file__", None)
+
+
+@dataclass
+class Decision:
+    """One MoE call's routing decision: what a recompute reuses (all index tensors, no gradient)."""
+
+    expert_ids_SK: Optional[Tensor]
+    token_idx_N: Tensor
+    expert_idx_N: Tensor
+    slot_N: Tensor
+    tokens_per_expert_E: Tensor
+    exp_counts_E: Tensor
+    capacity: Optional[int]
+    num_routes: int
+    num_valid_tokens: int
+
+    @classmethod
+    def of(cls, routing) -> "Decision":
+        return cls(routing.expert_ids_SK, routing.token_idx_N, routing.expert_idx_N, routing.slot_N,
+                   routing.tokens_per_expert_E, routing.exp_counts_E, routing.capacity, routing.num_routes,
+                   routing.num_valid_tokens)
+
+
+@dataclass
+class Record:
+    """What one MoE call in a checkpointed region leaves for its recompute."""
+
+    layer: Any  # weakref to the MOELayer
+    rng_before: Optional[Tuple] = None
+    rng_after: Optional[Tuple] = None
+    decision: Optional[Decision] = None
+    peer_counts: Optional[List[List[int]]] = None  # the expert-parallel header's routes per peer expert
+
+
+@dataclass
+class _Tape:
+    records: List[Record] = field(default_factory=list)
+    cursor_key: Any = None
+    cursor: int = 0
+
+
+@dataclass
+class Call:
+    """The recompute state of the running MoE call (one per call, the outermost MoE module's)."""
+
+    layer: Any
+    record: Optional[Record] = None   # the record being replayed (recompute) or None
+    recomputing: bool = False         # inside a recompute: no side effects
+    sinks: List[Record] = field(default_factory=list)  # records being written (forward under a checkpoint)
+
+
+_ACTIVE: contextvars.ContextVar[Optional[Call]] = contextvars.ContextVar("moesaic_moe_call", default=None)
+_warned = [False]
+
+
+def _is_ckpt_ctx(frame) -> Any:
+    """The ``ctx`` of a reentrant ``CheckpointFunction`` (torch's, DeepSpeed's, Megatron's) forward/backward frame."""
+    code = frame.f_code
+    if code.co_name not in ("forward", "backward") or "ctx" not in code.co_varnames:
+        return None
+    ctx = frame.f_locals.get("ctx")
+    return ctx if type(ctx).__name__ == "CheckpointFunctionBackward" else None
+
+
+def _scan() -> Tuple[Optional[Tuple[Any, Any]], List[Any]]:
+    """``(source, sinks)``: the innermost checkpoint region being recomputed (its key object and
+    the id of this recompute pass) and the regions whose forward is running, innermost first."""
+    sinks: List[Any] = []
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if hooks is not None and _PACK_CODE is not None and getattr(hooks[0], "__code__", None) is _PACK_CODE:
+        cell = dict(zip(_PACK_CODE.co_freevars, hooks[0].__closure__ or ())).get("frame")
+        if cell is not None:
+            sinks.append(cell.cell_contents)
+    frame = sys._getframe(2)
+    while frame is not None:
+        code = frame.f_code
+        if code is _UNPACK_CODE:
+            ckpt_frame = frame.f_locals.get("frame")
+            if ckpt_frame is not None:
+                return (ckpt_frame, (id(frame), frame.f_locals.get("gid"))), sinks
+        elif code.co_name == "checkpoint" and code.co_filename == _CKPT_FILE and "gen" in code.co_varnames:
+            gen = frame.f_locals.get("gen")
+            gen_frame = getattr(gen, "gi_frame", None)
+            new_frame = gen_frame.f_locals.get("new_frame") if gen_frame is not None else None
+            if new_frame is not None and not any(s is new_frame for s in sinks):
+                sinks.append(new_frame)
+        else:
+            ctx = _is_ckpt_ctx(frame)
+            if ctx is not None:
+                if code.co_name == "backward":
+                    return (ctx, (id(frame), torch._C._current_graph_task_id())), sinks
+                if not any(s is ctx for s in sinks):
+                    sinks.append(ctx)
+        frame = frame.f_back
+    return None, sinks
+
+
+def _tape(owner) -> _Tape:
+    tape = getattr(owner, _TAPE_ATTR, None)
+    if tape is None:
+        tape = _Tape()
+        setattr(owner, _TAPE_ATTR, tape)
+    return tape
+
+
+def _rng_state(device: torch.device) -> Tuple:
+    cpu = torch.get_rng_state()
+    if device.type == "cuda":
+        return cpu, device, torch.cuda.get_rng_state(device)
+    return cpu, None, None
+
+
+def _set_rng_state(state: Tuple) -> None:
+    cpu, device, dev_state = state
+    torch.set_rng_state(cpu)
+    if device is not None:
+        torch.cuda.set_rng_state(dev_state, device)
+
+
+def begin(layer, device: torch.device) -> Tuple[Optional[Call], Any]:
+    """Open the call of ``layer`` (an ``MOELayer``) unless one is open; returns ``(call, token)``.
+
+    ``call`` is None outside any checkpointed region (the plain path, nothing recorded). A token
+    that is not None must be passed to :func:`end`.
+    """
+    active = _ACTIVE.get()
+    if active is not None and active.layer is layer:
+        return active, None
+    if not torch.is_grad_enabled() and not layer.training:
+        return None, None  # evaluation without autograd: deterministic, nothing to recompute
+    source, sink_owners = _scan()
+    if source is None and not sink_owners:
+        return None, None
+    call = Call(layer=layer)
+    if source is not None:
+        call.recomputing = True
+        owner, pass_key = source
+        tape = getattr(owner, _TAPE_ATTR, None)
+        record = None
+        if tape is not None:
+            if tape.cursor_key != pass_key:
+                tape.cursor_key, tape.cursor = pass_key, 0
+            if tape.cursor < len(tape.records):
+                record = tape.records[tape.cursor]
+                if record.layer() is not layer:
+                    raise RuntimeError(
+                        f"moesaic recompute: the checkpointed region's MoE calls came in another order in its "
+                        f"recompute (expected layer {getattr(record.layer(), 'ep_group_name', None)!r}, got "
+                        f"{layer.ep_group_name!r}); a checkpointed function must call its MoE layers in the same "
+                        "order every time it runs")
+                tape.cursor += 1
+        if record is None and not _warned[0]:
+            _warned[0] = True
+            warnings.warn(f"moesaic recompute: MoE layer {layer.ep_group_name!r} is recomputed but its first forward "
+                          "left no routing record (it ran where no checkpoint could be seen, e.g. inside other "
+                          "saved-tensor hooks); its routing is computed again, side effects skipped", stacklevel=3)
+        call.record = record
+        if record is not None and record.rng_before is not None:
+            _set_rng_state(record.rng_before)
+    if sink_owners:
+        rng = call.record.rng_before if call.record is not None else _rng_state(device)
+        new = Record(layer=weakref.ref(layer), rng_before=rng)
+        if call.record is not None:
+            new.decision, new.peer_counts = call.record.decision, call.record.peer_counts
+        for owner in sink_owners:
+            _tape(owner).records.append(new)
+        call.sinks.append(new)
+    return call, _ACTIVE.set(call)
+
+
+def end(call: Optional[Call], token, device: torch.device) -> None:
+    """Close a call opened by :func:`begin` (restores the RNG state the first forward left)."""
+    if token is None:
+        return
+    _ACTIVE.reset(token)
+    if call.record is not None and call.record.rng_after is not None:
+        _set_rng_state(call.record.rng_after)
+        after = call.record.rng_after
+    else:
+        after = _rng_state(device) if call.sinks else None
+    for record in call.sinks:
+        record.rng_after = after
+
+
+def active(layer) -> Optional[Call]:
+    """The open call of ``layer``, or None."""
+    call = _ACTIVE.get()
+    return call if call is not None and call.layer is layer else None
+
+
+def replay_decision(layer, ids: Tensor, num_tokens: int, device: torch.device):
+    """The dropless :class:`~moesaic.layer.recompute.Decision` that sends token t to ``ids[t]`` (``layer``: an MOELayer)."""
+    from .routing import count_routes, place_routes  # routing.py imports nothing of this module
+
+    if ids.shape[0] != num_tokens:
+        raise ValueError(f"replay_routing: MoE layer {layer.ep_group_name!r} got {num_tokens} tokens but its routes "
+                         f"have shape {tuple(ids.shape)}: the routes were recorded for another batch")
+    ids = ids.to(device)
+    E = layer.gate.config.num_experts
+    exp_counts = count_routes(ids, E)
+    placed = place_routes(ids, exp_counts, None, None)
+    return Decision(ids, placed.token_idx_N, placed.expert_idx_N, placed.slot_N, placed.tokens_per_expert_E,
+                    exp_counts, None, placed.num_routes, placed.num_routes // ids.shape[1])

@@ -1,0 +1,134 @@
+"""Routing replay: record which experts a forward chose, and make a later forward choose them again.
+
+Reinforcement learning on an MoE model computes a policy ratio between the rollout's forward and the
+trainer's; if the trainer's routers pick other experts than the rollout did, the ratio compares
+different networks. ``record_routing`` collects each MoE layer's chosen expert ids ``(S, k)`` of a
+forward; ``replay_routing`` makes later forwards (weights changed in between, train mode, any
+``ep_size``) send every token to exactly those experts::
+
+    with moesaic.record_routing(model) as routes:      # {layer name: LongTensor (S, k)}
+        model(batch)
+    routes.save("routes.safetensors")                   # keyed by layer name
+    ...                                                 # optimizer steps
+    with moesaic.replay_routing(model, Routes.load("routes.safetensors")):
+        loss = model(batch) ...                         # same experts for 100% of tokens
+
+Under replay the combine weights are computed by the *current* router at the recorded experts,
+so the router still gets gradients; the weights follow the layer's own rule (DeepSpeed's: k=1 the
+raw probability, k>=2 renormalised over the token's k experts; ``norm_topk_prob=True``: divided by
+the sum of the k scores; ``softmax_after_topk``: softmax over the k logits; sigmoid scores and
+``routed_scaling_factor`` as configured). Nothing is dropped: a replayed forward is dropless
+whatever the capacity factor (the recorded routes are the ones wanted). Losses (``l_aux``, the
+sequence loss) are computed at the recorded experts. Routes from elsewhere (an inference engine's
+per-token expert ids) are a ``{layer name: LongTensor (S, k)}`` dict. Expert-choice routing has
+no per-token k and is refused. Bad routes are an error naming the layer and the shapes; nothing
+is re-routed silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Dict, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .moe import moe_layers
+
+
+class Routes(dict):
+    """``{layer name: LongTensor (S, k)}``: the experts each token of a forward was sent to."""
+
+    def save(self, path) -> None:
+        """Write the routes as a safetensors file keyed by layer name."""
+        from safetensors.torch import save_file
+        save_file({name: t.detach().to("cpu", torch.int64).contiguous() for name, t in self.items()}, os.fspath(path))
+
+    @classmethod
+    def load(cls, path) -> "Routes":
+        """Read routes written by :meth:`save` (or any safetensors file of int64 `(S, k)` tensors)."""
+        from safetensors.torch import load_file
+        return cls(load_file(os.fspath(path)))
+
+
+def _layers(model: nn.Module, what: str) -> Dict[str, object]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    layers = {name: layer for name, (_, layer) in moe_layers(model).items()}
+    if not layers:
+        raise ValueError(f"{what}: the model ({type(model).__name__}) has no moesaic MoE layers")
+    for name, layer in layers.items():
+        if layer.gate.config.routing_type == "expert_choice":
+            raise ValueError(f"{what}: MoE layer {name!r} uses routing_type='expert_choice', where a token has no "
+                             "fixed k experts to record or replay; use token-choice routing")
+    return layers
+
+
+@contextlib.contextmanager
+def record_routing(model: nn.Module) -> Iterator[Routes]:
+    """Collect each MoE layer's chosen expert ids `(S, k)` of the forwards run inside (see module docstring).
+
+    Several forwards inside one context concatenate their tokens in call order. A recompute under
+    activation checkpointing adds nothing.
+    """
+    layers = _layers(model, "record_routing")
+    routes = Routes()
+    parts: Dict[str, list] = {name: [] for name in layers}
+    for name, layer in layers.items():
+        layer.deepspeed_moe._route_recorder = parts[name]
+    try:
+        yield routes
+    finally:
+        for layer in layers.values():
+            layer.deepspeed_moe._route_recorder = None
+        for name, chunks in parts.items():
+            if chunks:
+                routes[name] = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+
+
+def check_routes(routes: Mapping[str, Tensor], layers: Mapping[str, object]) -> None:
+    """Every name a layer of the model, every value an int64 `(S, k)` tensor of valid expert ids."""
+    if not isinstance(routes, Mapping):
+        raise TypeError(f"routes must be a {{layer name: LongTensor (S, k)}} dict, got {type(routes).__name__}")
+    unknown = sorted(set(routes) - set(layers))
+    if unknown:
+        raise ValueError(f"replay_routing: routes name {unknown}, which are not MoE layers of the model; its layers "
+                         f"are {sorted(layers)}")
+    for name, ids in routes.items():
+        layer = layers[name]
+        k, E = layer.gate.config.k, layer.gate.config.num_experts
+        if not isinstance(ids, Tensor) or ids.dtype != torch.int64:
+            got = ids.dtype if isinstance(ids, Tensor) else type(ids).__name__
+            raise TypeError(f"replay_routing: routes[{name!r}] must be a LongTensor (int64) of shape (S, {k}), got {got}")
+        if ids.dim() != 2 or ids.shape[1] != k:
+            raise ValueError(f"replay_routing: routes[{name!r}] has shape {tuple(ids.shape)}; layer {name!r} routes "
+                             f"each token to k={k} experts, so it must be (S, {k})")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= E):
+            raise ValueError(f"replay_routing: routes[{name!r}] holds expert ids in [{int(ids.min())}, "
+                             f"{int(ids.max())}]; layer {name!r} has experts 0..{E - 1}")
+        if ids.shape[0] and bool((ids.sort(dim=1).values[:, 1:] == ids.sort(dim=1).values[:, :-1]).any()):
+            raise ValueError(f"replay_routing: routes[{name!r}] sends a token to the same expert twice; a token's "
+                             f"{k} experts must differ")
+
+
+@contextlib.contextmanager
+def replay_routing(model: nn.Module, routes: Mapping[str, Tensor]):
+    """Make the forwards run inside route every token to ``routes``' experts (see module docstring).
+
+    Layers not named in ``routes`` route as usual. At each forward, a layer whose token count differs
+    from its routes' ``S`` raises a ValueError naming the layer and both shapes.
+    """
+    layers = _layers(model, "replay_routing")
+    check_routes(routes, layers)
+    for name, ids in routes.items():
+        layers[name].deepspeed_moe._replay_ids = ids
+    try:
+        yield
+    finally:
+        for name in routes:
+            layers[name].deepspeed_moe._replay_ids = None
+
+
+__all__ = ["Routes", "record_routing", "replay_routing", "check_routes"]
+
