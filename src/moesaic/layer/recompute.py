@@ -183,6 +183,7 @@ def _set_rng_state(state: Tuple) -> None:
         torch.cuda.set_rng_state(dev_state, device)
 
 
+@torch.compiler.disable  # stack and hook inspection: run eagerly under torch.compile (a graph break)
 def begin(layer, device: torch.device) -> Tuple[Optional[Call], Any]:
     """Open the call of ``layer`` (an ``MOELayer``) unless one is open; returns ``(call, token)``.
 
@@ -234,6 +235,7 @@ def begin(layer, device: torch.device) -> Tuple[Optional[Call], Any]:
     return call, _ACTIVE.set(call)
 
 
+@torch.compiler.disable  # stack and hook inspection: run eagerly under torch.compile (a graph break)
 def end(call: Optional[Call], token, device: torch.device) -> None:
     """Close a call opened by :func:`begin` (restores the RNG state the first forward left)."""
     if token is None:
@@ -248,6 +250,7 @@ def end(call: Optional[Call], token, device: torch.device) -> None:
         record.rng_after = after
 
 
+@torch.compiler.disable  # stack and hook inspection: run eagerly under torch.compile (a graph break)
 def active(layer) -> Optional[Call]:
     """The open call of ``layer``, or None."""
     call = _ACTIVE.get()
