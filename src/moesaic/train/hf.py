@@ -32,6 +32,7 @@ rather than silently ignored. Without a config file :data:`HF_DEFAULTS` apply.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -193,19 +194,8 @@ def _train_step(engine, model, train_windows: "TokenWindows", val_windows: "Toke
         history["load"].setdefault(name, []).append([step] + list(figures["tokens_per_expert"]))
     if rank == 0 and not quiet:
         print(f"step {step}/{t.steps}: loss {step_loss:.4f} aux {step_aux:.4f}", flush=True)
-    if step % t.eval_every == 0 or step == t.steps:
-        phase(f"evaluation after step {step}")
-        val = _evaluate(engine, val_windows, t.eval_batches, micro, device)
-        history["val"].append([step, val])
-        engine.log_metrics({"val": {"loss": val}})
-        if rank == 0 and not quiet:
-            print(f"step {step}: val loss {val:.4f}", flush=True)
-    phase(f"the stop agreement after step {step}")
-    signum, late = stop.agree(deadline is not None and time.monotonic() > deadline, device)
-    saved = None
-    if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps or signum or late:
-        saved = save(step)
-    return signum, late, saved
+    evaluate = functools.partial(_evaluate, engine, val_windows, t.eval_batches, micro, device)
+    return _end_step(engine, step, evaluate, history, cfg, rank, quiet, stop, deadline, save, device)
 
 
 def _check_block_size(hf_path: Path, block_size: int) -> None:
@@ -268,9 +258,18 @@ def _sft_step(engine, data: Dict, history: Dict, cfg: TrainConfig, micro: int, a
         print(f"step {step}/{t.steps}: loss {f.loss:.4f} aux {f.aux:.4f} | {f.real * world / seconds:.0f} tok/s, "
               f"{f.targets / seconds:.0f} answer tok/s, padding efficiency {100 * f.real / max(f.computed, 1):.1f}%",
               flush=True)
+    evaluate = functools.partial(sft.evaluate, engine, data["val_rows"], data["val"], t.eval_batches, micro,
+                                 data["packing"])
+    return _end_step(engine, step, evaluate, history, cfg, rank, quiet, stop, deadline, save, device)
+
+
+def _end_step(engine, step: int, evaluate, history: Dict, cfg: TrainConfig, rank: int, quiet: bool,
+              stop: StopRequest, deadline: Optional[float], save, device):
+    """After a step of either kind: evaluation when due, the ranks' stop agreement, a checkpoint when due."""
+    t = cfg.train
     if step % t.eval_every == 0 or step == t.steps:
         phase(f"evaluation after step {step}")
-        val = sft.evaluate(engine, data["val_rows"], data["val"], t.eval_batches, micro, data["packing"])
+        val = evaluate()
         history["val"].append([step, val])
         engine.log_metrics({"val": {"loss": val}})
         if rank == 0 and not quiet:
