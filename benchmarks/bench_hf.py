@@ -127,15 +127,19 @@ def worker(name: str, folder: str, mode: str, steps: int, warmup: int, batch: in
             "experts_implementation": getattr(model.config, "_experts_implementation", None)}
 
 
-def _spawn(name, folder, mode, args) -> dict:
+def run_worker(script: str, name: str, folder, mode: str, worker_args) -> dict:
+    """Run ``script --worker name`` in a fresh process (allocator set for ``mode``); its last stdout line as JSON."""
     env = dict(os.environ, **(KEEP_MEMORY_ENV if mode == "time" else RETURN_MEMORY_ENV))
-    cmd = [sys.executable, __file__, "--worker", name, "--folder", str(folder), "--mode", mode,
-           "--steps", str(args.steps if mode == "time" else 4), "--warmup", str(args.warmup),
-           "--batch", str(args.batch), "--seq", str(args.seq)]
+    cmd = [sys.executable, script, "--worker", name, "--folder", str(folder), "--mode", mode, *map(str, worker_args)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{name} {mode} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _spawn(name, folder, mode, args) -> dict:
+    return run_worker(__file__, name, folder, mode, ["--steps", args.steps if mode == "time" else 4,
+                                                     "--warmup", args.warmup, "--batch", args.batch, "--seq", args.seq])
 
 
 def main() -> None:

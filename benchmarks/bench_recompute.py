@@ -19,7 +19,6 @@ that assumes activations grow linearly with the batch. Speed: tokens/s over ``--
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_hf import KEEP_MEMORY_ENV, RETURN_MEMORY_ENV, _kib, build_folder  # noqa: E402
+from bench_hf import _kib, build_folder, run_worker  # noqa: E402
 
 CONTENDERS = ("moesaic", "moesaic-block", "hf-gc", "moesaic-moe", "moesaic-experts", "hf")
 WARMUP = int(os.environ.get("BENCH_WARMUP", 2))  # steps before the measured one (AdamW's state exists after the first)
@@ -83,13 +82,7 @@ def worker(name, folder, mode, steps, batch, seq) -> dict:
 
 
 def _spawn(name, folder, mode, args) -> dict:
-    env = dict(os.environ, **(KEEP_MEMORY_ENV if mode == "time" else RETURN_MEMORY_ENV))
-    cmd = [sys.executable, __file__, "--worker", name, "--folder", str(folder), "--mode", mode,
-           "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"{name} {mode} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, name, folder, mode, ["--steps", args.steps, "--batch", args.batch, "--seq", args.seq])
 
 
 def main() -> None:

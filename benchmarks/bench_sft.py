@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,9 +42,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-KEEP_MEMORY_ENV = {"MALLOC_TRIM_THRESHOLD_": "100000000000", "MALLOC_TOP_PAD_": "1000000000",
-                   "MALLOC_MMAP_THRESHOLD_": "4000000000"}
-RETURN_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_hf import run_worker  # noqa: E402  (fresh worker processes with the allocator set per mode)
+
 CONTENDERS = ("hf-padded", "moesaic-packed")
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -165,14 +165,8 @@ def worker(name: str, folder: str, mode: str, steps: int, warmup: int, batch: in
 
 
 def _spawn(name, folder, mode, args) -> dict:
-    env = dict(os.environ, **(KEEP_MEMORY_ENV if mode == "time" else RETURN_MEMORY_ENV))
-    cmd = [sys.executable, __file__, "--worker", name, "--folder", str(folder), "--mode", mode,
-           "--steps", str(args.steps if mode == "time" else 4), "--warmup", str(args.warmup),
-           "--batch", str(args.batch), "--seq", str(args.seq)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"{name} {mode} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, name, folder, mode, ["--steps", args.steps if mode == "time" else 4,
+                                                     "--warmup", args.warmup, "--batch", args.batch, "--seq", args.seq])
 
 
 def main() -> None:
