@@ -185,7 +185,7 @@ def _build_zero3(model: nn.Module, cfg: EngineConfig):
     groups = build_zero3_groups(model, index, split_by=moe.split_by, lr_scale=moe.lr_scale,
                                 freeze=moe.freeze_experts)
     kind, defaults = cfg.optimizer.update()
-    return Zero3Optimizer(groups, kind, defaults)
+    return Zero3Optimizer(groups, kind, defaults, index=index)
 
 
 def _check_same_parameters(optimizer, model_parameters) -> None:
