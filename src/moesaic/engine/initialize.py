@@ -175,15 +175,37 @@ def _check_zero3(cfg: EngineConfig, model: nn.Module, optimizer, dist_init_requi
     check_shardable(model, world)
 
 
-def _build_zero3(model: nn.Module, cfg: EngineConfig):
-    """Shard the model (EP + FSDP2) and build the torch optimizer over moesaic's named groups."""
+def _build_zero3(model: nn.Module, cfg: EngineConfig, model_parameters=None):
+    """Shard the model (EP + FSDP2) and build the torch optimizer over moesaic's named groups.
+
+    ``model_parameters`` (the client's base groups, e.g. weight decay on matrices only) are kept
+    by parameter name across the sharding, which replaces every parameter object.
+    """
+    base = None
+    if model_parameters is not None:
+        names = {id(p): n for n, p in model.named_parameters()}
+        items = list(model_parameters)
+        groups_in = items if items and isinstance(items[0], dict) else [{"params": items}]
+        base = []
+        for gi, g in enumerate(groups_in):
+            if not isinstance(g, dict) or "params" not in g:
+                raise TypeError(f"model_parameters[{gi}] must be a dict with 'params' (or pass a list of tensors)")
+            params = [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])
+            missing = [tuple(p.shape) for p in params if id(p) not in names]
+            if missing:
+                raise ValueError(f"model_parameters[{gi}] holds tensors of shapes {missing[:3]} that are not "
+                                 "parameters of the model")
+            base.append({**g, "params": [names[id(p)] for p in params]})
     param_dtype = torch.bfloat16 if cfg.bf16.enabled else torch.float16 if cfg.fp16.enabled else None
     shard_model(model, param_dtype=param_dtype, reduce_dtype=torch.float32,
                 use_data_before_expert_parallel_=cfg.use_data_before_expert_parallelism)
     index = ExpertIndex.build(model)  # FSDP2 made new Parameter objects
+    if base is not None:
+        by_name = dict(model.named_parameters())
+        base = [{**g, "params": [by_name[n] for n in g["params"]]} for g in base]
     moe = cfg.moe
     groups = build_zero3_groups(model, index, split_by=moe.split_by, lr_scale=moe.lr_scale,
-                                freeze=moe.freeze_experts)
+                                freeze=moe.freeze_experts, base=base)
     kind, defaults = cfg.optimizer.update()
     return Zero3Optimizer(groups, kind, defaults, index=index)
 
@@ -303,7 +325,7 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: A
     sync_replicas(index, cfg.to_dict(), device)
     # 4-5. optimizer and schedule
     if stage3:
-        opt, client, index = _build_zero3(model, cfg), None, None
+        opt, client, index = _build_zero3(model, cfg, model_parameters), None, None
     else:
         opt, client = _build_optimizer(model, index, cfg, optimizer, model_parameters, raw)
     scheduler = _build_scheduler(cfg, raw, lr_scheduler, client.opt if client is not None else opt)

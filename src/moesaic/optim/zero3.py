@@ -13,7 +13,9 @@ engine's optimizer is small, and this module holds it:
 * :class:`Zero3Pipeline`: the boundary step with the engine's :class:`~moesaic.optim.pipeline.StepPipeline`
   interface: the exact global norm over both meshes (:func:`~moesaic.optim.fsdp.grad_norm`), a
   skip on a non-finite gradient anywhere (fp16 loss scaling), unscale and clip in one
-  multiplication, the step.
+  multiplication, the step; with ``want_stats`` (the engine's telemetry steps) every group's
+  ``grad_norm``, ``param_norm`` and ``update_ratio`` as stages 0-2 report them, over the whole
+  sharded tensors (one all-reduce of the local sums of squares).
 """
 
 from __future__ import annotations
@@ -37,17 +39,23 @@ _TORCH = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam, "SGD": torch.opt
 
 def build_zero3_groups(model: nn.Module, index: ExpertIndex, *, split_by: str = "expert",
                        lr_scale: Optional[Dict[str, float]] = None,
-                       freeze: Sequence[Union[int, str]] = ()) -> List[Dict[str, Any]]:
-    """Named groups of whole (sharded) parameters: dense, then per expert or per layer (see module docstring)."""
+                       freeze: Sequence[Union[int, str]] = (),
+                       base: Optional[List[Dict[str, Any]]] = None) -> List[Dict[str, Any]]:
+    """Named groups of whole (sharded) parameters: dense, then per expert or per layer (see module docstring).
+
+    ``base``: the client's groups over the sharded parameters (each with its own settings, e.g.
+    ``weight_decay``); default one group ``"params"`` of every parameter.
+    """
     if lr_scale:
         _check_lr_scale(lr_scale, index)
     if freeze:
         freeze_experts(model, list(freeze), index)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
+    if base is None:
+        base = [{"params": list(model.parameters()), "name": "params"}]
+    base = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in base]
+    if not any(g["params"] for g in base):
         raise ValueError("the model has no trainable parameters")
-    groups = split_params_into_different_moe_groups_for_optimizer({"params": trainable, "name": "params"},
-                                                                  max_group_size=None, split_by=split_by,
+    groups = split_params_into_different_moe_groups_for_optimizer(base, max_group_size=None, split_by=split_by,
                                                                   stacked="whole")
     groups = [g for g in groups if g["params"]]
     for g in groups:
@@ -290,9 +298,50 @@ class Zero3Pipeline:
             grads = [local_tensor(p.grad) for p in params if p.grad is not None]
             if grads:
                 torch._foreach_mul_(grads, 1.0 / combined)
+        before = self._stats_before() if want_stats else None
         self.optimizer.step()
+        self._stats = self._stats_after(before) if want_stats else {}
         return BoundaryResult(norm=norm, coef=loss_scale / combined, skipped=False)
 
+    _stats: Dict[str, Dict[str, float]] = {}
+
+    def _stats_before(self):
+        """Per group: the sum of squares of this rank's (unscaled, clipped) gradient rows, and its rows before the step."""
+        out = []
+        for g in self.optimizer.param_groups:
+            grads = [local_tensor(p.grad) for p in g["params"] if p.grad is not None]
+            g2 = sum(float(t.float().pow(2).sum()) for t in grads)
+            out.append((g2, [local_tensor(p.detach()).clone() for p in g["params"]]))
+        return out
+
+    def _stats_after(self, before) -> Dict[str, Dict[str, float]]:
+        """stage 0-2's per-group figures (grad_norm, param_norm, update_ratio), each shard counted once over the world."""
+        import torch.distributed as dist
+
+        mine: Dict[str, List[float]] = {}
+        for g, (g2, old) in zip(self.optimizer.param_groups, before):
+            new = [local_tensor(p.detach()) for p in g["params"]]
+            mine[g["name"]] = [g2, sum(float(t.float().pow(2).sum()) for t in new),
+                               sum(float((t.float() - o.float()).pow(2).sum()) for t, o in zip(new, old))]
+        parts = [mine]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # ranks hold different expert groups (their own experts); a group's shards each live on one
+            # rank of its mesh, so the sums by name over every rank count each shard once
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, mine)
+        total: Dict[str, List[float]] = {}
+        for part in parts:
+            for name, sums in part.items():
+                acc = total.setdefault(name, [0.0, 0.0, 0.0])
+                for i, v in enumerate(sums):
+                    acc[i] += v
+        out = {}
+        for name, (g2, p2, u2) in total.items():
+            pn = math.sqrt(p2)
+            out[name] = {"grad_norm": math.sqrt(g2), "param_norm": pn,
+                         "update_ratio": math.sqrt(u2) / pn if pn > 0 else 0.0}
+        return out
+
     def gather_stats(self) -> Dict[str, Dict[str, float]]:
-        """Per-group statistics are not gathered at stage 3 yet (the engine's metrics keep the global ones)."""
-        return {}
+        """Every group's statistics of the last step (computed with ``want_stats``; the same on every rank)."""
+        return dict(self._stats)

@@ -155,10 +155,6 @@ class TrainConfig(Section):
             raise ValueError(f"train.nproc ({nproc}) must be divisible by model.ep_size ({ep}): the processes "
                              f"form groups of ep_size that share the experts; use nproc in {ep}, {2 * ep}, ...")
         values["engine"].check_batch(nproc, "engine")
-        if values["engine"].zero_optimization.stage == 3:
-            raise ValueError("engine.zero_optimization.stage=3 is not available in moesaic train yet: the trainer "
-                             "checkpoints its runs and stage-3 checkpoints are not implemented; use stages 0-2 here, "
-                             "or moesaic.initialize / moesaic.shard_model in your own loop")
 
     def engine_config(self) -> EngineConfig:
         """The engine section as the run uses it: a schedule's absent ``total_num_steps`` becomes ``train.steps``."""
