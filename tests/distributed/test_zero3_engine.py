@@ -130,5 +130,27 @@ def _fp16_worker(rank, world):
     assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 masters, fp16 compute
 
 
-def test_stage3_fp16_skips_a_non_finite_step_everywhere():
-    run_ranks(_fp16_worker, 2, timeout_s=300)
+def _reshard_worker(rank, world):
+    """zero_optimization.reshard_after_forward: false keeps each unit's gathered parameters from forward to
+    backward (FSDP2 leaves them unsharded on the module), true frees them; the numbers are the same."""
+    _fp16_worker(rank, world)
+    params = {}
+    for keep in (False, True):
+        model = MoENet(2)
+        engine, *_ = moesaic.initialize(model=model, config={
+            "train_micro_batch_size_per_gpu": TOKENS, "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}},
+            "zero_optimization": {"stage": 3, "reshard_after_forward": not keep, "stage3_max_reuse_distance":
+                                  None if keep else 0, "stage3_param_persistence_threshold": 0}})
+        for step in range(2):
+            loss = engine(*_batch(rank, step, 0))
+            held = [not hasattr(p, "to_local") for p in model.ffn.deepspeed_moe.experts.parameters()]
+            assert all(held) if keep else not any(held), (keep, held)
+            engine.backward(loss)
+            engine.step()
+        params[keep] = [moesaic.safe_get_full_fp32_param(p) for p in model.parameters()]
+    for a, b in zip(params[False], params[True]):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
+
+
+def test_stage3_fp16_skips_a_non_finite_step_everywhere_and_reshard_after_forward():
+    run_ranks(_reshard_worker, 2, timeout_s=300)

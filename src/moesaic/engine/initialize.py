@@ -198,6 +198,7 @@ def _build_zero3(model: nn.Module, cfg: EngineConfig, model_parameters=None):
             base.append({**g, "params": [names[id(p)] for p in params]})
     param_dtype = torch.bfloat16 if cfg.bf16.enabled else torch.float16 if cfg.fp16.enabled else None
     shard_model(model, param_dtype=param_dtype, reduce_dtype=torch.float32,
+                reshard_after_forward=cfg.zero_optimization.reshard_after_forward,
                 use_data_before_expert_parallel_=cfg.use_data_before_expert_parallelism)
     index = ExpertIndex.build(model)  # FSDP2 made new Parameter objects
     if base is not None:
