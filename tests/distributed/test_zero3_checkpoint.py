@@ -9,7 +9,9 @@ The uninterrupted reference is one process at stage 0 training four AdamW steps 
 * W=2: stage 2 trains from step 2 and saves; stage 3 (ep_size 1, EDP 2: experts in row pieces)
   continues from that stage-2 checkpoint as the reference does. A refused load (a corrupted piece,
   the wrong optimizer type) leaves the sharded parameters, AdamW's state, the scheduler, the
-  counters and the RNG as they were. fp16: the loss scaler round-trips at stage 3.
+  counters and the RNG as they were. fp16: the loss scaler round-trips at stage 3. bf16: stage 2's
+  fp32 masters become stage 3's parameters. ``moesaic.checkpoint.save``/``load`` of a model sharded
+  by ``moesaic.shard_model`` round-trip each rank's shards, and the W=1 parent reads that checkpoint.
 * Stacked experts (sharded along the expert dimension, each expert whole on one rank): a W=4
   stage-3 checkpoint loads at W=1 stage 0 with every expert's weights and moments.
 """
@@ -34,7 +36,7 @@ from support.moe_net import MoENet  # noqa: E402
 D, GLOBAL_BATCH = 8, 24
 
 
-def make_engine(world, ep_size, stage, stacked=False, fp16=False, optimizer="AdamW"):
+def make_engine(world, ep_size, stage, stacked=False, fp16=False, optimizer="AdamW", bf16=False):
     model = MoENet(ep_size, use_rts=False, stacked=stacked)
     if world > 1 and stage != 3:
         moesaic.setup_expert_parallel(model)
@@ -44,6 +46,8 @@ def make_engine(world, ep_size, stage, stacked=False, fp16=False, optimizer="Ada
               "zero_optimization": {"stage": stage}}
     if fp16:
         config["fp16"] = {"enabled": True, "initial_scale_power": 6}
+    if bf16:
+        config["bf16"] = {"enabled": True}
     engine, *_ = moesaic.initialize(model=model, config=config)
     return engine
 
@@ -137,6 +141,10 @@ def test_stage3_checkpoint_w4_loads_at_stage0_and_stage2(tmp_path):
 
     # ... and at W=2 stage 2 (ep_size 2), then W=2 stage 2 -> stage 3 (ep_size 1): the W=2 launch
     run_ranks(_w2, 2, str(tmp_path), timeout_s=300)
+    door = MoENet(1)
+    checkpoint.load(tmp_path / "door", door)  # format 3 of a bare sharded model, whole at W=1
+    assert_close({n: p.detach() for n, p in door.named_parameters()},
+                 torch.load(tmp_path / "door.pt", weights_only=True), "shard_model + checkpoint.save at W=1:")
     for tag in ("z2-from-z3", "z3-from-z2"):
         got = load_w1(tmp_path / tag, "s4")
         assert_close({n: p.detach() for n, p in got.module.named_parameters()}, expected, f"{tag} at W=1:")
@@ -219,6 +227,30 @@ def _w2(rank, world, root):
     with pytest.raises(checkpoint.CheckpointError, match="resume with the optimizer type"):
         sgd.load_checkpoint(root / "z3-from-z2", tag="s4")
     _same(_snapshot(sgd), sgd_before)
+
+    # bf16 at stage 2 keeps fp32 masters beside bf16 weights: at stage 3 the masters become the parameters
+    low = make_engine(world, 2, 2, bf16=True)
+    train(low, 3, rank, world, dtype=torch.bfloat16)  # (WarmupLR: the first steps have lr 0)
+    masters = full_params(low)
+    low.save_checkpoint(root / "bf16", tag="b")
+    high = make_engine(world, 2, 3, bf16=True)
+    high.load_checkpoint(root / "bf16", tag="b")
+    got = full_params(high)
+    assert any(not torch.equal(m, p.detach().float()) for m, p in zip(masters.values(), low.module.parameters()))
+    assert all(torch.equal(got[n], masters[n]) for n in masters), "stage 3 parameters are stage 2's fp32 masters"
+
+    # the torch-native door: moesaic.checkpoint.save / load of a model sharded by moesaic.shard_model
+    door = moesaic.shard_model(MoENet(1), param_dtype=None)
+    with torch.no_grad():
+        for p in door.parameters():
+            p.to_local().add_(0.5 + rank)
+    checkpoint.save(root / "door", door, tag="d")
+    back = moesaic.shard_model(MoENet(1), param_dtype=None)
+    checkpoint.load(root / "door", back)
+    assert all(torch.equal(p.to_local(), q.to_local()) for p, q in zip(door.parameters(), back.parameters()))
+    whole = {n: p.full_tensor() for n, p in door.named_parameters()}
+    if rank == 0:
+        torch.save(whole, root / "door.pt")
 
     # same world: the RNG resumes; fp16's loss scaler round-trips at stage 3
     torch.manual_seed(1234 + rank)
