@@ -17,6 +17,10 @@ path is checked to stay inside the folder, every file is listed in ``files`` wit
 whole-file CRC-32 (tensor files also with every tensor's dtype and shape), and the manifest
 checks itself with ``manifest_crc32``.
 
+Format 3 (saves of FSDP2-sharded models, :mod:`.sharded`) is format 2 with each unit's files
+listed (``"dense": {"files": [...]}``, experts and optimizer state as lists of files) and tensor
+files' entries saying which rows a piece holds (``"rows": {key: [start, stop, total]}``).
+
 :func:`read_manifest` also reads format 1 and returns it as a :class:`Plan` of the same shape
 (see :mod:`.legacy`).
 """
