@@ -3,7 +3,7 @@
 See ``docs/checkpoints.md`` for the layout, what is verified and the publication protocol.
 """
 
-from .deepspeed_import import convert_deepspeed_checkpoint
+from ..deepspeed.checkpoint_import import convert_deepspeed_checkpoint
 from .directory import find, resolve
 from .errors import CheckpointError
 from .manifest import FORMAT_VERSION

@@ -2,8 +2,8 @@
 
 from .config import EngineConfig, load_config
 from .engine import MoEEngine
-from .initialize import initialize
-from .param_access import safe_get_full_fp32_param, safe_get_full_grad, safe_get_full_optimizer_state
+from ..deepspeed.initialize import initialize
+from ..deepspeed.accessors import safe_get_full_fp32_param, safe_get_full_grad, safe_get_full_optimizer_state
 
 __all__ = ["EngineConfig", "MoEEngine", "initialize", "load_config", "safe_get_full_fp32_param", "safe_get_full_grad",
            "safe_get_full_optimizer_state"]

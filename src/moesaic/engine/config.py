@@ -25,7 +25,7 @@ from .._checks import check_bool, check_choice, check_int, check_number, check_s
 from .._config import Section, load_source, section, setting
 from ..optim.config import (BF16Config, FP16Config, MoEOptimConfig, OptimizerConfig, SchedulerConfig,
                             ZeroConfig)
-from .deepspeed_keys import refuse_deepspeed_keys
+from ..deepspeed.keys import refuse_deepspeed_keys
 
 TAG_VALIDATION = ("Warn", "Ignore", "Fail")
 

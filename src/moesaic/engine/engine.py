@@ -54,7 +54,8 @@ from ..optim.zero3 import Zero3Pipeline
 from ..parallel.collectives import DEFAULT_BUCKET_ELEMS
 from ..telemetry import MetricsWriter, MoEStatsAccumulator
 from ..telemetry.flops import FlopsProfiler
-from . import param_access, resume
+from . import resume
+from ..deepspeed import accessors as param_access
 from .config import EngineConfig
 
 _LOG = logging.getLogger("moesaic.engine")

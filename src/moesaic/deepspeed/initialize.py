@@ -39,10 +39,10 @@ from ..optim.zero3 import Zero3Optimizer, build_zero3_groups
 from ..parallel.launch import LaunchEnv, resolve_device
 from ..parallel.process_group import init_distributed
 from .client import ClientOptimizer, class_name, split_client_groups
-from .replicas import sync_replicas
-from .config import EngineConfig
-from .deepspeed_keys import note_hints_once
-from .engine import MoEEngine, _log
+from ..engine.replicas import sync_replicas
+from ..engine.config import EngineConfig
+from .keys import note_hints_once
+from ..engine.engine import MoEEngine, _log
 
 TORCH_DISTRIBUTED_DEFAULT_PORT = 29500  # DeepSpeed's default for distributed_port
 
