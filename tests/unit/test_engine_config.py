@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from moesaic.engine import EngineConfig, load_config
+from moesaic.deepspeed import load_config
+from moesaic.engine import EngineConfig
 from moesaic.optim.config import (DEFAULT_MAX_GROUP_SIZE, BF16Config, FP16Config, MoEOptimConfig, OptimizerConfig,
                                   SchedulerConfig, ZeroConfig)
 
