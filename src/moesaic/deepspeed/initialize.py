@@ -1,5 +1,9 @@
 """``moesaic.initialize``: DeepSpeed's ``deepspeed.initialize``, argument for argument.
 
+The DeepSpeed side of the call lives here (the arguments, the config dict, the client optimizer
+and schedule, the process group, the data loader); steps 3-5 are one call of the core builder,
+:func:`moesaic.engine.build_engine`, which takes only typed values. In order:
+
 1. the config: ``config``, its alias ``config_params``, or ``args.deepspeed_config`` (a path);
 2. torch.distributed from the torchrun environment when needed (``dist_init_required``);
 3. the model: MoE layers named (when DeepSpeed's default names collide) and put on their
@@ -7,7 +11,7 @@
    the first replica (dense from rank 0, each expert within its expert-data-parallel group) so
    every replica starts equal, as DeepSpeed does;
 4. the optimizer: the client's (an instance, or a callable given the parameters) translated into
-   moesaic's grouped optimizer (:mod:`moesaic.engine.client`), else the config's;
+   moesaic's grouped optimizer (:mod:`moesaic.deepspeed.client`), else the config's;
 5. the schedule: the client's (an instance, or a callable given the optimizer), else the config's;
 6. the data loader of ``training_data``: a ``DistributedSampler`` over the data-parallel ranks,
    the micro batch size, ``collate_fn`` and ``dataloader_drop_last``.
@@ -170,7 +174,7 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: A
         model: the model (required).
         optimizer: a ``torch.optim.Optimizer`` (Adam, AdamW, SGD; DeepSpeed's FusedAdam) or a callable
             taking the parameters and returning one; its groups and hyperparameters drive moesaic's
-            grouped optimizer (:mod:`moesaic.engine.client`). None: the config's ``optimizer``.
+            grouped optimizer (:mod:`moesaic.deepspeed.client`). None: the config's ``optimizer``.
         model_parameters: parameters or param-group dicts to optimise (None: all of the model's).
         training_data: a dataset; the returned loader samples it over the data-parallel ranks.
         lr_scheduler: a scheduler on the client optimizer, or a callable taking the optimizer.
