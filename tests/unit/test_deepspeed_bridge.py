@@ -75,3 +75,16 @@ def test_build_engine_checks_its_arguments():
         build_engine(Net(), cfg, follow=3)
     with pytest.raises(ValueError, match=r"telemetry_every must be .*>= 1.*got 0"):
         build_engine(Net(), cfg, telemetry_every=0)
+
+
+@pytest.mark.parametrize("module, name", [("moesaic.engine", "initialize"), ("moesaic.engine", "load_config"),
+                                          ("moesaic.engine", "safe_get_full_grad"),
+                                          ("moesaic.checkpoint", "convert_deepspeed_checkpoint")])
+def test_a_moved_name_says_where_it_lives(module, name):
+    import importlib
+
+    with pytest.raises(AttributeError, match=rf"^{module}\.{name} moved: use moesaic\.deepspeed\.{name}$"):
+        getattr(importlib.import_module(module), name)
+    assert callable(getattr(moesaic.deepspeed, name))
+    with pytest.raises(AttributeError, match=rf"module '{module}' has no attribute 'nothing_here'"):
+        getattr(importlib.import_module(module), "nothing_here")

@@ -220,7 +220,8 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: A
     engine = build_engine(model, cfg, param_groups=model_parameters, follow=follow,
                           scheduler=_client_scheduler(raw, lr_scheduler), local_rank=local_rank, log_dir=log_dir,
                           telemetry_every=telemetry_every)
-    link_accessors(engine)  # safe_get_full_grad & co. (moesaic's and DeepSpeed's) on its parameters
+    if engine.optimizer is not None:
+        link_accessors(engine)  # safe_get_full_grad & co. (moesaic's and DeepSpeed's) on its parameters
     # 6. data
     if training_data is not None:
         engine.training_dataloader = _data_loader(training_data, engine.train_micro_batch_size_per_gpu(), world,
