@@ -26,7 +26,7 @@ def test_every_layout_equals_w1_stage0():
     rows = []
     for world in (1, 2, 4):
         report = os.path.join(tmp, f"report{world}.pt")
-        run_ranks(world_worker, world, FULL, ref, report, timeout_s=3000 if FULL else 300)
+        run_ranks(world_worker, world, FULL, ref, report, timeout_s=5400 if FULL else 300, pg_timeout_s=300)
         rows += torch.load(report, weights_only=False)
     worst = {}
     for _, w, _ in rows:
@@ -34,6 +34,7 @@ def test_every_layout_equals_w1_stage0():
             worst[k] = max(worst.get(k, 0.0), v)
     print(f"\n{len(rows)} layouts, {sum(t for *_, t in rows):.1f} s of layout runs; largest |difference| "
           f"per quantity: " + ", ".join(f"{k} {v:.2e}" for k, v in sorted(worst.items())))
-    for name, w, t in rows:
+    if FULL:
+        for name, w, t in rows:
             print(f"{name}: {t:.2f} s, max |diff| {max(w.values()):.2e}")
-    assert len(rows) == (32 + 64 + 96) * (2 if FULL else 1) or not FULL
+    assert len(rows) == (32 + 64 + 96 if FULL else 9)
