@@ -42,7 +42,7 @@ parity: $(DS_VENV)/.stamp
 	$(DS_VENV)/bin/python -m pytest -q tests/reference
 
 # The whole layout-invariance matrix (docs/invariance.md): 192 layouts at W=1, 2, 4 against W=1 ZeRO 0.
-# Not part of `make test`, which runs its CI subset of 9 layouts (tests/distributed/test_invariance.py).
+# Not part of `make test`, which runs its CI subset of 6 layouts (tests/distributed/test_invariance.py).
 invariance: $(VENV)/.stamp
 	MOESAIC_INVARIANCE=full $(VENV)/bin/python -m pytest -q -s tests/distributed/test_invariance.py
 
