@@ -177,7 +177,7 @@ def test_dist_timeout_reaches_init_distributed(tmp_path, monkeypatch):
     import moesaic
     from moesaic.parallel.launch import LaunchEnv
     from moesaic.train.config import load_train_config
-    from moesaic.train.loop import run
+    from moesaic.train.gpt import run
 
     class Joined(Exception):
         pass

@@ -118,7 +118,7 @@ def test_train_hf_refuses_a_micro_batch_that_cannot_fit(folder, tmp_path, capsys
 MEASURE_ACTIVATIONS = r'''
 import json, sys, torch
 import moesaic.hf
-from moesaic.train.hf_memory import activation_elements_per_token
+from moesaic.train.memory import hf_activation_elements_per_token as activation_elements_per_token
 folder, B, S, stacked = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 def rss():
     for line in open("/proc/self/status"):
