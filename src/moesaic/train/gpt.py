@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -27,7 +26,7 @@ from moesaic.telemetry.writer import tensorboard_available
 from . import memory
 from .config import TrainConfig
 from .data import BatchStream, byte_counts, load_corpus, validation_batches
-from .loop import Feed, RunContext, RunKind, StepRecord, run_training
+from .loop import Feed, RunContext, RunKind, StepRecord, run_training, seed_process
 
 # keys that fix the checkpoint's tensors (names, shapes) or the function they compute; the rest of the
 # config (model.ep_size, capacity factors, train.*, engine.*) may change when a run is resumed
@@ -100,8 +99,7 @@ class ByteFeed(Feed):
         # another layout: the position of each former rank's stream has no counterpart here
         step = engine.global_steps
         self.stream = self._stream(ctx, _restart_seed(self.seed, step))
-        torch.manual_seed(_restart_seed(self.seed, step) + ctx.rank)
-        random.seed(_restart_seed(self.seed, step) + ctx.rank)
+        seed_process(_restart_seed(self.seed, step), ctx.rank)
         ctx.progress.note(f"resuming at step {step} with {ctx.world} process(es) x {ctx.micro} sequences instead of "
                           f"{data_state.get('world_size')} x {data_state.get('batch_size')}: weights, optimizer and "
                           "schedule continue exactly; the data order restarts (a new shuffle)")

@@ -288,6 +288,10 @@ def run_training(kind: RunKind, cfg: TrainConfig, out: Path, resume: bool = Fals
     Raises:
         Stopped: a signal stopped the run; the checkpoint of the last step is saved.
     """
+    if not isinstance(kind, RunKind):
+        raise TypeError(f"kind must be a RunKind (e.g. moesaic.train.gpt.GPTRun()), got {type(kind).__name__}")
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg must be a TrainConfig (moesaic.train.config.load_train_config), got {type(cfg).__name__}")
     env = LaunchEnv.from_environ() if env is None else env
     cfg = cfg.with_recompute(kind.default_recompute)
     t = cfg.train

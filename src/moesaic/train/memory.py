@@ -266,6 +266,8 @@ def hf_parts(folder, tokens: int, ep_size: int = 1, recompute: str = "none") -> 
     ``tokens`` tokens (one micro-batch) from its ``config.json``."""
     from moesaic.hf.files import FolderSource, open_folder
 
+    if tokens < 1 or ep_size < 1:
+        raise ValueError(f"tokens and ep_size must be >= 1, got tokens={tokens!r}, ep_size={ep_size!r}")
     folder, raw = open_folder(folder)
     source = FolderSource(folder)
     dense = experts = 0
