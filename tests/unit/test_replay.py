@@ -84,6 +84,24 @@ def test_decision_replays_compute_routing_bit_for_bit():
             assert torch.equal(getattr(first, f), getattr(again, f)), f
 
 
+def test_replay_context_across_a_changed_batch_is_refused():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, other = torch.randn(20, D, generator=torch.Generator().manual_seed(3)), torch.randn(20, D)
+    with moesaic.record_routing(model) as routes:
+        model(x)
+    with moesaic.replay_routing(model, routes):
+        for _ in range(2):  # the same batch across optimizer steps: what replay is for
+            model(x)[0].sum().backward()
+            opt.step()
+            opt.zero_grad()
+        with pytest.raises(ValueError, match=r"batch changed inside one replay_routing context.*'argument 0' "
+                                             r"\(shape \(20, 8\)\).*own replay_routing"):
+            model(other)  # another batch of the same token count
+    with moesaic.replay_routing(model, routes):  # a new context pins its own batch
+        model(x)
+
+
 def test_bad_routes_are_refused():
     model = _model()
     ok = torch.zeros(20, 2, dtype=torch.int64)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Dict, Iterator, Mapping
+from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -117,17 +117,82 @@ def replay_routing(model: nn.Module, routes: Mapping[str, Tensor]):
     """Make the forwards run inside route every token to ``routes``' experts (see module docstring).
 
     Layers not named in ``routes`` route as usual. At each forward, a layer whose token count differs
-    from its routes' ``S`` raises a ValueError naming the layer and both shapes.
+    from its routes' ``S`` raises a ValueError naming the layer and both shapes. Routes belong to one
+    batch: the first call of ``model`` inside the context pins its data inputs (the tensors without
+    autograd history: token ids, masks, features), and a later call with other data (another batch
+    of the same size, e.g. after an optimizer step) raises a ValueError. Forwards of the same batch,
+    before and after optimizer steps, are what the context is for.
     """
     layers = _layers(model, "replay_routing")
     check_routes(routes, layers)
+    guard = model.register_forward_pre_hook(_BatchGuard(type(model).__name__), with_kwargs=True)
     for name, ids in routes.items():
         layers[name].deepspeed_moe._replay_ids = ids
     try:
         yield
     finally:
+        guard.remove()
         for name in routes:
             layers[name].deepspeed_moe._replay_ids = None
+
+
+def _data_tensors(args, kwargs) -> List[Tuple[str, Tensor]]:
+    """``(where, tensor)`` of the forward's inputs that are data: no autograd history, no gradient."""
+    out: List[Tuple[str, Tensor]] = []
+
+    def walk(where, value, depth=0):
+        if isinstance(value, Tensor):
+            if value.grad_fn is None and not value.requires_grad:
+                out.append((where, value))
+        elif depth < 3 and isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(f"{where}[{i}]", v, depth + 1)
+        elif depth < 3 and isinstance(value, Mapping):
+            for k, v in value.items():
+                walk(f"{where}[{k!r}]", v, depth + 1)
+
+    for i, a in enumerate(args):
+        walk(f"argument {i}", a)
+    for k, v in kwargs.items():
+        walk(k, v)
+    return out
+
+
+class _BatchGuard:
+    """A forward pre-hook on the replayed model: routes belong to one batch.
+
+    The first forward inside a ``replay_routing`` context pins its data inputs (token ids, masks,
+    input features: the tensors without autograd history); a later forward inside the same
+    context whose data differ (another batch with the same token count, typically after an
+    optimizer step) is an error, not a silent replay of one batch's routes on another's tokens.
+    """
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.pinned: Optional[List[Tuple[str, Tensor]]] = None
+
+    def __call__(self, module, args, kwargs):
+        data = _data_tensors(args, kwargs)
+        if self.pinned is None:
+            self.pinned = [(w, t.detach().clone()) for w, t in data]
+            return None
+        old = dict(self.pinned)
+        for where, t in data:
+            ref = old.get(where)
+            if ref is None or ref.shape != t.shape or ref.dtype != t.dtype or ref.device != t.device or \
+                    not torch.equal(ref, t):
+                raise ValueError(
+                    f"replay_routing: the batch changed inside one replay_routing context: {self.model_name}'s "
+                    f"input {where!r} (shape {tuple(t.shape)}) differs from the batch the routes were first "
+                    f"replayed on ({'absent' if ref is None else 'shape ' + str(tuple(ref.shape))}). Routes "
+                    "belong to one batch's tokens, also across optimizer steps: replay each batch in its own "
+                    "replay_routing(model, routes_of_that_batch) context")
+        if len(data) != len(self.pinned):
+            raise ValueError(
+                f"replay_routing: the batch changed inside one replay_routing context: {self.model_name} got "
+                f"data inputs {[w for w, _ in data]} but the routes were first replayed with "
+                f"{[w for w, _ in self.pinned]}; replay each batch in its own replay_routing context")
+        return None
 
 
 __all__ = ["Routes", "record_routing", "replay_routing", "check_routes"]
