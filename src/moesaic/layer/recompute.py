@@ -257,10 +257,38 @@ def active(layer) -> Optional[Call]:
     return call if call is not None and call.layer is layer else None
 
 
+def recorded_routes(routing) -> Tensor:
+    """What ``moesaic.record_routing`` keeps of a forward's routing: the token-choice expert ids `(S, k)`,
+    or, for expert-choice routing, each expert's picked tokens `(E, C)` (best first)."""
+    if routing.expert_ids_SK is not None:
+        return routing.expert_ids_SK.detach().clone()
+    E = routing.tokens_per_expert_E.numel()
+    return routing.token_idx_N.detach().reshape(E, -1).clone()
+
+
+def _expert_choice_decision(layer, picks_EC: Tensor, num_tokens: int, device: torch.device) -> Decision:
+    """Expert e takes the tokens ``picks_EC[e]`` (in that slot order): an expert-choice routing's decision."""
+    E, C = picks_EC.shape
+    if C > num_tokens or (picks_EC.numel() and int(picks_EC.max()) >= num_tokens):
+        raise ValueError(f"replay_routing: MoE layer {layer.ep_group_name!r} got {num_tokens} tokens but its "
+                         f"expert-choice routes (shape {tuple(picks_EC.shape)}) pick token ids up to "
+                         f"{int(picks_EC.max()) if picks_EC.numel() else None}: the routes were recorded for another "
+                         "batch")
+    token_idx_N = picks_EC.to(device).reshape(-1)
+    expert_idx_N = torch.arange(E, device=device).repeat_interleave(C)
+    slot_N = torch.arange(C, device=device).repeat(E)
+    per_expert = torch.full((E,), C, dtype=torch.int64, device=device)
+    return Decision(None, token_idx_N, expert_idx_N, slot_N, per_expert, per_expert.clone(), C, E * C, num_tokens)
+
+
 def replay_decision(layer, ids: Tensor, num_tokens: int, device: torch.device):
-    """The dropless :class:`~moesaic.layer.recompute.Decision` that sends token t to ``ids[t]`` (``layer``: an MOELayer)."""
+    """The :class:`~moesaic.layer.recompute.Decision` that replays ``ids`` (``layer``: an MOELayer): token-choice
+    routes `(S, k)` send token t to ``ids[t]`` (dropless); expert-choice routes `(E, C)` give expert e the
+    tokens ``ids[e]``."""
     from .routing import count_routes, place_routes  # routing.py imports nothing of this module
 
+    if layer.gate.config.routing_type == "expert_choice":
+        return _expert_choice_decision(layer, ids, num_tokens, device)
     if ids.shape[0] != num_tokens:
         raise ValueError(f"replay_routing: MoE layer {layer.ep_group_name!r} got {num_tokens} tokens but its routes "
                          f"have shape {tuple(ids.shape)}: the routes were recorded for another batch")

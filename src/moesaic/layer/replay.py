@@ -20,8 +20,10 @@ the sum of the k scores; ``softmax_after_topk``: softmax over the k logits; sigm
 ``routed_scaling_factor`` as configured). Nothing is dropped: a replayed forward is dropless
 whatever the capacity factor (the recorded routes are the ones wanted). Losses (``l_aux``, the
 sequence loss) are computed at the recorded experts. Routes from elsewhere (an inference engine's
-per-token expert ids) are a ``{layer name: LongTensor (S, k)}`` dict. Expert-choice routing has
-no per-token k and is refused. Bad routes are an error naming the layer and the shapes; nothing
+per-token expert ids) are a ``{layer name: LongTensor (S, k)}`` dict. An expert-choice layer's routes
+are its experts' picks instead, ``(E, C)``: the tokens each expert took (best first); replayed, each
+expert takes those tokens again, with the current router's score as the combine weight (the
+layer's rule; one forward per record context). Bad routes are an error naming the layer and the shapes; nothing
 is re-routed silently.
 """
 
@@ -58,11 +60,11 @@ def _layers(model: nn.Module, what: str) -> Dict[str, object]:
     layers = {name: layer for name, (_, layer) in moe_layers(model).items()}
     if not layers:
         raise ValueError(f"{what}: the model ({type(model).__name__}) has no moesaic MoE layers")
-    for name, layer in layers.items():
-        if layer.gate.config.routing_type == "expert_choice":
-            raise ValueError(f"{what}: MoE layer {name!r} uses routing_type='expert_choice', where a token has no "
-                             "fixed k experts to record or replay; use token-choice routing")
     return layers
+
+
+def _expert_choice(layer) -> bool:
+    return layer.gate.config.routing_type == "expert_choice"
 
 
 @contextlib.contextmanager
@@ -83,6 +85,10 @@ def record_routing(model: nn.Module) -> Iterator[Routes]:
         for layer in layers.values():
             layer.deepspeed_moe._route_recorder = None
         for name, chunks in parts.items():
+            if len(chunks) > 1 and _expert_choice(layers[name]):
+                raise ValueError(f"record_routing: expert-choice MoE layer {name!r} ran {len(chunks)} forwards inside "
+                                 "one record_routing context; its routes (each expert's picked tokens, (E, C)) "
+                                 "belong to one forward: record each forward in its own context")
             if chunks:
                 routes[name] = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
 
@@ -98,6 +104,9 @@ def check_routes(routes: Mapping[str, Tensor], layers: Mapping[str, object]) -> 
     for name, ids in routes.items():
         layer = layers[name]
         k, E = layer.gate.config.k, layer.gate.config.num_experts
+        if _expert_choice(layer):
+            _check_picks(name, ids, E)
+            continue
         if not isinstance(ids, Tensor) or ids.dtype != torch.int64:
             got = ids.dtype if isinstance(ids, Tensor) else type(ids).__name__
             raise TypeError(f"replay_routing: routes[{name!r}] must be a LongTensor (int64) of shape (S, {k}), got {got}")
@@ -110,6 +119,22 @@ def check_routes(routes: Mapping[str, Tensor], layers: Mapping[str, object]) -> 
         if ids.shape[0] and bool((ids.sort(dim=1).values[:, 1:] == ids.sort(dim=1).values[:, :-1]).any()):
             raise ValueError(f"replay_routing: routes[{name!r}] sends a token to the same expert twice; a token's "
                              f"{k} experts must differ")
+
+
+def _check_picks(name: str, picks, E: int) -> None:
+    """An expert-choice layer's routes: int64 `(E, C)`, token ids >= 0, no expert picking a token twice
+    (token ids beyond the batch are caught at the forward, where the token count is known)."""
+    if not isinstance(picks, Tensor) or picks.dtype != torch.int64:
+        got = picks.dtype if isinstance(picks, Tensor) else type(picks).__name__
+        raise TypeError(f"replay_routing: routes[{name!r}] must be a LongTensor (int64) of shape ({E}, C), got {got}")
+    if picks.dim() != 2 or picks.shape[0] != E:
+        raise ValueError(f"replay_routing: routes[{name!r}] has shape {tuple(picks.shape)}; layer {name!r} routes "
+                         f"by expert choice over {E} experts, so it must be ({E}, C): each expert's picked tokens")
+    if picks.numel() and int(picks.min()) < 0:
+        raise ValueError(f"replay_routing: routes[{name!r}] holds token id {int(picks.min())}; token ids are >= 0")
+    if picks.shape[1] > 1 and bool((picks.sort(dim=1).values[:, 1:] == picks.sort(dim=1).values[:, :-1]).any()):
+        raise ValueError(f"replay_routing: routes[{name!r}] has an expert pick one token twice; an expert's C "
+                         "tokens must differ")
 
 
 @contextlib.contextmanager
