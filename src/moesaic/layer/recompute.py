@@ -39,6 +39,7 @@ Nothing here runs outside a checkpointed region: a plain forward computes, and c
 from __future__ import annotations
 
 import contextvars
+import functools
 import sys
 import types
 import warnings
@@ -183,7 +184,28 @@ def _set_rng_state(state: Tuple) -> None:
         torch.cuda.set_rng_state(dev_state, device)
 
 
-@torch.compiler.disable  # stack and hook inspection: run eagerly under torch.compile (a graph break)
+def _eager_under_compile(fn):
+    """``torch.compiler.disable``, applied on the first call made after ``torch._dynamo`` was imported.
+
+    The bookkeeping below inspects the Python stack and the saved-tensor hooks, so under
+    ``torch.compile`` it runs eagerly (a graph break). Decorating at import time would import
+    ``torch._dynamo`` with moesaic: seconds of start-up in every ``moesaic`` command and every rank. A
+    process that has not imported Dynamo cannot be compiling, so until then the plain function runs.
+    """
+    disabled = []
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if not disabled:
+            if "torch._dynamo" not in sys.modules:
+                return fn(*args, **kwargs)
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+
+    return call
+
+
+@_eager_under_compile
 def begin(layer, device: torch.device) -> Tuple[Optional[Call], Any]:
     """Open the call of ``layer`` (an ``MOELayer``) unless one is open; returns ``(call, token)``.
 
@@ -235,7 +257,7 @@ def begin(layer, device: torch.device) -> Tuple[Optional[Call], Any]:
     return call, _ACTIVE.set(call)
 
 
-@torch.compiler.disable  # stack and hook inspection: run eagerly under torch.compile (a graph break)
+@_eager_under_compile
 def end(call: Optional[Call], token, device: torch.device) -> None:
     """Close a call opened by :func:`begin` (restores the RNG state the first forward left)."""
     if token is None:
@@ -250,7 +272,7 @@ def end(call: Optional[Call], token, device: torch.device) -> None:
         record.rng_after = after
 
 
-@torch.compiler.disable  # stack and hook inspection: run eagerly under torch.compile (a graph break)
+@_eager_under_compile
 def active(layer) -> Optional[Call]:
     """The open call of ``layer``, or None."""
     call = _ACTIVE.get()
