@@ -40,6 +40,7 @@ def test_two_steps_then_checkpoint_loads_bitwise(tmp_path, corpus):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["val_loss"] == summary["val_loss"]  # finite, not nan
     assert summary["val_loss"] < 10
+    assert summary["recompute"] == "none"  # train.recompute = "auto" for the byte-level GPT
     assert (out / "plots" / "loss.png").stat().st_size > 1000
     assert (out / "plots" / "load_blocks.1.ffn.png").exists()
     assert list((out / "logs").glob("events.out.tfevents.*")) and (out / "logs" / "metrics.csv").exists()
@@ -177,7 +178,7 @@ def test_dist_timeout_reaches_init_distributed(tmp_path, monkeypatch):
     import moesaic
     from moesaic.parallel.launch import LaunchEnv
     from moesaic.train.config import load_train_config
-    from moesaic.train.loop import run
+    from moesaic.train.gpt import run
 
     class Joined(Exception):
         pass
