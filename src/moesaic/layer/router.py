@@ -20,232 +20,20 @@ Shape legend: S = tokens, E = experts, D = model dim, K = top-k.
 from __future__ import annotations
 
 import dataclasses
-import math
 import zlib
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_int, check_number
+from .._checks import check_int
+from .config import MoEConfig, RouterConfig, expert_capacity
 from .expert_choice import expert_choice_routing
 from .losses import load_balancing_loss, router_z_loss, sequence_balance_loss
 from .routing import (Routing, combine_weights, count_routes, mask_unused_tokens, multiplicative_jitter,
                       normalised_scores, place_routes, route_priority, score_tokens, select_experts, select_topk,
                       topk_weights)
-
-NOISY_GATE_POLICIES = (None, "None", "Jitter", "RSample")
-DROP_POLICIES = (None, "position", "probs")
-SCORE_FUNCS = ("softmax", "sigmoid")
-ROUTING_TYPES = ("token_choice", "expert_choice")
-DEFAULT_BIAS_UPDATE_RATE = 1e-3  # DeepSeek-V3's bias update speed (Megatron-Core's default too)
-
-
-def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float, k: int, min_capacity: int) -> int:
-    """Slots per expert: ``max(ceil(S / E * capacity_factor * k), min_capacity)``.
-
-    Evaluated exactly as DeepSpeed does, in float32: DeepSpeed multiplies ``S / E`` (a Python
-    float, which torch rounds to float32) by ``capacity_factor * k`` held in a float32 tensor, so
-    both factors are rounded to float32 and so is their product. Here the same roundings are done
-    on Python floats (:func:`_to_float32`; the product of two float32 values is exact in a double,
-    so rounding it once gives float32's product), and the capacity agrees to the last slot
-    (``tests/unit/test_layer_compile.py`` checks it against the tensor form). Pure Python, with no
-    tensor and no ``.item()``: under ``torch.compile`` a static token count gives a constant
-    capacity, not a graph break.
-    """
-    product = _to_float32(_to_float32(num_tokens / num_experts) * _to_float32(capacity_factor * k))
-    return max(math.ceil(product), int(min_capacity))
-
-
-def _to_float32(x: float) -> float:
-    """``x`` rounded to the nearest float32 (ties to even), as ``torch.tensor(x, dtype=torch.float32)`` does.
-
-    For the normal float32 range (capacities are far inside it): the 24 significant bits of the
-    mantissa are kept, with Python's round() breaking ties to even.
-    """
-    if x == 0.0 or not math.isfinite(x):
-        return x
-    mantissa, exponent = math.frexp(x)  # x = mantissa * 2**exponent, 0.5 <= |mantissa| < 1
-    return math.ldexp(round(mantissa * 2.0 ** 24), exponent - 24)
-
-
-@dataclass(frozen=True)
-class RouterConfig:
-    """Every option of a top-k router; validated on construction, immutable afterwards.
-
-    Attributes:
-        num_experts: E, experts the router chooses among (global count).
-        k: experts per token, in ``[1, num_experts]``.
-        capacity_factor / eval_capacity_factor: capacity multiplier in train / eval mode.
-        min_capacity: lower bound on slots per expert.
-        noisy_gate_policy: None, "None", "Jitter" (multiplicative input noise) or "RSample"
-            (Gumbel-perturbed choice); both act in training only.
-        drop_tokens: False routes every token (dropless: no capacity).
-        use_rts: random token selection for k=1 when an expert overflows (training only).
-        top2_2nd_expert_sampling: sample the 2nd expert (k=2) with the Gumbel-max trick (training only).
-        drop_policy: which routes survive an over-full expert: "position" or "probs". None picks
-            DeepSpeed's default for k (position for k <= 2, probs above) and is stored resolved.
-        z_loss_coef: coefficient of the ST-MoE router z-loss (0 disables it).
-        score_func: "softmax" (DeepSpeed) or "sigmoid" (DeepSeek-V3: one independent score per
-            expert).
-        softmax_after_topk: choose the top-k logits first, then weight by a softmax over those k
-            only (Mixtral's and GPT-OSS's order); softmax scores only.
-        router_bias: the router's linear layer has a bias (GPT-OSS); ``wg.bias`` in the state dict.
-        norm_topk_prob: None keeps DeepSpeed's weights (k=1: the raw probability; k>=2:
-            renormalised over the routes that survive capacity); True divides each token's k
-            chosen scores by their sum; False uses the raw scores.
-        routed_scaling_factor: multiplies every combine weight (DeepSeek-V3).
-        n_group / topk_group: group-limited top-k (DeepSeek-V2/V3): the experts form ``n_group``
-            groups, and only the ``topk_group`` best groups (by the sum of their two best scores)
-            are eligible. Both None: off.
-        enable_expert_bias: aux-loss-free balancing (DeepSeek-V3): a per-expert bias (buffer
-            ``gate.expert_bias``) is added to the scores for selection only.
-        bias_update_rate: the bias step per optimizer step (``moesaic.update_expert_bias``); None
-            resolves to 1e-3 when the bias is on (0 keeps it fixed, e.g. a converted checkpoint's).
-        seq_aux_loss_coef: coefficient of DeepSeek-V3's sequence-wise balance loss (0 disables it).
-        routing_type: "token_choice" (each token picks k experts) or "expert_choice" (Zhou et al.
-            2022: each expert picks its ``capacity`` best tokens).
-
-    To change an option of a built router, replace its config:
-    ``gate.config = dataclasses.replace(gate.config, capacity_factor=2.0)``.
-    """
-
-    num_experts: int
-    k: int = 1
-    capacity_factor: float = 1.0
-    eval_capacity_factor: float = 1.0
-    min_capacity: int = 4
-    noisy_gate_policy: Optional[str] = None
-    drop_tokens: bool = True
-    use_rts: bool = True
-    top2_2nd_expert_sampling: bool = True
-    drop_policy: Optional[str] = None
-    z_loss_coef: float = 0.0
-    score_func: str = "softmax"
-    softmax_after_topk: bool = False
-    router_bias: bool = False
-    norm_topk_prob: Optional[bool] = None
-    routed_scaling_factor: float = 1.0
-    n_group: Optional[int] = None
-    topk_group: Optional[int] = None
-    enable_expert_bias: bool = False
-    bias_update_rate: Optional[float] = None
-    seq_aux_loss_coef: float = 0.0
-    routing_type: str = "token_choice"
-
-    def __post_init__(self) -> None:
-        check_int(self.num_experts, "num_experts", 1)
-        check_int(self.k, "k", 1, self.num_experts, hi_text=f"num_experts={self.num_experts}")
-        for name in ("capacity_factor", "eval_capacity_factor"):
-            object.__setattr__(self, name, check_number(getattr(self, name), name, 0.0, lo_open=True))
-        check_int(self.min_capacity, "min_capacity", 0)
-        if self.noisy_gate_policy not in NOISY_GATE_POLICIES:
-            raise ValueError(f"Unknown noisy_gate_policy {self.noisy_gate_policy!r}; choose one of "
-                             f"{list(NOISY_GATE_POLICIES)}")
-        for name in ("drop_tokens", "use_rts", "top2_2nd_expert_sampling"):
-            value = getattr(self, name)
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {type(value).__name__}: {value!r}")
-        if self.drop_policy not in DROP_POLICIES:
-            raise ValueError(f"Unknown drop_policy {self.drop_policy!r}; choose one of {list(DROP_POLICIES)}")
-        if self.drop_policy is None:
-            object.__setattr__(self, "drop_policy", "position" if self.k <= 2 else "probs")
-        object.__setattr__(self, "z_loss_coef", check_number(self.z_loss_coef, "z_loss_coef", 0.0))
-        self._check_modern_options()
-
-    def _check_modern_options(self) -> None:
-        E, k = self.num_experts, self.k
-        if self.score_func not in SCORE_FUNCS:
-            raise ValueError(f"Unknown score_func {self.score_func!r}; choose one of {list(SCORE_FUNCS)}")
-        if self.routing_type not in ROUTING_TYPES:
-            raise ValueError(f"Unknown routing_type {self.routing_type!r}; choose one of {list(ROUTING_TYPES)}")
-        for name in ("softmax_after_topk", "router_bias", "enable_expert_bias"):
-            value = getattr(self, name)
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {type(value).__name__}: {value!r}")
-        if self.norm_topk_prob is not None and not isinstance(self.norm_topk_prob, bool):
-            raise TypeError(f"norm_topk_prob must be None or a bool, got {type(self.norm_topk_prob).__name__}: "
-                            f"{self.norm_topk_prob!r}")
-        object.__setattr__(self, "routed_scaling_factor",
-                           check_number(self.routed_scaling_factor, "routed_scaling_factor", 0.0, lo_open=True))
-        object.__setattr__(self, "seq_aux_loss_coef", check_number(self.seq_aux_loss_coef, "seq_aux_loss_coef", 0.0))
-        if self.softmax_after_topk:
-            if self.score_func != "softmax":
-                raise ValueError(f"softmax_after_topk=True needs score_func='softmax', got score_func="
-                                 f"{self.score_func!r}")
-            if self.norm_topk_prob is not None:
-                raise ValueError(f"softmax_after_topk=True already normalises each token's k weights; leave "
-                                 f"norm_topk_prob=None, got norm_topk_prob={self.norm_topk_prob!r}")
-        # group-limited top-k
-        if (self.n_group is None) != (self.topk_group is None):
-            raise ValueError(f"n_group and topk_group go together (both None: no group limit), got n_group="
-                             f"{self.n_group!r}, topk_group={self.topk_group!r}")
-        if self.n_group is not None:
-            check_int(self.n_group, "n_group", 1, E, hi_text=f"num_experts={E}")
-            if E % self.n_group:
-                raise ValueError(f"n_group must divide num_experts={E} (experts are split into equal groups), got "
-                                 f"n_group={self.n_group}; pick one of {[g for g in range(1, E + 1) if E % g == 0]}")
-            check_int(self.topk_group, "topk_group", 1, self.n_group, hi_text=f"n_group={self.n_group}")
-            eligible = self.topk_group * (E // self.n_group)
-            if k > eligible:
-                raise ValueError(f"k must be at most the experts eligible under the group limit, topk_group x "
-                                 f"num_experts / n_group = {self.topk_group} x {E // self.n_group} = {eligible}, "
-                                 f"got k={k}")
-        # aux-loss-free bias
-        if self.bias_update_rate is not None:
-            rate = check_number(self.bias_update_rate, "bias_update_rate", 0.0)
-            if not self.enable_expert_bias:
-                raise ValueError(f"bias_update_rate={rate!r} needs enable_expert_bias=True (there is no expert "
-                                 "bias to update otherwise)")
-            object.__setattr__(self, "bias_update_rate", rate)
-        elif self.enable_expert_bias:
-            object.__setattr__(self, "bias_update_rate", DEFAULT_BIAS_UPDATE_RATE)
-        # the noisy policies of DeepSpeed's softmax gate draw from softmax(logits); they cannot honour
-        # a selection changed by sigmoid scores, an expert bias or a group limit
-        changed = [f"{n}={getattr(self, n)!r}" for n, off in
-                   (("score_func", "softmax"), ("enable_expert_bias", False), ("n_group", None))
-                   if getattr(self, n) != off]
-        if changed and self.routing_type == "token_choice":
-            if self.noisy_gate_policy == "RSample":
-                raise ValueError(f"noisy_gate_policy='RSample' samples from softmax(logits) and cannot be combined "
-                                 f"with {', '.join(changed)}; use None or 'Jitter'")
-            if k == 2 and self.top2_2nd_expert_sampling:
-                raise ValueError(f"top2_2nd_expert_sampling=True (DeepSpeed's default) samples the 2nd expert from "
-                                 f"softmax(logits) and cannot be combined with {', '.join(changed)}; pass "
-                                 "top2_2nd_expert_sampling=False")
-        if self.routing_type == "expert_choice":
-            refused = [f"{n}={getattr(self, n)!r}" for n, off in
-                       (("drop_tokens", True), ("n_group", None), ("enable_expert_bias", False),
-                        ("seq_aux_loss_coef", 0.0), ("norm_topk_prob", None), ("softmax_after_topk", False))
-                       if getattr(self, n) != off]
-            if self.noisy_gate_policy == "RSample":
-                refused.append("noisy_gate_policy='RSample'")
-            if refused:
-                raise ValueError(f"routing_type='expert_choice' cannot honour {', '.join(refused)}: each expert picks "
-                                 "its capacity of tokens (always capacity-bound, balanced by construction, a token "
-                                 "has no fixed k). Allowed with it: score_func, router_bias, routed_scaling_factor, "
-                                 "capacity_factor/eval_capacity_factor/min_capacity (with k: slots per expert = "
-                                 "ceil(S / E * capacity_factor * k)), z_loss_coef, noisy_gate_policy None or 'Jitter'")
-
-    @property
-    def default_selection(self) -> bool:
-        """True when experts are chosen exactly as DeepSpeed's gate chooses them."""
-        return self.score_func == "softmax" and not self.enable_expert_bias and self.n_group is None
-
-    @property
-    def default_weights(self) -> bool:
-        """True when combine weights are DeepSpeed's (raw for k=1, renormalised over kept routes for k>=2)."""
-        return self.norm_topk_prob is None and not self.softmax_after_topk and self.routed_scaling_factor == 1.0
-
-    def capacity(self, num_tokens: int, training: bool) -> Optional[int]:
-        """Slots per expert for ``num_tokens`` tokens (None when dropless)."""
-        if not self.drop_tokens:
-            return None
-        factor = self.capacity_factor if training else self.eval_capacity_factor
-        return expert_capacity(num_tokens, self.num_experts, factor, self.k, self.min_capacity)
-
 
 def config_fingerprint(config: RouterConfig, hidden_size: int, dtype: torch.dtype) -> int:
     """A 31-bit number every rank of an expert-parallel group must agree on.
@@ -398,18 +186,30 @@ def route_index(expert_ids_SK: Tensor, token_idx_N: Tensor, expert_idx_N: Tensor
     return token_idx_N * K + j_N
 
 
+def _config_view(name: str) -> property:
+    def get(self: "TopKGate"):
+        return getattr(self.config, name)
+
+    def refuse(self: "TopKGate", value) -> None:
+        raise AttributeError(f"TopKGate.{name} reads gate.config; change it with "
+                             f"gate.config = dataclasses.replace(gate.config, {name}={value!r})")
+
+    return property(get, refuse, doc=f"``config.{name}`` (DeepSpeed's attribute name; read-only).")
+
+
 class TopKGate(nn.Module):
     """The router of an MoE layer (DeepSpeed's name): ``wg`` scores tokens, ``forward`` routes them.
 
     Args:
         model_dim: D, size of each token vector.
-        num_experts ... z_loss_coef: DeepSpeed's options, fields of :class:`RouterConfig` with the
-            same names and defaults.
-        **options: the other fields of :class:`RouterConfig` (``score_func``, ``n_group``, ...),
-            keyword-only.
+        *args: DeepSpeed's positional options, in its order (``num_experts, k, capacity_factor,
+            eval_capacity_factor, min_capacity, noisy_gate_policy, drop_tokens, use_rts,
+            top2_2nd_expert_sampling``).
+        config: a :class:`~moesaic.layer.config.MoEConfig` instead of the options.
+        **options: fields of :class:`~moesaic.layer.config.MoEConfig` by name.
 
     ``gate.config`` holds the options; DeepSpeed's attribute names (``gate.k``,
-    ``gate.capacity_factor``, ...) read them. Build from a config with :meth:`from_config`.
+    ``gate.capacity_factor``, ...) read them.
 
     With ``enable_expert_bias`` the gate owns two buffers: ``expert_bias`` `(E,)` fp32, persistent
     (in the state dict, so checkpoints carry it; never a parameter, so no optimizer touches it;
@@ -418,22 +218,16 @@ class TopKGate(nn.Module):
     :func:`moesaic.update_expert_bias`.
     """
 
-    def __init__(self, model_dim: int, num_experts: int, k: int = 1, capacity_factor: float = 1.0,
-                 eval_capacity_factor: float = 1.0, min_capacity: int = 4,
-                 noisy_gate_policy: Optional[str] = None, drop_tokens: bool = True, use_rts: bool = True,
-                 top2_2nd_expert_sampling: bool = True, drop_policy: Optional[str] = None,
-                 z_loss_coef: float = 0.0, **options) -> None:
+    def __init__(self, model_dim: int, *args, config: Optional[MoEConfig] = None, **options) -> None:
         super().__init__()
         check_int(model_dim, "model_dim", 1)
-        unknown = sorted(set(options) - {f.name for f in dataclasses.fields(RouterConfig)})
-        if unknown:
-            raise TypeError(f"TopKGate got unknown options {unknown}; the router's options are the fields of "
-                            f"RouterConfig: {[f.name for f in dataclasses.fields(RouterConfig)]}")
-        config = RouterConfig(num_experts=num_experts, k=k, capacity_factor=capacity_factor,
-                              eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity,
-                              noisy_gate_policy=noisy_gate_policy, drop_tokens=drop_tokens, use_rts=use_rts,
-                              top2_2nd_expert_sampling=top2_2nd_expert_sampling, drop_policy=drop_policy,
-                              z_loss_coef=z_loss_coef, **options)
+        if config is None:
+            config = gate_config(args, options)
+        elif args or options:
+            raise TypeError("TopKGate takes a config or options, not both")
+        elif not isinstance(config, MoEConfig):
+            raise TypeError(f"config must be a RouterConfig, got {type(config).__name__}")
+        num_experts = config.num_experts
         self.wg = nn.Linear(model_dim, num_experts, bias=config.router_bias)
         if config.router_bias:
             nn.init.zeros_(self.wg.bias)  # GPT-OSS initialises its router bias at 0
@@ -444,11 +238,9 @@ class TopKGate(nn.Module):
         self.config = config
 
     @classmethod
-    def from_config(cls, model_dim: int, config: RouterConfig) -> "TopKGate":
-        """A gate with ``config``'s options (validated again: a config is never trusted blindly)."""
-        if not isinstance(config, RouterConfig):
-            raise TypeError(f"config must be a RouterConfig, got {type(config).__name__}")
-        return cls(model_dim, **dataclasses.asdict(config))
+    def from_config(cls, model_dim: int, config: MoEConfig) -> "TopKGate":
+        """A gate with ``config``'s options."""
+        return cls(model_dim, config=config)
 
     @property
     def config(self) -> RouterConfig:
@@ -518,20 +310,31 @@ class TopKGate(nn.Module):
     def extra_repr(self) -> str:
         return f"model_dim={self.model_dim}, {self.config}"
 
+    # DeepSpeed's TopKGate keeps its options as attributes; these read the config
+    num_experts = _config_view("num_experts")
+    k = _config_view("k")
+    capacity_factor = _config_view("capacity_factor")
+    eval_capacity_factor = _config_view("eval_capacity_factor")
+    min_capacity = _config_view("min_capacity")
+    noisy_gate_policy = _config_view("noisy_gate_policy")
+    drop_tokens = _config_view("drop_tokens")
+    use_rts = _config_view("use_rts")
+    top2_2nd_expert_sampling = _config_view("top2_2nd_expert_sampling")
+    drop_policy = _config_view("drop_policy")
+    z_loss_coef = _config_view("z_loss_coef")
 
-def _config_view(name: str) -> property:
-    def get(self: TopKGate):
-        return getattr(self.config, name)
 
-    def refuse(self: TopKGate, value) -> None:
-        raise AttributeError(f"TopKGate.{name} reads gate.config; change it with "
-                             f"gate.config = dataclasses.replace(gate.config, {name}={value!r})")
-
-    return property(get, refuse, doc=f"``config.{name}`` (DeepSpeed's attribute name; read-only).")
+# DeepSpeed's TopKGate(model_dim, num_experts, k, ...) positional order
+GATE_POSITIONAL = ("num_experts", "k", "capacity_factor", "eval_capacity_factor", "min_capacity", "noisy_gate_policy",
+                   "drop_tokens", "use_rts", "top2_2nd_expert_sampling")
 
 
-# DeepSpeed's TopKGate keeps its options as attributes; ours are read-only views of the config
-for _name in ("num_experts", "k", "capacity_factor", "eval_capacity_factor", "min_capacity", "noisy_gate_policy",
-              "drop_tokens", "use_rts", "top2_2nd_expert_sampling", "drop_policy", "z_loss_coef"):
-    setattr(TopKGate, _name, _config_view(_name))
-del _name
+def gate_config(args: tuple, options: dict) -> MoEConfig:
+    """The :class:`MoEConfig` of DeepSpeed's positional options ``args`` plus named ``options``."""
+    if len(args) > len(GATE_POSITIONAL):
+        raise TypeError(f"TopKGate takes at most {len(GATE_POSITIONAL) + 1} positional arguments (model_dim, "
+                        f"{', '.join(GATE_POSITIONAL)}), got {len(args) + 1}")
+    both = sorted(set(GATE_POSITIONAL[:len(args)]) & set(options))
+    if both:
+        raise TypeError(f"TopKGate got {both} both by position and by name")
+    return MoEConfig.from_options({**dict(zip(GATE_POSITIONAL, args)), **options}, who="TopKGate")

@@ -52,10 +52,6 @@ from .stop import Stopped, StopRequest
 from .timing import RunClock, check_segments
 
 RUN_FILE = "run.json"
-# keys that fix the checkpoint's tensors (names, shapes) or the function they compute; the rest of the
-# config (model.ep_size, capacity factors, train.*, engine.*) may change when a run is resumed
-MODEL_KEYS_FIXED = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "ffn_mult", "moe_every", "num_experts",
-                    "use_residual")
 
 
 def _param_groups(model: GPT) -> List[Dict]:
@@ -75,7 +71,7 @@ def check_out_dir(out: Path, cfg: TrainConfig, resume: bool) -> Optional[int]:
     Raises:
         FileExistsError: ``out`` holds a run and ``resume`` is False.
         FileNotFoundError: ``resume`` and there is no checkpoint.
-        CheckpointError: a key that must match (:data:`MODEL_KEYS_FIXED`, the ``data`` section)
+        CheckpointError: a key that must match (:data:`moesaic.models.gpt.FIXED_KEYS`, the ``data`` section)
             differs; the message names it with both values.
     """
     run_file = out / RUN_FILE
@@ -88,8 +84,8 @@ def check_out_dir(out: Path, cfg: TrainConfig, resume: bool) -> Optional[int]:
     manifest = read_manifest(resolve(out / "checkpoints"))
     saved = manifest.get("model_config") or {}
     now = cfg.to_dict()
-    defaults = GPTConfig().to_dict()
-    pairs = [(f"model.{k}", (saved.get("model") or {}).get(k, defaults[k]), now["model"][k]) for k in MODEL_KEYS_FIXED]
+    then, here = GPTConfig.fixed_values(saved.get("model")), GPTConfig.fixed_values(now["model"])
+    pairs = [(f"model.{k}", then[k], here[k]) for k in here]
     pairs += [(f"data.{k}", (saved.get("data") or {}).get(k), v) for k, v in now["data"].items()]
     for key, then, here in pairs:
         if then != here:

@@ -1,0 +1,3 @@
+"""The DeepSpeed bridge: DeepSpeed's API and config read into moesaic's core (see docs/architecture.md)."""
+
+from .moe import MoE
