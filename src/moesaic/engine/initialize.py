@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from typing import Any, Callable, Optional, Tuple
 
@@ -318,5 +317,3 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: A
                        training_dataloader=loader, collate_fn=collate_fn)
     return engine, opt, loader, scheduler
 
-
-INITIALIZE_PARAMETERS = tuple(inspect.signature(initialize).parameters)
