@@ -8,7 +8,7 @@ import torch
 
 import moesaic
 from moesaic.layer.losses import load_balancing_loss, router_z_loss
-from moesaic.layer.router import RouterConfig, TopKGate, compute_routing, config_fingerprint, expert_capacity
+from moesaic.layer.gate import RouterConfig, TopKGate, compute_routing, config_fingerprint, expert_capacity
 
 
 # --- routing by hand ----------------------------------------------------------------------------

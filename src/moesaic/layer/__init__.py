@@ -8,7 +8,7 @@ from .config import MoEConfig, RouterConfig
 from .moe import MixtureOfExperts, MOELayer, name_moe_layers, setup_expert_parallel
 from .recompute_policy import apply_recompute, recompute_policy
 from .replay import Routes, record_routing, replay_routing
-from .router import TopKGate, compute_routing, expert_capacity
+from .gate import TopKGate, compute_routing, expert_capacity
 from .routing import Routing
 from .stacked import StackedExperts
 

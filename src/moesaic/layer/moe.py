@@ -1,6 +1,6 @@
 """The MoE layer: :class:`MixtureOfExperts`, built from one :class:`~moesaic.layer.config.MoEConfig`.
 
-Its direct parts are the router (``gate``, a :class:`~moesaic.layer.router.TopKGate`), the
+Its direct parts are the router (``gate``, a :class:`~moesaic.layer.gate.TopKGate`), the
 dispatcher (``deepspeed_moe.dispatcher``, chosen when the layer joins its process groups) and the
 experts (``experts``, an :class:`~moesaic.layer.experts.ExpertContainer`), plus the optional
 shared expert and residual MLP. The routed part lives in :class:`MOELayer` (``deepspeed_moe``)
@@ -52,7 +52,7 @@ from .config import MoEConfig
 from .dispatch import Dispatcher, LocalDispatcher
 from .experts import ExpertContainer, Experts, check_expert_width
 from .identity import MoELayerBase, iter_moe_modules, moe_layers
-from .router import TopKGate
+from .gate import TopKGate
 from .routing import Routing, count_unrouted
 from .stacked import StackedExperts
 

@@ -1,9 +1,10 @@
-"""The router: ``RouterConfig`` (every routing option, validated once) and ``TopKGate`` (its weights).
+"""The gate (DeepSpeed's name for the router): ``TopKGate`` (its weights) and ``compute_routing`` (its plan).
 
-``TopKGate`` scores tokens with ``wg`` in fp32 and hands the logits to :func:`compute_routing`,
+The options are the layer's :class:`~moesaic.layer.config.MoEConfig` (``config.py``); the record
+the plan fills and its pure steps are in ``routing.py``. ``TopKGate`` scores tokens with ``wg`` in fp32 and hands the logits to :func:`compute_routing`,
 which returns a frozen :class:`~moesaic.layer.routing.Routing` record. Everything a router option
 changes happens here or in :mod:`moesaic.layer.routing`; dispatchers and ``parallel/`` only see the
-record, and the expert-parallel agreement check fingerprints the whole :class:`RouterConfig`
+record, and the expert-parallel agreement check fingerprints the whole :class:`MoEConfig`
 (:func:`config_fingerprint`), so a new option needs no change there.
 
 The numbers follow DeepSpeed 0.19.8's ``TopKGate`` (``deepspeed/moe/sharded_moe.py``): fp32
@@ -28,14 +29,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_int
-from .config import MoEConfig, RouterConfig, expert_capacity
+from .config import MoEConfig, RouterConfig, expert_capacity  # noqa: F401  (RouterConfig: the former name)
 from .expert_choice import expert_choice_routing
 from .losses import load_balancing_loss, router_z_loss, sequence_balance_loss
 from .routing import (Routing, combine_weights, count_routes, mask_unused_tokens, multiplicative_jitter,
                       normalised_scores, place_routes, route_priority, score_tokens, select_experts, select_topk,
                       topk_weights)
 
-def config_fingerprint(config: RouterConfig, hidden_size: int, dtype: torch.dtype) -> int:
+def config_fingerprint(config: MoEConfig, hidden_size: int, dtype: torch.dtype) -> int:
     """A 31-bit number every rank of an expert-parallel group must agree on.
 
     It covers every field of the config (its ``repr`` lists them all, so a new option is covered
@@ -46,7 +47,7 @@ def config_fingerprint(config: RouterConfig, hidden_size: int, dtype: torch.dtyp
     return zlib.crc32(text.encode()) & 0x7FFFFFFF
 
 
-def compute_routing(logits_SE: Tensor, config: RouterConfig, *, training: bool,
+def compute_routing(logits_SE: Tensor, config: MoEConfig, *, training: bool,
                     used_token_S: Optional[Tensor] = None, expert_bias_E: Optional[Tensor] = None,
                     num_sequences: int = 1) -> Routing:
     """Turn fp32 router logits into a :class:`Routing` (choices, capacity, slots, weights, losses).
@@ -105,7 +106,7 @@ def compute_routing(logits_SE: Tensor, config: RouterConfig, *, training: bool,
                    seq_aux_loss=seq_aux_loss, num_tokens=S, num_valid_tokens=placed.num_routes // k)
 
 
-def _scores(logits_SE: Tensor, config: RouterConfig):
+def _scores(logits_SE: Tensor, config: MoEConfig):
     """``(scores_SE, probs_SE)``: the scores routes are weighted by, and the distribution the losses read."""
     if config.score_func == "softmax":
         probs_SE = scores_SE = F.softmax(logits_SE, dim=1)
@@ -115,7 +116,7 @@ def _scores(logits_SE: Tensor, config: RouterConfig):
     return scores_SE, probs_SE
 
 
-def _losses(logits_SE, probs_SE, expert_ids_SK, exp_counts_E, config: RouterConfig, used_token_S, num_sequences):
+def _losses(logits_SE, probs_SE, expert_ids_SK, exp_counts_E, config: MoEConfig, used_token_S, num_sequences):
     S = logits_SE.shape[0]
     l_aux = load_balancing_loss(probs_SE, expert_ids_SK, exp_counts_E, config.k)
     z_loss = router_z_loss(logits_SE, config.z_loss_coef)
@@ -125,7 +126,7 @@ def _losses(logits_SE, probs_SE, expert_ids_SK, exp_counts_E, config: RouterConf
     return l_aux, z_loss, seq_aux_loss
 
 
-def _weights(scores_SE, logits_SE, expert_ids_SK, token_idx_N, expert_idx_N, route_N, config: RouterConfig) -> Tensor:
+def _weights(scores_SE, logits_SE, expert_ids_SK, token_idx_N, expert_idx_N, route_N, config: MoEConfig) -> Tensor:
     if config.default_weights:
         return combine_weights(scores_SE, token_idx_N, expert_idx_N, config.k)
     if config.norm_topk_prob is None and not config.softmax_after_topk:  # DeepSpeed's rule, then scaled
@@ -134,7 +135,7 @@ def _weights(scores_SE, logits_SE, expert_ids_SK, token_idx_N, expert_idx_N, rou
                         softmax_after_topk=config.softmax_after_topk, scale=config.routed_scaling_factor)
 
 
-def route_with_decision(logits_SE: Tensor, config: RouterConfig, decision, *, used_token_S: Optional[Tensor] = None,
+def route_with_decision(logits_SE: Tensor, config: MoEConfig, decision, *, used_token_S: Optional[Tensor] = None,
                         num_sequences: int = 1) -> Routing:
     """A :class:`Routing` whose choices, drops and slots are ``decision``'s, with the scores, combine
     weights and losses computed from ``logits_SE`` (so they carry the router's gradient).
@@ -243,13 +244,13 @@ class TopKGate(nn.Module):
         return cls(model_dim, config=config)
 
     @property
-    def config(self) -> RouterConfig:
+    def config(self) -> MoEConfig:
         """The router's options (frozen; assign a new one to change them)."""
         return self._config
 
     @config.setter
-    def config(self, value: RouterConfig) -> None:
-        if not isinstance(value, RouterConfig):
+    def config(self, value: MoEConfig) -> None:
+        if not isinstance(value, MoEConfig):
             raise TypeError(f"config must be a RouterConfig, got {type(value).__name__}")
         if "wg" in self._modules:
             if value.num_experts != self.wg.out_features:
