@@ -19,7 +19,8 @@ FLOORS = {
     "layer": 2,
     "optim": 3, "checkpoint": 3, "telemetry": 3,
     "engine": 4,
-    "models": 5, "hf": 5, "deepspeed": 5,
+    "deepspeed": 4.5,  # the DeepSpeed bridge: over the engine, under the trainer
+    "models": 5, "hf": 5,
     "__init__": 5.5,  # the public names (moesaic.MoE, moesaic.initialize, ...), which the trainer uses
     "train": 6,
     "__main__": 7, "config_reference": 7,

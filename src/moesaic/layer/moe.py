@@ -377,7 +377,7 @@ class MOELayer(nn.Module):
         if record is not None and record.peer_counts is not None:
             routing = dataclasses.replace(routing, peer_counts=tuple(map(tuple, record.peer_counts)))
         if self._route_recorder is not None and (call is None or not call.recomputing):  # moesaic.record_routing
-            self._route_recorder.append(routing.expert_ids_SK.detach().clone())
+            self._route_recorder.append(recompute.recorded_routes(routing))
         # experts that take their pieces as one batch (stacked) get them as row blocks of one tensor
         together = bool(getattr(self.experts, "pieces_together", False))
         pieces, meta = self.dispatcher.dispatch(x_SD, routing, together=together)

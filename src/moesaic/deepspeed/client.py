@@ -1,5 +1,7 @@
 """A client optimizer, as DeepSpeed's ``initialize(optimizer=...)`` takes it, run as moesaic's grouped optimizer.
 
+The engine builder follows it through :class:`moesaic.engine.GroupFollower` (``param_groups``, ``link``, ``sync``).
+
 moesaic never calls the client optimizer's ``step()``: it reads the update and every parameter
 group from it and steps its own :class:`~moesaic.optim.mixed_precision.GroupedMixedPrecisionOptimizer`
 (fp32 master weights, one group at a time, ZeRO sharding). What is honoured:
@@ -34,6 +36,7 @@ import torch
 from torch import Tensor
 
 from ..optim.config import UPDATE_HYPERPARAMETERS
+from ..optim.param_groups import split_params_into_different_moe_groups_for_optimizer
 
 SUPPORTED = ("torch.optim.Adam", "torch.optim.AdamW", "torch.optim.SGD", "deepspeed.ops.adam.FusedAdam",
              "deepspeed.ops.adam.DeepSpeedCPUAdam")
@@ -150,6 +153,14 @@ class ClientOptimizer:
                      and k not in self.hyper and k not in _REFUSED_FLAGS}
             out.append({**extra, **self._values(group), "name": name, "params": params, "client_group": i})
         return out
+
+    def param_groups(self, moe) -> List[Dict[str, Any]]:
+        """The groups the engine builds from (:class:`moesaic.engine.GroupFollower`): each client group split
+        on its own by the MoE splitting helper under ``moe`` (an ``MoEOptimConfig``), ``client_group`` kept."""
+        def split(gs):
+            return split_params_into_different_moe_groups_for_optimizer(gs, max_group_size=moe.max_group_size,
+                                                                        split_by=moe.split_by, stacked="views")
+        return split_client_groups(self.base_groups(), split)
 
     def link(self, param_groups: Sequence[Dict[str, Any]]) -> None:
         """Remember which client group each of moesaic's groups came from (``client_group``, then dropped)."""
