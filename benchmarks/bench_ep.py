@@ -38,7 +38,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import moesaic  # noqa: E402
-from moesaic.layer.router import expert_capacity  # noqa: E402
+from moesaic.layer.gate import expert_capacity  # noqa: E402
 
 H, E, K = 256, 16, 2
 

@@ -44,7 +44,7 @@ def deepspeed_factory(model_cfg):
     model = GPT(model_cfg)
     for block in model.blocks:
         ours = block.ffn
-        if not isinstance(ours, moesaic.MoE):
+        if not isinstance(ours, moesaic.MixtureOfExperts):
             continue
         c = ours.gate.config
         ds = DSMoE(ours.hidden_size, ours.experts[0], num_experts=ours.num_experts, ep_size=1, k=ours.k,

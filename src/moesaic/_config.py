@@ -31,6 +31,7 @@ from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple
 from ._checks import check_keys, check_mapping, join_key
 
 _DOC, _CHECK, _SECTION, _OPTIONAL, _TYPE, _VARIANTS = "doc", "check", "section", "optional", "type", "variants"
+_DEFAULTS = "defaults"
 S = TypeVar("S", bound="Section")
 
 
@@ -53,12 +54,18 @@ def setting(default: Any = MISSING, *, doc: str, check: Optional[Callable[[Any, 
     return field(default=default, metadata=meta)
 
 
-def section(cls: Type["Section"], *, doc: str, optional: bool = False) -> Field:
-    """Declare a nested section of type ``cls``; ``optional`` sections default to None (absent)."""
-    meta = {_DOC: doc, _SECTION: cls, _OPTIONAL: optional}
+def section(cls: Type["Section"], *, doc: str, optional: bool = False,
+            defaults: Optional[Mapping[str, Any]] = None) -> Field:
+    """Declare a nested section of type ``cls``; ``optional`` sections default to None (absent).
+
+    ``defaults``: this parent's defaults for some of the section's keys (a key the data leaves out
+    takes it, and the reference shows it), where they differ from the section class's own.
+    """
+    defaults = dict(defaults or {})
+    meta = {_DOC: doc, _SECTION: cls, _OPTIONAL: optional, _DEFAULTS: defaults}
     if optional:
         return field(default=None, metadata=meta)
-    return field(default_factory=cls, metadata=meta)
+    return field(default_factory=lambda: cls.from_dict(defaults), metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -137,9 +144,9 @@ class Section:
             if f.name in data:
                 value = data[f.name]
                 if sub is not None and not isinstance(value, sub) and not (value is None and f.metadata[_OPTIONAL]):
-                    value = sub.from_dict(value, key)
+                    value = sub.from_dict(_with_defaults(f, value), key)
             elif sub is not None and not f.metadata[_OPTIONAL]:
-                value = sub.from_dict({}, key)
+                value = sub.from_dict(_with_defaults(f, {}), key)
             else:
                 value = _default(f)
                 if value is MISSING:
@@ -174,13 +181,21 @@ class Section:
             if sub is not None:
                 if f.metadata[_OPTIONAL]:
                     rows.append(KeyDoc(key, "table or absent", "absent", f.metadata[_DOC]))
-                rows.extend(sub.describe(key))
+                defaults = f.metadata.get(_DEFAULTS) or {}
+                rows.extend(KeyDoc(r.path, r.type, default_text(defaults[r.path[len(key) + 1:]]), r.doc, r.variant)
+                            if r.path[len(key) + 1:] in defaults else r for r in sub.describe(key))
                 continue
             rows.append(KeyDoc(key, f.metadata.get(_TYPE) or type_text(f.type), default_text(_default(f)),
                                f.metadata[_DOC]))
             for name, variant in (f.metadata.get(_VARIANTS) or {}).items():
                 rows.extend(KeyDoc(r.path, r.type, r.default, r.doc, f'type = "{name}"') for r in variant.describe(key))
         return rows
+
+
+def _with_defaults(f: Field, data: Any) -> Any:
+    """``data`` with the parent's defaults (``section(defaults=...)``) under it; a non-mapping passes to the check."""
+    defaults = f.metadata.get(_DEFAULTS)
+    return {**defaults, **data} if defaults and isinstance(data, Mapping) else data
 
 
 def _checked(cls: Type[Section], values: Dict[str, Any], path: str) -> Dict[str, Any]:

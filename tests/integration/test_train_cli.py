@@ -67,7 +67,7 @@ def test_resume_continues_refuses_to_overwrite_and_names_the_key_that_must_match
     assert "already holds a run; pass --resume" in capsys.readouterr().err
     assert (out / "summary.json").read_text() == before, "the existing run must be left alone"
     # only the keys that fix the tensors must match: ep_size, capacity, the loop and the engine may change
-    assert train(out, corpus, "--set", "train.steps=3", "--set", "model.capacity_factor=2.0",
+    assert train(out, corpus, "--set", "train.steps=3", "--set", "model.moe.capacity_factor=2.0",
                  "--set", "engine.optimizer.params.lr=1e-3", "--resume") == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
     assert train(out, corpus, "--set", "train.steps=4", "--set", "model.n_embd=64", "--resume") == 2
@@ -206,9 +206,11 @@ def test_dist_timeout_reaches_init_distributed(tmp_path, monkeypatch):
      "engine.zero_optimization.stage=3 shards parameters over the processes (FSDP2) and needs train.nproc >= 2"),
     (["--device", "cuda"], "train.device='cuda' but CUDA is not available"),
     (["--device", "tpu"], "train.device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got 'tpu'"),
-    (["--set", "model.num_experts=3", "--set", "model.ep_size=2"], "num_experts"),
+    (["--set", "model.moe.num_experts=3", "--set", "model.ep_size=2"], "num_experts"),
     (["--nproc", "3", "--set", "model.ep_size=2"], "nproc"),
-    (["--set", "model.top_k=9"], "top_k"),
+    (["--set", "model.moe.k=9"], "model.moe.k must be an int in [1, model.moe.num_experts=4], got 9"),
+    (["--set", "model.top_k=3"], "model.top_k = 3 is now model.moe.k"),
+    (["--set", "model.moe.score_func=tanh"], "Unknown model.moe.score_func 'tanh'; choose one of ['softmax', 'sigmoid']"),
     (["--set", "train.dist_timeout_s=0"], "train.dist_timeout_s must be a finite number in (0, inf)"),
     (["--set", "train.keep_last=0"], "train.keep_last must be an int >= 1, got 0"),
 ])

@@ -43,7 +43,7 @@ for kw in json.loads(sys.argv[1]):
 def test_activation_estimate_is_within_25_percent_of_a_measured_forward():
     """What a forward adds to a fresh process (the activations autograd keeps) against the estimate: dense + MoE
     (the default) and MoE everywhere, dropless, top-4."""
-    shapes = [{}, {"moe_every": 1, "num_experts": 8, "top_k": 4, "drop_tokens": False}]
+    shapes = [{}, {"moe_every": 1, "moe": {"num_experts": 8, "k": 4, "drop_tokens": False}}]
     # glibc returns every freed block of 64 KiB or more to the system: RSS follows the live tensors (as in
     # benchmarks/bench_layer.py's memory column), and the second shape does not reuse the first one's heap
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536",

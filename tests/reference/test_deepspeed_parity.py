@@ -22,7 +22,7 @@ deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed not installed (ma
 from deepspeed.moe.layer import MoE as DSMoE  # noqa: E402
 
 import moesaic  # noqa: E402
-from moesaic.layer.router import expert_capacity  # noqa: E402
+from moesaic.layer.gate import expert_capacity  # noqa: E402
 
 logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -304,7 +304,7 @@ class _MaskDispatcher(Dispatcher):
     def __init__(self, num_experts):
         self.num_local_experts = num_experts
 
-    def dispatch(self, x_SD, routing):
+    def dispatch(self, x_SD, routing, together=False):
         masks = [routing.expert_idx_N == e for e in range(self.num_local_experts)]
         pieces = [x_SD[routing.token_idx_N[m]] for m in masks]
         return pieces, (routing, masks, x_SD.shape[0])

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import moesaic
-from moesaic.layer.router import expert_capacity
+from moesaic.layer.gate import expert_capacity
 
 torch_dynamo = pytest.importorskip("torch._dynamo")
 

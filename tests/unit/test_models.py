@@ -8,7 +8,7 @@ import torch
 import moesaic
 from moesaic.models import GPT, GPTConfig, unigram_baseline_loss
 
-SMALL = dict(block_size=16, n_layer=4, n_head=2, n_embd=32, num_experts=4, top_k=2)
+SMALL = dict(block_size=16, n_layer=4, n_head=2, n_embd=32)  # the moe table's defaults: 4 experts, top-2
 
 
 def make(**overrides):
@@ -57,7 +57,7 @@ def test_moe_every_places_and_names_moe_layers():
     model = make()
     assert list(model.moe_layers) == ["blocks.1.ffn", "blocks.3.ffn"]
     for name, layer in model.moe_layers.items():
-        assert isinstance(layer, moesaic.MoE) and layer.expert_group_name == name
+        assert isinstance(layer, moesaic.MixtureOfExperts) and layer.expert_group_name == name
         assert all(p.group_name == name for p in layer.experts.parameters())
     assert isinstance(model.blocks[0].ffn, torch.nn.Sequential)
     assert len(make(moe_every=1).moe_layers) == 4
@@ -114,31 +114,32 @@ def test_unigram_baseline_loss():
 
 @pytest.mark.parametrize("overrides, exc, match", [
     (dict(n_embd=30, n_head=4), ValueError, r"model.n_embd \(30\) must be divisible by model.n_head \(4\)"),
-    (dict(num_experts=6, ep_size=4), ValueError, r"model.num_experts \(6\) must be divisible by model.ep_size \(4\)"),
-    (dict(top_k=5, num_experts=4), ValueError, r"model.top_k must be an int in \[1, model.num_experts=4\], got 5"),
-    (dict(top_k=0), ValueError, r"model.top_k must be an int in \[1, model.num_experts=4\], got 0"),
+    (dict(moe=dict(num_experts=6), ep_size=4), ValueError,
+     r"model.moe.num_experts \(6\) must be divisible by model.ep_size \(4\)"),
+    (dict(moe=dict(k=5, num_experts=4)), ValueError, r"model.moe.k must be an int in \[1, model.moe.num_experts=4\], got 5"),
+    (dict(moe=dict(k=0)), ValueError, r"model.moe.k must be an int in \[1, model.moe.num_experts=4\], got 0"),
     (dict(block_size=0), ValueError, r"block_size must be an int >= 1, got 0"),
     (dict(vocab_size=100), ValueError, r"vocab_size must be an int >= 256, got 100"),
     (dict(dropout=1.0), ValueError, r"dropout must be a finite number in \[0, 1\), got 1.0"),
-    (dict(capacity_factor=0), ValueError, r"capacity_factor must be a finite number in \(0, inf\)"),
+    (dict(moe=dict(capacity_factor=0)), ValueError, r"model.moe.capacity_factor must be a finite number in \(0, inf\)"),
     (dict(n_layer=True), TypeError, r"n_layer must be an int, got bool"),
-    (dict(drop_tokens=1), TypeError, r"drop_tokens must be a bool"),
+    (dict(moe=dict(drop_tokens=1)), TypeError, r"model.moe.drop_tokens must be a bool"),
 ])
 def test_config_errors(overrides, exc, match):
     with pytest.raises(exc, match=match):
-        GPTConfig(**overrides)
+        GPTConfig.from_dict(overrides)
 
 
 def test_config_dict_round_trip_and_prefixed_errors():
-    cfg = GPTConfig(n_layer=2, capacity_factor=2)
-    assert cfg.capacity_factor == 2.0 and isinstance(cfg.capacity_factor, float)
+    cfg = GPTConfig.from_dict({"n_layer": 2, "moe": {"capacity_factor": 2}})
+    assert cfg.moe.capacity_factor == 2.0 and isinstance(cfg.moe.capacity_factor, float)
     assert GPTConfig.from_dict(cfg.to_dict()) == cfg
     assert GPTConfig.from_dict({"n_layer": 2}).n_embd == 128
     with pytest.raises(ValueError, match=r"unknown key 'model.n_layers'; allowed keys under model: aux_loss_coef, "):
         GPTConfig.from_dict({"n_layers": 2})
-    with pytest.raises(ValueError, match=r"model.top_k must be an int in \[1, model.num_experts=2\], got 3"):
-        GPTConfig.from_dict({"num_experts": 2, "top_k": 3})
-    with pytest.raises(ValueError, match=r"^net.top_k must be an int in \[1, net.num_experts=2\], got 3$"):
-        GPTConfig.from_dict({"num_experts": 2, "top_k": 3}, "net")  # inside another tree: its own path
+    with pytest.raises(ValueError, match=r"model.moe.k must be an int in \[1, model.moe.num_experts=2\], got 3"):
+        GPTConfig.from_dict({"moe": {"num_experts": 2, "k": 3}})
+    with pytest.raises(ValueError, match=r"^net.moe.k must be an int in \[1, net.moe.num_experts=2\], got 3$"):
+        GPTConfig.from_dict({"moe": {"num_experts": 2, "k": 3}}, "net")  # inside another tree: its own path
     with pytest.raises(TypeError):
         GPT({"n_layer": 2})

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from moesaic.layer.moe import MoE, name_moe_layers
+from moesaic.deepspeed.moe import MoE
+from moesaic.layer.moe import name_moe_layers
 from moesaic.optim.param_groups import (
     configure_moe_param_groups,
     describe_param_groups,

@@ -182,8 +182,8 @@ def test_checkpointed_experts_are_not_kept_by_saved_pieces():
 def _gpt():
     from moesaic.models.gpt import GPT, GPTConfig
     torch.manual_seed(0)
-    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, num_experts=4, top_k=2, moe_every=1,
-                         dropout=0.1, capacity_factor=1.0))
+    return GPT(GPTConfig.from_dict(dict(n_layer=2, n_head=2, n_embd=16, block_size=16, moe_every=1, dropout=0.1,
+                                        moe=dict(num_experts=4, k=2, capacity_factor=1.0))))
 
 
 @pytest.mark.parametrize("policy", ["block", "moe", "experts"])
@@ -250,7 +250,7 @@ def test_train_key_and_memory_estimates_follow_the_policy():
     with pytest.raises(ValueError, match="train.recompute"):
         TrainConfig.from_dict({"train": {"recompute": "everything"}, "engine": {"train_batch_size": 1}})
     assert TrainConfig.from_dict({"train": {"recompute": "moe"}, "engine": {"train_batch_size": 1}}).train.recompute == "moe"
-    gpt = GPTConfig(n_layer=8, n_embd=64, num_experts=8, top_k=2, moe_every=1)
+    gpt = GPTConfig.from_dict(dict(n_layer=8, n_embd=64, moe_every=1, moe=dict(num_experts=8, k=2)))
     act = {p: memory.estimate(gpt, 8, recompute=p).activations for p in ("none", "experts", "moe", "block")}
     assert act["none"] > act["experts"] > act["moe"] > act["block"], act
     raw = dict(hidden_size=256, num_hidden_layers=8, vocab_size=1024, num_attention_heads=8, num_experts=64,

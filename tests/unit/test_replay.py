@@ -6,7 +6,7 @@ import torch
 
 import moesaic
 from moesaic.layer.replay import Routes
-from moesaic.layer.router import compute_routing, route_with_decision
+from moesaic.layer.gate import compute_routing, route_with_decision
 from moesaic.layer.recompute import replay_decision
 
 D, F, E = 8, 12, 8
@@ -73,7 +73,7 @@ def test_replay_after_a_step_uses_the_recorded_experts(options, tmp_path):
 
 def test_decision_replays_compute_routing_bit_for_bit():
     from moesaic.layer.recompute import Decision
-    from moesaic.layer.router import RouterConfig
+    from moesaic.layer.gate import RouterConfig
     logits = torch.randn(30, E, requires_grad=True)
     for cfg in (RouterConfig(num_experts=E, k=3, capacity_factor=0.5), RouterConfig(num_experts=E, k=2,
                 norm_topk_prob=True, drop_tokens=False), RouterConfig(num_experts=E, k=2, softmax_after_topk=True,

@@ -8,7 +8,7 @@ import torch
 
 import moesaic
 from moesaic.layer.losses import load_balancing_loss, router_z_loss
-from moesaic.layer.router import RouterConfig, TopKGate, compute_routing, config_fingerprint, expert_capacity
+from moesaic.layer.gate import RouterConfig, TopKGate, compute_routing, config_fingerprint, expert_capacity
 
 
 # --- routing by hand ----------------------------------------------------------------------------
@@ -162,7 +162,9 @@ def test_fingerprint_covers_every_config_field():
                         router_bias=True, norm_topk_prob=True, routed_scaling_factor=2.5,
                         n_group=dict(n_group=2, topk_group=2), topk_group=dict(n_group=2, topk_group=1),
                         enable_expert_bias=True, bias_update_rate=dict(enable_expert_bias=True, bias_update_rate=0.01),
-                        seq_aux_loss_coef=1e-3, routing_type="expert_choice")
+                        seq_aux_loss_coef=1e-3, routing_type="expert_choice", use_residual=True,
+                        stacked_experts=True, shared_experts=1, shared_expert_gate=dict(shared_experts=1,
+                                                                                        shared_expert_gate=True))
     assert set(other_values) == {f.name for f in dataclasses.fields(RouterConfig)}
     fp = config_fingerprint(base, 64, torch.float32)
     assert fp == config_fingerprint(RouterConfig(num_experts=8, k=2, top2_2nd_expert_sampling=False), 64,

@@ -9,7 +9,7 @@ from torch import nn
 
 import moesaic
 from moesaic.layer.losses import sequence_balance_loss
-from moesaic.layer.router import RouterConfig, TopKGate, compute_routing
+from moesaic.layer.gate import RouterConfig, TopKGate, compute_routing
 
 
 def _route_table(r):

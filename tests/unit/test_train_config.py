@@ -16,7 +16,7 @@ BATCH = {"engine": {"train_micro_batch_size_per_gpu": 4}}  # the least a trainin
 
 def test_tiny_toml_loads():
     cfg = load_train_config(TINY)
-    assert isinstance(cfg.model, GPTConfig) and cfg.model.ep_size == 2 and cfg.model.num_experts == 4
+    assert isinstance(cfg.model, GPTConfig) and cfg.model.ep_size == 2 and cfg.model.moe.num_experts == 4
     assert cfg.train.nproc == 2 and cfg.data.path is None and cfg.train.device == "auto"
     assert cfg.batch() == (32, 16, 1)  # 16 per process, 2 processes
     opt = cfg.engine.optimizer
@@ -98,11 +98,11 @@ def test_the_engine_section_is_the_deepspeed_dict():
 
 def test_numbers_are_normalised():
     cfg = load_train_config({"engine": {"train_micro_batch_size_per_gpu": 2, "optimizer": {"params": {
-        "lr": 1, "betas": [0, 0.5]}}}, "model": {"capacity_factor": 2}, "train": {"max_minutes": 3},
+        "lr": 1, "betas": [0, 0.5]}}}, "model": {"moe": {"capacity_factor": 2}}, "train": {"max_minutes": 3},
         "data": {"suffixes": [".txt"]}})
     params = cfg.engine.optimizer.params
     assert params["lr"] == 1.0 and isinstance(params["lr"], float) and params["betas"] == (0.0, 0.5)
-    assert isinstance(cfg.model.capacity_factor, float) and cfg.train.max_minutes == 3.0
+    assert isinstance(cfg.model.moe.capacity_factor, float) and cfg.train.max_minutes == 3.0
     assert cfg.data.suffixes == (".txt",)
 
 
@@ -128,9 +128,9 @@ def test_numbers_are_normalised():
                                           r"device, dist_timeout_s, eval_batches"),
     ({"trian": {}}, ValueError, r"unknown key 'trian'; allowed keys at the top level: data, engine, model, train"),
     ({"model": {"n_layers": 2}}, ValueError, r"unknown key 'model.n_layers'; allowed keys under model: aux_loss_coef"),
-    ({"model": {"num_experts": 6, "ep_size": 4}}, ValueError,
-     r"model.num_experts \(6\) must be divisible by model.ep_size \(4\)"),
-    ({"model": {"top_k": 5}}, ValueError, r"model.top_k must be an int in \[1, model.num_experts=4\], got 5"),
+    ({"model": {"moe": {"num_experts": 6}, "ep_size": 4}}, ValueError,
+     r"model.moe.num_experts \(6\) must be divisible by model.ep_size \(4\)"),
+    ({"model": {"moe": {"k": 5}}}, ValueError, r"model.moe.k must be an int in \[1, model.moe.num_experts=4\], got 5"),
     ({"model": {"n_embd": 100, "n_head": 3}}, ValueError, r"model.n_embd \(100\) must be divisible by model.n_head"),
     ({"model": {"ep_size": 2}, "train": {"nproc": 3}}, ValueError,
      r"train.nproc \(3\) must be divisible by model.ep_size \(2\)"),

@@ -8,15 +8,16 @@ import torch
 from moesaic.models import GPT, GPTConfig
 from moesaic.train import memory
 
-@pytest.mark.parametrize("kw", [{}, {"moe_every": 1, "num_experts": 8}, {"moe_every": 0}, {"use_residual": True}])
+@pytest.mark.parametrize("kw", [{}, {"moe_every": 1, "moe": {"num_experts": 8}}, {"moe_every": 0},
+                                {"moe": {"use_residual": True}}])
 def test_parameter_count_is_exact(kw):
     cfg = GPTConfig.from_dict(kw)
     dense, per_expert = memory.param_counts(cfg)
     n_moe = sum(cfg.is_moe_block(i) for i in range(cfg.n_layer))
-    assert dense + n_moe * cfg.num_experts * per_expert == GPT(cfg).num_params()
+    assert dense + n_moe * cfg.moe.num_experts * per_expert == GPT(cfg).num_params()
     # with ep_size=2 each process holds half of every layer's experts
     half = memory.estimate(GPTConfig.from_dict({**kw, "ep_size": 2}), 1)
-    assert half.params == 4 * (dense + n_moe * per_expert * cfg.num_experts // 2)
+    assert half.params == 4 * (dense + n_moe * per_expert * cfg.moe.num_experts // 2)
 
 
 def test_estimate_parts():
@@ -55,7 +56,7 @@ def test_machine_memory_reads_this_machine():
 def test_a_model_that_alone_exceeds_memory_is_named_as_the_cause_not_the_micro_batch(monkeypatch):
     # issue 21: the refusal led with the micro-batch although no micro-batch could fit
     monkeypatch.setattr(memory, "machine_memory", lambda device: (8 << 30, 8 << 30, "this machine's memory"))
-    big = GPTConfig.from_dict({"n_layer": 8, "n_embd": 1024, "n_head": 8, "num_experts": 16})
+    big = GPTConfig.from_dict({"n_layer": 8, "n_embd": 1024, "n_head": 8, "moe": {"num_experts": 16}})
     need = memory.estimate(big, 1)
     assert need.model_state == need.total - need.activations and need.model_state > 8 << 30 > need.activations
     over = (need.model_state - (8 << 30)) / (1 << 30)
@@ -69,7 +70,7 @@ def test_a_model_that_alone_exceeds_memory_is_named_as_the_cause_not_the_micro_b
     assert "lowering engine.train_micro_batch_size_per_gpu cannot help: train a smaller model (model.n_layer, " \
            "model.n_embd)" in message and "too large" not in message
     # two processes on one machine: both copies count; a GPU suggests splitting the experts
-    small = memory.estimate(GPTConfig.from_dict({"n_layer": 8, "n_embd": 768, "n_head": 8, "num_experts": 16}), 1)
+    small = memory.estimate(GPTConfig.from_dict({"n_layer": 8, "n_embd": 768, "n_head": 8, "moe": {"num_experts": 16}}), 1)
     assert small.model_state < 8 << 30 < 2 * small.model_state
     with pytest.raises(ValueError, match=r"need about 2 processes x .* GiB .* = .* GiB, .* GiB more than there is"):
         memory.check_fits(small, 2, torch.device("cpu"), key="k")

@@ -6,3 +6,4 @@ from .accessors import safe_get_full_optimizer_state
 from .checkpoint_import import convert_deepspeed_checkpoint
 from .config import load_config
 from .initialize import initialize
+from .moe import MoE

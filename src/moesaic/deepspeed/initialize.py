@@ -229,4 +229,3 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: A
     engine.collate_fn = collate_fn
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
 
-

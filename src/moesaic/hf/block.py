@@ -32,7 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from ..layer import recompute
-from ..layer.moe import MoE
+from ..layer.config import MoEConfig
+from ..layer.moe import MixtureOfExperts
 
 
 _OWN_COLLECTOR: contextvars.ContextVar[Optional[List[Tensor]]] = contextvars.ContextVar("moesaic_router_logits",
@@ -69,7 +70,7 @@ def _router_logits_list():
     return collected["router_logits"]
 
 
-class HFMoEBlock(MoE):
+class HFMoEBlock(MixtureOfExperts):
     """A ``moesaic.MoE`` in place of a ``transformers`` sparse MoE block (see module docstring).
 
     Args:
@@ -80,9 +81,12 @@ class HFMoEBlock(MoE):
             in the hidden states' dtype.
     """
 
-    def __init__(self, hidden_size: int, *, returns_router_scores: bool = False, jitter_noise: float = 0.0,
-                 logits_fp32: bool = False, **moe_options) -> None:
-        super().__init__(hidden_size, **moe_options)
+    def __init__(self, hidden_size: int, expert: nn.Module, *, ep_size: int = 1, expert_group_name: str = "moe",
+                 shared_expert: Optional[nn.Module] = None, returns_router_scores: bool = False,
+                 jitter_noise: float = 0.0, logits_fp32: bool = False, **options) -> None:
+        config = MoEConfig.from_options(options, who="HFMoEBlock", has_shared_expert=shared_expert is not None)
+        super().__init__(hidden_size, expert, config, ep_size=ep_size,
+                         expert_group_name=expert_group_name, shared_expert=shared_expert)
         self.returns_router_scores = bool(returns_router_scores)
         self.jitter_noise = float(jitter_noise or 0.0)
         self.logits_fp32 = bool(logits_fp32)

@@ -39,7 +39,7 @@ from ..parallel.comm import CollectiveError, all_to_all, exchange_counts
 from ..parallel.groups import ExpertParallelGroups
 from .dispatch import Dispatcher
 from .ops import SavedPieces, gather_pieces, gather_rows, weighted_combine
-from .router import config_fingerprint
+from .gate import config_fingerprint
 from .routing import Routing
 
 

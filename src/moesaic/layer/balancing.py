@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..parallel.comm import CollectiveError
 from .moe import iter_moe_modules
-from .router import TopKGate
+from .gate import TopKGate
 
 
 def _biased_gates(model: nn.Module) -> Dict[str, TopKGate]:

@@ -25,19 +25,18 @@ Shape legend: S = tokens, E = experts, C = tokens per expert, N = routes (E * C)
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
+from .config import MoEConfig
 from .losses import router_z_loss
 from .routing import Routing, normalised_scores, score_tokens
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .router import RouterConfig
 
 
-def expert_choice_routing(logits_SE: Tensor, config: "RouterConfig", *, training: bool,
+def expert_choice_routing(logits_SE: Tensor, config: MoEConfig, *, training: bool,
                           used_token_S: Optional[Tensor] = None) -> Routing:
     """Every expert picks its ``C`` best tokens (see module docstring).
 

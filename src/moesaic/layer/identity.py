@@ -186,8 +186,6 @@ class ExpertIndex:
         """Read the tags of every parameter of ``model`` (tied parameters once, first name wins)."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        from .moe import moe_layers  # the one walk over MoE modules
-
         layers: Dict[str, LayerInfo] = {}
         for name, (path, layer) in moe_layers(model).items():
             layers[name] = LayerInfo(name=name, path=path, num_experts=layer.num_experts, ep_size=layer.ep_size,
@@ -307,4 +305,40 @@ def unique_params(refs: Iterable[ParamRef]) -> List[nn.Parameter]:
         if id(r.param) not in seen:
             seen.add(id(r.param))
             out.append(r.param)
+    return out
+
+
+class MoELayerBase(nn.Module):
+    """What the walks below recognise as an MoE layer (:class:`moesaic.layer.moe.MixtureOfExperts`).
+
+    Defined here, under the layer, so that identity finds layers without importing the layer's
+    module (which imports the experts, which import identity).
+    """
+
+    expert_group_name: str
+
+
+def iter_moe_modules(model: nn.Module):
+    """``(module path, layer)`` for every MoE layer of ``model``, in module order (names may repeat)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for path, module in model.named_modules():
+        if isinstance(module, MoELayerBase):
+            yield path, module
+
+
+def moe_layers(model: nn.Module) -> Dict[str, Tuple[str, MoELayerBase]]:
+    """``{expert_group_name: (module path, layer)}`` of every MoE layer, in module order.
+
+    The one walk over a model's modules that looks for MoE layers; everything else asks
+    :class:`ExpertIndex`. Two layers with the same name are an error: identity (optimizer groups,
+    checkpoints, telemetry) is keyed by layer name.
+    """
+    out: Dict[str, Tuple[str, MoELayerBase]] = {}
+    for path, module in iter_moe_modules(model):
+        name = module.expert_group_name
+        if name in out:
+            raise ValueError(f"MoE layers {out[name][0] or '<root>'!r} and {path or '<root>'!r} are both named "
+                             f"{name!r}; identity is keyed by layer name: call moesaic.name_moe_layers(model)")
+        out[name] = (path, module)
     return out

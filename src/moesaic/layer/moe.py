@@ -1,14 +1,18 @@
-"""``MoE``: a drop-in for ``deepspeed.moe.layer.MoE`` with index-based dispatch.
+"""The MoE layer: :class:`MixtureOfExperts`, built from one :class:`~moesaic.layer.config.MoEConfig`.
 
-Same constructor arguments (plus keyword-only extras), same ``(output, l_aux, exp_counts)``
-result, the same numbers for deterministic settings, and the same module structure, so
-``state_dict`` keys are DeepSpeed's (``deepspeed_moe.gate.wg.weight``,
-``deepspeed_moe.experts.deepspeed_experts.<i>.*``, and ``mlp.*`` / ``coefficient.*`` for a
-residual MoE): state dicts move both ways with plain ``load_state_dict``. Differences, all
-deliberate:
+Its direct parts are the router (``gate``, a :class:`~moesaic.layer.gate.TopKGate`), the
+dispatcher (``deepspeed_moe.dispatcher``, chosen when the layer joins its process groups) and the
+experts (``experts``, an :class:`~moesaic.layer.experts.ExpertContainer`), plus the optional
+shared expert and residual MLP. The routed part lives in :class:`MOELayer` (``deepspeed_moe``)
+because that is where DeepSpeed 0.19.8 stores it: ``state_dict`` keys are DeepSpeed's
+(``deepspeed_moe.gate.wg.weight``, ``deepspeed_moe.experts.deepspeed_experts.<i>.*``, ``mlp.*`` /
+``coefficient.*`` for a residual MoE), so state dicts and checkpoints move both ways with plain
+``load_state_dict``. DeepSpeed's constructor (positional arguments, ``use_tutel``, the
+``ep_size_N`` default name) is :class:`moesaic.MoE` in :mod:`moesaic.deepspeed.moe`.
 
-* ``expert_group_name`` is an argument (default ``f"ep_size_{ep_size}"``, DeepSpeed's name), and
-  every expert parameter also carries its global ``expert_number``;
+Differences from DeepSpeed's layer, all deliberate:
+
+* every expert parameter carries its layer name and its global ``expert_number``;
 * tokens move by index, never through ``[S, E, C]`` one-hot tensors or padded ``[E, C, D]``
   buffers (except across ranks in capacity mode, where fixed-size all-to-all needs them);
 * randomness (random token selection, noisy gates, 2nd-expert sampling) acts in training only,
@@ -16,33 +20,40 @@ deliberate:
 * ``used_token`` masks tokens for every k (DeepSpeed honours it for k=1 only);
 * ``exp_counts`` is always int64; with fewer tokens than ``min_capacity`` top-1 still works.
 
-Keyword-only options add what today's MoE models use (docs/modern-layers.md): router options
-(``score_func``, ``norm_topk_prob``, ``n_group``, ``enable_expert_bias``, ``routing_type``, ...,
-the fields of :class:`~moesaic.layer.router.RouterConfig`), a shared expert
-(``shared_expert``, ``shared_expert_gate``) and stacked experts (``stacked_experts``). Every one
-defaults to off, and with all off the layer, its state dict and its numbers are DeepSpeed's.
+Routing statistics of the last forward (``l_aux``, ``exp_counts``, ...) stay on the layer for
+telemetry; they are not state and are never checkpointed. (The aux-loss-free ``expert_bias`` is
+state: it lives on the gate as a buffer, and the layer only shows it.) A *sequence*, for the
+sequence-level balance loss, is a row of a `(batch, seq, D)` input (batch first; more leading
+dims are all batch); a 2-D `(S, D)` input is one sequence of S tokens.
 
 State dicts written by moesaic before it took DeepSpeed's keys (``gate.wg.weight``,
-``experts.local_experts.<i>.*``) still load: a load hook renames them
-(:func:`upgrade_legacy_keys`).
+``experts.local_experts.<i>.*``) still load: a load hook renames them (:func:`upgrade_legacy_keys`).
+
+Shape legend: S = tokens, E = experts, D = model dim.
 """
 
 from __future__ import annotations
 
-import warnings
+import dataclasses
+import functools
+import math
 from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .._checks import check_int
 from ..parallel.groups import GroupRegistry, default_registry
+from . import recompute
 from .all_to_all import AllToAllDispatcher
-from .dispatch import LocalDispatcher
+from .config import MoEConfig
+from .dispatch import Dispatcher, LocalDispatcher
 from .experts import ExpertContainer, Experts, check_expert_width
-from .moe_layer import MOELayer
-from .router import RouterConfig, TopKGate
+from .identity import MoELayerBase, iter_moe_modules, moe_layers
+from .gate import TopKGate
+from .routing import Routing, count_unrouted
 from .stacked import StackedExperts
 
 # moesaic's module paths before it took DeepSpeed's, relative to an MoE layer
@@ -50,131 +61,73 @@ _LEGACY_PREFIXES = (("gate.", "deepspeed_moe.gate."),
                     ("experts.local_experts.", "deepspeed_moe.experts.deepspeed_experts."))
 
 
-class MoE(nn.Module):
-    """A Mixture-of-Experts layer.
+class MixtureOfExperts(MoELayerBase):
+    """A Mixture-of-Experts layer built from its config.
 
     Args:
         hidden_size: D, the input and output size of every expert.
-        expert: the expert module, deep-copied once per local expert.
-        num_experts: E, experts in the layer (over all expert-parallel ranks).
-        ep_size: expert-parallel ranks the experts are spread over.
-        k: experts per token.
-        capacity_factor / eval_capacity_factor: slots per expert are
-            ``max(ceil(S / E * factor * k), min_capacity)`` in train / eval mode.
-        min_capacity: lower bound on slots per expert.
-        use_residual: Residual MoE (PR-MoE): mix the MoE output with a dense ``expert`` by a
-            learned 2-way softmax coefficient.
-        noisy_gate_policy: None, "None", "Jitter" or "RSample".
-        drop_tokens: False for dropless routing (no capacity).
-        use_rts: random token selection for k=1.
-        use_tutel: accepted for compatibility; ignored with a warning.
-        enable_expert_tensor_parallelism: accepted for compatibility; moesaic has no tensor
-            parallelism, so it must be False.
-        top2_2nd_expert_sampling: sample the 2nd expert (k=2) with the Gumbel-max trick.
-        expert_group_name: the layer's name on its parameters (default ``f"ep_size_{ep_size}"``).
-        drop_policy: keyword-only; None (DeepSpeed's default for k), "position" or "probs".
-        z_loss_coef: keyword-only; ST-MoE router z-loss coefficient. The scaled loss is exposed as
-            ``self.z_loss`` after each forward and is *not* folded into ``l_aux``.
-        score_func, softmax_after_topk, router_bias, norm_topk_prob, routed_scaling_factor, n_group,
-        topk_group, enable_expert_bias, bias_update_rate, seq_aux_loss_coef, routing_type:
-            keyword-only router options (see :class:`~moesaic.layer.router.RouterConfig`). The
-            sequence-level balance loss is exposed as ``self.seq_aux_loss`` (not folded into
-            ``l_aux``); a sequence is a row of a `(batch, seq, D)` input, a 2-D input is one sequence.
-        shared_expert: keyword-only; a dense module every token passes through, its output added
-            to the routed output (Qwen2-MoE, DeepSeek-V3). Its parameters are dense (named
-            ``shared_expert.*``, reduced over the world, stored in the dense checkpoint file).
-            Several shared experts are one wider module. Not combined with ``use_residual``.
-        shared_expert_gate: keyword-only; multiply the shared expert's output by
-            ``sigmoid(shared_expert_gate(x))``, a ``Linear(hidden_size, 1, bias=False)`` (Qwen2-MoE).
-        stacked_experts: keyword-only; store the local experts as ``[E_local, ...]`` tensors
-            (:class:`~moesaic.layer.stacked.StackedExperts`; ``expert`` must be of a standard
-            FFN/GLU shape). Identity, optimizer groups, checkpoints and numbers are those of
-            per-module experts; CUDA bf16 on compute capability 9.0+ runs grouped matmuls.
+        expert: the expert module, deep-copied once per local expert (a standard FFN/GLU shape
+            when ``config.stacked_experts``); with ``config.use_residual`` also the dense MLP.
+        config: every option of the layer (:class:`~moesaic.layer.config.MoEConfig`).
+        ep_size: expert-parallel ranks the experts are spread over (where the experts live, not
+            what the layer computes).
+        expert_group_name: the layer's name on its parameters (``name_moe_layers`` renames it).
+        shared_expert: the dense module every token passes through when ``config.shared_experts``
+            is >= 1 (its parameters are dense: ``shared_expert.*``, reduced over the world).
 
-    The router options land in one :class:`~moesaic.layer.router.RouterConfig`
-    (``moe.gate.config``). ``moe.gate`` and ``moe.experts`` are read-only shortcuts to
-    ``moe.deepspeed_moe.gate`` / ``.experts``.
+    ``moe.gate``, ``moe.experts`` and ``moe.config`` are read-only shortcuts to
+    ``moe.deepspeed_moe.gate`` / ``.experts`` and the gate's config.
     """
 
-    def __init__(self, hidden_size: int, expert: nn.Module, num_experts: int = 1, ep_size: int = 1, k: int = 1,
-                 capacity_factor: float = 1.0, eval_capacity_factor: float = 1.0, min_capacity: int = 4,
-                 use_residual: bool = False, noisy_gate_policy: Optional[str] = None, drop_tokens: bool = True,
-                 use_rts: bool = True, use_tutel: bool = False, enable_expert_tensor_parallelism: bool = False,
-                 top2_2nd_expert_sampling: bool = True, expert_group_name: Optional[str] = None, *,
-                 drop_policy: Optional[str] = None, z_loss_coef: float = 0.0, score_func: str = "softmax",
-                 softmax_after_topk: bool = False, router_bias: bool = False, norm_topk_prob: Optional[bool] = None,
-                 routed_scaling_factor: float = 1.0, n_group: Optional[int] = None, topk_group: Optional[int] = None,
-                 enable_expert_bias: bool = False, bias_update_rate: Optional[float] = None,
-                 seq_aux_loss_coef: float = 0.0, routing_type: str = "token_choice",
-                 shared_expert: Optional[nn.Module] = None, shared_expert_gate: bool = False,
-                 stacked_experts: bool = False) -> None:
+    def __init__(self, hidden_size: int, expert: nn.Module, config: MoEConfig, *, ep_size: int = 1,
+                 expert_group_name: str = "moe", shared_expert: Optional[nn.Module] = None) -> None:
         super().__init__()
         if not isinstance(expert, nn.Module):
             raise TypeError(f"expert must be a torch.nn.Module, got {type(expert).__name__}")
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"config must be a moesaic MoEConfig, got {type(config).__name__}")
         check_int(hidden_size, "hidden_size", 1)
-        check_int(num_experts, "num_experts", 1)
         check_int(ep_size, "ep_size", 1)
+        num_experts = config.num_experts
         if num_experts % ep_size != 0:
             raise ValueError(f"num_experts ({num_experts}) must be divisible by the expert-parallel size "
                              f"ep_size ({ep_size}); pick num_experts as a multiple of {ep_size}")
-        if expert_group_name is None:
-            expert_group_name = f"ep_size_{ep_size}"
         if not isinstance(expert_group_name, str) or not expert_group_name:
-            raise ValueError(f"expert_group_name must be a non-empty str or None, got {expert_group_name!r}")
-        if enable_expert_tensor_parallelism:
-            raise ValueError("enable_expert_tensor_parallelism=True is not supported: moesaic has no tensor "
-                             "parallelism; leave it False")
-        if use_tutel:
-            # the default warnings filter shows this once per calling line
-            warnings.warn("MoE(use_tutel=True): moesaic always dispatches by index; use_tutel is ignored",
-                          stacklevel=2)
-        config = RouterConfig(num_experts=num_experts, k=k, capacity_factor=capacity_factor,
-                              eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity,
-                              noisy_gate_policy=noisy_gate_policy, drop_tokens=drop_tokens, use_rts=use_rts,
-                              top2_2nd_expert_sampling=top2_2nd_expert_sampling, drop_policy=drop_policy,
-                              z_loss_coef=z_loss_coef, score_func=score_func, softmax_after_topk=softmax_after_topk,
-                              router_bias=router_bias, norm_topk_prob=norm_topk_prob,
-                              routed_scaling_factor=routed_scaling_factor, n_group=n_group, topk_group=topk_group,
-                              enable_expert_bias=enable_expert_bias, bias_update_rate=bias_update_rate,
-                              seq_aux_loss_coef=seq_aux_loss_coef, routing_type=routing_type)
-        for name, value in (("shared_expert_gate", shared_expert_gate), ("stacked_experts", stacked_experts)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {type(value).__name__}: {value!r}")
+            raise ValueError(f"expert_group_name must be a non-empty str, got {expert_group_name!r}")
         if shared_expert is not None and not isinstance(shared_expert, nn.Module):
             raise TypeError(f"shared_expert must be a torch.nn.Module or None, got {type(shared_expert).__name__}")
-        if shared_expert_gate and shared_expert is None:
-            raise ValueError("shared_expert_gate=True gates a shared expert; pass shared_expert=<module> too")
-        if shared_expert is not None and use_residual:
-            raise ValueError("shared_expert cannot be combined with use_residual=True (Residual MoE already mixes in a "
-                             "dense expert); pick one")
+        if (shared_expert is not None) != (config.shared_experts > 0):
+            raise ValueError(f"shared_experts={config.shared_experts} and shared_expert="
+                             f"{type(shared_expert).__name__ if shared_expert is not None else None} disagree: pass "
+                             "the shared expert's module exactly when shared_experts >= 1")
         if shared_expert is not None:  # (the experts' containers check the expert's widths)
             check_expert_width(shared_expert, hidden_size, "shared_expert", expert_group_name)
-        if stacked_experts:
-            experts: ExpertContainer = StackedExperts(expert, num_experts // ep_size, expert_group_name,
-                                                      hidden_size=hidden_size)
-        else:
-            experts = Experts(expert, num_experts // ep_size, expert_group_name, hidden_size=hidden_size)
+        local = num_experts // ep_size
+        container = StackedExperts if config.stacked_experts else Experts
+        experts: ExpertContainer = container(expert, local, expert_group_name, hidden_size=hidden_size)
         self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.ep_size = ep_size
-        self.num_local_experts = num_experts // ep_size
-        self.k = k
+        self.num_local_experts = local
+        self.k = config.k
         self.expert_group_name = expert_group_name
-        self.use_residual = bool(use_residual)
-        self.use_tutel = bool(use_tutel)
-        self.enable_expert_tensor_parallelism = False
+        self.use_residual = config.use_residual
         # registered first, as DeepSpeed does, so state_dict keys come in DeepSpeed's order
-        self.deepspeed_moe = MOELayer(TopKGate.from_config(hidden_size, config), experts,
-                                      expert_group_name, ep_size, self.num_local_experts)
+        self.deepspeed_moe = MOELayer(TopKGate(hidden_size, config=config), experts, expert_group_name, ep_size, local)
         if self.use_residual:
             self.mlp = expert
             # coefficient of the weighted sum of the MoE output and the dense mlp output
             self.coefficient = nn.Linear(hidden_size, 2)
         self.shared_expert = shared_expert  # registered as a child module (or None: no key)
-        self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if shared_expert_gate else None
+        self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if config.shared_expert_gate else None
         self.ep_group = None  # set by set_deepspeed_parallelism / moesaic.setup_expert_parallel
         self.parallel_groups = None
         self.register_load_state_dict_pre_hook(_upgrade_legacy_hook)
+
+    @property
+    def config(self) -> MoEConfig:
+        """The layer's options (the gate's config)."""
+        return self.deepspeed_moe.gate.config
 
     # --- DeepSpeed's structure, short names ------------------------------------------------------
     @property
@@ -307,13 +260,195 @@ class MoE(nn.Module):
                 f"{', stacked' if isinstance(self.experts, StackedExperts) else ''}")
 
 
-def iter_moe_modules(model: nn.Module):
-    """``(module path, layer)`` for every MoE layer of ``model``, in module order (names may repeat)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    for path, module in model.named_modules():
-        if isinstance(module, MoE):
-            yield path, module
+class MOELayer(nn.Module):
+    """The routed part of an MoE layer: ``gate`` picks experts, a dispatcher moves tokens, ``experts`` compute.
+
+    Args:
+        gate: the router.
+        experts: this rank's experts.
+        ep_group_name: the layer's name (DeepSpeed's argument; the experts carry it too).
+        ep_size: expert-parallel ranks the experts are spread over.
+        num_local_experts: experts held here (``gate.num_experts / ep_size``).
+
+    Attributes set by ``forward``: ``l_aux``, ``z_loss``, ``seq_aux_loss``, ``exp_counts``,
+    ``tokens_per_expert``, ``num_routes``, ``num_dropped_routes``; ``num_unrouted_tokens`` (valid
+    tokens no expert took) is computed when read. ``expert_bias`` shows the gate's aux-loss-free
+    bias (None without one).
+    """
+
+    def __init__(self, gate: TopKGate, experts: ExpertContainer, ep_group_name: str, ep_size: int,
+                 num_local_experts: int) -> None:
+        super().__init__()
+        if not isinstance(gate, TopKGate):
+            raise TypeError(f"gate must be a TopKGate, got {type(gate).__name__}")
+        if not isinstance(experts, ExpertContainer):
+            raise TypeError(f"experts must be an Experts or StackedExperts, got {type(experts).__name__}")
+        if gate.num_experts != ep_size * num_local_experts or len(experts) != num_local_experts:
+            raise ValueError(f"the gate routes to {gate.num_experts} experts, which must be ep_size ({ep_size}) x "
+                             f"num_local_experts ({num_local_experts}), and experts holds {len(experts)}")
+        self.gate = gate
+        self.experts = experts
+        self.ep_group_name = ep_group_name
+        self.ep_size = ep_size
+        self.num_local_experts = num_local_experts
+        self.dispatcher: Optional[Dispatcher] = LocalDispatcher(num_local_experts) if ep_size == 1 else None
+        self.l_aux: Optional[Tensor] = None
+        self.z_loss: Optional[Tensor] = None
+        self.seq_aux_loss: Optional[Tensor] = None
+        self._unrouted = None  # (token_idx_N, S, valid tokens, nothing dropped) of the last forward
+        self.exp_counts: Optional[Tensor] = None
+        self.tokens_per_expert: Optional[Tensor] = None
+        self.num_routes: int = 0
+        self.num_dropped_routes: int = 0
+        #: recompute the experts' intermediate activations in backward (moesaic.apply_recompute(model, "experts"))
+        self.recompute_experts = False
+        self._logits_out: Optional[list] = None  # set by a caller that wants the router logits (the HF block)
+        self._replay_ids: Optional[Tensor] = None  # routes to replay (moesaic.replay_routing)
+        self._route_recorder: Optional[list] = None  # where chosen expert ids go (moesaic.record_routing)
+
+    def set_dispatcher(self, dispatcher: Dispatcher) -> None:
+        """Install the dispatcher that moves this layer's tokens (chosen for its process groups)."""
+        if not isinstance(dispatcher, Dispatcher):
+            raise TypeError(f"dispatcher must be a moesaic Dispatcher, got {type(dispatcher).__name__}")
+        if dispatcher.num_local_experts != self.num_local_experts:
+            raise ValueError(f"the dispatcher feeds {dispatcher.num_local_experts} local experts, this layer holds "
+                             f"{self.num_local_experts}")
+        self.dispatcher = dispatcher
+
+    def forward(self, hidden_states: Tensor, used_token: Optional[Tensor] = None) -> Tensor:
+        """Route, dispatch, compute, combine.
+
+        Args:
+            hidden_states: `(..., D)` tokens.
+            used_token: optional 0/1 mask over the tokens (shape ``hidden_states.shape[:-1]`` or
+                `(S,)`); masked tokens use no expert and get a zero output.
+
+        Returns:
+            The combined output, shaped like ``hidden_states``.
+        """
+        D = self.gate.model_dim
+        if not isinstance(hidden_states, Tensor):
+            raise TypeError(f"hidden_states must be a Tensor, got {type(hidden_states).__name__}")
+        if hidden_states.dim() < 1 or hidden_states.shape[-1] != D:
+            raise ValueError(f"hidden_states must have last dimension hidden_size={D}, "
+                             f"got shape {tuple(hidden_states.shape)}")
+        weight = next(self.experts.parameters(), None)
+        if weight is None:
+            weight = self.gate.wg.weight
+        if not hidden_states.is_floating_point():
+            # integer or bool tokens: no cast of the layer or autocast helps (torch would say only
+            # "mat1 and mat2 must have the same dtype")
+            raise TypeError(f"hidden_states has dtype {hidden_states.dtype} but the MoE layer {self.ep_group_name!r} "
+                            f"holds {weight.dtype} experts and takes floating-point tokens; cast the input "
+                            f"(x.to({weight.dtype})), or embed token ids first")
+        # sharded experts (FSDP2, moesaic.shard_model) hold fp32 masters and compute in their policy's dtype
+        if (hidden_states.dtype != weight.dtype and not torch.is_autocast_enabled(hidden_states.device.type)
+                and not _is_dtensor(weight)):
+            # else torch's matmul error names neither the layer nor what to do
+            raise TypeError(f"hidden_states has dtype {hidden_states.dtype} but the MoE layer {self.ep_group_name!r} "
+                            f"holds {weight.dtype} experts; cast the input (x.to({weight.dtype})) or the layer, "
+                            "or run under torch.autocast")
+        if self.dispatcher is None:
+            raise RuntimeError(f"MoE layer {self.ep_group_name!r} has ep_size={self.ep_size} but no "
+                               "expert-parallel process group; call moesaic.setup_expert_parallel(model) or "
+                               "moe.set_deepspeed_parallelism() after torch.distributed.init_process_group()")
+        x_SD = hidden_states.reshape(-1, D)
+        if used_token is not None:
+            used_token = _check_used_token(used_token, hidden_states, x_SD.shape[0])
+
+        # under activation checkpointing the call is recorded, and its recompute replays the record
+        # (layer/recompute.py); elsewhere call is None and nothing changes
+        call, token = recompute.begin(self, x_SD.device)
+        try:
+            return self._route_and_compute(hidden_states, x_SD, used_token, call)
+        finally:
+            recompute.end(call, token, x_SD.device)
+
+    def _route_and_compute(self, hidden_states: Tensor, x_SD: Tensor, used_token: Optional[Tensor],
+                           call: Optional[recompute.Call]) -> Tensor:
+        record = call.record if call is not None else None
+        decision = record.decision if record is not None else None
+        if decision is None and self._replay_ids is not None:  # moesaic.replay_routing (layer/replay.py)
+            decision = recompute.replay_decision(self, self._replay_ids, x_SD.shape[0], x_SD.device)
+        # sequences for the sequence-level balance loss: rows of (batch, seq, D); a 2-D input is one
+        num_sequences = math.prod(hidden_states.shape[:-2]) if hidden_states.dim() >= 3 else 1
+        routing = self.gate(x_SD, used_token, num_sequences=num_sequences, decision=decision,
+                            count=call is None or not call.recomputing, logits_out=self._logits_out)
+        if record is not None and record.peer_counts is not None:
+            routing = dataclasses.replace(routing, peer_counts=tuple(map(tuple, record.peer_counts)))
+        if self._route_recorder is not None and (call is None or not call.recomputing):  # moesaic.record_routing
+            self._route_recorder.append(recompute.recorded_routes(routing))
+        # experts that take their pieces as one batch (stacked) get them as row blocks of one tensor
+        together = bool(getattr(self.experts, "pieces_together", False))
+        pieces, meta = self.dispatcher.dispatch(x_SD, routing, together=together)
+        if call is not None and call.sinks and decision is None:
+            made = recompute.Decision.of(routing)
+            counts = getattr(getattr(meta, "blocks", None), "counts", None)
+            for sink in call.sinks:
+                sink.decision, sink.peer_counts = made, counts
+        with self.dispatcher.saved_inputs(pieces, meta, together=together):
+            if getattr(self, "recompute_experts", False) and self.training and torch.is_grad_enabled():
+                # the "experts" recompute policy: keep the pieces, recompute the experts' activations
+                outputs = list(checkpoint(_run_experts, self.experts, *pieces, use_reentrant=False))
+            else:
+                outputs = self.experts(pieces)
+        del pieces  # the experts' saved inputs are the only references left
+        out_SD = self.dispatcher.combine(outputs, meta)
+        # the last forward's statistics are a snapshot (a recompute writes the same values, and the
+        # losses MoE.forward returns must be this call's tensors, not the first forward's)
+        self._record(routing)
+        return out_SD.reshape(hidden_states.shape)
+
+    @property
+    def expert_bias(self) -> Optional[Tensor]:
+        """The gate's aux-loss-free selection bias `(E,)` (global expert order), or None."""
+        return self.gate._buffers.get("expert_bias")
+
+    @property
+    def num_unrouted_tokens(self) -> int:
+        """Valid tokens of the last forward that no expert took (0 before the first)."""
+        if self._unrouted is None:
+            return 0
+        if isinstance(self._unrouted, tuple):
+            self._unrouted = count_unrouted(*self._unrouted)
+        return self._unrouted
+
+    def _record(self, routing: Routing) -> None:
+        self.l_aux = routing.l_aux
+        self.z_loss = routing.z_loss
+        self.seq_aux_loss = routing.seq_aux_loss
+        self._unrouted = (routing.token_idx_N, routing.num_tokens, routing.num_valid_tokens,
+                          routing.num_dropped == 0 and routing.expert_ids_SK is not None)
+        self.exp_counts = routing.exp_counts_E
+        self.tokens_per_expert = routing.tokens_per_expert_E
+        self.num_routes = routing.num_routes
+        self.num_dropped_routes = routing.num_dropped
+
+    def extra_repr(self) -> str:
+        return f"ep_group_name={self.ep_group_name!r}, ep_size={self.ep_size}, dispatcher={self.dispatcher!r}"
+
+
+def _run_experts(experts: ExpertContainer, *pieces: Tensor):
+    return tuple(experts(list(pieces)))
+
+
+@functools.lru_cache(maxsize=None)
+def _is_dtensor(t: Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _check_used_token(used_token, hidden_states: Tensor, S: int) -> Tensor:
+    if not isinstance(used_token, Tensor):
+        raise TypeError(f"used_token must be a Tensor or None, got {type(used_token).__name__}")
+    if used_token.shape != hidden_states.shape[:-1] and tuple(used_token.shape) != (S,):
+        raise ValueError(f"used_token must have shape {tuple(hidden_states.shape[:-1])} or ({S},) to match "
+                         f"the tokens, got {tuple(used_token.shape)}")
+    flat = used_token.reshape(S)
+    if flat.dtype != torch.bool and not bool(((flat == 0) | (flat == 1)).all()):
+        raise ValueError("used_token must hold only 0 and 1 (a token mask), got other values")
+    return flat
 
 
 def upgrade_legacy_keys(state: Dict[str, object], model: nn.Module) -> Dict[str, object]:
@@ -341,23 +476,6 @@ def _upgrade_legacy_hook(module, state_dict, prefix, *args) -> None:
     # an MoE's own children are deepspeed_moe, mlp and coefficient: a key under "<prefix>gate." or
     # "<prefix>experts." can only be an old moesaic name
     _rename_legacy(state_dict, prefix)
-
-
-def moe_layers(model: nn.Module) -> Dict[str, Tuple[str, "MoE"]]:
-    """``{expert_group_name: (module path, layer)}`` of every MoE layer, in module order.
-
-    The one walk over a model's modules that looks for MoE layers; everything else asks
-    :class:`moesaic.layer.identity.ExpertIndex`. Two layers with the same name are an error:
-    identity (optimizer groups, checkpoints, telemetry) is keyed by layer name.
-    """
-    out: Dict[str, Tuple[str, MoE]] = {}
-    for path, module in iter_moe_modules(model):
-        name = module.expert_group_name
-        if name in out:
-            raise ValueError(f"MoE layers {out[name][0] or '<root>'!r} and {path or '<root>'!r} are both named "
-                             f"{name!r}; identity is keyed by layer name: call moesaic.name_moe_layers(model)")
-        out[name] = (path, module)
-    return out
 
 
 def name_moe_layers(model: nn.Module, prefix: str = "") -> dict:

@@ -26,13 +26,13 @@ N = kept routes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .router import RouterConfig
+from .config import MoEConfig
+
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class Routing:
     num_routes: int
     l_aux: Tensor
     z_loss: Tensor
-    config: "RouterConfig"
+    config: MoEConfig
     seq_aux_loss: Optional[Tensor] = None
     num_tokens: int = 0
     num_valid_tokens: int = 0

@@ -13,19 +13,30 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_bool, check_int, check_number, join_key
-from .._config import Section, setting
-from ..layer import MoE, name_moe_layers
+from .._config import Section, section, setting
+from ..layer import MixtureOfExperts, MoEConfig, name_moe_layers
 
 
 _int = partial(check_int, lo=1)
 _nonneg_int = partial(check_int, lo=0)
+
+# the GPT's MoE defaults where they differ from the layer's (DeepSpeed's)
+MOE_DEFAULTS = {"num_experts": 4, "k": 2, "capacity_factor": 1.25, "eval_capacity_factor": 2.0}
+# keys of [model] that moved into [model.moe]; refused in a config, read in a stored one (GPTConfig.upgrade)
+MOVED_KEYS = {"num_experts": "moe.num_experts", "top_k": "moe.k", "capacity_factor": "moe.capacity_factor",
+              "eval_capacity_factor": "moe.eval_capacity_factor", "min_capacity": "moe.min_capacity",
+              "drop_tokens": "moe.drop_tokens", "use_residual": "moe.use_residual"}
+# keys that fix a checkpoint's tensors or the function they compute (a resumed run must keep them)
+FIXED_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "ffn_mult", "moe_every", "moe.num_experts",
+              "moe.use_residual", "moe.router_bias", "moe.enable_expert_bias", "moe.shared_experts",
+              "moe.shared_expert_gate")
 
 
 @dataclass(frozen=True)
@@ -34,7 +45,8 @@ class GPTConfig(Section):
 
     ``moe_every = m`` puts an MoE feed-forward in blocks ``m-1, 2m-1, ...`` (2: blocks 1, 3, 5..;
     1: every block; 0: none). ``aux_loss_coef`` weighs the summed load-balancing loss in
-    :meth:`GPT.objective`.
+    :meth:`GPT.objective`. ``moe`` (the ``[model.moe]`` table) holds every option of the MoE
+    layers, the layer's own :class:`~moesaic.layer.config.MoEConfig`.
     """
 
     PATH = "model"
@@ -50,31 +62,58 @@ class GPTConfig(Section):
                              doc="Dropout on attention, residual and embedding outputs.")
     moe_every: int = setting(2, check=_nonneg_int,
                              doc="Every moe_every-th block has an MoE feed-forward (2: blocks 1, 3, ...; 0: none).")
-    num_experts: int = setting(4, check=_int, doc="Experts per MoE layer.")
-    top_k: int = setting(2, doc="Experts each token is routed to; in [1, num_experts].")  # checked with num_experts
-    capacity_factor: float = setting(1.25, check=partial(check_number, lo=0.0, lo_open=True),
-                                     doc="Training capacity per expert, as a multiple of an even share of the tokens.")
-    eval_capacity_factor: float = setting(2.0, check=partial(check_number, lo=0.0, lo_open=True),
-                                          doc="The same, in evaluation.")
-    min_capacity: int = setting(4, check=_nonneg_int, doc="Least capacity per expert.")
-    drop_tokens: bool = setting(True, check=check_bool,
-                                doc="Drop tokens over capacity (false: dropless, every token is computed).")
-    use_residual: bool = setting(False, check=check_bool, doc="Residual MoE (a dense MLP mixed in per token).")
     ep_size: int = setting(1, check=_int, doc="Expert-parallel size: processes that share one layer's experts; "
                                               "must divide num_experts and train.nproc.")
     aux_loss_coef: float = setting(0.01, check=partial(check_number, lo=0.0),
                                    doc="Weight of the summed load-balancing loss in the objective.")
+    moe: MoEConfig = section(MoEConfig, defaults=MOE_DEFAULTS,
+                             doc="Every option of the MoE layers (router, capacity, losses, balancing, the experts' "
+                                 "layout, shared experts); the keys of moesaic.MoEConfig.")
+
+    @classmethod
+    def from_dict(cls, data: Any, path: Optional[str] = None) -> "GPTConfig":
+        """Build from a mapping; a key that moved into ``moe`` is refused with its new place."""
+        path = cls.PATH if path is None else path
+        if isinstance(data, Mapping):
+            moved = [f"{join_key(path, old)} = {data[old]!r} is now {join_key(path, new)}"
+                     for old, new in MOVED_KEYS.items() if old in data]
+            if moved:
+                raise ValueError(f"{'; '.join(moved)} (every MoE layer option lives in the [{join_key(path, 'moe')}] "
+                                 "table; see docs/config-reference.md)")
+        return super().from_dict(data, path)
+
+    @staticmethod
+    def upgrade(data: Mapping[str, Any]) -> Dict[str, Any]:
+        """A ``model`` mapping written before the ``moe`` table (a checkpoint's or run's stored config) in today's keys."""
+        out = {k: v for k, v in data.items() if k not in MOVED_KEYS}
+        moe = dict(out.get("moe") or {})
+        for old, new in MOVED_KEYS.items():
+            if old in data:
+                moe.setdefault(new.split(".", 1)[1], data[old])
+        if moe:
+            out["moe"] = moe
+        return out
+
+    @classmethod
+    def fixed_values(cls, data: Optional[Mapping[str, Any]], keys: Sequence[str] = FIXED_KEYS) -> Dict[str, Any]:
+        """``{key: value}`` of ``keys`` (dotted below ``model``) in a stored ``model`` mapping (either layout;
+        absent keys: defaults).
+
+        These keys fix a checkpoint's tensors (names, shapes) or the function they compute; the
+        rest (``ep_size``, capacity factors, ...) may change when a run is resumed.
+        """
+        values = cls.from_dict(cls.upgrade(data or {})).to_dict()
+        return {key: values[key] if "." not in key else values["moe"][key.split(".", 1)[1]] for key in keys}
 
     @classmethod
     def check_values(cls, values: Dict[str, Any], path: str) -> None:
         key = partial(join_key, path)
-        check_int(values["top_k"], key("top_k"), 1, values["num_experts"],
-                  hi_text=f"{key('num_experts')}={values['num_experts']}")
         if values["n_embd"] % values["n_head"]:
             raise ValueError(f"{key('n_embd')} ({values['n_embd']}) must be divisible by {key('n_head')} "
                              f"({values['n_head']}); allowed n_head values divide n_embd")
-        if values["num_experts"] % values["ep_size"]:
-            raise ValueError(f"{key('num_experts')} ({values['num_experts']}) must be divisible by {key('ep_size')} "
+        num_experts = values["moe"].num_experts
+        if num_experts % values["ep_size"]:
+            raise ValueError(f"{key('moe.num_experts')} ({num_experts}) must be divisible by {key('ep_size')} "
                              f"({values['ep_size']}): each expert-parallel rank holds num_experts / ep_size experts")
 
     def is_moe_block(self, i: int) -> bool:
@@ -118,11 +157,9 @@ class Block(nn.Module):
         mlp = make_mlp(cfg.n_embd, cfg.ffn_mult * cfg.n_embd)
         self.use_moe = use_moe
         if use_moe:
-            # use_rts / top2_2nd_expert_sampling keep DeepSpeed's defaults; both act in training only
-            self.ffn = MoE(cfg.n_embd, mlp, num_experts=cfg.num_experts, ep_size=cfg.ep_size, k=cfg.top_k,
-                           capacity_factor=cfg.capacity_factor, eval_capacity_factor=cfg.eval_capacity_factor,
-                           min_capacity=cfg.min_capacity, drop_tokens=cfg.drop_tokens,
-                           use_residual=cfg.use_residual, use_rts=True, top2_2nd_expert_sampling=True)
+            n_shared = cfg.moe.shared_experts  # one dense MLP as wide as that many experts
+            shared = make_mlp(cfg.n_embd, n_shared * cfg.ffn_mult * cfg.n_embd) if n_shared else None
+            self.ffn = MixtureOfExperts(cfg.n_embd, mlp, cfg.moe, ep_size=cfg.ep_size, shared_expert=shared)
         else:
             self.ffn = mlp
         self.ffn_drop = nn.Dropout(cfg.dropout)

@@ -26,17 +26,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..layer.moe import MoE, moe_layers
+from ..layer.moe import MixtureOfExperts, moe_layers
 
 __all__ = ["collect_moe_stats", "MoEStatsAccumulator"]
 
 
-def _moe_layers(model: nn.Module) -> Dict[str, MoE]:
+def _moe_layers(model: nn.Module) -> Dict[str, MixtureOfExperts]:
     """``{expert_group_name: layer}`` in module order; duplicate names are an error (stats would mix)."""
     return {name: layer for name, (_, layer) in moe_layers(model).items()}
 
 
-def _has_run(layer: MoE) -> bool:
+def _has_run(layer: MixtureOfExperts) -> bool:
     return layer.tokens_per_expert is not None and layer.exp_counts is not None
 
 

@@ -212,7 +212,7 @@ def cmd_generate(args) -> int:
     if not model_cfg:
         raise ValueError(f"{folder}: the checkpoint carries no model config; was it written by `moesaic train`?")
     model_cfg["ep_size"] = 1  # one process holds every expert, whatever ep_size trained them
-    model = GPT(GPTConfig.from_dict(model_cfg))
+    model = GPT(GPTConfig.from_dict(GPTConfig.upgrade(model_cfg)))
     checkpoint.load(ckpts, model)
     prompt = args.prompt.encode("utf-8")
     if not prompt:

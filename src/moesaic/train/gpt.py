@@ -20,6 +20,7 @@ import torch
 
 import moesaic
 from moesaic.models import GPT, unigram_baseline_loss
+from moesaic.models.gpt import FIXED_KEYS
 from moesaic.parallel.launch import LaunchEnv
 from moesaic.telemetry.writer import tensorboard_available
 
@@ -27,12 +28,6 @@ from . import memory
 from .config import TrainConfig
 from .data import BatchStream, byte_counts, load_corpus, validation_batches
 from .loop import Feed, RunContext, RunKind, StepRecord, run_training, seed_process
-
-# keys that fix the checkpoint's tensors (names, shapes) or the function they compute; the rest of the
-# config (model.ep_size, capacity factors, train.*, engine.*) may change when a run is resumed
-MODEL_KEYS_FIXED = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "ffn_mult", "moe_every", "num_experts",
-                    "use_residual")
-
 
 def _param_groups(model: GPT) -> List[Dict]:
     """Weight decay on matrices only (nanoGPT's rule): biases, norms and embeddings are not decayed."""
@@ -118,8 +113,8 @@ class GPTRun(RunKind):
     """The byte-level GPT of ``[model]`` (``model_factory(cfg.model)`` replaces ``GPT(cfg.model)``)."""
 
     default_recompute = "none"
-    fixed_model_keys = MODEL_KEYS_FIXED
-    model_keys = "model.n_layer, model.n_embd, model.num_experts"
+    fixed_model_keys = FIXED_KEYS
+    model_keys = "model.n_layer, model.n_embd, model.moe.num_experts"
 
     def __init__(self, model_factory=None) -> None:
         self.model_factory = model_factory
@@ -174,4 +169,4 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False, 
                         resume_command=resume_command)
 
 
-__all__ = ["ByteFeed", "GPTRun", "MODEL_KEYS_FIXED", "run"]
+__all__ = ["ByteFeed", "GPTRun", "run"]

@@ -200,8 +200,9 @@ def check_out_dir(out: Path, cfg: TrainConfig, resume: bool, fixed_model_keys: S
     manifest = read_manifest(resolve(out / "checkpoints"))
     saved = manifest.get("model_config") or {}
     now = cfg.to_dict()
-    defaults = GPTConfig().to_dict()
-    pairs = [(f"model.{k}", (saved.get("model") or {}).get(k, defaults[k]), now["model"][k]) for k in fixed_model_keys]
+    then = GPTConfig.fixed_values(saved.get("model"), fixed_model_keys)
+    here = GPTConfig.fixed_values(now["model"], fixed_model_keys)
+    pairs = [(f"model.{k}", then[k], here[k]) for k in fixed_model_keys]
     pairs += [(f"data.{k}", (saved.get("data") or {}).get(k), v) for k, v in now["data"].items()]
     for key, then, here in pairs:
         if then != here:

@@ -99,7 +99,7 @@ def param_counts(model: GPTConfig) -> Tuple[int, int]:
     n_moe = sum(model.is_moe_block(i) for i in range(model.n_layer))
     dense = V * D + model.block_size * D + 2 * D  # wte (= lm_head), wpe, ln_f
     dense += model.n_layer * (attn + norms) + (model.n_layer - n_moe) * mlp
-    dense += n_moe * (D * model.num_experts + (mlp + D * 2 + 2 if model.use_residual else 0))  # gates (+ residual)
+    dense += n_moe * (D * model.moe.num_experts + (mlp + D * 2 + 2 if model.moe.use_residual else 0))  # gates (+ residual)
     return dense, mlp
 
 
@@ -120,11 +120,11 @@ def activation_elements(model: GPTConfig, micro_batch: int, recompute: str = "no
     dense_mlp = T * (D + 2 * F)  # fc input, fc output, GELU output
     # 2. an MoE feed-forward: each token's k routes (at most capacity_factor times an even share per
     #    expert, at least every token's k routes when dropless) pass through fc, GELU and proj
-    routes = model.top_k * T * (1.0 if not model.drop_tokens else min(1.0, model.capacity_factor))
+    routes = model.moe.k * T * (1.0 if not model.moe.drop_tokens else min(1.0, model.moe.capacity_factor))
     moe = int(routes * (D + 2 * F + D)) + T * D  # gathered input, fc out, GELU out, expert output; combine
     n_moe = sum(model.is_moe_block(i) for i in range(model.n_layer))
     hidden = int(routes * 2 * F)  # the experts' hidden activations (fc out, GELU out) of one MoE layer
-    probs = T * model.num_experts  # one MoE layer's fp32 gate probabilities
+    probs = T * model.moe.num_experts  # one MoE layer's fp32 gate probabilities
     if recompute == "block":  # block inputs kept; one block's activations live while it is recomputed
         lowp = model.n_layer * T * D + per_block + (moe if n_moe else dense_mlp) + T * 2 * D
         fp32 = T * V + (probs if n_moe else 0)
@@ -202,7 +202,7 @@ def gpt_parts(model: GPTConfig, micro_batch: int, recompute: str = "none") -> Mo
     dense, per_expert = param_counts(model)
     n_moe = sum(model.is_moe_block(i) for i in range(model.n_layer))
     lowp, fp32 = activation_elements(model, micro_batch, recompute)
-    return ModelParts(dense=dense, experts=n_moe * per_expert * (model.num_experts // model.ep_size),
+    return ModelParts(dense=dense, experts=n_moe * per_expert * (model.moe.num_experts // model.ep_size),
                       activations=lowp, fp32_activations=fp32)
 
 
@@ -326,7 +326,7 @@ def check_fits(need: MemoryEstimate, processes: int, device: torch.device, *, ke
         device: the run's device.
         key: the setting to name (the micro-batch size's key path).
         model_keys: the settings that size the model, named when the model alone does not fit
-            (e.g. ``"model.n_layer, model.n_embd, model.num_experts"``); None when the model is given.
+            (e.g. ``"model.n_layer, model.n_embd, model.moe.num_experts"``); None when the model is given.
 
     Raises:
         ValueError: the estimate exceeds the total memory; the message gives both.
