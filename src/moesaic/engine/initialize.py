@@ -29,8 +29,7 @@ from ..layer.identity import ExpertIndex
 from ..layer.moe import iter_moe_modules, name_moe_layers, setup_expert_parallel
 from ..optim.build_groups import build_param_groups
 from ..optim.in_backward import check_in_backward_config
-from ..optim.mixed_precision import GroupedMixedPrecisionOptimizer, default_fuse_elems, group_refs
-from ..optim.param_groups import split_params_into_different_moe_groups_for_optimizer
+from ..optim.mixed_precision import GroupedMixedPrecisionOptimizer, default_fuse_elems
 from ..optim.schedulers import build_scheduler
 from ..optim.config import torch_scheduler_class
 from ..optim.fsdp import check_shardable, shard_model
@@ -38,7 +37,7 @@ from ..optim.sharding import plan_shards
 from ..optim.zero3 import Zero3Optimizer, build_zero3_groups
 from ..parallel.launch import LaunchEnv, resolve_device
 from ..parallel.process_group import init_distributed
-from .client import ClientOptimizer, class_name, split_client_groups
+from .client import ClientOptimizer, class_name
 from .replicas import sync_replicas
 from .config import EngineConfig
 from .deepspeed_keys import note_hints_once
@@ -133,19 +132,15 @@ def _build_optimizer(model, index, cfg: EngineConfig, optimizer, model_parameter
             _check_same_parameters(optimizer, model_parameters)
         client = ClientOptimizer(optimizer, stage)
         kind, defaults = client.kind, {}
-        def split(gs):
-            return split_params_into_different_moe_groups_for_optimizer(gs, max_group_size=moe.max_group_size,
-                                                                        split_by=moe.split_by, stacked="views")
-        groups = split_client_groups(client.base_groups(), split)
-        model_parameters = groups
+        model_parameters = client.base_groups()
     else:
         kind, defaults = cfg.optimizer.update()
-    groups = build_param_groups(model, model_parameters, split_by=moe.split_by, max_group_size=moe.max_group_size,
-                                lr_scale=moe.lr_scale, freeze=moe.freeze_experts, index=index)
+    groups = build_param_groups(model, model_parameters, index=index, split_by=moe.split_by,
+                                max_group_size=moe.max_group_size, lr_scale=moe.lr_scale, freeze=moe.freeze_experts,
+                                each_group_apart=client is not None)
     if client is not None:
         client.link(groups)
-    refs = group_refs(groups, index)
-    shard = plan_shards([g["name"] for g in groups], refs, index, stage=stage)
+    shard = plan_shards([g["name"] for g in groups], [g["params"] for g in groups], index, stage=stage)
     opt = GroupedMixedPrecisionOptimizer(groups, kind, defaults, offload=cfg.offload(),
                                          fuse_elems=default_fuse_elems(moe.max_group_size), index=index, shard=shard)
     return opt, client
@@ -176,7 +171,8 @@ def _check_zero3(cfg: EngineConfig, model: nn.Module, optimizer, dist_init_requi
 
 
 def _build_zero3(model: nn.Module, cfg: EngineConfig):
-    """Shard the model (EP + FSDP2) and build the torch optimizer over moesaic's named groups."""
+    """Shard the model (EP + FSDP2) and build the torch optimizer over moesaic's named groups; the index of
+    the sharded model (FSDP2 made new Parameter objects), which the engine keeps."""
     param_dtype = torch.bfloat16 if cfg.bf16.enabled else torch.float16 if cfg.fp16.enabled else None
     shard_model(model, param_dtype=param_dtype, reduce_dtype=torch.float32,
                 use_data_before_expert_parallel_=cfg.use_data_before_expert_parallelism)
@@ -185,7 +181,7 @@ def _build_zero3(model: nn.Module, cfg: EngineConfig):
     groups = build_zero3_groups(model, index, split_by=moe.split_by, lr_scale=moe.lr_scale,
                                 freeze=moe.freeze_experts)
     kind, defaults = cfg.optimizer.update()
-    return Zero3Optimizer(groups, kind, defaults)
+    return Zero3Optimizer(groups, kind, defaults), index
 
 
 def _check_same_parameters(optimizer, model_parameters) -> None:
@@ -303,7 +299,7 @@ def initialize(args: Any = None, model: Optional[nn.Module] = None, optimizer: A
     sync_replicas(index, cfg.to_dict(), device)
     # 4-5. optimizer and schedule
     if stage3:
-        opt, client, index = _build_zero3(model, cfg), None, None
+        (opt, index), client = _build_zero3(model, cfg), None
     else:
         opt, client = _build_optimizer(model, index, cfg, optimizer, model_parameters, raw)
     scheduler = _build_scheduler(cfg, raw, lr_scheduler, client.opt if client is not None else opt)

@@ -25,9 +25,8 @@ import torch
 from torch import nn
 
 from ..layer.identity import ExpertIndex
-from .build_groups import _check_lr_scale, freeze_experts
+from .build_groups import check_lr_scale, freeze_experts, index_members, split_group
 from .fsdp import grad_norm, local_tensor
-from .param_groups import split_params_into_different_moe_groups_for_optimizer
 from .pipeline import BoundaryResult
 
 _TORCH = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam, "SGD": torch.optim.SGD}
@@ -38,15 +37,14 @@ def build_zero3_groups(model: nn.Module, index: ExpertIndex, *, split_by: str = 
                        freeze: Sequence[Union[int, str]] = ()) -> List[Dict[str, Any]]:
     """Named groups of whole (sharded) parameters: dense, then per expert or per layer (see module docstring)."""
     if lr_scale:
-        _check_lr_scale(lr_scale, index)
+        check_lr_scale(lr_scale, index)
     if freeze:
         freeze_experts(model, list(freeze), index)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters")
-    groups = split_params_into_different_moe_groups_for_optimizer({"params": trainable, "name": "params"},
-                                                                  max_group_size=None, split_by=split_by,
-                                                                  stacked="whole")
+    groups = split_group({"params": trainable, "name": "params"}, "params",
+                         index_members(trainable, index, "the model", views=False), None, split_by)
     groups = [g for g in groups if g["params"]]
     for g in groups:
         g.setdefault("lr_scale", 1.0)
