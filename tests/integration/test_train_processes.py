@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from moesaic import checkpoint
+from moesaic.layer.identity import ExpertIndex
 from moesaic.models import GPT, GPTConfig
 from moesaic.telemetry import read_csv_metrics
 
@@ -47,7 +48,7 @@ def weights(run: Path) -> dict:
     manifest = checkpoint.read_manifest(checkpoint.resolve(run / "checkpoints"))
     model_cfg = dict(manifest["model_config"]["model"], ep_size=1)
     model = GPT(GPTConfig.from_dict(model_cfg))
-    checkpoint.load(run / "checkpoints", model)
+    checkpoint.load(run / "checkpoints", model, index=ExpertIndex.build(model))
     return model.state_dict()
 
 
