@@ -15,8 +15,8 @@ from .optim.param_groups import (
 
 from .parallel import init_distributed
 from .optim.fsdp import clip_grad_norm_, shard_model
-from .engine import (MoEEngine, initialize, safe_get_full_fp32_param, safe_get_full_grad,
-                     safe_get_full_optimizer_state)
+from .engine import MoEEngine
+from .deepspeed import initialize, safe_get_full_fp32_param, safe_get_full_grad, safe_get_full_optimizer_state
 
 __version__ = "0.1.0"
 

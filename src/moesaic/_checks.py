@@ -10,7 +10,7 @@ passes for a number (``True`` is an ``int`` to Python, never to a config).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 
 def join_key(path: str, key: Any) -> str:
@@ -173,3 +173,17 @@ def check_elements(value: Any, key: str, none_word: Optional[str] = None) -> Opt
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     return check_int(value, key, lo=1, none_word=none_word)
+
+
+def moved_names(module: str, moved: Dict[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` for names that moved: ``AttributeError`` naming each one's new place.
+
+    Args:
+        module: the module's name (``__name__``).
+        moved: ``{old name: where it lives now}`` (``"moesaic.deepspeed.initialize"``).
+    """
+    def __getattr__(name: str) -> Any:
+        if name in moved:
+            raise AttributeError(f"{module}.{name} moved: use {moved[name]}")
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    return __getattr__

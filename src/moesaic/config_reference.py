@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ._config import KeyDoc
-from .engine.deepspeed_keys import FEATURE_SECTIONS, VALUE_HINTS, hint_rows, refused_rows
+from .deepspeed.keys import FEATURE_SECTIONS, VALUE_HINTS, hint_rows, refused_rows
 from .train.config import RENAMED, TrainConfig
 
 COMMAND = "python -m moesaic.config_reference --out docs/config-reference.md"

@@ -10,7 +10,8 @@ from torch import nn
 deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed not installed (make parity builds .venv-deepspeed)")
 
 import moesaic  # noqa: E402
-from moesaic.checkpoint import CheckpointError, convert_deepspeed_checkpoint  # noqa: E402
+from moesaic.checkpoint import CheckpointError  # noqa: E402
+from moesaic.deepspeed import convert_deepspeed_checkpoint  # noqa: E402
 from moesaic.layer.identity import ExpertIndex  # noqa: E402
 
 

@@ -23,7 +23,7 @@ from deepspeed.moe.layer import MoE as DSMoE  # noqa: E402
 from deepspeed.runtime.config import DeepSpeedConfig  # noqa: E402
 
 import moesaic  # noqa: E402
-from moesaic.engine import load_config  # noqa: E402
+from moesaic.deepspeed import load_config  # noqa: E402
 
 logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
 os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -13,7 +13,7 @@ import pytest
 deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed not installed (make parity builds .venv-deepspeed)")
 from deepspeed.runtime.config import DeepSpeedConfig  # noqa: E402
 
-from moesaic.engine.config import load_config  # noqa: E402
+from moesaic.deepspeed import load_config  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "support" / "ds_configs"
 

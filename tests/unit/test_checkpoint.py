@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import moesaic
-from moesaic import checkpoint
+from moesaic import checkpoint, deepspeed
 from moesaic.checkpoint import CheckpointError
 from moesaic.checkpoint.directory import tidy
 from moesaic.checkpoint.legacy import upgrade_dense_names
@@ -165,10 +165,10 @@ def test_a_crafted_pickle_in_a_deepspeed_checkpoint_needs_explicit_trust(tmp_pat
     marker = tmp_path / "pwned"
     torch.save({"module": {}, "evil": _RunsCode(marker)}, ds / "mp_rank_00_model_states.pt")
     with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states.pt: .*trust_pickle=True"):
-        checkpoint.convert_deepspeed_checkpoint(tmp_path / "ds", Net(), tmp_path / "out")
+        deepspeed.convert_deepspeed_checkpoint(tmp_path / "ds", Net(), tmp_path / "out")
     assert not marker.exists(), "unpickling ran code"
     with pytest.raises(TypeError, match="trust_pickle must be a bool"):
-        checkpoint.convert_deepspeed_checkpoint(tmp_path / "ds", Net(), tmp_path / "out", trust_pickle="yes")
+        deepspeed.convert_deepspeed_checkpoint(tmp_path / "ds", Net(), tmp_path / "out", trust_pickle="yes")
 
 
 # --- verification -------------------------------------------------------------------------------

@@ -197,7 +197,7 @@ def test_model_parameters_must_cover_the_model():
 
 
 def test_initialize_takes_an_engine_config_and_zero_stages():
-    cfg = moesaic.engine.load_config(config(zero_optimization={"stage": 0}))
+    cfg = moesaic.deepspeed.load_config(config(zero_optimization={"stage": 0}))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         engine, *_ = moesaic.initialize(model=Net(), config=cfg)

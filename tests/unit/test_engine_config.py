@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from moesaic.engine import EngineConfig, load_config
+from moesaic.deepspeed import load_config
+from moesaic.engine import EngineConfig
 from moesaic.optim.config import (DEFAULT_MAX_GROUP_SIZE, BF16Config, FP16Config, MoEOptimConfig, OptimizerConfig,
                                   SchedulerConfig, ZeroConfig)
 
@@ -363,7 +364,7 @@ def test_each_default_has_one_source():
 
 def test_deepspeed_hints_accepted_and_noted_once(capsys):
     """Speed, memory-placement and logging hints cannot change the numbers: accepted, each noted once."""
-    from moesaic.engine import deepspeed_keys
+    from moesaic.deepspeed import keys as deepspeed_keys
     raw = {"train_micro_batch_size_per_gpu": 2, "tensorboard": {"enabled": True, "output_path": "x"},
            "comms_logger": {"enabled": True}, "memory_breakdown": True,
            "zero_optimization": {"stage": 1, "elastic_checkpoint": True, "contiguous_gradients": False,

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import moesaic
-from moesaic.engine.client import ClientOptimizer
+from moesaic.deepspeed.client import ClientOptimizer
 
 D = 8
 

@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import moesaic
-from moesaic.engine.config import load_config
+from moesaic.deepspeed import load_config
 from moesaic.telemetry.flops import FlopsProfiler
 
 D = 16

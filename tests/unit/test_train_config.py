@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from moesaic.engine import EngineConfig, load_config
+from moesaic.deepspeed import load_config
+from moesaic.engine import EngineConfig
 from moesaic.models import GPTConfig
 from moesaic.train.config import RENAMED, DataConfig, LoopConfig, load_train_config
 

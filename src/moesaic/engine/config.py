@@ -9,7 +9,8 @@ defaults in all three.
 The batch sizes follow DeepSpeed's arithmetic (:meth:`EngineConfig.check_batch`). DeepSpeed's keys
 moesaic does not implement are never silently ignored: those whose accepted values describe what
 moesaic does are settings that refuse any other value with the reason; the rest are refused by
-name with the reason (:mod:`moesaic.engine.deepspeed_keys`); any other unknown key is an error.
+name with the reason by the DeepSpeed bridge, which reads DeepSpeed's dict into this tree
+(:mod:`moesaic.deepspeed.config`, :mod:`moesaic.deepspeed.keys`); any other unknown key is an error.
 Differences on purpose: ``optimizer`` defaults to AdamW (DeepSpeed builds no optimizer without
 one and cannot train); an optimizer or schedule moesaic does not implement is refused.
 """
@@ -19,13 +20,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple
 
 from .._checks import check_bool, check_choice, check_int, check_number, check_str, join_key, only
-from .._config import Section, load_source, section, setting
+from .._config import Section, section, setting
 from ..optim.config import (BF16Config, FP16Config, MoEOptimConfig, OptimizerConfig, SchedulerConfig,
                             ZeroConfig)
-from .deepspeed_keys import refuse_deepspeed_keys
 
 TAG_VALIDATION = ("Warn", "Ignore", "Fail")
 
@@ -117,7 +117,7 @@ class ActivationCheckpointingConfig(Section):
 
 @dataclass(frozen=True)
 class EngineConfig(Section):
-    """The whole training-engine config (DeepSpeed's keys plus ``moe``); load a dict or file with :func:`load_config`."""
+    """The whole training-engine config (DeepSpeed's keys plus ``moe``); DeepSpeed's dict or file: :func:`moesaic.deepspeed.load_config`."""
 
     train_batch_size: Optional[int] = setting(
         None, check=partial(check_int, lo=1, none_word="null"),
@@ -202,12 +202,6 @@ class EngineConfig(Section):
     moe: MoEOptimConfig = section(MoEOptimConfig, doc="Expert parameters in the optimizer.")
 
     @classmethod
-    def from_dict(cls, data: Any, path: Optional[str] = None) -> "EngineConfig":
-        """Build the config; DeepSpeed's keys moesaic does not implement are refused with the reason first."""
-        path = cls.PATH if path is None else path
-        return super().from_dict(refuse_deepspeed_keys(data, path), path)
-
-    @classmethod
     def check_values(cls, values: Dict[str, Any], path: str) -> None:
         if values["bf16"].enabled and values["fp16"].enabled:
             raise ValueError(f"{join_key(path, 'bf16.enabled')} and {join_key(path, 'fp16.enabled')} are both true; "
@@ -279,20 +273,3 @@ class EngineConfig(Section):
         if prof.enabled and total is not None and prof.profile_step >= total:
             raise ValueError(f"{join_key(path, 'flops_profiler.profile_step')}={prof.profile_step} is beyond the run: "
                              f"{join_key(path, 'scheduler.params.total_num_steps')} is {total} (steps 0-{total - 1})")
-
-
-def load_config(config: Union[Mapping[str, Any], str, os.PathLike, EngineConfig]) -> EngineConfig:
-    """Load and check a DeepSpeed-style engine config (``moesaic.initialize``'s ``config``).
-
-    Args:
-        config: a mapping with DeepSpeed's keys plus ``moe``, a path (str or PathLike) to a ``.json``
-            or ``.toml`` file holding one, or an EngineConfig (returned as is).
-
-    Returns:
-        The checked :class:`EngineConfig`, complete enough to run.
-    """
-    if not isinstance(config, EngineConfig):
-        data = load_source(config, "a dict, a path to a .json/.toml file or an EngineConfig")
-        config = EngineConfig.from_dict(data)
-    config.check_complete()
-    return config

@@ -54,7 +54,7 @@ from ..optim.zero3 import Zero3Pipeline
 from ..parallel.collectives import DEFAULT_BUCKET_ELEMS
 from ..telemetry import MetricsWriter, MoEStatsAccumulator
 from ..telemetry.flops import FlopsProfiler
-from . import param_access, resume
+from . import resume
 from .config import EngineConfig
 
 _LOG = logging.getLogger("moesaic.engine")
@@ -182,8 +182,6 @@ class MoEEngine(nn.Module):
         self._timers = _Timers(config.wall_clock_breakdown)
         self._moe_stats = MoEStatsAccumulator()
         self._writer = MetricsWriter(log_dir) if (log_dir is not None and self.global_rank == 0) else None
-        if optimizer is not None:
-            param_access.link(self)  # safe_get_full_grad & co. (moesaic's and DeepSpeed's) on its parameters
 
     def __getattr__(self, name: str):
         """Attributes the engine does not have are the model's, as in DeepSpeed (``engine.moe_1``)."""

@@ -13,7 +13,7 @@ that the two agree).
 DeepSpeed's keys moesaic does not implement are never silently ignored: a key whose accepted
 values describe what moesaic always does is a setting checked by :func:`moesaic._checks.only`
 (``fp16.auto_cast`` accepts false); the rest are refused by name with the reason
-(:mod:`moesaic.engine.deepspeed_keys`). Differences on purpose: ``fp16`` values are checked even
+(:mod:`moesaic.deepspeed.keys`). Differences on purpose: ``fp16`` values are checked even
 when fp16 is off; optimizer and scheduler names DeepSpeed accepts but moesaic does not implement
 are refused with the reason and the supported names.
 ``moe.lr_scale`` and ``moe.freeze_experts`` name experts as ``"<expert_group_name>/<expert_number>"``

@@ -30,6 +30,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 from .._checks import check_bool, check_choice, check_int, check_list, check_number, check_str
 from ..layer.recompute_policy import POLICIES as RECOMPUTE_POLICIES
 from .._config import Section, apply_overrides, load_source, section, setting
+from ..deepspeed.config import engine_section
 from ..engine.config import EngineConfig
 from ..models.gpt import GPTConfig
 from ..parallel.launch import check_device
@@ -146,6 +147,8 @@ class TrainConfig(Section):
         """Build from a mapping of sections (see :meth:`moesaic._config.Section.from_dict`)."""
         if isinstance(data, Mapping):
             _renamed_keys(data)
+            if "engine" in data:  # DeepSpeed's keys beyond the engine's: refused with the reason, hints dropped
+                data = {**data, "engine": engine_section(data["engine"], "engine")}
         return super().from_dict(data, path)
 
     @classmethod

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 import moesaic
+from moesaic.engine import build_engine
 from moesaic.checkpoint import CheckpointError, read_manifest, resolve
 from moesaic.models import GPT, GPTConfig, unigram_baseline_loss
 from moesaic.optim.schedulers import WarmupLongerThanScheduleWarning
@@ -125,14 +126,15 @@ def check_memory(cfg: TrainConfig, device: torch.device, processes_here: int) ->
 
 
 def initialize_engine(cfg: TrainConfig, rank: int, quiet: bool, **kwargs):
-    """``moesaic.initialize`` with the run's engine config; a warmup longer than the run is said once, on rank 0,
-    as one line naming the config keys (:meth:`TrainConfig.warmup_warning`), not as the schedule's own warning."""
+    """The engine of the run's engine config (:func:`moesaic.engine.build_engine`; the process group is joined
+    by :func:`join_processes`); a warmup longer than the run is said once, on rank 0, as one line naming the
+    config keys (:meth:`TrainConfig.warmup_warning`), not as the schedule's own warning."""
     line = cfg.warmup_warning()
     if line and rank == 0 and not quiet:
         print(f"moesaic train: warning: {line}", file=sys.stderr, flush=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", WarmupLongerThanScheduleWarning)
-        engine, *_ = moesaic.initialize(config=cfg.engine_config(), **kwargs)
+        engine = build_engine(kwargs.pop("model"), cfg.engine_config(), **kwargs)
     return engine
 
 
@@ -237,7 +239,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False, 
     if t.recompute != "none":
         moesaic.apply_recompute(model, t.recompute)
     log_dir = str(out / "logs")
-    engine = initialize_engine(cfg, rank, quiet, model=model, model_parameters=_param_groups(model),
+    engine = initialize_engine(cfg, rank, quiet, model=model, param_groups=_param_groups(model),
                                log_dir=log_dir, telemetry_every=t.log_every)
     progress = Progress(total=t.steps, start=0, enabled=rank == 0 and not quiet)
 

@@ -34,9 +34,9 @@ import torch
 from torch import Tensor, nn
 
 from ..layer.identity import ExpertIndex, ExpertKey
-from .errors import CheckpointError
-from .names import check_folder_name, check_tag
-from .store import save
+from ..checkpoint.errors import CheckpointError
+from ..checkpoint.names import check_folder_name, check_tag
+from ..checkpoint.store import save
 
 _EXPERT_KEY = re.compile(r"^(?P<path>.*?)\.?deepspeed_moe\.experts\.deepspeed_experts\.(?P<g>\d+)\.(?P<rest>.+)$")
 

@@ -1,5 +1,7 @@
 """A client optimizer, as DeepSpeed's ``initialize(optimizer=...)`` takes it, run as moesaic's grouped optimizer.
 
+The engine builder follows it through :class:`moesaic.engine.GroupFollower` (``param_groups``, ``link``, ``sync``).
+
 moesaic never calls the client optimizer's ``step()``: it reads the update and every parameter
 group from it and steps its own :class:`~moesaic.optim.mixed_precision.GroupedMixedPrecisionOptimizer`
 (fp32 master weights, one group at a time, ZeRO sharding). What is honoured:
@@ -150,6 +152,11 @@ class ClientOptimizer:
                      and k not in self.hyper and k not in _REFUSED_FLAGS}
             out.append({**extra, **self._values(group), "name": name, "params": params, "client_group": i})
         return out
+
+    def param_groups(self, moe) -> List[Dict[str, Any]]:
+        """The groups the engine builds from (:class:`moesaic.engine.GroupFollower`): :meth:`base_groups`, each
+        split on its own by the engine's group builder under ``moe`` (an ``MoEOptimConfig``)."""
+        return self.base_groups()
 
     def link(self, param_groups: Sequence[Dict[str, Any]]) -> None:
         """Remember which client group each of moesaic's groups came from (``client_group``, then dropped)."""
