@@ -11,7 +11,7 @@ DEEPSPEED_PIN := deepspeed==0.19.8
 # Installed with TORCH_PIN in the same command, so pip keeps torch at the pinned build.
 TRANSFORMERS_PIN := transformers==5.24.0
 
-.PHONY: test unit integration parity gpu-check demo bench bench-ds clean config-reference
+.PHONY: test unit integration parity gpu-check demo bench bench-ds clean config-reference invariance
 
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ integration: $(VENV)/.stamp
 parity: $(DS_VENV)/.stamp
 	$(DS_VENV)/bin/python -m pytest -q tests/reference
 
+# The whole layout-invariance matrix (docs/invariance.md): 192 layouts at W=1, 2, 4 against W=1 ZeRO 0.
+# Not part of `make test`, which runs its CI subset of 6 layouts (tests/distributed/test_invariance.py).
+invariance: $(VENV)/.stamp
+	MOESAIC_INVARIANCE=full $(VENV)/bin/python -m pytest -q -s tests/distributed/test_invariance.py
 
 # The main job: a byte-level MoE LM on the standard library's sources, 2 processes, ep_size=2.
 demo: $(VENV)/.stamp

@@ -31,8 +31,13 @@ and ``AdamW.step()``) and reads it after, so it is the optimizer step's own peak
 (``gradient_clipping: 0.0``, as the plain recipe). ``--check-memory``
 shows the method measures a known 256 MiB allocation.
 
+``limit`` (W processes): stage 2 and stage 3 train the same model under the same per-process
+memory limit (``RLIMIT_DATA``, ``--limit-mib``): the stage that cannot hold it fails with the
+allocator's out-of-memory error, the other trains ``--steps`` steps.
+
     python benchmarks/bench_step_memory.py single [--repeats 3]
-    python benchmarks/bench_step_memory.py sharded --world 4 --ep-size 1 --modes moesaic-z2 moesaic-z3
+    python benchmarks/bench_step_memory.py sharded --world 4 --ep-size 1 --steps 3 --modes moesaic-z2 moesaic-z3
+    python benchmarks/bench_step_memory.py limit --world 4 --ep-size 1 --steps 2 --limit-mib 1950
     .venv-deepspeed/bin/python benchmarks/bench_step_memory.py single sharded   # with the DeepSpeed columns
 """
 
@@ -160,25 +165,51 @@ def _held_bytes(model, opt) -> int:
     return weights + grads + _state_bytes_moesaic(opt)
 
 
-def _measure_iteration(loss_fn, backward, step, x) -> dict:
-    """Warm up, then measure one iteration: the whole step's peak and the optimizer step's own."""
-    for _ in range(2):
+def _held_parts(model, opt) -> dict:
+    """:func:`_held_bytes` by kind, in MiB: weights, gradients, masters + optimizer state."""
+    weights = sum(_local(p).numel() * _local(p).element_size() for p in model.parameters())
+    grads = sum(_local(p.grad).numel() * _local(p.grad).element_size() for p in model.parameters()
+                if p.grad is not None)
+    return {"weights": weights / MIB, "grads": grads / MIB, "masters_and_state": _state_bytes_moesaic(opt) / MIB}
+
+
+def _measure_iteration(loss_fn, backward, step, x, steps: int = 1, between=None, warmup: int = 2) -> dict:
+    """Warm up, then measure ``steps`` iterations: the whole step's peak and the optimizer step's own.
+
+    Peaks are the largest over the measured iterations, times their medians (``iter_times_s`` has
+    each). ``between()``, when given, is called after backward and before the optimizer step of the
+    last measured iteration (its result is returned as ``between``; not counted in the times).
+    """
+    for _ in range(warmup):
         backward(loss_fn(x))
         step()
-    _reset_peak()
-    before = _kib("VmRSS")
-    t0 = time.perf_counter()
-    backward(loss_fn(x))
-    t1 = time.perf_counter()
-    fwd_bwd_peak = _kib("VmHWM")
-    _reset_peak()
-    step_before = _kib("VmRSS")
-    step()
-    t2 = time.perf_counter()
-    step_peak = _kib("VmHWM")
-    return {"peak_mib": max(fwd_bwd_peak, step_peak) / 1024, "step_peak_mib": step_peak / 1024,
-            "step_transient_mib": (step_peak - step_before) / 1024, "before_mib": before / 1024,
-            "iter_s": t2 - t0, "step_s": t2 - t1}
+    peaks, step_peaks, transients, iters, steps_s, befores, seen = [], [], [], [], [], [], None
+    for i in range(steps):
+        _reset_peak()
+        befores.append(_kib("VmRSS"))
+        t0 = time.perf_counter()
+        backward(loss_fn(x))
+        t1 = time.perf_counter()
+        fwd_bwd_peak = _kib("VmHWM")
+        if between is not None and i == steps - 1:
+            seen = between()
+        _reset_peak()
+        step_before = _kib("VmRSS")
+        t1b = time.perf_counter()
+        step()
+        t2 = time.perf_counter()
+        step_peak = _kib("VmHWM")
+        peaks.append(max(fwd_bwd_peak, step_peak))
+        step_peaks.append(step_peak)
+        transients.append(step_peak - step_before)
+        iters.append((t1 - t0) + (t2 - t1b))
+        steps_s.append(t2 - t1b)
+    out = {"peak_mib": max(peaks) / 1024, "step_peak_mib": max(step_peaks) / 1024,
+           "step_transient_mib": max(transients) / 1024, "before_mib": befores[0] / 1024,
+           "iter_s": statistics.median(iters), "step_s": statistics.median(steps_s), "iter_times_s": iters}
+    if seen is not None:
+        out["between"] = seen
+    return out
 
 
 def child_single(mode: str) -> dict:
@@ -231,7 +262,7 @@ def _deepspeed_child(x, world: int, ep_size: int, stage: int) -> dict:
     return _measure_iteration(engine, engine.backward, engine.step, x)
 
 
-def _sharded_rank(rank: int, world: int, port: int, mode: str, ep_size: int, out_dir: str) -> None:
+def _sharded_rank(rank: int, world: int, port: int, mode: str, ep_size: int, out_dir: str, steps: int = 1) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -249,16 +280,22 @@ def _sharded_rank(rank: int, world: int, port: int, mode: str, ep_size: int, out
             "zero_optimization": {"stage": int(mode[-1])}})
         dense = sum(p.numel() for p in model.parameters() if getattr(p, "allreduce", True))
         local_experts = sum(p.numel() for p in model.parameters() if not getattr(p, "allreduce", True))
-        out = _measure_iteration(engine, engine.backward, engine.step, x)
+        out = _measure_iteration(engine, engine.backward, engine.step, x, steps=steps,
+                                 between=lambda: _held_parts(model, opt),
+                                 warmup=int(os.environ.get("MOESAIC_BENCH_WARMUP", "2")))
         out["state_mib"] = _state_bytes_moesaic(opt) / MIB
         out["held_mib"] = _held_bytes(model, opt) / MIB
+        out["held_parts_mib"] = _held_parts(model, opt)
+        out["held_before_step_parts_mib"] = out.pop("between")
+        out["held_before_step_mib"] = sum(out["held_before_step_parts_mib"].values())
+        out["local_numel"] = sum(_local(p).numel() for p in model.parameters())
         out["dense_m"], out["local_experts_m"] = dense / 1e6, local_experts / 1e6
     out.update(mode=mode, rank=rank)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
     torch.distributed.barrier()
 
 
-def child_sharded(mode: str, world: int, ep_size: int) -> dict:
+def child_sharded(mode: str, world: int, ep_size: int, steps: int = 1) -> dict:
     import socket
 
     import torch.multiprocessing as mp
@@ -267,13 +304,113 @@ def child_sharded(mode: str, world: int, ep_size: int) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out_dir = tempfile.mkdtemp(prefix="bench-step-memory-")
-    mp.start_processes(_sharded_rank, args=(world, port, mode, ep_size, out_dir), nprocs=world, join=True,
+    mp.start_processes(_sharded_rank, args=(world, port, mode, ep_size, out_dir, steps), nprocs=world, join=True,
                        start_method="spawn")
     ranks = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
     return {"mode": mode, "ranks": ranks, "peak_mib": max(r["peak_mib"] for r in ranks),
             "step_s": max(r["step_s"] for r in ranks), "iter_s": max(r["iter_s"] for r in ranks),
             "state_mib": max(r.get("state_mib", float("nan")) for r in ranks),
-            "held_mib": max(r.get("held_mib", float("nan")) for r in ranks)}
+            "held_mib": max(r.get("held_mib", float("nan")) for r in ranks),
+            "held_before_step_mib": max(r.get("held_before_step_mib", float("nan")) for r in ranks),
+            "local_numel": max(r.get("local_numel", 0) for r in ranks)}
+
+
+def _limited_rank(rank: int, world: int, port: int, mode: str, ep_size: int, out_dir: str, limit_mib: int,
+                  steps: int) -> None:
+    """Train ``steps`` steps of the step-memory model under ``RLIMIT_DATA`` = ``limit_mib`` (this rank's data segment).
+
+    Linux counts every private writable mapping against ``RLIMIT_DATA`` (torch's tensors are malloc'd,
+    large ones mmap'd), so an allocation past the limit fails as a catchable "can't allocate memory"
+    error in torch. ``RLIMIT_AS`` would also count the reservations of threads and libraries, which
+    torch makes generously and never touches. A rank that fails writes what it was doing and exits;
+    its peers then fail in their next collective (or are killed by the parent).
+    """
+    import resource
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    torch.manual_seed(rank)
+    moesaic.init_distributed(backend="gloo", timeout_s=120.0)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit_mib * MIB, limit_mib * MIB))
+    out = {"mode": mode, "rank": rank, "limit_mib": limit_mib, "losses": [], "phase": "build the model"}
+    try:
+        x = torch.randn(TOKENS, H).bfloat16()
+        model = Model(moesaic.MoE, ep_size=ep_size)
+        moesaic.setup_expert_parallel(model)
+        out["phase"] = "moesaic.initialize"
+        engine, _, _, _ = moesaic.initialize(model=model, config={
+            "train_micro_batch_size_per_gpu": TOKENS, "bf16": {"enabled": True}, "gradient_clipping": CLIP,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}, "moe": {"max_group_size": _expert_numel()},
+            "zero_optimization": {"stage": int(mode[-1])}})
+        for step in range(steps):
+            out["phase"] = f"step {step}: forward and backward"
+            loss = engine(x)
+            engine.backward(loss)
+            out["phase"] = f"step {step}: optimizer step"
+            engine.step()
+            out["losses"].append(float(loss))
+        out.update(ok=True, phase="done", peak_rss_mib=_kib("VmHWM") / 1024)
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
+        torch.distributed.barrier()
+    except (RuntimeError, MemoryError) as e:
+        out.update(ok=False, error=str(e).splitlines()[0][:300], peak_rss_mib=_kib("VmHWM") / 1024,
+                   out_of_memory=_is_oom(e))
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
+        os._exit(3)
+
+
+def _is_oom(e: BaseException) -> bool:
+    """An allocation refused by the limit: torch's CPU allocator's message, or C++'s ``std::bad_alloc`` (gloo, ATen)."""
+    return isinstance(e, MemoryError) or "can't allocate memory" in str(e) or "bad_alloc" in str(e)
+
+
+def child_limited(mode: str, world: int, ep_size: int, limit_mib: int, steps: int) -> dict:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out_dir = tempfile.mkdtemp(prefix="bench-step-memory-limit-")
+    ctx = mp.start_processes(_limited_rank, args=(world, port, mode, ep_size, out_dir, limit_mib, steps),
+                             nprocs=world, join=False, start_method="spawn")
+    failed_at = None
+    while any(p.is_alive() for p in ctx.processes):
+        if failed_at is None and any(p.exitcode not in (None, 0) for p in ctx.processes):
+            failed_at = time.monotonic()
+        if failed_at is not None and time.monotonic() - failed_at > 30:
+            for p in ctx.processes:  # peers stuck in a collective with the failed rank
+                if p.is_alive():
+                    p.kill()
+        time.sleep(0.2)
+    ranks = []
+    for r in range(world):
+        f = Path(out_dir, f"rank{r}.json")
+        ranks.append(json.loads(f.read_text()) if f.exists() else
+                     {"rank": r, "ok": False, "error": "killed: stuck after a peer failed"})
+    return {"mode": mode, "limit_mib": limit_mib, "trained": all(r.get("ok") for r in ranks), "ranks": ranks}
+
+
+def bench_limit(world: int, ep_size: int, limit_mib: int, steps: int) -> dict:
+    """Stage 2 and stage 3 under the same per-process data limit: which one trains the model."""
+    out = {}
+    for mode in ("moesaic-z2", "moesaic-z3"):
+        r = run_child("limit", mode, world, ep_size, limit_mib, steps)
+        out[mode] = r
+        if r["trained"]:
+            losses = r["ranks"][0]["losses"]
+            print(f"{mode} under RLIMIT_DATA {limit_mib} MiB per rank (W={world}, ep_size={ep_size}): trained {steps} "
+                  f"steps, losses {[round(v, 4) for v in losses]}, peak RSS per rank (max) "
+                  f"{max(x['peak_rss_mib'] for x in r['ranks']):.0f} MiB")
+        else:
+            oom = [x for x in r["ranks"] if x.get("out_of_memory")]
+            first = oom[0] if oom else r["ranks"][0]
+            print(f"{mode} under RLIMIT_DATA {limit_mib} MiB per rank (W={world}, ep_size={ep_size}): FAILED; "
+                  f"{len(oom)} rank(s) out of memory, e.g. rank {first['rank']} at {first.get('phase')!r}: "
+                  f"{first.get('error')}")
+    return out
 
 
 def run_child(*args) -> dict:
@@ -318,14 +455,15 @@ def bench_single(repeats: int) -> dict:
     return {"summary": summary, "runs": runs}
 
 
-def bench_sharded(repeats: int, world: int, ep_size: int, modes=None) -> dict:
+def bench_sharded(repeats: int, world: int, ep_size: int, modes=None, steps: int = 1) -> dict:
     modes = modes or (["moesaic-z0", "moesaic-z1", "moesaic-z2", "moesaic-z3"] +
                       (["deepspeed-z2"] if _have_deepspeed() else []))
     runs = {m: [] for m in modes}
     for _ in range(repeats):
         for mode in modes:
-            runs[mode].append(run_child("sharded", mode, world, ep_size))
-    summary = {m: {k: _median(rs, k) for k in ("peak_mib", "step_s", "iter_s", "state_mib", "held_mib")}
+            runs[mode].append(run_child("sharded", mode, world, ep_size, steps))
+    summary = {m: {k: _median(rs, k) for k in ("peak_mib", "step_s", "iter_s", "state_mib", "held_mib",
+                                                 "held_before_step_mib", "local_numel")}
                for m, rs in runs.items()}
     first = runs[modes[0]][0]["ranks"][0]
     dense, local = first["dense_m"], first["local_experts_m"]
@@ -340,6 +478,18 @@ def bench_sharded(repeats: int, world: int, ep_size: int, modes=None) -> dict:
         print(f"moesaic-z3: tensors held between steps {held:.0f} MiB = {held / ideal:.3f}x the ideal 16 B x "
               f"(dense/{world} + local experts/{world // ep_size}) = {ideal:.0f} MiB")
         summary["moesaic-z3"]["held_vs_ideal16"] = held / ideal
+        z3 = runs["moesaic-z3"][0]["ranks"]
+        numel = max(r["local_numel"] for r in z3)
+        parts = {k: max(r["held_parts_mib"][k] for r in z3) for k in z3[0]["held_parts_mib"]}
+        before = {k: max(r["held_before_step_parts_mib"][k] for r in z3) for k in z3[0]["held_before_step_parts_mib"]}
+        print(f"moesaic-z3 held, by kind (MiB, max over ranks): after the step {parts}; after backward, before the "
+              f"step {before}. The largest rank holds {numel} parameter elements (fp32 shards): 12 B x that = "
+              f"{12 * numel / MIB:.1f} MiB (fp32 weight + AdamW's two moments), 16 B x that = {16 * numel / MIB:.1f} "
+              f"MiB (+ the fp32 gradient shard, held from backward to the step)")
+        before_sum = summary["moesaic-z3"]["held_before_step_mib"]
+        print(f"moesaic-z3: held after backward, before the optimizer step {before_sum:.0f} MiB = "
+              f"{before_sum / ideal:.3f}x the ideal")
+        summary["moesaic-z3"]["held_before_step_vs_ideal16"] = before_sum / ideal
         if "moesaic-z2" in summary:
             peak = summary["moesaic-z3"]["peak_mib"] / summary["moesaic-z2"]["peak_mib"]
             t = statistics.median(a["iter_s"] / b["iter_s"] for a, b in zip(runs["moesaic-z3"], runs["moesaic-z2"]))
@@ -369,6 +519,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="fresh processes per mode (medians reported)")
     ap.add_argument("--world", type=int, default=4)
     ap.add_argument("--ep-size", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=1, help="sharded: measured steps per run after the two warm-up "
+                                                              "steps (peak: the largest; time: the median)")
+    ap.add_argument("--warmup", type=int, help="sharded: warm-up steps before the measured ones (default 2; "
+                                                "the optimizer state exists after one)")
+    ap.add_argument("--limit-mib", type=int, default=1900, help="limit: RLIMIT_DATA per rank, MiB")
     ap.add_argument("--modes", nargs="+", help="sharded runs to make (default: moesaic-z0..z3, deepspeed-z2 "
                                                 "where DeepSpeed is importable)")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -377,7 +532,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         kind, mode, *rest = args.child
-        result = child_single(mode) if kind == "single" else child_sharded(mode, int(rest[0]), int(rest[1]))
+        if kind == "limit":
+            result = child_limited(mode, *map(int, rest))
+        else:
+            result = child_single(mode) if kind == "single" else child_sharded(mode, *map(int, rest))
         print(json.dumps(result))
         return
     if args.check_memory:
@@ -385,16 +543,22 @@ def main() -> None:
             os.execve(sys.executable, [sys.executable, __file__, "--check-memory"], dict(os.environ, **ENV))
         check_memory()
         return
+    if args.warmup is not None:  # the rank processes read it (they are started two processes down)
+        if args.warmup < 1:
+            ap.error("--warmup must be >= 1")
+        os.environ["MOESAIC_BENCH_WARMUP"] = str(args.warmup)
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
     results = {}
     args.what = args.what or ["single"]
-    if set(args.what) - {"single", "sharded"}:
-        ap.error(f"choose from single, sharded; got {args.what}")
+    if set(args.what) - {"single", "sharded", "limit"}:
+        ap.error(f"choose from single, sharded, limit; got {args.what}")
     if "single" in args.what:
         results["single"] = bench_single(args.repeats)
     if "sharded" in args.what:
-        results["sharded"] = bench_sharded(args.repeats, args.world, args.ep_size, args.modes)
+        results["sharded"] = bench_sharded(args.repeats, args.world, args.ep_size, args.modes, args.steps)
+    if "limit" in args.what:
+        results["limit"] = bench_limit(args.world, args.ep_size, args.limit_mib, args.steps)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
 

@@ -60,7 +60,7 @@ def run_deepspeed(out: Path, steps: int, device: str) -> dict:
     import logging
 
     from moesaic.train.config import load_train_config
-    from moesaic.train.loop import run
+    from moesaic.train.gpt import run
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     cfg = load_train_config(ROOT / "configs" / "tiny.toml", {

@@ -2,7 +2,8 @@
 
 At W=2 (ep_size 1, 2) and W=4 (ep_size 2): three AdamW steps with clipping, gradient accumulation
 (FSDP2 reduces once per step), per-expert and per-layer ``lr_scale`` and (at ep_size 1) a frozen
-expert: the global norm of every step, every parameter (``safe_get_full_fp32_param``), the reduced
+expert: the global norm of every step, every group's telemetry (grad_norm, param_norm, update_ratio in
+``engine.last_metrics["group"]`` and log_dir's metrics.csv), every parameter (``safe_get_full_fp32_param``), the reduced
 gradients (``safe_get_full_grad``) and AdamW's moments (``safe_get_full_optimizer_state``) equal
 stage 0's to fp32 round-off. bf16 trains to within bf16's precision of stage 0 in bf16. fp16 with loss
 scaling skips a step whose gradient is non-finite on any rank, on every rank.
@@ -21,6 +22,7 @@ from launch import run_ranks  # noqa: E402
 
 import moesaic  # noqa: E402
 from support.moe_net import MoENet  # noqa: E402
+from moesaic.telemetry import read_csv_metrics  # noqa: E402
 
 D, TOKENS, STEPS, ACCUM = 8, 12, 3, 2
 
@@ -30,7 +32,7 @@ def _batch(rank, step, micro):
     return torch.randn(TOKENS, D, generator=g), torch.randn(TOKENS, D, generator=g)
 
 
-def _train(rank, ep_size, stage, bf16=False):
+def _train(rank, ep_size, stage, bf16=False, log_dir=None):
     model = MoENet(ep_size)
     moe = {"lr_scale": {"ffn": 0.5, "ffn/1": 2.0}}
     if ep_size == 1:
@@ -38,7 +40,7 @@ def _train(rank, ep_size, stage, bf16=False):
     engine, opt, _, _ = moesaic.initialize(model=model, config={
         "train_micro_batch_size_per_gpu": TOKENS, "gradient_accumulation_steps": ACCUM, "gradient_clipping": 0.05,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.1}}, "bf16": {"enabled": bf16},
-        "moe": moe, "zero_optimization": {"stage": stage}})
+        "moe": moe, "zero_optimization": {"stage": stage}}, log_dir=log_dir)
     norms, grads = [], None
     for step in range(STEPS):
         for micro in range(ACCUM):
@@ -58,9 +60,19 @@ def _train(rank, ep_size, stage, bf16=False):
     return names, norms, grads, params, moments, engine
 
 
-def _worker(rank, world, ep_size):
-    ref = _train(rank, ep_size, 0)
-    got = _train(rank, ep_size, 3)
+def _worker(rank, world, ep_size, logs):
+    ref = _train(rank, ep_size, 0, log_dir=os.path.join(logs, "z0"))
+    got = _train(rank, ep_size, 3, log_dir=os.path.join(logs, "z3"))
+    # telemetry per group (log_dir set): stage 0's figures, by group name, on rank 0 (every rank at stage 3)
+    ref_groups, got_groups = ref[5].last_metrics.get("group", {}), got[5].last_metrics["group"]
+    if rank == 0:
+        assert sorted(got_groups) == sorted(ref_groups) and len(ref_groups) >= 3, (ref_groups, got_groups)
+        for name, figures in ref_groups.items():
+            for key, value in figures.items():
+                assert abs(got_groups[name][key] - value) <= 1e-5 * abs(value) + 1e-7, (name, key, got_groups, value)
+        # ... and the same rows in log_dir's metrics.csv
+        z0, z3 = (read_csv_metrics(os.path.join(logs, s)) for s in ("z0", "z3"))
+        assert sorted(k for k in z0 if k.startswith("group/")) == sorted(k for k in z3 if k.startswith("group/"))
     tag = f"rank {rank} W={world} P={ep_size}"
     assert got[0] == ref[0], (tag, got[0], ref[0])
     engine = got[5]
@@ -83,14 +95,12 @@ def _worker(rank, world, ep_size):
         if b is None:
             continue
         torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2, msg=lambda m: f"{tag} bf16 param {name}: {m}")
-    with pytest.raises(NotImplementedError, match="stage 3 is not implemented yet"):
-        engine.save_checkpoint("/nonexistent")
     dist.barrier()
 
 
 @pytest.mark.parametrize("world,ep_size", [(2, 1), (2, 2), (4, 2)])
-def test_stage3_equals_stage0(world, ep_size):
-    run_ranks(_worker, world, ep_size, timeout_s=400)
+def test_stage3_equals_stage0(world, ep_size, tmp_path):
+    run_ranks(_worker, world, ep_size, str(tmp_path), timeout_s=400)
 
 
 def _fp16_worker(rank, world):
@@ -120,5 +130,27 @@ def _fp16_worker(rank, world):
     assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 masters, fp16 compute
 
 
-def test_stage3_fp16_skips_a_non_finite_step_everywhere():
-    run_ranks(_fp16_worker, 2, timeout_s=300)
+def _reshard_worker(rank, world):
+    """zero_optimization.reshard_after_forward: false keeps each unit's gathered parameters from forward to
+    backward (FSDP2 leaves them unsharded on the module), true frees them; the numbers are the same."""
+    _fp16_worker(rank, world)
+    params = {}
+    for keep in (False, True):
+        model = MoENet(2)
+        engine, *_ = moesaic.initialize(model=model, config={
+            "train_micro_batch_size_per_gpu": TOKENS, "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}},
+            "zero_optimization": {"stage": 3, "reshard_after_forward": not keep, "stage3_max_reuse_distance":
+                                  None if keep else 0, "stage3_param_persistence_threshold": 0}})
+        for step in range(2):
+            loss = engine(*_batch(rank, step, 0))
+            held = [not hasattr(p, "to_local") for p in model.ffn.deepspeed_moe.experts.parameters()]
+            assert all(held) if keep else not any(held), (keep, held)
+            engine.backward(loss)
+            engine.step()
+        params[keep] = [moesaic.safe_get_full_fp32_param(p) for p in model.parameters()]
+    for a, b in zip(params[False], params[True]):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
+
+
+def test_stage3_fp16_skips_a_non_finite_step_everywhere_and_reshard_after_forward():
+    run_ranks(_reshard_worker, 2, timeout_s=300)

@@ -41,6 +41,7 @@ def test_two_steps_then_checkpoint_loads_bitwise(tmp_path, corpus):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["val_loss"] == summary["val_loss"]  # finite, not nan
     assert summary["val_loss"] < 10
+    assert summary["recompute"] == "none"  # train.recompute = "auto" for the byte-level GPT
     assert (out / "plots" / "loss.png").stat().st_size > 1000
     assert (out / "plots" / "load_blocks.1.ffn.png").exists()
     assert list((out / "logs").glob("events.out.tfevents.*")) and (out / "logs" / "metrics.csv").exists()
@@ -179,7 +180,7 @@ def test_dist_timeout_reaches_init_distributed(tmp_path, monkeypatch):
     import moesaic
     from moesaic.parallel.launch import LaunchEnv
     from moesaic.train.config import load_train_config
-    from moesaic.train.loop import run
+    from moesaic.train.gpt import run
 
     class Joined(Exception):
         pass
@@ -203,7 +204,8 @@ def test_dist_timeout_reaches_init_distributed(tmp_path, monkeypatch):
                                                  "engine.optimizer.params: adam_w_mode, amsgrad, betas"),
     (["--set", "engine.optimizer.params.lr=0"], "engine.optimizer.params.lr must be a finite number in (0, inf)"),
     (["--set", "optim.lr=0.1"], "optim.lr -> engine.optimizer.params.lr"),
-    (["--set", "engine.zero_optimization.stage=3"], "engine.zero_optimization.stage=3 is not available in moesaic train yet"),
+    (["--nproc", "1", "--set", "model.ep_size=1", "--set", "engine.zero_optimization.stage=3"],
+     "engine.zero_optimization.stage=3 shards parameters over the processes (FSDP2) and needs train.nproc >= 2"),
     (["--device", "cuda"], "train.device='cuda' but CUDA is not available"),
     (["--device", "tpu"], "train.device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got 'tpu'"),
     (["--set", "model.num_experts=3", "--set", "model.ep_size=2"], "num_experts"),

@@ -10,6 +10,7 @@ tokenizers = pytest.importorskip("tokenizers")
 
 from moesaic.train.cli import main  # noqa: E402
 from support.hf_models import build  # noqa: E402
+from support.train_runs import exported_tensors as _tensors, hf_train_args  # noqa: E402
 
 TEXT = "".join(f"the cat {w} on the mat number {i % 7}.\n" for i, w in
                enumerate(["sat", "ran", "sat", "lay", "sat", "hid"] * 60))
@@ -27,17 +28,12 @@ def folder(tmp_path_factory):
     return path, root / "data.txt"
 
 
+SETTINGS = {"model.block_size": 12, "train.eval_every": 3, "train.eval_batches": 1,
+            "engine.train_micro_batch_size_per_gpu": 2, "engine.optimizer.params.lr": 3e-3, "train.checkpoint_every": 3}
+
+
 def _args(folder, data, out, steps, *extra):
-    return ["train", "--hf", str(folder), "--data", str(data), "--out", str(out), "--quiet",
-            "--set", f"train.steps={steps}", "--set", "model.block_size=12", "--set", "train.eval_every=3",
-            "--set", "train.eval_batches=1", "--set", "engine.train_micro_batch_size_per_gpu=2",
-            "--set", "engine.optimizer.params.lr=3e-3", "--set", "train.checkpoint_every=3", *extra]
-
-
-def _tensors(folder):
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "model.safetensors"))
+    return hf_train_args(folder, data, out, steps, SETTINGS, *extra)
 
 
 def test_train_hf_fine_tunes_resumes_exactly_and_exports(folder, tmp_path):
@@ -118,7 +114,7 @@ def test_train_hf_refuses_a_micro_batch_that_cannot_fit(folder, tmp_path, capsys
 MEASURE_ACTIVATIONS = r'''
 import json, sys, torch
 import moesaic.hf
-from moesaic.train.hf_memory import activation_elements_per_token
+from moesaic.train.memory import hf_activation_elements_per_token as activation_elements_per_token
 folder, B, S, stacked = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 def rss():
     for line in open("/proc/self/status"):

@@ -19,26 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from moesaic.telemetry import read_csv_metrics
+from support.train_runs import TINY, W2, moesaic_cli, corpus, trained_steps  # noqa: F401 (corpus: a fixture)
 
 pytestmark = [pytest.mark.subprocess,
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the ranks through /proc")]
-
-ROOT = Path(__file__).resolve().parents[2]
-TINY = str(ROOT / "configs" / "tiny.toml")
-W2 = ["--nproc", "2", "--device", "cpu", "--set", "model.n_layer=2", "--set", "model.n_embd=32", "--set", "model.n_head=2",
-      "--set", "model.block_size=32", "--set", "model.ep_size=2", "--set", "engine.train_micro_batch_size_per_gpu=4",
-      "--set", "train.eval_every=100000", "--set", "train.eval_batches=1", "--set", "train.log_every=1",
-      "--set", "train.checkpoint_every=0", "--set", "engine.scheduler.params.total_num_steps=1000",
-      "--set", "train.steps=100000", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    for i in range(30):
-        (folder / f"f{i:02d}.py").write_text(f"def function_{i}(x):\n    return x * {i} + {i % 7}\n" * 20)
-    return folder
 
 
 def _children(pid: int):
@@ -60,13 +44,6 @@ def _children(pid: int):
     return found
 
 
-def _trained_steps(run: Path) -> int:
-    try:
-        return len(read_csv_metrics(run / "logs").get("train/loss", []))
-    except (OSError, ValueError):
-        return 0
-
-
 @pytest.fixture
 def training(tmp_path, corpus):
     """Start a 2-rank run; yields a function that waits until it trains and returns ``(launcher, {rank: pid})``.
@@ -75,13 +52,11 @@ def training(tmp_path, corpus):
 
     def start(timeout_s: float):
         run = tmp_path / "run"
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        proc = subprocess.Popen([sys.executable, "-m", "moesaic", "train", TINY, "--data", str(corpus), *W2,
-                                 "--set", f"train.dist_timeout_s={timeout_s}", "--out", str(run)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        proc = moesaic_cli(["train", TINY, "--data", str(corpus), *W2, "--set", "train.steps=100000",
+                            "--set", f"train.dist_timeout_s={timeout_s}", "--out", str(run)])
         started.append((proc, {}))
         deadline = time.monotonic() + 240  # start-up on a loaded 2-core machine can take a minute
-        while _trained_steps(run) < 2:  # mid-training
+        while trained_steps(run) < 2:  # mid-training
             if proc.poll() is not None:
                 out, err = proc.communicate()
                 raise AssertionError(f"the run ended early ({proc.returncode}):\n{out}\n{err}")

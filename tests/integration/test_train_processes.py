@@ -4,7 +4,6 @@ These start real processes (the launcher and 2 ranks), so each costs seconds: th
 every run is a few steps. Marked ``subprocess``.
 """
 
-import os
 import signal
 import subprocess
 import sys
@@ -18,29 +17,14 @@ from moesaic import checkpoint
 from moesaic.layer.identity import ExpertIndex
 from moesaic.models import GPT, GPTConfig
 from moesaic.telemetry import read_csv_metrics
+from support.train_runs import TINY, W2, moesaic_cli, subprocess_env, corpus, trained_steps  # noqa: F401 (corpus: a fixture)
 
 pytestmark = pytest.mark.subprocess
 
-ROOT = Path(__file__).resolve().parents[2]
-TINY = str(ROOT / "configs" / "tiny.toml")
-W2 = ["--nproc", "2", "--device", "cpu", "--set", "model.n_layer=2", "--set", "model.n_embd=32", "--set", "model.n_head=2",
-      "--set", "model.block_size=32", "--set", "model.ep_size=2", "--set", "engine.train_micro_batch_size_per_gpu=4",
-      "--set", "train.eval_every=100000", "--set", "train.eval_batches=1", "--set", "train.log_every=1",
-      "--set", "train.checkpoint_every=0", "--set", "engine.scheduler.params.total_num_steps=1000", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    for i in range(30):
-        (folder / f"f{i:02d}.py").write_text(f"def function_{i}(x):\n    return x * {i} + {i % 7}\n" * 20)
-    return folder
-
 
 def moesaic(*args, timeout=240, **kwargs):
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run([sys.executable, "-m", "moesaic", *args], capture_output=True, text=True, timeout=timeout,
-                          env=env, **kwargs)
+                          env=subprocess_env(), **kwargs)
 
 
 def weights(run: Path) -> dict:
@@ -64,13 +48,6 @@ def _wait_for(predicate, timeout_s, proc):
         time.sleep(0.1)
 
 
-def _trained_steps(run: Path) -> int:
-    try:
-        return len(read_csv_metrics(run / "logs").get("train/loss", []))
-    except (OSError, ValueError):
-        return 0
-
-
 def test_w2_ep2_sigterm_stops_at_one_step_resume_is_bitwise_and_a_failure_is_one_line(tmp_path, corpus):
     """2 ranks, ep_size=2, as a user runs them:
 
@@ -83,10 +60,8 @@ def test_w2_ep2_sigterm_stops_at_one_step_resume_is_bitwise_and_a_failure_is_one
     """
     stopped, whole = tmp_path / "stopped", tmp_path / "whole"
     args = ["train", TINY, "--data", str(corpus), *W2]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-m", "moesaic", *args, "--out", str(stopped), "--set", "train.steps=1000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    _wait_for(lambda: _trained_steps(stopped) >= 2, 180, proc)
+    proc = moesaic_cli([*args, "--out", str(stopped), "--set", "train.steps=1000"])
+    _wait_for(lambda: trained_steps(stopped) >= 2, 180, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, (out, err)
@@ -97,7 +72,7 @@ def test_w2_ep2_sigterm_stops_at_one_step_resume_is_bitwise_and_a_failure_is_one
     assert "--resume" in lines[0] and "--out" in lines[0]
     assert "Traceback" not in err and "ChildFailedError" not in err, err
     manifest = checkpoint.read_manifest(checkpoint.resolve(stopped / "checkpoints"))
-    assert manifest["step"] == step == _trained_steps(stopped)  # both ranks stopped after this step and saved it
+    assert manifest["step"] == step == trained_steps(stopped)  # both ranks stopped after this step and saved it
 
     res = moesaic(*args, "--out", str(stopped), "--set", f"train.steps={step + 2}", "--resume")
     assert res.returncode == 0, res.stderr
@@ -120,3 +95,23 @@ def test_w2_ep2_sigterm_stops_at_one_step_resume_is_bitwise_and_a_failure_is_one
     errors = [line for line in res.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and errors[0].startswith("moesaic train: error (rank "), res.stderr
     assert "Traceback" not in res.stderr and victim.name in errors[0]
+
+
+def test_w2_stage3_trains_checkpoints_and_resumes_as_the_uninterrupted_run(tmp_path, corpus):
+    """`moesaic train --nproc 2` at engine.zero_optimization.stage=3 (FSDP2; ep_size 1, so every expert is
+    sharded over both ranks): two steps, then --resume to three, equals three uninterrupted steps; each rank
+    wrote only its rows (format 3) and the per-group telemetry reaches metrics.csv."""
+    z3 = [*W2, "--set", "model.ep_size=1", "--set", "engine.zero_optimization.stage=3"]
+    base = ["train", TINY, "--data", str(corpus), *z3]
+    split, whole = tmp_path / "split", tmp_path / "whole"
+    for out, steps, extra in ((split, 2, []), (split, 3, ["--resume"]), (whole, 3, [])):
+        done = moesaic(*base, "--out", str(out), "--set", f"train.steps={steps}", *extra)
+        assert done.returncode == 0, done.stderr[-3000:]
+    manifest = checkpoint.read_manifest(checkpoint.resolve(split / "checkpoints"))
+    assert manifest["format_version"] == 3 and len(manifest["dense"]["files"]) == 2 and manifest["step"] == 3
+    a, b = weights(split), weights(whole)
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+    metrics = read_csv_metrics(split / "logs")
+    assert [s for s, _ in metrics["train/loss"]] == [1, 2, 3]
+    assert any(k.startswith("group/decay/") and k.endswith("/update_ratio") for k in metrics), sorted(metrics)

@@ -11,6 +11,7 @@ pytest.importorskip("datasets")
 
 from moesaic.train.cli import main  # noqa: E402
 from support.hf_models import randomise, tiny_config, tiny_tokenizer  # noqa: E402
+from support.train_runs import exported_tensors as _tensors, hf_train_args  # noqa: E402
 
 CHAT = Path(__file__).parents[2] / "data" / "stdlib_chat.jsonl"
 
@@ -36,18 +37,13 @@ def folder(tmp_path_factory):
     return root / "olmoe", data
 
 
+SETTINGS = {"model.block_size": 384, "train.eval_every": 2, "train.eval_batches": 1,
+            "engine.train_micro_batch_size_per_gpu": 2, "engine.optimizer.params.lr": 3e-3, "train.checkpoint_every": 2,
+            "data.val_percent": 10, "data.truncate": "true"}
+
+
 def _args(folder, data, out, steps, *extra):
-    return ["train", "--hf", str(folder), "--data", str(data), "--out", str(out), "--quiet",
-            "--set", f"train.steps={steps}", "--set", "model.block_size=384", "--set", "train.eval_every=2",
-            "--set", "train.eval_batches=1", "--set", "engine.train_micro_batch_size_per_gpu=2",
-            "--set", "engine.optimizer.params.lr=3e-3", "--set", "train.checkpoint_every=2",
-            "--set", "data.val_percent=10", "--set", "data.truncate=true", *extra]
-
-
-def _tensors(folder):
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "model.safetensors"))
+    return hf_train_args(folder, data, out, steps, SETTINGS, *extra)
 
 
 def test_sft_trains_on_answers_resumes_exactly_and_exports_a_chat_model(folder, tmp_path):
@@ -56,6 +52,7 @@ def test_sft_trains_on_answers_resumes_exactly_and_exports_a_chat_model(folder, 
     summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
     assert summary["complete"] and 0.5 < summary["padding_efficiency"] <= 1.0 and summary["answer_tokens_per_s"] > 0
     assert summary["data"]["train"]["documents"] + summary["data"]["val"]["documents"] == 60
+    assert summary["recompute"] == "block"  # train.recompute = "auto": fine-tuning recomputes each block
     history = json.loads((tmp_path / "whole" / "history.json").read_text())
     assert len(history["train"]) == 4 and len(history["val"]) == 2
     # 2 steps, then --resume to 4: the same export, bit for bit (the same rows mid-epoch)
@@ -77,9 +74,11 @@ def test_sft_refuses_changed_data_on_resume_and_runs_padded(folder, tmp_path, ca
     path, data = folder
     mine = tmp_path / "mine.jsonl"
     mine.write_text(data.read_text())
-    assert main(_args(path, mine, tmp_path / "run", 1, "--set", "data.packing=false")) == 0
+    assert main(_args(path, mine, tmp_path / "run", 1, "--set", "data.packing=false",
+                      "--set", "train.recompute=none")) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["padding_efficiency"] < 1.0  # padded rows: the pads are counted, and kept from the experts
+    assert summary["recompute"] == "none"  # an explicit train.recompute wins over the fine-tuning default
     mine.write_text(data.read_text() + data.read_text().splitlines()[0] + "\n")
     capsys.readouterr()
     assert main(_args(path, mine, tmp_path / "run", 2, "--set", "data.packing=false", "--resume")) == 2

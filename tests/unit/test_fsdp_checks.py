@@ -81,13 +81,34 @@ def _config(**over):
     ({"zero_optimization": {"stage3_max_live_parameters": 10}}, {}, r"stage3_max_live_parameters .*FSDP2\) gathers "
                                                                     r"one unit"),
     ({"zero_optimization": {"stage3_prefetch_bucket_size": 10}}, {}, r"prefetches whole units"),
+    # DeepSpeed's keys with an FSDP2 meaning: the values that say what FSDP2 does are accepted, others refused
+    ({"zero_optimization": {"stage3_max_reuse_distance": 1e9}}, {},
+     r"stage3_max_reuse_distance=1000000000.0 is not supported .*not by a reuse distance .*set "
+     r"zero_optimization.reshard_after_forward false instead; allowed: null or 0"),
+    ({"zero_optimization": {"max_reuse_distance": 5}}, {}, r"max_reuse_distance=5 is not supported"),
+    ({"zero_optimization": {"stage3_param_persistence_threshold": 1e4}}, {},
+     r"stage3_param_persistence_threshold=10000.0 is not supported .*shards every parameter of every unit"),
+    ({"zero_optimization": {"param_persistence_threshold": 1}}, {}, r"param_persistence_threshold=1 is not supported"),
+    ({"zero_optimization": {"stage3_max_reuse_distance": 0, "reshard_after_forward": False}}, {},
+     r"stage3_max_reuse_distance=0 .*contradicts zero_optimization.reshard_after_forward=false"),
+    ({"zero_optimization": {"stage": 2, "reshard_after_forward": False}}, {},
+     r"reshard_after_forward=false is a stage-3 setting .*stage=2"),
+    ({"zero_optimization": {"reshard_after_forward": "no"}}, {}, r"reshard_after_forward must be a bool"),
+    ({"zero_optimization": {"stage3_gather_16bit_weights_on_model_save": True}}, {},
+     r"stage-3 checkpoints store each rank's fp32 rows by identity"),
+    # accepted: FSDP2's meaning; the refusal that follows is the missing process group
+    ({"zero_optimization": {"stage3_max_reuse_distance": 0, "stage3_param_persistence_threshold": 0,
+                            "param_persistence_threshold": 0, "max_reuse_distance": None}}, {},
+     r"stage=3 shards parameters with torch's FSDP2 and needs torch.distributed"),
+    ({"zero_optimization": {"reshard_after_forward": False}}, {},
+     r"stage=3 shards parameters with torch's FSDP2 and needs torch.distributed"),
     ({}, {}, r"stage=3 shards parameters with torch's FSDP2 and needs torch.distributed"),
 ])
 def test_initialize_stage3_refusals_come_before_process_group_work(over, kwargs, match):
     model = _net(1)
     if kwargs.get("optimizer") == "client":
         kwargs = {"optimizer": torch.optim.AdamW(model.parameters())}
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         moesaic.initialize(model=model, config=_config(**over), **kwargs)
     assert not torch.distributed.is_initialized()
 

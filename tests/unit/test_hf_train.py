@@ -99,14 +99,16 @@ def test_deepseek_bias_moves_when_asked(tmp_path):
 
 def test_hf_memory_check_names_the_model_when_it_alone_exceeds_memory(folder, monkeypatch):
     # issue 21: a model too large for the machine was reported as a micro-batch too large
-    from moesaic.train import hf_memory, memory
+    from moesaic.train import memory
     from moesaic.train.config import load_train_config
+    from moesaic.train.hf import HFRun
+    from moesaic.train.loop import check_memory, run_memory
 
     cfg = load_train_config({"model": {"block_size": 8}, "train": {"nproc": 1},
                              "engine": {"train_micro_batch_size_per_gpu": 1}})
-    need = hf_memory.estimate(folder, cfg)
+    need = run_memory(HFRun(folder), cfg)
     room = need.model_state // 2  # the machine holds half of the parameters and optimizer state
     monkeypatch.setattr(memory, "machine_memory", lambda device: (room, room, "this machine's memory"))
     with pytest.raises(ValueError, match=r"^the model does not fit in this machine's memory .*: its parameters, "
                                          r"gradients and optimizer state alone need about .* more than there is"):
-        hf_memory.check_hf_memory(folder, cfg, torch.device("cpu"), 1)
+        check_memory(HFRun(folder), cfg, torch.device("cpu"), 1)

@@ -245,7 +245,7 @@ def test_train_key_and_memory_estimates_follow_the_policy():
     from moesaic.models.gpt import GPTConfig
     from moesaic.train import memory
     from moesaic.train.config import TrainConfig
-    from moesaic.train.hf_memory import activation_elements_per_token
+    from moesaic.train.memory import hf_activation_elements_per_token as activation_elements_per_token
 
     with pytest.raises(ValueError, match="train.recompute"):
         TrainConfig.from_dict({"train": {"recompute": "everything"}, "engine": {"train_batch_size": 1}})

@@ -84,6 +84,64 @@ def test_decision_replays_compute_routing_bit_for_bit():
             assert torch.equal(getattr(first, f), getattr(again, f)), f
 
 
+def test_expert_choice_picks_are_recorded_and_replayed():
+    model = _model(routing_type="expert_choice", noisy_gate_policy=None, top2_2nd_expert_sampling=False)
+    layer = model[0]
+    x = torch.randn(2, 10, D, generator=torch.Generator().manual_seed(2))
+    with moesaic.record_routing(model) as routes:
+        first = _forward(model, x)
+    C = layer.deepspeed_moe.tokens_per_expert[0]
+    assert routes["0"].shape == (E, C) and torch.equal(routes["0"].reshape(-1), layer.deepspeed_moe._unrouted[0])
+    with moesaic.replay_routing(model, routes):  # at the recording weights: the first forward, bit for bit
+        assert torch.equal(_forward(model, x), first)
+    first.backward()
+    with torch.no_grad():  # an optimizer step
+        for p in model.parameters():
+            p.sub_(2.0 * p.grad)
+    model.zero_grad()
+    with moesaic.record_routing(model) as plain:
+        _forward(model, x)
+    assert not torch.equal(plain["0"], routes["0"]), "the step must change the picks for this test to mean anything"
+    with moesaic.replay_routing(model, routes), moesaic.record_routing(model) as again:
+        loss = _forward(model, x)
+    loss.backward()
+    assert torch.equal(again["0"], routes["0"]), "replay picked other tokens"
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert grads["0.deepspeed_moe.gate.wg.weight"].abs().sum() > 0  # the router gets its gradient
+    model.zero_grad()  # by hand: the router forced to the recorded picks
+    real = layer.deepspeed_moe.gate.forward
+
+    def forced(x_SD, used_token=None, num_sequences=1, **kw):
+        kw["decision"] = replay_decision(layer.deepspeed_moe, routes["0"], x_SD.shape[0], x_SD.device)
+        return real(x_SD, used_token, num_sequences, **kw)
+
+    layer.deepspeed_moe.gate.forward = forced
+    hand = _forward(model, x)
+    hand.backward()
+    del layer.deepspeed_moe.gate.forward
+    assert torch.equal(hand, loss)
+    for n, g in grads.items():
+        assert torch.equal(g, dict(model.named_parameters())[n].grad), n
+
+
+def test_replay_context_across_a_changed_batch_is_refused():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, other = torch.randn(20, D, generator=torch.Generator().manual_seed(3)), torch.randn(20, D)
+    with moesaic.record_routing(model) as routes:
+        model(x)
+    with moesaic.replay_routing(model, routes):
+        for _ in range(2):  # the same batch across optimizer steps: what replay is for
+            model(x)[0].sum().backward()
+            opt.step()
+            opt.zero_grad()
+        with pytest.raises(ValueError, match=r"batch changed inside one replay_routing context.*'argument 0' "
+                                             r"\(shape \(20, 8\)\).*own replay_routing"):
+            model(other)  # another batch of the same token count
+    with moesaic.replay_routing(model, routes):  # a new context pins its own batch
+        model(x)
+
+
 def test_bad_routes_are_refused():
     model = _model()
     ok = torch.zeros(20, 2, dtype=torch.int64)
@@ -106,7 +164,20 @@ def test_bad_routes_are_refused():
     with pytest.raises(ValueError, match="no moesaic MoE layers"):
         with moesaic.replay_routing(torch.nn.Linear(2, 2), {}):
             pass
-    with pytest.raises(ValueError, match="expert_choice"):
-        with moesaic.record_routing(_model(routing_type="expert_choice", noisy_gate_policy=None)):
-            pass
+    ec = _model(routing_type="expert_choice", noisy_gate_policy=None, top2_2nd_expert_sampling=False)
+    picks = torch.arange(24).reshape(E, 3) % 20
+    for bad, err, match in ((picks[:, :2].float(), TypeError, r"LongTensor \(int64\) of shape \(8, C\)"),
+                            (picks[:4], ValueError, r"shape \(4, 3\).*expert choice over 8 experts.*\(8, C\)"),
+                            (picks - 1, ValueError, "token id -1"),
+                            (torch.zeros(E, 2, dtype=torch.int64), ValueError, "pick one token twice")):
+        with pytest.raises(err, match=match):
+            with moesaic.replay_routing(ec, {"0": bad}):
+                pass
+    with pytest.raises(ValueError, match=r"got 14 tokens but its expert-choice routes \(shape \(8, 3\)\)"):
+        with moesaic.replay_routing(ec, {"0": picks}):
+            ec[0](torch.randn(14, D))
+    with pytest.raises(ValueError, match="ran 2 forwards inside one record_routing context"):
+        with moesaic.record_routing(ec):
+            ec[0](torch.randn(20, D))
+            ec[0](torch.randn(20, D))
     assert model[0].deepspeed_moe._replay_ids is None  # the context cleaned up after the error

@@ -88,3 +88,40 @@ def test_a_per_micro_batch_mean_would_differ():
     batches, den = step_batches(stream, store, 1, 1, 4, 1, 0, True)
     counts = [b["targets"] for b in batches]
     assert sum(counts) == den and len(set(counts)) > 1
+
+
+def test_fine_tuning_runs_recompute_block_by_default_with_the_same_loss_and_an_explicit_policy_wins(tmp_path):
+    # issue 25 item 4: train.recompute = "auto" is "block" for train --hf, "none" for the byte-level GPT
+    from moesaic.train.config import load_train_config
+    from moesaic.train.gpt import GPTRun
+    from moesaic.train.hf import HF_DEFAULTS, HFRun
+    from moesaic.train.loop import run_memory
+    from support.hf_models import build
+
+    folder = build("olmoe", tmp_path / "olmoe")
+    cfg = load_train_config(copy.deepcopy(HF_DEFAULTS), {"model.block_size": 8})
+    assert cfg.train.recompute == "auto"
+    assert cfg.with_recompute(HFRun.default_recompute).train.recompute == "block"
+    assert cfg.with_recompute(GPTRun.default_recompute).train.recompute == "none"
+    explicit = load_train_config(copy.deepcopy(HF_DEFAULTS), {"model.block_size": 8, "train.recompute": "none"})
+    assert explicit.with_recompute(HFRun.default_recompute).train.recompute == "none"
+    with pytest.raises(ValueError, match="auto must be one of"):
+        cfg.with_recompute("auto")
+    # the up-front memory estimate counts the resolved policy
+    auto, none = run_memory(HFRun(folder), cfg), run_memory(HFRun(folder), explicit)
+    block = run_memory(HFRun(folder), load_train_config(copy.deepcopy(HF_DEFAULTS),
+                                                        {"model.block_size": 8, "train.recompute": "block"}))
+    assert auto == block and auto.activations < none.activations and auto.params == none.params
+
+    # a fine-tuning step under "block" has the loss and gradient of the same step without recompute
+    store = RandomStore()
+    stream = RowStream(store.lengths, 16, seed=1)
+    model = tiny_olmoe(aux=0.01)
+    plain, f_plain = engine_gradient(copy.deepcopy(model).train(), store, stream, 1, 2, 2)
+    recomputed = copy.deepcopy(model).train()
+    assert moesaic.apply_recompute(recomputed, "block")["blocks"] == 2
+    grads, f_block = engine_gradient(recomputed, store, stream, 1, 2, 2)
+    assert abs(f_block.loss - f_plain.loss) <= 1e-6 * max(1.0, abs(f_plain.loss))
+    assert set(grads) == set(plain) and len(plain) > 10
+    for name in plain:
+        torch.testing.assert_close(grads[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from ..layer.identity import ExpertIndex, ExpertKey
 from .errors import CheckpointError
 from .rankstate import RngState, apply_rng
+from .sharded import apply_model, is_sharded
 
 #: engine.json's counters: ints in [0, 2**63 - 1] when present (absent ones take the engine's defaults).
 ENGINE_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
@@ -155,10 +156,13 @@ class StagedLoad:
         self.applied = True
         model = self.model
         # the model first: a master weight absent from the optimizer state starts from the loaded weights
-        model.load_state_dict({**self.dense, **{k: v for k, v in model.state_dict().items() if k not in self.dense}},
-                              strict=True)
-        for key, tensors in self.experts.items():
-            self.index.load_expert_state_dict(key, tensors)
+        if is_sharded(model):  # stage 3: each rank copies its own rows (checked when staging)
+            apply_model(model, self.index, self.dense, self.experts)
+        else:
+            model.load_state_dict({**self.dense, **{k: v for k, v in model.state_dict().items()
+                                                    if k not in self.dense}}, strict=True)
+            for key, tensors in self.experts.items():
+                self.index.load_expert_state_dict(key, tensors)
         if self.optimizer_state is not None:
             self.optimizer.load_state_dict(self.optimizer_state)
         if self.rng is not None:

@@ -54,7 +54,8 @@ from .directory import next_folder, resolve, staging_folder, tidy
 from .errors import CheckpointError
 from .files import read_json, read_tensors, read_v1_tensors, read_verified_bytes, write_json, write_tensors
 from .legacy import read_v1_rank_state, upgrade_dense_names, v1_optimizer_source
-from .manifest import FORMAT_VERSION, Plan, read_manifest_plan, seal
+from . import sharded as _sharded
+from .manifest import FORMAT_VERSION, SHARDED_FORMAT_VERSION, Plan, read_manifest_plan, seal
 from .names import POINTER, check_tag, layer_folders
 from .rankstate import capture_rng, decode_client_state, encode_client_state, stage_rng
 from .staging import StagedLoad, check_engine_state, check_optimizer_entry, check_optimizer_meta
@@ -240,6 +241,9 @@ class _Report:
     optimizer_held: List[str] = field(default_factory=list)  # every tensor this rank's optimizer holds state for
     optimizer_settings: Optional[Dict] = None  # {"optimizer", "param_groups"} without params
     dense_aliases: Optional[Dict[str, str]] = None  # rank 0: tied tensors stored once
+    sharded: bool = False  # format 3: the files below, tensors in row pieces (sharded.py)
+    dense_files: List[str] = field(default_factory=list)
+    expert_files: Dict[str, Dict[str, List[str]]] = field(default_factory=dict)  # layer -> number -> files
 
 
 def _write_rank_files(staging: Path, model: nn.Module, index: ExpertIndex, optimizer, rank: int,
@@ -251,6 +255,8 @@ def _write_rank_files(staging: Path, model: nn.Module, index: ExpertIndex, optim
     def tensors_job(rel: str, tensors: Dict[str, Tensor]):
         jobs.append((rel, lambda path: write_tensors(path, tensors)))
 
+    if _sharded.is_sharded(model):
+        return _write_sharded_rank_files(staging, model, index, optimizer, rank, client_part, client_tensors)
     aliases: Optional[Dict[str, str]] = None
     if rank == 0:
         dense, aliases = _dedupe(index.dense_state_dict(model))
@@ -277,8 +283,18 @@ def _write_rank_files(staging: Path, model: nn.Module, index: ExpertIndex, optim
                    else f"experts/{folders[expert.layer]}/{expert.number}.optim-{h}.safetensors")
             tensors_job(rel, {f"{name}::{field}": v for name, entry in entries.items() for field, v in entry.items()})
             optim_files.update({name: rel for name in entries})
+    files = _write_jobs(staging, jobs, rank, client_part, client_tensors)
+    return _Report(files=files, optimizer_files=optim_files, optimizer_held=held, optimizer_settings=settings,
+                   dense_aliases=aliases)
+
+
+def _write_jobs(staging: Path, jobs: List[Tuple[str, Callable[[Path], Dict]]], rank: int, client_part: Dict,
+                client_tensors: Dict[str, Tensor]) -> Dict[str, Dict]:
+    """Write ``jobs`` and this rank's RNG and client state, in parallel; ``{file: manifest entry}``."""
+    jobs = list(jobs)
     rng_part, rng_tensors = capture_rng()
-    tensors_job(f"rank{rank}.safetensors", {**rng_tensors, **client_tensors})
+    rank_tensors = {**rng_tensors, **client_tensors}
+    jobs.append((f"rank{rank}.safetensors", lambda path: write_tensors(path, rank_tensors)))
     rank_json = {"rng": rng_part, "client_state": client_part}
     jobs.append((f"rank{rank}.json", lambda path: write_json(path, rank_json)))
     for parent in sorted({(staging / rel).parent for rel, _ in jobs}):
@@ -288,27 +304,109 @@ def _write_rank_files(staging: Path, model: nn.Module, index: ExpertIndex, optim
         results = {rel: pool.submit(fn, staging / rel) for rel, fn in jobs}
         for rel, fut in results.items():
             files[rel] = fut.result()
-    return _Report(files=files, optimizer_files=optim_files, optimizer_held=held, optimizer_settings=settings,
-                   dense_aliases=aliases)
+    return files
+
+
+def _write_sharded_rank_files(staging: Path, model: nn.Module, index: ExpertIndex, optimizer, rank: int,
+                              client_part: Dict, client_tensors: Dict[str, Tensor]) -> _Report:
+    """Format 3: this rank's rows of every sharded tensor, nothing gathered (see :mod:`.sharded`)."""
+    folders = layer_folders(index.layers)
+    jobs: List[Tuple[str, Callable[[Path], Dict]]] = []
+    rows: Dict[str, Dict[str, List[int]]] = {}
+
+    def unit_job(rel: str, unit) -> None:
+        tensors = unit.tensors
+        jobs.append((rel, lambda path: write_tensors(path, tensors)))
+        if unit.rows:
+            rows[rel] = unit.rows
+
+    dense, experts, aliases = _sharded.model_units(model, index, rank,
+                                                   lambda layer: _first_replica(index.layers[layer]))
+    report = _Report(sharded=True, dense_aliases=aliases)
+    if dense.tensors:
+        rel = f"dense-{dense.hash()}.safetensors"
+        unit_job(rel, dense)
+        report.dense_files.append(rel)
+    for key, unit in experts.items():
+        base = f"experts/{folders[key.layer]}/{key.number}"
+        rel = f"{base}.safetensors" if not unit.rows else f"{base}.part-{unit.hash()}.safetensors"
+        unit_job(rel, unit)
+        report.expert_files.setdefault(key.layer, {}).setdefault(str(key.number), []).append(rel)
+    if optimizer is not None:
+        units, report.optimizer_held = _sharded.optimizer_units(optimizer, index)
+        report.optimizer_settings = {"optimizer": optimizer.kind, "param_groups": optimizer.portable_groups()}
+        for expert, unit in units.items():
+            if not unit.tensors:
+                continue
+            rel = (f"optim/dense-{unit.hash()}.safetensors" if expert is None
+                   else f"experts/{folders[expert.layer]}/{expert.number}.optim-{unit.hash()}.safetensors")
+            unit_job(rel, unit)
+            for k in unit.tensors:
+                files_of = report.optimizer_files.setdefault(k.rpartition("::")[0], [])
+                if rel not in files_of:
+                    files_of.append(rel)
+    report.files = _write_jobs(staging, jobs, rank, client_part, client_tensors)
+    for rel, r in rows.items():
+        report.files[rel]["rows"] = r
+    return report
+
+
+def _sharded_manifest(manifest: Dict[str, Any], reports, files: Dict[str, Dict], staging: Path,
+                      optim_state: Dict[str, List[str]]) -> None:
+    """Format 3's lists of files per unit, each unit's pieces checked to tile every tensor exactly once."""
+    dense = sorted(rel for rep in reports for rel in rep.dense_files)
+    manifest["dense"] = {"files": dense, "aliases": manifest["dense"]["aliases"] or {}}
+    units: List[Tuple[str, List[str], Optional[str]]] = [("dense tensors", dense, None)]
+    for layer, numbers in manifest["experts"].items():
+        for n in list(numbers):
+            parts = sorted(rel for rep in reports for rel in rep.expert_files.get(layer, {}).get(n, []))
+            if not parts:
+                raise CheckpointError(f"{staging}: no rank wrote expert {layer}/{n}")
+            numbers[n] = parts
+            units.append((f"expert {layer}/{n}", parts, None))
+    for name, parts in optim_state.items():
+        parts.sort()
+        units.append((f"optimizer state of {name}", parts, f"{name}::"))
+    for what, parts, prefix in units:
+        spans: Dict[str, List[Tuple[int, int, int]]] = {}
+        for rel in parts:
+            file_rows = files[rel].get("rows", {})
+            for key, meta in files[rel]["tensors"].items():
+                if prefix is not None and not key.startswith(prefix):
+                    continue
+                spans.setdefault(key, []).append(tuple(file_rows.get(key, (0, meta["shape"][0] if meta["shape"]
+                                                                          else 1, -1))))
+        for key, ss in spans.items():
+            whole = [s for s in ss if s[2] == -1]
+            ss = sorted(ss)
+            tiles = all(a == (ss[i - 1][1] if i else 0) and n == ss[0][2] for i, (a, _, n) in enumerate(ss))
+            if (whole and len(ss) > 1) or (not whole and (not tiles or ss[-1][1] != ss[0][2])):
+                raise CheckpointError(f"{staging}: the rows written of {key!r} ({what}) do not cover it exactly "
+                                      f"once: {ss}")
 
 
 def _publish(root: Path, staging: Path, final_name: str, sequence: int, tag: str, reports, index: ExpertIndex,
              model_config, engine_state, optimizer, world: int, keep_last: Optional[int]) -> None:
     """Rank 0: check the ranks' reports, write the shared files and manifest, publish, switch ``latest``."""
     files: Dict[str, Dict] = {}
-    optim_state: Dict[str, str] = {}
+    optim_state: Dict[str, Any] = {}
+    sharded = reports[0].sharded
     for rep in reports:
         for rel, meta in rep.files.items():
             if rel in files:
                 raise CheckpointError(f"{staging / rel}: written by two ranks")
             files[rel] = meta
+        if sharded:  # format 3: a tensor's state in pieces from several ranks (tiling checked below)
+            for name, rels in rep.optimizer_files.items():
+                optim_state.setdefault(name, []).extend(rels)
+            continue
         for name, rel in rep.optimizer_files.items():
             if name in optim_state:
                 raise CheckpointError(f"the optimizer state of {name!r} was written by two ranks; writes_state(name) "
                                       "must be true on exactly one rank")
             optim_state[name] = rel
     manifest: Dict[str, Any] = {
-        "format_version": FORMAT_VERSION, "tag": tag, "sequence": sequence, "world_size": world,
+        "format_version": SHARDED_FORMAT_VERSION if sharded else FORMAT_VERSION, "tag": tag, "sequence": sequence, "world_size": world,
         "step": (engine_state or {}).get("global_steps"), "model_config": model_config,
         "moe_layers": {n: {"num_experts": l.num_experts, "ep_size": l.ep_size} for n, l in index.layers.items()},
         "dense": {"file": "dense.safetensors", "aliases": reports[0].dense_aliases},
@@ -319,6 +417,8 @@ def _publish(root: Path, staging: Path, final_name: str, sequence: int, tag: str
     for name, layer in index.layers.items():
         manifest["experts"][name] = {str(n): f"experts/{folders[name]}/{n}.safetensors"
                                      for n in range(layer.num_experts)}
+    if sharded:
+        _sharded_manifest(manifest, reports, files, staging, optim_state)
     if optimizer is not None:
         held = set().union(*(rep.optimizer_held for rep in reports))
         missing = sorted(held - set(optim_state))
@@ -341,8 +441,9 @@ def _publish(root: Path, staging: Path, final_name: str, sequence: int, tag: str
             raise CheckpointError(f"{staging / rel}: no rank wrote it")
     for layer, numbers in manifest["experts"].items():
         for n, rel in numbers.items():
-            if rel not in files:
-                raise CheckpointError(f"{staging / rel}: no rank wrote expert {layer}/{n}")
+            for r in (rel if isinstance(rel, list) else [rel]):
+                if r not in files:
+                    raise CheckpointError(f"{staging / r}: no rank wrote expert {layer}/{n}")
     manifest["files"] = dict(sorted(files.items()))
     durable.write_file(staging / "manifest.json", [seal(manifest)])
     durable.fsync_tree(staging)
@@ -454,16 +555,18 @@ def _read_and_check(plan: Plan, model: nn.Module, index: ExpertIndex, optimizer,
             raise CheckpointError(f"{folder}: layer {lname!r} has {saved['num_experts']} experts in the checkpoint "
                                   f"but {layer.num_experts} in the model")
     # 2. which files: dense, this rank's experts, optimizer state, rank state, engine; read at once
+    shard = _sharded.is_sharded(model)  # a sharded model (stage 3) reads only its own rows of each tensor
     expert_rels = {}
     for key in index.experts():
-        rel = plan.experts.get((key.layer, key.number))
-        if rel is None:
+        parts = plan.expert_parts.get((key.layer, key.number))
+        if parts is None:
             raise CheckpointError(f"{folder / 'manifest.json'}: lists no file for expert {key}")
-        expert_rels[key] = rel
-    want = index.dense_state_dict(model)
+        expert_rels[key] = parts
+    want = _sharded.dense_targets(model, index) if shard else index.dense_state_dict(model)
     renames = {}
     if plan.format_version >= 2:  # the manifest lists the dense names: renames are known before reading
-        renames = upgrade_dense_names(list(plan.entry(plan.dense_file)["tensors"]) + list(plan.dense_aliases), want)
+        saved_names = [k for rel in plan.dense_parts for k in plan.entry(rel)["tensors"]]
+        renames = upgrade_dense_names(list(dict.fromkeys(saved_names)) + list(plan.dense_aliases), want)
     wanted = list(optimizer.state_names()) if optimizer is not None else []
     if optimizer is not None and plan.format_version >= 2 and plan.optimizer_state is None:
         raise CheckpointError(f"{folder}: the checkpoint holds no optimizer state (it was saved without an "
@@ -473,27 +576,50 @@ def _read_and_check(plan: Plan, model: nn.Module, index: ExpertIndex, optimizer,
     state_rank = rank if same_world else 0
     meta_rels = [r for r in (plan.engine, plan.optimizer_meta if optimizer is not None else None) if r is not None]
     reader = _Reader(plan)
-    reader.read([plan.dense_file, *expert_rels.values(), *plan.ranks[state_rank].values(), *meta_rels,
-                 *sorted(set(optim_rels.values()))])
+    reader.read([*plan.dense_parts, *(r for parts in expert_rels.values() for r in parts),
+                 *plan.ranks[state_rank].values(), *meta_rels,
+                 *sorted({r for parts in optim_rels.values() for r in parts})])
     # 3. dense tensors: aliases, renamed layouts, then names/shapes/kinds against the model
-    dense = dict(reader[plan.dense_file])
     if plan.format_version == 1:
+        dense = dict(reader[plan.dense_file])
         renames = upgrade_dense_names(list(dense) + list(plan.dense_aliases), want)
+        shapes = {k: tuple(v.shape) for k, v in dense.items()}
+    else:
+        def dense_rows(k):
+            target = want.get(renames.get(k, k))
+            return None if target is None else _sharded.want_rows(target)
+        dense, shapes = _sharded.assemble(reader, plan.dense_parts, plan.rows, folder, dense_rows)
     dense = {renames.get(k, k): v for k, v in dense.items()}
+    shapes = {renames.get(k, k): v for k, v in shapes.items()}
     for alias, stored in plan.dense_aliases.items():
         stored = renames.get(stored, stored)
         if stored in dense:
             dense[renames.get(alias, alias)] = dense[stored]
-    _check_tensors(folder / plan.dense_file, dense, want)
+            shapes[renames.get(alias, alias)] = shapes[stored]
+    _check_tensors(folder / plan.dense_file, dense, want, shapes)
+    if shard:
+        _sharded.check_local_shapes(folder / plan.dense_file, dense, want)
     experts = {}
-    for key, rel in expert_rels.items():
-        tensors = reader[rel]
-        _check_tensors(folder / rel, tensors, index.expert_state_dict(key))
+    for key, parts in expert_rels.items():
+        if shard:
+            refs = _sharded.expert_targets(index, key)
+            targets = {n: torch.empty(r.shape, dtype=r.param.dtype, device="meta") for n, r in refs.items()}
+
+            def expert_rows(k, refs=refs):
+                r = refs.get(k)
+                return None if r is None or r.index is not None else _sharded.want_rows(r.param)
+        else:
+            targets, expert_rows = index.expert_state_dict(key), (lambda k: None)
+        tensors, tshapes = _sharded.assemble(reader, parts, plan.rows, folder, expert_rows)
+        _check_tensors(folder / parts[0], tensors, targets, tshapes)
+        if shard:
+            _sharded.check_local_shapes(folder / parts[0], tensors,
+                                        {n: r.param for n, r in refs.items() if r.index is None})
         experts[key] = tensors
     # 4. optimizer state, assembled from whichever files hold this rank's tensors
     optim_sd = None
     if optimizer is not None:
-        optim_sd = _optimizer_state(plan, reader, index, optim_rels, renames, optimizer)
+        optim_sd = _optimizer_state(plan, reader, index, optim_rels, renames, optimizer, shard)
         try:
             optimizer.check_state_dict(optim_sd)
         except (ValueError, TypeError) as err:
@@ -519,8 +645,9 @@ def _read_and_check(plan: Plan, model: nn.Module, index: ExpertIndex, optimizer,
                       optimizer_state=optim_sd, rng=rng if same_world else None)
 
 
-def _optimizer_files(plan: Plan, index: ExpertIndex, wanted: List[str], renames: Dict[str, str]) -> Dict[str, str]:
-    """``{tensor name (this model's): file holding its optimizer state}`` for the names the checkpoint has."""
+def _optimizer_files(plan: Plan, index: ExpertIndex, wanted: List[str],
+                     renames: Dict[str, str]) -> Dict[str, List[str]]:
+    """``{tensor name (this model's): files holding its optimizer state}`` for the names the checkpoint has."""
     back = {new: old for old, new in renames.items()}  # format 2: model name -> name in the checkpoint
     out = {}
     for name in wanted:
@@ -528,16 +655,16 @@ def _optimizer_files(plan: Plan, index: ExpertIndex, wanted: List[str], renames:
             if name in index:
                 rel = v1_optimizer_source(index.ref(name))[0]
                 if rel in plan.files:
-                    out[name] = rel
+                    out[name] = [rel]
         else:
-            rel = plan.optimizer_state.get(back.get(name, name))
-            if rel is not None:
-                out[name] = rel  # a name without state is reported by check_state_dict, by name
+            parts = plan.optimizer_parts.get(back.get(name, name))
+            if parts is not None:
+                out[name] = parts  # a name without state is reported by check_state_dict, by name
     return out
 
 
-def _optimizer_state(plan: Plan, reader: _Reader, index: ExpertIndex, files: Dict[str, str], renames: Dict[str, str],
-                     optimizer) -> Dict:
+def _optimizer_state(plan: Plan, reader: _Reader, index: ExpertIndex, files: Dict[str, List[str]],
+                     renames: Dict[str, str], optimizer, shard: bool = False) -> Dict:
     """The optimizer state dict this rank needs, from the files that hold its tensors' entries."""
     folder = plan.folder
     back = {new: old for old, new in renames.items()}  # model name -> name in the checkpoint
@@ -553,15 +680,27 @@ def _optimizer_state(plan: Plan, reader: _Reader, index: ExpertIndex, files: Dic
             {"name": n, "lr": lr} for n, lr in lrs.items()]}, folder / str(plan.engine), optimizer)
     state: Dict[str, Dict[str, Tensor]] = {}
     fields = getattr(optimizer, "state_fields", None)  # the per-tensor state it keeps besides step and master
-    for name, rel in files.items():
+    for name, parts in files.items():
         saved = back.get(name, name)
         if plan.format_version == 1 and index.ref(name).expert is not None:
             saved = v1_optimizer_source(index.ref(name))[1]  # format 1 keyed expert state by the inner name
         prefix = f"{saved}::"
-        entry = {k[len(prefix):]: v for k, v in reader[rel].items() if k.startswith(prefix)}
+        ref = index.ref(name) if name in index else None
+        rows = None
+        if shard and ref is not None and ref.index is None:
+            rows = _sharded.want_rows(ref.param)  # this rank's rows of every field but the step count
+        entry, shapes = _sharded.assemble(reader, parts, plan.rows, folder,
+                                          lambda k: None if k.endswith("::step") else rows, prefix=prefix)
+        entry = {k[len(prefix):]: v for k, v in entry.items()}
+        shapes = {k[len(prefix):]: v for k, v in shapes.items()}
         if entry:
-            shape = tuple(index.ref(name).shape) if name in index else None
-            check_optimizer_entry(name, entry, folder / rel, fields, shape)
+            shape = tuple(ref.shape) if ref is not None else None
+            check_optimizer_entry(name, entry, folder / parts[0], fields, shape if rows is None else None)
+            if rows is not None:
+                for key, got in shapes.items():
+                    if key != "step" and got != shape:
+                        raise CheckpointError(f"{folder / parts[0]}: {name}::{key} has shape {got} but the tensor has "
+                                              f"{shape}")
             state[name] = entry
     return {"optimizer": meta.get("optimizer"), "state": state, "param_groups": meta["param_groups"]}
 
@@ -574,16 +713,21 @@ def _kind(dtype: torch.dtype) -> str:
     return "float" if dtype.is_floating_point else "integer"
 
 
-def _check_tensors(path: Path, got: Dict[str, Tensor], want: Dict[str, Tensor]) -> None:
-    """Names, shapes and dtype kinds of a file's tensors against the model's (float <-> float casts allowed)."""
+def _check_tensors(path: Path, got: Dict[str, Tensor], want: Dict[str, Tensor],
+                   shapes: Optional[Dict[str, Tuple[int, ...]]] = None) -> None:
+    """Names, shapes and dtype kinds of a file's tensors against the model's (float <-> float casts allowed).
+
+    ``shapes``: the whole tensors' shapes where ``got`` holds only some rows (a sharded model's).
+    """
     missing = sorted(set(want) - set(got))
     extra = sorted(set(got) - set(want))
     if missing or extra:
         raise CheckpointError(f"{path}: tensors do not match the model (missing {missing[:4]}, unexpected {extra[:4]})")
     for k, v in got.items():
         w = want[k]
-        if tuple(v.shape) != tuple(w.shape):
-            raise CheckpointError(f"{path}: {k!r} has shape {tuple(v.shape)} in the checkpoint but {tuple(w.shape)} "
+        shape = tuple(v.shape) if shapes is None else tuple(shapes[k])
+        if shape != tuple(w.shape):
+            raise CheckpointError(f"{path}: {k!r} has shape {shape} in the checkpoint but {tuple(w.shape)} "
                                   "in the model")
         if _kind(v.dtype) != _kind(w.dtype):
             raise CheckpointError(f"{path}: {k!r} is {v.dtype} in the checkpoint but {w.dtype} in the model; "

@@ -32,9 +32,10 @@ _ZERO3_PREFETCH = ("a ZeRO-3 prefetch size in elements; moesaic's stage 3 is tor
 _ZERO3_PERSIST = ("a ZeRO-3 threshold below which parameters stay whole; moesaic's stage 3 (torch's FSDP2) shards "
                   "every parameter of every unit")
 _ZERO3_LIVE = ("a ZeRO-3 limit on gathered parameters; moesaic's stage 3 (torch's FSDP2) gathers one unit (an MoE "
-               "layer's experts, a block) at a time and frees it after forward")
-_ZERO3_SAVE = ("gathers 16-bit weights at save time under ZeRO-3; moesaic does not checkpoint at stage 3 yet (use "
-               "stages 0-2 to checkpoint)")
+               "layer's experts, a block) at a time and frees it after forward (zero_optimization."
+               "reshard_after_forward false keeps it until backward)")
+_ZERO3_SAVE = ("gathers 16-bit weights onto one rank at save time under ZeRO-3; moesaic's stage-3 checkpoints store "
+               "each rank's fp32 rows by identity and load whole into any layout (W=1, stage 0 included)")
 _ZERO3_OFFLOAD = "parameter offload; moesaic's stage 3 (torch's FSDP2) keeps the shards on the parameters' device"
 _ZEROPP = "a ZeRO++ key (quantized/hierarchical partitions of DeepSpeed's ZeRO-3); moesaic has no ZeRO++"
 _NO_TP = "moesaic has no tensor, pipeline or sequence parallelism (experts are parallel, the rest is data parallel)"
@@ -72,14 +73,10 @@ REFUSED: Dict[str, Dict[str, str]] = {
         "sub_group_size": _ZERO3,
         "prefetch_bucket_size": _ZERO3_PREFETCH,
         "stage3_prefetch_bucket_size": _ZERO3_PREFETCH,
-        "param_persistence_threshold": _ZERO3_PERSIST,
-        "stage3_param_persistence_threshold": _ZERO3_PERSIST,
         "model_persistence_threshold": _ZERO3_PERSIST,
         "stage3_model_persistence_threshold": _ZERO3_PERSIST,
         "max_live_parameters": _ZERO3_LIVE,
         "stage3_max_live_parameters": _ZERO3_LIVE,
-        "max_reuse_distance": _ZERO3_LIVE,
-        "stage3_max_reuse_distance": _ZERO3_LIVE,
         "gather_16bit_weights_on_model_save": _ZERO3_SAVE,
         "stage3_gather_16bit_weights_on_model_save": _ZERO3_SAVE,
         "stage3_gather_fp16_weights_on_model_save": _ZERO3_SAVE,

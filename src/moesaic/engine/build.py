@@ -116,18 +116,41 @@ def _build_optimizer(model, index, cfg: EngineConfig, param_groups, follower: Op
                                           fuse_elems=default_fuse_elems(moe.max_group_size), index=index, shard=shard)
 
 
-def _build_zero3(model: nn.Module, cfg: EngineConfig):
+def _build_zero3(model: nn.Module, cfg: EngineConfig, param_groups=None):
     """Shard the model (EP + FSDP2) and build the torch optimizer over moesaic's named groups; the index of
-    the sharded model (FSDP2 made new Parameter objects), which the engine keeps."""
+    the sharded model (FSDP2 made new Parameter objects) goes with it to the engine.
+
+    ``param_groups`` (the caller's base groups, e.g. weight decay on matrices only) are kept
+    by parameter name across the sharding, which replaces every parameter object.
+    """
+    base = None
+    if param_groups is not None:
+        names = {id(p): n for n, p in model.named_parameters()}
+        items = list(param_groups)
+        groups_in = items if items and isinstance(items[0], dict) else [{"params": items}]
+        base = []
+        for gi, g in enumerate(groups_in):
+            if not isinstance(g, dict) or "params" not in g:
+                raise TypeError(f"param_groups[{gi}] must be a dict with 'params' (or pass a list of tensors)")
+            params = [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])
+            missing = [tuple(p.shape) for p in params if id(p) not in names]
+            if missing:
+                raise ValueError(f"param_groups[{gi}] holds tensors of shapes {missing[:3]} that are not "
+                                 "parameters of the model")
+            base.append({**g, "params": [names[id(p)] for p in params]})
     param_dtype = torch.bfloat16 if cfg.bf16.enabled else torch.float16 if cfg.fp16.enabled else None
     shard_model(model, param_dtype=param_dtype, reduce_dtype=torch.float32,
+                reshard_after_forward=cfg.zero_optimization.reshard_after_forward,
                 use_data_before_expert_parallel_=cfg.use_data_before_expert_parallelism)
     index = ExpertIndex.build(model)  # FSDP2 made new Parameter objects
+    if base is not None:
+        by_name = dict(model.named_parameters())
+        base = [{**g, "params": [by_name[n] for n in g["params"]]} for g in base]
     moe = cfg.moe
     groups = build_zero3_groups(model, index, split_by=moe.split_by, lr_scale=moe.lr_scale,
-                                freeze=moe.freeze_experts)
+                                freeze=moe.freeze_experts, base=base)
     kind, defaults = cfg.optimizer.update()
-    return Zero3Optimizer(groups, kind, defaults), index
+    return Zero3Optimizer(groups, kind, defaults, index=index), index
 
 
 def config_scheduler(cfg: EngineConfig, optimizer):
@@ -210,7 +233,7 @@ def build_engine(model: nn.Module, config: EngineConfig, *, param_groups=None,
     # optimizer and schedule
     follower = None
     if stage3:
-        opt, index = _build_zero3(model, cfg)
+        opt, index = _build_zero3(model, cfg, param_groups)
     else:
         follower = follow() if follow is not None else None
         opt = _build_optimizer(model, index, cfg, param_groups, follower)

@@ -502,7 +502,6 @@ class MoEEngine(nn.Module):
         Returns:
             The checkpoint folder (DeepSpeed returns True; a Path is truthy).
         """
-        self._refuse_zero3_checkpoint("save_checkpoint")
         if client_state is not None and not isinstance(client_state, dict):
             raise TypeError(f"client_state must be a dict or None, got {type(client_state).__name__}")
         if not isinstance(save_latest, bool):
@@ -532,11 +531,6 @@ class MoEEngine(nn.Module):
                 tmp.write_text(previous)
                 os.replace(tmp, latest)
         return folder
-
-    def _refuse_zero3_checkpoint(self, what: str) -> None:
-        if self.config.zero_optimization.stage == 3:
-            raise NotImplementedError(f"{what} at zero_optimization.stage 3 is not implemented yet (checkpoints of "
-                                      "FSDP2-sharded parameters by identity); train with stages 0-2 to checkpoint")
 
     def _check_tag(self, tag: str) -> None:
         """DeepSpeed's checkpoint.tag_validation: every rank must save under the same tag."""
@@ -597,7 +591,6 @@ class MoEEngine(nn.Module):
         Metrics that an earlier session wrote to ``log_dir`` after the checkpoint's step are
         discarded (CSV rows removed, TensorBoard events purged), since those steps are trained again.
         """
-        self._refuse_zero3_checkpoint("load_checkpoint")
         for name, value in (("load_module_strict", load_module_strict), ("load_optimizer_states",
                             load_optimizer_states), ("load_lr_scheduler_states", load_lr_scheduler_states),
                             ("load_module_only", load_module_only)):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 from torch import Tensor, nn
 
@@ -283,10 +283,3 @@ def describe_auto_map(auto_map) -> str:
     if isinstance(auto_map, dict):
         return ", ".join(f"{k}: {v}" for k, v in auto_map.items())
     return repr(auto_map)
-
-
-def expert_names(layout: BlockLayout) -> List[str]:
-    """The tensor names of one moesaic expert the layout fills."""
-    if layout.per_expert:
-        return [t.name for t in layout.per_expert]
-    return [name for f in layout.fused for name, _ in f.pieces]

@@ -19,7 +19,7 @@ import os
 import struct
 import warnings
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -289,7 +289,3 @@ def write_folder(out_dir: Path, tensors: Dict[str, Tensor], *, shard: Optional[T
 
 def shard_name(i: int, count: int) -> str:
     return f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-
-
-def total_size(tensors: Iterable[Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)

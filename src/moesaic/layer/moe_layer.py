@@ -154,7 +154,7 @@ class MOELayer(nn.Module):
         if record is not None and record.peer_counts is not None:
             routing = dataclasses.replace(routing, peer_counts=tuple(map(tuple, record.peer_counts)))
         if self._route_recorder is not None and (call is None or not call.recomputing):  # moesaic.record_routing
-            self._route_recorder.append(routing.expert_ids_SK.detach().clone())
+            self._route_recorder.append(recompute.recorded_routes(routing))
         # experts that take their pieces as one batch (stacked) get them as row blocks of one
         # tensor, from dispatchers that take the hint (a dispatcher of the older two-argument
         # interface is called as before)

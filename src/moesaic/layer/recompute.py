@@ -39,6 +39,7 @@ Nothing here runs outside a checkpointed region: a plain forward computes, and c
 from __future__ import annotations
 
 import contextvars
+import functools
 import sys
 import types
 import warnings
@@ -183,7 +184,28 @@ def _set_rng_state(state: Tuple) -> None:
         torch.cuda.set_rng_state(dev_state, device)
 
 
-@torch.compiler.disable  # stack and hook inspection: run eagerly under torch.compile (a graph break)
+def _eager_under_compile(fn):
+    """``torch.compiler.disable``, applied on the first call made after ``torch._dynamo`` was imported.
+
+    The bookkeeping below inspects the Python stack and the saved-tensor hooks, so under
+    ``torch.compile`` it runs eagerly (a graph break). Decorating at import time would import
+    ``torch._dynamo`` with moesaic: seconds of start-up in every ``moesaic`` command and every rank. A
+    process that has not imported Dynamo cannot be compiling, so until then the plain function runs.
+    """
+    disabled = []
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if not disabled:
+            if "torch._dynamo" not in sys.modules:
+                return fn(*args, **kwargs)
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+
+    return call
+
+
+@_eager_under_compile
 def begin(layer, device: torch.device) -> Tuple[Optional[Call], Any]:
     """Open the call of ``layer`` (an ``MOELayer``) unless one is open; returns ``(call, token)``.
 
@@ -235,7 +257,7 @@ def begin(layer, device: torch.device) -> Tuple[Optional[Call], Any]:
     return call, _ACTIVE.set(call)
 
 
-@torch.compiler.disable  # stack and hook inspection: run eagerly under torch.compile (a graph break)
+@_eager_under_compile
 def end(call: Optional[Call], token, device: torch.device) -> None:
     """Close a call opened by :func:`begin` (restores the RNG state the first forward left)."""
     if token is None:
@@ -250,17 +272,45 @@ def end(call: Optional[Call], token, device: torch.device) -> None:
         record.rng_after = after
 
 
-@torch.compiler.disable  # stack and hook inspection: run eagerly under torch.compile (a graph break)
+@_eager_under_compile
 def active(layer) -> Optional[Call]:
     """The open call of ``layer``, or None."""
     call = _ACTIVE.get()
     return call if call is not None and call.layer is layer else None
 
 
+def recorded_routes(routing) -> Tensor:
+    """What ``moesaic.record_routing`` keeps of a forward's routing: the token-choice expert ids `(S, k)`,
+    or, for expert-choice routing, each expert's picked tokens `(E, C)` (best first)."""
+    if routing.expert_ids_SK is not None:
+        return routing.expert_ids_SK.detach().clone()
+    E = routing.tokens_per_expert_E.numel()
+    return routing.token_idx_N.detach().reshape(E, -1).clone()
+
+
+def _expert_choice_decision(layer, picks_EC: Tensor, num_tokens: int, device: torch.device) -> Decision:
+    """Expert e takes the tokens ``picks_EC[e]`` (in that slot order): an expert-choice routing's decision."""
+    E, C = picks_EC.shape
+    if C > num_tokens or (picks_EC.numel() and int(picks_EC.max()) >= num_tokens):
+        raise ValueError(f"replay_routing: MoE layer {layer.ep_group_name!r} got {num_tokens} tokens but its "
+                         f"expert-choice routes (shape {tuple(picks_EC.shape)}) pick token ids up to "
+                         f"{int(picks_EC.max()) if picks_EC.numel() else None}: the routes were recorded for another "
+                         "batch")
+    token_idx_N = picks_EC.to(device).reshape(-1)
+    expert_idx_N = torch.arange(E, device=device).repeat_interleave(C)
+    slot_N = torch.arange(C, device=device).repeat(E)
+    per_expert = torch.full((E,), C, dtype=torch.int64, device=device)
+    return Decision(None, token_idx_N, expert_idx_N, slot_N, per_expert, per_expert.clone(), C, E * C, num_tokens)
+
+
 def replay_decision(layer, ids: Tensor, num_tokens: int, device: torch.device):
-    """The dropless :class:`~moesaic.layer.recompute.Decision` that sends token t to ``ids[t]`` (``layer``: an MOELayer)."""
+    """The :class:`~moesaic.layer.recompute.Decision` that replays ``ids`` (``layer``: an MOELayer): token-choice
+    routes `(S, k)` send token t to ``ids[t]`` (dropless); expert-choice routes `(E, C)` give expert e the
+    tokens ``ids[e]``."""
     from .routing import count_routes, place_routes  # routing.py imports nothing of this module
 
+    if layer.gate.config.routing_type == "expert_choice":
+        return _expert_choice_decision(layer, ids, num_tokens, device)
     if ids.shape[0] != num_tokens:
         raise ValueError(f"replay_routing: MoE layer {layer.ep_group_name!r} got {num_tokens} tokens but its routes "
                          f"have shape {tuple(ids.shape)}: the routes were recorded for another batch")

@@ -417,6 +417,14 @@ class OffloadOptimizerConfig(Section):
                                check=only((False,), "moesaic's CPU offload copies through ordinary host memory"))
 
 
+_REUSE_WHY = ("moesaic's stage 3 (torch's FSDP2) frees or keeps a whole unit's gathered parameters after forward, "
+              "not by a reuse distance in parameters: 0 (release every parameter) is zero_optimization."
+              "reshard_after_forward true; to keep gathered parameters until backward set "
+              "zero_optimization.reshard_after_forward false instead")
+_PERSIST_WHY = ("moesaic's stage 3 (torch's FSDP2) shards every parameter of every unit, however small: 0 "
+                "(partition every parameter) is the only threshold that says so")
+
+
 @dataclass(frozen=True)
 class ZeroConfig(Section):
     """The ``zero_optimization`` section (DeepSpeed's key): how optimizer state is sharded over ranks."""
@@ -427,7 +435,7 @@ class ZeroConfig(Section):
                          doc="DeepSpeed's ZeRO stage. 0: every rank keeps the whole optimizer state; 1: fp32 master "
                              "weights and optimizer state sharded over the data-parallel ranks (each optimizer group "
                              "owned by one rank of its replica group); 2: gradients too; 3: parameters too, on torch's FSDP2 "
-                             "(fp32 sharded parameters, bf16/fp16 compute, a torch optimizer; no checkpoints yet).")
+                             "(fp32 sharded parameters, bf16/fp16 compute, a torch optimizer; checkpoints in row pieces, format 3).")
     reduce_bucket_size: Optional[int] = setting(None, check=partial(check_elements, none_word="null"),
                                                 doc=_BUCKET_DOC.format(what="the gradient reduction"))
     allgather_bucket_size: Optional[int] = setting(
@@ -467,6 +475,38 @@ class ZeroConfig(Section):
                                                         doc="DeepSpeed's ZeRO-Offload of the optimizer.")
     cpu_offload: Optional[bool] = setting(None, check=partial(_opt_bool),
                                           doc="DeepSpeed's former spelling of offload_optimizer.device 'cpu'.")
+
+    reshard_after_forward: bool = setting(
+        True, check=check_bool,
+        doc="Stage 3: FSDP2's reshard_after_forward (torchtitan's policy of the same name) for every unit but the "
+            "model's root: free each unit's gathered parameters after its forward and gather them again for "
+            "backward (true: ZeRO-3's memory), or keep them from forward to backward (false: one all-gather per "
+            "unit per step instead of two, every unit's gathered parameters held through the step). Stages 0-2: "
+            "true only.")
+    stage3_max_reuse_distance: Optional[int] = setting(
+        None, check=only((None, 0), _REUSE_WHY),
+        doc="DeepSpeed's distance (in parameters) within which a gathered parameter is kept for its reuse; 0 "
+            "(release every parameter after use) is reshard_after_forward true. null: not set.")
+    max_reuse_distance: Optional[int] = setting(None, check=only((None, 0), _REUSE_WHY),
+                                                doc="DeepSpeed's other spelling of stage3_max_reuse_distance.")
+    stage3_param_persistence_threshold: Optional[int] = setting(
+        None, check=only((None, 0), _PERSIST_WHY),
+        doc="DeepSpeed's size below which a parameter is not partitioned at stage 3; 0 (partition every "
+            "parameter) is what moesaic's stage 3 does. null: not set.")
+    param_persistence_threshold: Optional[int] = setting(
+        None, check=only((None, 0), _PERSIST_WHY),
+        doc="DeepSpeed's other spelling of stage3_param_persistence_threshold.")
+
+    @classmethod
+    def check_values(cls, values: Dict[str, Any], path: str) -> None:
+        keep = not values["reshard_after_forward"]
+        if keep and values["stage"] != 3:
+            raise ValueError(f"{path}.reshard_after_forward=false is a stage-3 setting (FSDP2), but {path}.stage="
+                             f"{values['stage']}; stages 0-2 never shard parameters: leave it true")
+        for key in ("stage3_max_reuse_distance", "max_reuse_distance"):
+            if keep and values[key] == 0:
+                raise ValueError(f"{path}.{key}=0 (release every gathered parameter after use) contradicts "
+                                 f"{path}.reshard_after_forward=false (keep them until backward); set one of them")
 
     def offload_device(self) -> str:
         """``"cpu"`` when either spelling asks for CPU offload, else ``"none"``."""

@@ -13,7 +13,9 @@ engine's optimizer is small, and this module holds it:
 * :class:`Zero3Pipeline`: the boundary step with the engine's :class:`~moesaic.optim.pipeline.StepPipeline`
   interface: the exact global norm over both meshes (:func:`~moesaic.optim.fsdp.grad_norm`), a
   skip on a non-finite gradient anywhere (fp16 loss scaling), unscale and clip in one
-  multiplication, the step.
+  multiplication, the step; with ``want_stats`` (the engine's telemetry steps) every group's
+  ``grad_norm``, ``param_norm`` and ``update_ratio`` as stages 0-2 report them, over the whole
+  sharded tensors (one all-reduce of the local sums of squares).
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ import math
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..layer.identity import ExpertIndex
+from ..layer.identity import ParamRef
 from .build_groups import check_lr_scale, freeze_experts, index_members, split_group
+from .config import UPDATE_HYPERPARAMETERS as _HYPER
 from .fsdp import grad_norm, local_tensor
+from .mixed_precision import _MOMENTS, _OPTIONAL_STATE, check_group_settings
 from .pipeline import BoundaryResult
 
 _TORCH = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam, "SGD": torch.optim.SGD}
@@ -34,17 +39,27 @@ _TORCH = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam, "SGD": torch.opt
 
 def build_zero3_groups(model: nn.Module, index: ExpertIndex, *, split_by: str = "expert",
                        lr_scale: Optional[Dict[str, float]] = None,
-                       freeze: Sequence[Union[int, str]] = ()) -> List[Dict[str, Any]]:
-    """Named groups of whole (sharded) parameters: dense, then per expert or per layer (see module docstring)."""
+                       freeze: Sequence[Union[int, str]] = (),
+                       base: Optional[List[Dict[str, Any]]] = None) -> List[Dict[str, Any]]:
+    """Named groups of whole (sharded) parameters: dense, then per expert or per layer (see module docstring).
+
+    ``base``: the client's groups over the sharded parameters (each with its own settings, e.g.
+    ``weight_decay``); default one group ``"params"`` of every parameter.
+    """
     if lr_scale:
         check_lr_scale(lr_scale, index)
     if freeze:
         freeze_experts(model, list(freeze), index)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
+    if base is None:
+        base = [{"params": list(model.parameters()), "name": "params"}]
+    base = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in base]
+    if not any(g["params"] for g in base):
         raise ValueError("the model has no trainable parameters")
-    groups = split_group({"params": trainable, "name": "params"}, "params",
-                         index_members(trainable, index, "the model", views=False), None, split_by)
+    names = [f"group_{gi}" if g.get("name") is None else str(g["name"]) for gi, g in enumerate(base)]
+    names = [n if names.count(n) == 1 else f"{n}[{gi}]" for gi, n in enumerate(names)]
+    parts = [split_group(g, names[gi], index_members(g["params"], index, f"param_groups[{gi}]", views=False),
+                         None, split_by) for gi, g in enumerate(base)]
+    groups = [part[0] for part in parts] + [h for part in parts for h in part[1:]]
     groups = [g for g in groups if g["params"]]
     for g in groups:
         g.setdefault("lr_scale", 1.0)
@@ -65,17 +80,27 @@ def build_zero3_groups(model: nn.Module, index: ExpertIndex, *, split_by: str = 
 class Zero3Optimizer(torch.optim.Optimizer):
     """A torch optimizer over sharded parameters whose groups carry moesaic's names and ``lr_scale``.
 
+    Its state moves in and out of checkpoints by identity (:mod:`moesaic.checkpoint.sharded`):
+    :meth:`state_names`, :meth:`check_state_dict` and :meth:`load_state_dict` speak moesaic's
+    ``{"optimizer", "state": {name: {"step", moments..., "master"?}}, "param_groups"}`` with each
+    tensor's fields holding this rank's rows only (a stacked expert's slice whole, where it is local).
+
     Args:
         groups: from :func:`build_zero3_groups`.
         kind: ``"AdamW"``, ``"Adam"`` or ``"SGD"`` (``EngineConfig.optimizer.update()``).
         defaults: its hyperparameters (``lr``, ``betas`` ...).
+        index: the sharded model's :class:`ExpertIndex` (names the tensors for checkpoints).
     """
 
-    def __init__(self, groups: List[Dict[str, Any]], kind: str, defaults: Dict[str, Any]) -> None:
+    def __init__(self, groups: List[Dict[str, Any]], kind: str, defaults: Dict[str, Any],
+                 index: Optional[ExpertIndex] = None) -> None:
         if kind not in _TORCH:
             raise ValueError(f"zero_optimization.stage 3 steps a torch optimizer: optimizer.type must give one of "
                              f"{sorted(_TORCH)}, got {kind!r}")
+        if index is not None and not isinstance(index, ExpertIndex):
+            raise TypeError(f"index must be an ExpertIndex or None, got {type(index).__name__}")
         self.kind = kind
+        self.index = index
         super().__init__(groups, dict(defaults))
         # the torch optimizer shares the group dicts (schedulers write lr into them) and the state
         self._inner = _TORCH[kind](self.param_groups, **defaults)
@@ -88,6 +113,137 @@ class Zero3Optimizer(torch.optim.Optimizer):
 
     def group_names(self) -> List[str]:
         return [g["name"] for g in self.param_groups]
+
+    # --- checkpoints by identity (moesaic.checkpoint.sharded) ------------------------------------
+    @property
+    def state_fields(self) -> tuple:
+        """Per-tensor state fields besides ``step`` and ``master`` (as moesaic's stage 0-2 optimizer)."""
+        return _MOMENTS[self.kind] + _OPTIONAL_STATE.get(self.kind, ())
+
+    @property
+    def required_fields(self) -> tuple:
+        """The fields every tensor's state holds (zeros before the first step)."""
+        return _MOMENTS[self.kind]
+
+    def params(self) -> List[Tensor]:
+        """Every parameter this optimizer steps, in group order."""
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _index(self) -> ExpertIndex:
+        if self.index is None:
+            raise RuntimeError("this Zero3Optimizer was built without index=; checkpoints address its state by "
+                               "the model's ExpertIndex")
+        return self.index
+
+    def _held(self) -> Dict[str, ParamRef]:
+        from ..checkpoint.sharded import held_refs
+
+        return {r.name: r for r in held_refs(self._index(), self.params())}
+
+    def state_names(self) -> List[str]:
+        """Names of the tensors whose rows this rank holds (a stacked expert where its slice is local)."""
+        return list(self._held())
+
+    def refresh_masters(self) -> None:
+        """Nothing to copy: the sharded fp32 parameters are the masters."""
+
+    def check_param_groups(self, groups: Any) -> None:
+        """Saved group settings by type and range (``moesaic.optim.mixed_precision.check_group_settings``)."""
+        check_group_settings(groups, self.param_groups)
+
+    def portable_groups(self) -> List[Dict[str, Any]]:
+        """Every group's settings that mean the same at every stage: name, hyperparameters, ``lr_scale``."""
+        keep = (*_HYPER[self.kind], "lr_scale", "initial_lr")
+        return [{"name": g["name"], **{k: list(g[k]) if isinstance(g[k], tuple) else g[k] for k in keep if k in g}}
+                for g in self.param_groups]
+
+    def check_state_dict(self, state_dict: Dict[str, Any], strict: bool = True) -> None:
+        """Raise the error :meth:`load_state_dict` would raise, changing nothing."""
+        self._read(state_dict, strict)
+
+    def _read(self, state_dict: Dict[str, Any], strict: bool) -> Dict[str, ParamRef]:
+        from ..checkpoint.sharded import local_rows
+
+        if not isinstance(state_dict, dict) or "state" not in state_dict:
+            raise TypeError("state_dict must be a dict with 'optimizer', 'state' and 'param_groups'")
+        if state_dict.get("optimizer") != self.kind:
+            raise ValueError(f"the optimizer state is for {state_dict.get('optimizer')!r} but this optimizer is "
+                             f"{self.kind!r}; resume with the optimizer type that wrote it")
+        held = self._held()
+        saved = state_dict["state"]
+        if strict:
+            unknown = sorted(set(saved) - set(held))
+            if unknown:
+                raise ValueError(f"the optimizer state holds tensors this optimizer does not have: {unknown[:5]}")
+        for name, ref in held.items():
+            entry = saved.get(name)
+            if entry is None:
+                raise ValueError(f"the optimizer state has no entry for tensor {name!r}")
+            if "step" not in entry:
+                raise ValueError(f"the optimizer state of {name!r} has no 'step'")
+            for key in _MOMENTS[self.kind]:
+                if key not in entry:
+                    raise ValueError(f"the optimizer state of {name!r} has no {key!r} ({self.kind} keeps "
+                                     f"{list(_MOMENTS[self.kind])})")
+            rows = local_rows(ref.param)
+            want = tuple(ref.shape) if ref.index is not None or rows is None else \
+                (rows[1] - rows[0],) + tuple(ref.shape[1:])
+            for key, value in entry.items():
+                if key != "step" and (not isinstance(value, Tensor) or tuple(value.shape) != want):
+                    got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                    raise ValueError(f"the optimizer state {name}::{key} holds rows of shape {got}; this rank's "
+                                     f"are {want}")
+        self.check_param_groups(state_dict.get("param_groups") or [])
+        return held
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: Dict[str, Any], strict: bool = True) -> None:  # type: ignore[override]
+        """Install state written by any stage and layout (this rank's rows; checked first, then copied).
+
+        A ``master`` field (the fp32 masters of a bf16/fp16 run at stages 0-2) becomes the
+        parameter's rows: at stage 3 the parameters are the masters.
+        """
+        from ..checkpoint.sharded import local_rows
+
+        held = self._read(state_dict, strict)
+        saved = state_dict["state"]
+        fields = self.state_fields
+        new: Dict[Tensor, Dict[str, Any]] = {}
+        for p in self.params():
+            rows = local_rows(p)
+            refs = [r for r in self._index().refs_of(p) if r.name in held]
+            if not refs:
+                steps = [0]
+            else:
+                steps = [int(saved[r.name]["step"]) for r in refs]
+            state: Dict[str, Any] = {"step": torch.tensor(float(max(steps)), dtype=torch.float32)}
+            for f in fields:
+                if not any(f in saved[r.name] for r in refs) and f not in _MOMENTS[self.kind]:
+                    continue
+                buf = torch.zeros_like(p)
+                for r in refs:
+                    v = saved[r.name].get(f)
+                    if v is None:
+                        continue
+                    target = local_tensor(buf)
+                    target = target if r.index is None else target[r.index - (rows[0] if rows else 0)]
+                    target.copy_(v)
+                state[f] = buf
+            for r in refs:
+                m = saved[r.name].get("master")
+                if m is not None:
+                    target = local_tensor(p)
+                    target = target if r.index is None else target[r.index - (rows[0] if rows else 0)]
+                    target.copy_(m)
+            new[p] = state
+        self.state.clear()
+        self.state.update(new)
+        by_name = {g["name"]: g for g in state_dict.get("param_groups") or []}
+        for g in self.param_groups:
+            saved_group = by_name.get(g["name"])
+            if saved_group is not None:
+                g.update({k: tuple(v) if k == "betas" else v for k, v in saved_group.items()
+                          if k in (*_HYPER[self.kind], "lr_scale", "initial_lr")})
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -145,9 +301,50 @@ class Zero3Pipeline:
             grads = [local_tensor(p.grad) for p in params if p.grad is not None]
             if grads:
                 torch._foreach_mul_(grads, 1.0 / combined)
+        before = self._stats_before() if want_stats else None
         self.optimizer.step()
+        self._stats = self._stats_after(before) if want_stats else {}
         return BoundaryResult(norm=norm, coef=loss_scale / combined, skipped=False)
 
+    _stats: Dict[str, Dict[str, float]] = {}
+
+    def _stats_before(self):
+        """Per group: the sum of squares of this rank's (unscaled, clipped) gradient rows, and its rows before the step."""
+        out = []
+        for g in self.optimizer.param_groups:
+            grads = [local_tensor(p.grad) for p in g["params"] if p.grad is not None]
+            g2 = sum(float(t.float().pow(2).sum()) for t in grads)
+            out.append((g2, [local_tensor(p.detach()).clone() for p in g["params"]]))
+        return out
+
+    def _stats_after(self, before) -> Dict[str, Dict[str, float]]:
+        """stage 0-2's per-group figures (grad_norm, param_norm, update_ratio), each shard counted once over the world."""
+        import torch.distributed as dist
+
+        mine: Dict[str, List[float]] = {}
+        for g, (g2, old) in zip(self.optimizer.param_groups, before):
+            new = [local_tensor(p.detach()) for p in g["params"]]
+            mine[g["name"]] = [g2, sum(float(t.float().pow(2).sum()) for t in new),
+                               sum(float((t.float() - o.float()).pow(2).sum()) for t, o in zip(new, old))]
+        parts = [mine]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # ranks hold different expert groups (their own experts); a group's shards each live on one
+            # rank of its mesh, so the sums by name over every rank count each shard once
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, mine)
+        total: Dict[str, List[float]] = {}
+        for part in parts:
+            for name, sums in part.items():
+                acc = total.setdefault(name, [0.0, 0.0, 0.0])
+                for i, v in enumerate(sums):
+                    acc[i] += v
+        out = {}
+        for name, (g2, p2, u2) in total.items():
+            pn = math.sqrt(p2)
+            out[name] = {"grad_norm": math.sqrt(g2), "param_norm": pn,
+                         "update_ratio": math.sqrt(u2) / pn if pn > 0 else 0.0}
+        return out
+
     def gather_stats(self) -> Dict[str, Dict[str, float]]:
-        """Per-group statistics are not gathered at stage 3 yet (the engine's metrics keep the global ones)."""
-        return {}
+        """Every group's statistics of the last step (computed with ``want_stats``; the same on every rank)."""
+        return dict(self._stats)

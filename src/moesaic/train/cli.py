@@ -39,7 +39,8 @@ from . import heartbeat
 from .config import load_train_config
 from .data import load_corpus
 from .launcher import launch, write_error_file
-from .loop import check_memory, check_out_dir, finished_message, run
+from .gpt import GPTRun
+from .loop import check_memory, check_out_dir, finished_message, run_training
 from .stop import Aborted, Stopped, abort_on_signals
 
 BENCHES = {"layer": "bench_layer.py", "ep": "bench_ep.py", "optimizer": "bench_param_groups.py",
@@ -135,56 +136,44 @@ def resume_command(argv: List[str], out: Path) -> str:
     return shlex.join(_program() + args + ["--resume"])
 
 
-def cmd_train_hf(args, argv: List[str], env: LaunchEnv) -> int:
-    """``train --hf PATH``: fine-tune a Hugging Face MoE model (:mod:`moesaic.train.hf`)."""
+def _hf_checks(cfg, hf_path: Path) -> None:
+    """``train --hf``'s checks before any process starts: the folder, the config, the tokenizer."""
     from moesaic.hf.files import open_folder
 
-    from .hf import check_hf_config, load_tokenizer, run_hf
-    from .hf_memory import check_hf_memory
+    from .hf import check_hf_config, load_tokenizer
 
-    cfg, _ = _load_config(args)
-    hf_path = Path(args.hf)
-    out = Path(args.out or Path("runs") / hf_path.name)
-    command = args.resume_command or resume_command(argv, out)
-    if env.launched:
-        run_hf(cfg, hf_path, out, resume=args.resume, quiet=args.quiet, env=env, resume_command=command)
-        return 0
-    # checks that must fail before any process starts
     open_folder(hf_path)
     check_hf_config(cfg)
     load_tokenizer(hf_path)
-    load_corpus(cfg.data.path, cfg.data.val_percent, cfg.data.suffixes)
-    device = resolve_device(cfg.train.device, key="train.device")
-    check_hf_memory(hf_path, cfg, device, cfg.train.nproc)
-    if cfg.train.nproc == 1:
-        run_hf(cfg, hf_path, out, resume=args.resume, quiet=args.quiet, env=env, resume_command=command)
-        return 0
-    worker_args = _drop_flag(argv, "--nproc", True) + ["--out", str(out), "--set", f"train.nproc={cfg.train.nproc}",
-                                                       "--resume-command", command]
-    return launch(worker_args, cfg.train.nproc, threads_per_process=max(1, (os.cpu_count() or 1) // cfg.train.nproc),
-                  dist_timeout_s=cfg.train.dist_timeout_s)
 
 
 def cmd_train(args, argv: List[str], env: LaunchEnv) -> int:
-    if args.hf is not None:
-        return cmd_train_hf(args, argv, env)
+    """``train CONFIG`` (the byte-level GPT, :mod:`moesaic.train.gpt`) or ``train --hf PATH`` (a Hugging Face MoE
+    model, :mod:`moesaic.train.hf`): one path, the kind of run decides the model, the data and the export."""
     cfg, path = _load_config(args)
-    out = Path(args.out or Path("runs") / Path(path).stem)
+    if args.hf is not None:
+        from .hf import HFRun
+
+        kind, out = HFRun(args.hf), Path(args.out or Path("runs") / Path(args.hf).name)
+    else:
+        kind, out = GPTRun(), Path(args.out or Path("runs") / Path(path).stem)
     command = args.resume_command or resume_command(argv, out)
     if env.launched:  # one rank of a launch (moesaic's launcher or torchrun)
-        run(cfg, out, resume=args.resume, quiet=args.quiet, env=env, resume_command=command)
+        run_training(kind, cfg, out, resume=args.resume, quiet=args.quiet, env=env, resume_command=command)
         return 0
     # checks that must fail before any process starts
+    if args.hf is not None:
+        _hf_checks(cfg, Path(args.hf))
     device = resolve_device(cfg.train.device, key="train.device")
-    check_memory(cfg, device, cfg.train.nproc)
+    check_memory(kind, cfg, device, cfg.train.nproc)
     load_corpus(cfg.data.path, cfg.data.val_percent, cfg.data.suffixes)
-    step = check_out_dir(out, cfg, args.resume)
+    step = check_out_dir(out, cfg, args.resume, kind.fixed_model_keys)
     if args.resume and step is not None and step >= cfg.train.steps:
         print(finished_message(out, step, cfg))
         return 0
     nproc = cfg.train.nproc
     if nproc == 1:
-        run(cfg, out, resume=args.resume, quiet=args.quiet, env=env, resume_command=command)
+        run_training(kind, cfg, out, resume=args.resume, quiet=args.quiet, env=env, resume_command=command)
         return 0
     worker_args = _drop_flag(argv, "--nproc", True) + ["--out", str(out), "--set", f"train.nproc={nproc}",
                                                        "--resume-command", command]

@@ -115,11 +115,13 @@ class LoopConfig(Section):
                                         "every collective of every process group; under moesaic train --nproc "
                                         "N also how long a process may stop answering before the launcher "
                                         "ends the run, naming its rank.")
-    recompute: str = setting("none", check=partial(check_choice, choices=RECOMPUTE_POLICIES),
-                             doc="Activation recompute (moesaic.apply_recompute): 'none' keeps every activation; "
+    recompute: str = setting("auto", check=partial(check_choice, choices=("auto",) + RECOMPUTE_POLICIES),
+                             doc="Activation recompute (moesaic.apply_recompute): 'auto' is 'block' for a fine-tuning "
+                                 "run (train --hf) and 'none' for the byte-level GPT; 'none' keeps every activation; "
                                  "'block' recomputes each transformer block in backward (keeps its input); 'moe' "
                                  "recomputes only the MoE layers; 'experts' only the experts' hidden activations. "
-                                 "Exact: the recompute reuses the first forward's routing.")
+                                 "Exact: the recompute reuses the first forward's routing. The run's summary.json "
+                                 "and checkpoints hold the resolved policy.")
     device: str = setting("auto", check=check_device,
                           doc="'auto' (CUDA when present, else CPU), 'cpu', 'cuda' (GPU = local rank) or "
                               "'cuda:<index>'; the model and every batch go there.")
@@ -158,10 +160,10 @@ class TrainConfig(Section):
             raise ValueError(f"train.nproc ({nproc}) must be divisible by model.ep_size ({ep}): the processes "
                              f"form groups of ep_size that share the experts; use nproc in {ep}, {2 * ep}, ...")
         values["engine"].check_batch(nproc, "engine")
-        if values["engine"].zero_optimization.stage == 3:
-            raise ValueError("engine.zero_optimization.stage=3 is not available in moesaic train yet: the trainer "
-                             "checkpoints its runs and stage-3 checkpoints are not implemented; use stages 0-2 here, "
-                             "or moesaic.initialize / moesaic.shard_model in your own loop")
+        if values["engine"].zero_optimization.stage == 3 and nproc < 2:
+            raise ValueError("engine.zero_optimization.stage=3 shards parameters over the processes (FSDP2) and "
+                             f"needs train.nproc >= 2 in moesaic train, got {nproc}; use --nproc 2 or more, or "
+                             "stages 0-2 on one process")
 
     def engine_config(self) -> EngineConfig:
         """The engine section as the run uses it: a schedule's absent ``total_num_steps`` becomes ``train.steps``."""
@@ -187,6 +189,14 @@ class TrainConfig(Section):
             return None
         return (f"{key}.warmup_num_steps={warmup} is more than the schedule's {total} steps ({length}={total}): the "
                 f"learning rate is still warming up when the run ends; lower {key}.warmup_num_steps or raise {length}")
+
+    def with_recompute(self, auto: str) -> "TrainConfig":
+        """This config with ``train.recompute = "auto"`` resolved to ``auto`` (the run kind's default policy, one of
+        :data:`moesaic.layer.recompute_policy.POLICIES`); an explicit policy is kept."""
+        check_choice(auto, "auto", RECOMPUTE_POLICIES)
+        if self.train.recompute != "auto":
+            return self
+        return dataclasses.replace(self, train=dataclasses.replace(self.train, recompute=auto))
 
     def batch(self) -> Tuple[int, int, int]:
         """``(global batch, micro batch per process, accumulation steps)`` for ``train.nproc`` processes."""

@@ -1,23 +1,33 @@
-"""The training run behind ``moesaic train``: data, model, engine, evaluation, checkpoints, plots.
+"""The one training run behind ``moesaic train`` and ``moesaic train --hf``, and the interface of what differs.
 
-One function, :func:`run`, executed by every process (one process, or each rank of a launch):
+:func:`run_training` is executed by every process (one process, or each rank of a launch) for any
+kind of run; a :class:`RunKind` supplies the model (its build, parameter groups, memory parts and
+export) and opens a :class:`Feed`, which supplies the data and the loss (one optimizer step of
+micro-batches, the validation loss, its state in a checkpoint). The kinds are the byte-level GPT
+(:mod:`.gpt`) and a Hugging Face model (:mod:`.hf`) fed raw-text windows or the packed
+instruction/chat rows of :mod:`.sft`.
 
 1. read the launcher's environment once, pick the device (``train.device``), join the process
-   group (NCCL on CUDA, gloo on the CPU; ``train.dist_timeout_s`` bounds every wait for a peer),
-   check that every rank runs the same config (an error names the keys that differ), that the run
-   fits in memory (:mod:`.memory`), and seed;
-2. open the corpus (the standard library's sources by default) and this rank's batch stream;
-3. build the MoE GPT on the device, put its MoE layers on their expert-parallel groups, build the
-   engine from the config's ``engine`` section (which gives every replica rank 0's weights);
-4. resume from ``<out>/checkpoints`` when asked (model, optimizer, scheduler, RNG, data position,
-   history; metrics after the checkpoint's step are discarded), under the same or another number of
-   processes and ``ep_size`` (the engine reshards; the data order then restarts);
-5. train: micro-batches through ``engine``; a progress line on rank 0; every ``eval_every`` steps
-   the validation loss; every ``checkpoint_every`` steps and at the end a checkpoint. At every step
+   group (NCCL on CUDA, gloo on the CPU; ``train.dist_timeout_s`` bounds every wait for a peer);
+   resolve ``train.recompute = "auto"`` to the kind's default (``"block"`` for fine-tuning, ``"none"``
+   for the GPT); check that every rank runs the same config (an error names the keys that differ),
+   the kind's own config rules, that the run fits in memory (:mod:`.memory`, from the kind's parts),
+   that ``<out>`` holds no other run (or, with ``--resume``, a checkpoint this config can continue);
+   seed;
+2. open the kind's data (its :class:`Feed`);
+3. build the model on the device, turn on the recompute policy, build the engine from the config's
+   ``engine`` section (which gives every replica rank 0's weights);
+4. resume from ``<out>/checkpoints`` when asked (model, optimizer, scheduler, RNG, history, the
+   run's timed segments, the feed's position; metrics after the checkpoint's step are discarded),
+   under the same or another number of processes and ``ep_size`` (the engine reshards);
+5. train: the feed's steps through the engine; progress on rank 0; every ``eval_every`` steps the
+   validation loss; every ``checkpoint_every`` steps and at the end a checkpoint. At every step
    boundary the ranks agree whether to stop (a signal or ``train.max_minutes``, :mod:`.stop`);
-6. at the end, rank 0 writes ``history.json``, ``summary.json`` (seconds and tokens/s of the whole run,
-   every segment of a stopped and resumed run included, :mod:`.timing`) and PNG plots and prints where
-   everything is. A signal ends the run with :class:`~.stop.Stopped` after the checkpoint is saved.
+6. at the end the kind's export (the Hugging Face folder), then rank 0 writes ``history.json``,
+   ``summary.json`` (seconds and tokens/s of the whole run, every segment of a stopped and resumed
+   run included, :mod:`.timing`; the resolved recompute policy) and PNG plots and prints where
+   everything is. A signal ends the run with :class:`~.stop.Stopped` after the checkpoint is saved
+   (and before any export: the resumed run exports at its end).
 """
 
 from __future__ import annotations
@@ -26,11 +36,14 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 import warnings
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -38,36 +51,134 @@ import torch.distributed as dist
 import moesaic
 from moesaic.engine import build_engine
 from moesaic.checkpoint import CheckpointError, read_manifest, resolve
-from moesaic.models import GPT, GPTConfig, unigram_baseline_loss
+from moesaic.models import GPTConfig
 from moesaic.optim.schedulers import WarmupLongerThanScheduleWarning
 from moesaic.parallel.agree import check_same_on_all_ranks
 from moesaic.parallel.launch import LaunchEnv, backend_for, resolve_device
-from moesaic.telemetry.writer import tensorboard_available
 
 from . import memory
-from .heartbeat import phase
 from .config import TrainConfig
-from .data import BatchStream, byte_counts, load_corpus, validation_batches
+from .heartbeat import phase
 from .progress import Progress
 from .stop import Stopped, StopRequest
 from .timing import RunClock, check_segments
 
 RUN_FILE = "run.json"
-# keys that fix the checkpoint's tensors (names, shapes) or the function they compute; the rest of the
-# config (model.ep_size, capacity factors, train.*, engine.*) may change when a run is resumed
-MODEL_KEYS_FIXED = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "ffn_mult", "moe_every", "num_experts",
-                    "use_residual")
 
 
-def _param_groups(model: GPT) -> List[Dict]:
-    """Weight decay on matrices only (nanoGPT's rule): biases, norms and embeddings are not decayed."""
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "wte" not in n and "wpe" not in n]
-    ids = {id(p) for p in decay}
-    no_decay = [p for p in model.parameters() if id(p) not in ids]
-    return [{"params": decay, "name": "decay"}, {"params": no_decay, "name": "no_decay", "weight_decay": 0.0}]
+@dataclass
+class StepRecord:
+    """What one optimizer step of a feed reports: its loss and aux loss (means over the step)."""
+
+    loss: float
+    aux: float = 0.0
 
 
-def check_out_dir(out: Path, cfg: TrainConfig, resume: bool) -> Optional[int]:
+@dataclass
+class RunContext:
+    """This process's view of a run, shared by the skeleton, the kind and its feed."""
+
+    cfg: TrainConfig  # with train.recompute resolved
+    out: Path
+    rank: int
+    world: int
+    device: torch.device
+    micro: int  # sequences per micro-batch
+    accum: int  # micro-batches per optimizer step
+    resume: bool
+    quiet: bool
+    progress: Progress
+    history: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def show(self) -> bool:
+        """This process prints progress (rank 0, not quiet)."""
+        return self.rank == 0 and not self.quiet
+
+
+class Feed(ABC):
+    """The data of a run and the loss of its steps."""
+
+    @abstractmethod
+    def step(self, engine, model, ctx: RunContext) -> StepRecord:
+        """Run optimizer step ``engine.global_steps + 1``: its ``ctx.accum`` micro-batches, each through
+        ``engine`` (forward, ``engine.backward``, ``engine.step``)."""
+
+    @abstractmethod
+    def evaluate(self, engine, model, ctx: RunContext) -> float:
+        """The validation loss (the same batches on every rank and at every evaluation)."""
+
+    def history(self) -> Dict[str, Any]:
+        """Entries of a fresh run's ``history.json`` beside ``train``, ``val`` and ``load``."""
+        return {}
+
+    def state(self) -> Dict[str, Any]:
+        """Client state to keep in a checkpoint (the feed's position, its data files' hashes)."""
+        return {}
+
+    def resume(self, client: Dict[str, Any], engine, ctx: RunContext) -> None:
+        """Continue from a checkpoint's client state (or refuse it, naming why)."""
+
+    def show_step(self, step: int, record: StepRecord, dropped: float, tokens_per_s: float, ctx: RunContext) -> None:
+        """Progress after ``step``: the progress bar (a feed may print its own line instead)."""
+        ctx.progress.update(step, loss=record.loss, aux=record.aux, dropped=dropped, tokens_per_s=tokens_per_s)
+
+    def val_metrics(self, val: float) -> Dict[str, float]:
+        """The ``val`` figures logged to metrics.csv / TensorBoard."""
+        return {"loss": val}
+
+    def val_line(self, step: int, val: float) -> str:
+        return f"step {step}: val loss {val:.4f}"
+
+    def summary(self, history: Dict[str, Any], ctx: RunContext) -> Dict[str, Any]:
+        """Entries of ``summary.json`` this feed adds or replaces (e.g. tokens/s counting real tokens only)."""
+        return {}
+
+
+class RunKind(ABC):
+    """What differs between kinds of ``moesaic train`` run: the model, the data, the export."""
+
+    #: ``train.recompute = "auto"`` means this policy
+    default_recompute: str = "none"
+    #: the keys a resumed run must share with its checkpoint (``model.*`` by name, then every ``data.*`` key)
+    fixed_model_keys: Sequence[str] = ()
+    #: the keys that size the model, named when the model alone does not fit in memory (None: a given model)
+    model_keys: Optional[str] = None
+
+    def check(self, cfg: TrainConfig) -> None:
+        """Config rules of this kind (before any work)."""
+
+    def identity(self) -> Dict[str, Any]:
+        """What every rank must agree on beside the config (e.g. the model folder)."""
+        return {}
+
+    @abstractmethod
+    def memory_parts(self, cfg: TrainConfig) -> memory.ModelParts:
+        """The model's part of the memory estimate for one micro-batch (``cfg``'s recompute resolved)."""
+
+    @abstractmethod
+    def open_data(self, ctx: RunContext) -> Feed:
+        """This rank's data and loss."""
+
+    @abstractmethod
+    def build_model(self, ctx: RunContext) -> torch.nn.Module:
+        """The model on ``ctx.device``, its MoE layers on their expert-parallel groups."""
+
+    def param_groups(self, model: torch.nn.Module) -> Optional[List[Dict]]:
+        """The engine's parameter groups (None: the engine's own)."""
+        return None
+
+    def export(self, model: torch.nn.Module, ctx: RunContext) -> Dict[str, Any]:
+        """At the end of a run, on every rank: write what the run hands on; returns summary entries."""
+        return {}
+
+    @abstractmethod
+    def report(self, ctx: RunContext, summary: Dict[str, Any], plots: List[Path], saved: Optional[Path],
+               late: bool, resume_command: Optional[str]) -> None:
+        """The closing lines on rank 0 (not quiet)."""
+
+
+def check_out_dir(out: Path, cfg: TrainConfig, resume: bool, fixed_model_keys: Sequence[str] = ()) -> Optional[int]:
     """Refuse to overwrite another run, or to resume from a checkpoint that cannot continue this config.
 
     Returns:
@@ -76,7 +187,7 @@ def check_out_dir(out: Path, cfg: TrainConfig, resume: bool) -> Optional[int]:
     Raises:
         FileExistsError: ``out`` holds a run and ``resume`` is False.
         FileNotFoundError: ``resume`` and there is no checkpoint.
-        CheckpointError: a key that must match (:data:`MODEL_KEYS_FIXED`, the ``data`` section)
+        CheckpointError: a key that must match (``model.<fixed_model_keys>``, the ``data`` section)
             differs; the message names it with both values.
     """
     run_file = out / RUN_FILE
@@ -90,7 +201,7 @@ def check_out_dir(out: Path, cfg: TrainConfig, resume: bool) -> Optional[int]:
     saved = manifest.get("model_config") or {}
     now = cfg.to_dict()
     defaults = GPTConfig().to_dict()
-    pairs = [(f"model.{k}", (saved.get("model") or {}).get(k, defaults[k]), now["model"][k]) for k in MODEL_KEYS_FIXED]
+    pairs = [(f"model.{k}", (saved.get("model") or {}).get(k, defaults[k]), now["model"][k]) for k in fixed_model_keys]
     pairs += [(f"data.{k}", (saved.get("data") or {}).get(k), v) for k, v in now["data"].items()]
     for key, then, here in pairs:
         if then != here:
@@ -108,21 +219,15 @@ def finished_message(out: Path, step: int, cfg: TrainConfig) -> str:
             f"To train further, resume with a larger train.steps, e.g. --set train.steps={2 * cfg.train.steps}")
 
 
-def memory_estimate(cfg: TrainConfig) -> memory.MemoryEstimate:
-    """One process's training memory for this config (see :mod:`.memory`)."""
-    e = cfg.engine
-    params = dict(e.optimizer.params) if e.optimizer is not None else {}
-    return memory.estimate(cfg.model, cfg.batch()[1], recompute=cfg.train.recompute, dtype_bytes=2 if (e.bf16.enabled or e.fp16.enabled) else 4,
-                           optimizer=e.optimizer.type if e.optimizer is not None else "AdamW",
-                           momentum=bool(params.get("momentum", 0.0)), zero_stage=e.zero_optimization.stage,
-                           replicas=cfg.train.nproc)
+def run_memory(kind: RunKind, cfg: TrainConfig) -> memory.MemoryEstimate:
+    """One process's training memory for a run of ``kind`` with ``cfg``: the kind's parts, the engine's settings."""
+    cfg = cfg.with_recompute(kind.default_recompute)
+    return memory.training_memory(kind.memory_parts(cfg), **memory.engine_settings(cfg))
 
 
-def check_memory(cfg: TrainConfig, device: torch.device, processes_here: int) -> Optional[str]:
+def check_memory(kind: RunKind, cfg: TrainConfig, device: torch.device, processes_here: int) -> Optional[str]:
     """Refuse a micro-batch (or model) that cannot fit; returns a warning when it may not fit right now."""
-    return memory.check_fits(memory_estimate(cfg), processes_here if device.type == "cpu" else 1, device,
-                             key="engine.train_micro_batch_size_per_gpu",
-                             model_keys="model.n_layer, model.n_embd, model.num_experts")
+    return memory.check_run(run_memory(kind, cfg), device, processes_here, kind.model_keys)
 
 
 def initialize_engine(cfg: TrainConfig, rank: int, quiet: bool, **kwargs):
@@ -138,33 +243,6 @@ def initialize_engine(cfg: TrainConfig, rank: int, quiet: bool, **kwargs):
     return engine
 
 
-def _evaluate(engine, model: GPT, batches, device: torch.device) -> float:
-    engine.eval()
-    total = 0.0
-    with torch.no_grad():
-        for x, y in batches:
-            _, loss, _ = model(x.to(device), y.to(device))
-            total += float(loss)
-    engine.train()
-    return total / max(len(batches), 1)
-
-
-def _moe_stats(engine) -> Dict[str, Any]:
-    """The engine's MoE figures of the last step: every rank's tokens, every expert (engine.last_metrics)."""
-    return engine.last_metrics.get("moe", {})
-
-
-def _dropped_fraction(stats: Dict[str, Any]) -> float:
-    if not stats:
-        return 0.0
-    return sum(s["dropped_fraction"] for s in stats.values()) / len(stats)
-
-
-def _restart_seed(seed: int, step: int) -> int:
-    """A data/RNG seed for a run resumed at ``step`` under another layout (not the start's stream again)."""
-    return (seed + 1_000_003 * step) % (2 ** 63)
-
-
 def join_processes(cfg: TrainConfig, env: LaunchEnv) -> Tuple[torch.device, int, int]:
     """This process's device, rank and world size for a run: joins the process group when launched
     with several processes (NCCL on CUDA, gloo on the CPU) and makes a CUDA device the current one."""
@@ -178,41 +256,63 @@ def join_processes(cfg: TrainConfig, env: LaunchEnv) -> Tuple[torch.device, int,
     return device, rank, world
 
 
-def run(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False, model_factory=None,
-        env: Optional[LaunchEnv] = None, resume_command: Optional[str] = None) -> Dict:
-    """Train (see module docstring); returns the final summary on rank 0 (an empty dict elsewhere).
+def seed_process(seed: int, rank: int) -> None:
+    """Seed torch and ``random`` for this rank (each rank its own stream)."""
+    torch.manual_seed(seed + rank)
+    random.seed(seed + rank)
+
+
+def _dropped_fraction(stats: Dict[str, Any]) -> float:
+    if not stats:
+        return 0.0
+    return sum(s["dropped_fraction"] for s in stats.values()) / len(stats)
+
+
+def _end_processes(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def run_training(kind: RunKind, cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False,
+                 env: Optional[LaunchEnv] = None, resume_command: Optional[str] = None) -> Dict:
+    """Train a run of ``kind`` (see module docstring); returns the final summary on rank 0 (an empty dict elsewhere).
 
     Args:
-        cfg: the checked config.
+        kind: the model, data and export.
+        cfg: the checked config (``train.recompute = "auto"`` is resolved here to the kind's default).
         out: the run folder.
         resume: continue from ``out/checkpoints``.
         quiet: no progress output.
-        model_factory: ``model_factory(cfg.model)`` replaces ``GPT(cfg.model)`` (the benchmark swaps in
-            DeepSpeed's layer).
         env: this process's launch environment (default: read from ``os.environ``).
         resume_command: the command that continues this run, for the messages of a stopped run.
 
     Raises:
         Stopped: a signal stopped the run; the checkpoint of the last step is saved.
     """
+    if not isinstance(kind, RunKind):
+        raise TypeError(f"kind must be a RunKind (e.g. moesaic.train.gpt.GPTRun()), got {type(kind).__name__}")
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg must be a TrainConfig (moesaic.train.config.load_train_config), got {type(cfg).__name__}")
     env = LaunchEnv.from_environ() if env is None else env
+    cfg = cfg.with_recompute(kind.default_recompute)
     t = cfg.train
     phase("joining the process group")
     device, rank, world = join_processes(cfg, env)
     phase("start-up checks")
-    # 1. every rank runs the same config, into the same folder (else weights diverge or a collective hangs)
-    check_same_on_all_ranks({**cfg.to_dict(), "run": {"out": str(out), "resume": resume}}, "the training config",
-                            device=device)
+    # every rank runs the same config, into the same folder (else weights diverge or a collective hangs)
+    check_same_on_all_ranks({**cfg.to_dict(), "run": {"out": str(out), "resume": resume, **kind.identity()}},
+                            "the training config", device=device)
     if world != t.nproc:
         raise ValueError(f"train.nproc={t.nproc} but {world} processes are running; launch with --nproc {t.nproc}")
-    note = check_memory(cfg, device, env.local_world_size)
+    kind.check(cfg)
+    note = check_memory(kind, cfg, device, env.local_world_size)
     if note and rank == 0 and not quiet:
         warnings.warn(note, RuntimeWarning, stacklevel=2)
     _, micro, accum = cfg.batch()
-    torch.manual_seed(t.seed + rank)
-    random.seed(t.seed + rank)
+    seed_process(t.seed, rank)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, env.local_world_size)))
-    saved_step = check_out_dir(out, cfg, resume)  # every rank: a refusal must stop all of them
+    saved_step = check_out_dir(out, cfg, resume, kind.fixed_model_keys)  # every rank: a refusal stops all of them
     if resume and saved_step is not None and saved_step >= t.steps:
         if rank == 0 and not quiet:
             print(finished_message(out, saved_step, cfg))
@@ -223,99 +323,72 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False, 
         out.mkdir(parents=True, exist_ok=True)
     if world > 1:
         dist.barrier()
+    progress = Progress(total=t.steps, start=0, enabled=rank == 0 and not quiet)
+    ctx = RunContext(cfg, out, rank, world, device, micro, accum, resume, quiet, progress)
 
-    # 2. data
-    split = load_corpus(cfg.data.path, cfg.data.val_percent, cfg.data.suffixes)
-    stream = BatchStream(split.train, cfg.model.block_size, micro, seed=t.seed, rank=rank, world_size=world)
-    val = validation_batches(split.val, cfg.model.block_size, micro, t.eval_batches)
-    baseline = unigram_baseline_loss(byte_counts(split.train, max_bytes=4 << 20))
-
-    # 3. model and engine
+    # 2-3. data, model and engine
+    phase("opening the data")
+    feed = kind.open_data(ctx)
     phase("building the model and engine")
-    model = model_factory(cfg.model) if model_factory is not None else GPT(cfg.model)
-    model.to(device)
-    if world > 1:
-        moesaic.setup_expert_parallel(model)
+    model = kind.build_model(ctx)
     if t.recompute != "none":
         moesaic.apply_recompute(model, t.recompute)
-    log_dir = str(out / "logs")
-    engine = initialize_engine(cfg, rank, quiet, model=model, param_groups=_param_groups(model),
-                               log_dir=log_dir, telemetry_every=t.log_every)
-    progress = Progress(total=t.steps, start=0, enabled=rank == 0 and not quiet)
+    log_dir = out / "logs"
+    engine = initialize_engine(cfg, rank, quiet, model=model, param_groups=kind.param_groups(model),
+                               log_dir=str(log_dir), telemetry_every=t.log_every)
 
     # 4. resume
-    history: Dict = {"train": [], "val": [], "load": {}, "unigram_baseline": baseline}
+    ckpts = out / "checkpoints"
+    history: Dict = {"train": [], "val": [], "load": {}, **feed.history()}
     earlier: List[Dict] = []  # the run's segments before this one (see .timing)
     if resume:
         phase("loading the checkpoint")
-        _, client = engine.load_checkpoint(out / "checkpoints")
+        _, client = engine.load_checkpoint(ckpts)
         history = client.get("history", history)
-        earlier = check_segments(client.get("segments"), f"--resume: the checkpoint in {out / 'checkpoints'}")
-        data_state = client.get("data") or {}
-        if data_state.get("world_size") == world and data_state.get("batch_size") == micro:
-            if data_state.get("seed") != stream.seed:  # the stream was restarted by an earlier resume (below)
-                stream = BatchStream(split.train, cfg.model.block_size, micro, seed=int(data_state["seed"]), rank=rank,
-                                     world_size=world)
-            stream.load_state_dict(data_state)
-        else:  # another layout: the position of each former rank's stream has no counterpart here
-            step = engine.global_steps
-            stream = BatchStream(split.train, cfg.model.block_size, micro, seed=_restart_seed(t.seed, step), rank=rank,
-                                 world_size=world)
-            torch.manual_seed(_restart_seed(t.seed, step) + rank)
-            random.seed(_restart_seed(t.seed, step) + rank)
-            progress.note(f"resuming at step {step} with {world} process(es) x {micro} sequences instead of "
-                          f"{data_state.get('world_size')} x {data_state.get('batch_size')}: weights, optimizer and "
-                          "schedule continue exactly; the data order restarts (a new shuffle)")
+        earlier = check_segments(client.get("segments"), f"--resume: the checkpoint in {ckpts}")
+        feed.resume(client, engine, ctx)
     elif rank == 0:
         (out / RUN_FILE).write_text(json.dumps({"config": cfg.to_dict(), "world_size": world}, indent=1))
+    ctx.history = history
 
-    bytes_per_step = micro * accum * cfg.model.block_size * world
-    progress.start, progress.t0 = engine.global_steps, time.monotonic()  # the rate counts this session's steps
-    deadline = time.monotonic() + 60 * t.max_minutes if t.max_minutes else None
+    tokens_per_step = micro * accum * cfg.model.block_size * world
     start_step = engine.global_steps
+    progress.start, progress.t0 = start_step, time.monotonic()  # the rate counts this session's steps
+    deadline = time.monotonic() + 60 * t.max_minutes if t.max_minutes else None
     saved: Optional[Path] = None
 
     def save(step: int) -> Path:
         phase(f"saving checkpoint step{step}")
-        client = {"data": stream.state_dict(), "history": history, "segments": clock.segments(step)}
-        return engine.save_checkpoint(out / "checkpoints", tag=f"step{step}", client_state=client,
-                                      model_config=cfg.to_dict(), keep_last=t.keep_last)
+        client = {**feed.state(), "history": history, "segments": clock.segments(step)}
+        return engine.save_checkpoint(ckpts, tag=f"step{step}", client_state=client, model_config=cfg.to_dict(),
+                                      keep_last=t.keep_last)
 
     def on_signal(signum: int) -> None:
-        if rank == 0 and not quiet:
-            progress.note(f"{_signal_name(signum)}: stopping after this step and saving a checkpoint "
-                          "(send it again to abort without saving)")
+        progress.note(f"{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+                      "(send it again to abort without saving)")
 
     # 5. train
     signum, late = None, False
     t0 = time.perf_counter()
-    clock = RunClock(earlier, start_step, bytes_per_step, world)  # the whole run's seconds and tokens/s
+    clock = RunClock(earlier, start_step, tokens_per_step, world)  # the whole run's seconds and tokens/s
     with StopRequest(on_first=on_signal) as stop:
         while engine.global_steps < t.steps:
             phase(f"step {engine.global_steps + 1}")
-            step_loss = step_aux = 0.0
-            for _ in range(accum):
-                x, y = next(stream)
-                _, loss, aux = engine(x.to(device), y.to(device))
-                engine.backward(model.objective(loss, aux))
-                engine.step()
-                step_loss += float(loss.detach()) / accum
-                step_aux += float(aux.detach()) / accum
+            record = feed.step(engine, model, ctx)
             step = engine.global_steps
-            stats = _moe_stats(engine)
+            stats = engine.last_metrics.get("moe", {})  # every rank's tokens, every expert
             dropped = _dropped_fraction(stats)
-            history["train"].append([step, step_loss, step_aux, dropped])
+            history["train"].append([step, record.loss, record.aux, dropped])
             for name, figures in stats.items():
                 history["load"].setdefault(name, []).append([step] + list(figures["tokens_per_expert"]))
-            elapsed = time.perf_counter() - t0
-            tps = bytes_per_step * (step - start_step) / max(elapsed, 1e-9)
-            progress.update(step, loss=step_loss, aux=step_aux, dropped=dropped, tokens_per_s=tps)
+            tps = tokens_per_step * (step - start_step) / max(time.perf_counter() - t0, 1e-9)
+            feed.show_step(step, record, dropped, tps, ctx)
             if step % t.eval_every == 0 or step == t.steps:
                 phase(f"evaluation after step {step}")
-                val_loss = _evaluate(engine, model, val, device)
-                history["val"].append([step, val_loss])
-                engine.log_metrics({"val": {"loss": val_loss, "unigram_baseline": baseline}})
-                progress.note(f"step {step}: val loss {val_loss:.3f} (unigram baseline {baseline:.3f})")
+                val = feed.evaluate(engine, model, ctx)
+                history["val"].append([step, val])
+                engine.log_metrics({"val": feed.val_metrics(val)})
+                progress.note(feed.val_line(step, val))
             phase(f"the stop agreement after step {step}")
             signum, late = stop.agree(deadline is not None and time.monotonic() > deadline, device)
             if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps or signum or late:
@@ -327,42 +400,28 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, quiet: bool = False, 
     step = engine.global_steps
     phase(f"ending the run after step {step}")
     if signum and step < t.steps:  # (a signal during the last step: the run is complete, report it as such)
-        if world > 1:
-            dist.barrier()
-            dist.destroy_process_group()
+        _end_processes(world)
         raise Stopped(step, saved, signum, resume_command)
 
-    # 6. report
+    # 6. export and report
+    extras = kind.export(model, ctx)
     summary: Dict = {}
     if rank == 0:
-        final_val = history["val"][-1][1] if history["val"] else math.nan
         timing = clock.summary(step)  # every segment of the run: seconds and tokens/s of the whole run
-        summary = {"steps": step, "target_steps": t.steps, "complete": step >= t.steps, "val_loss": final_val,
-                   "unigram_baseline": baseline, "tokens_per_s": timing["tokens_per_s"], "seconds": timing["seconds"],
-                   "world_size": world, "segments": timing["segments"]}
+        summary = {"steps": step, "target_steps": t.steps, "complete": step >= t.steps,
+                   "val_loss": history["val"][-1][1] if history["val"] else math.nan,
+                   "tokens_per_s": timing["tokens_per_s"], "seconds": timing["seconds"], "world_size": world,
+                   "segments": timing["segments"], "recompute": t.recompute, **extras, **feed.summary(history, ctx)}
         (out / "history.json").write_text(json.dumps(history))
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         from .plots import write_plots
+
         plots = write_plots(history, out / "plots")
         if not quiet:
-            parts = f" in {len(timing['segments'])} segments" if len(timing["segments"]) > 1 else ""
-            print(f"\nvalidation loss {final_val:.3f} nats/byte vs unigram baseline {baseline:.3f} "
-                  f"({step} steps{parts}, {summary['tokens_per_s']:.0f} bytes/s, {summary['seconds']:.0f} s)")
-            if late:
-                print(f"stopped early: train.max_minutes={t.max_minutes} ran out at step {step} of {t.steps}; figures "
-                      f"of a full run need all {t.steps} steps. Finish with: "
-                      f"{resume_command or 'moesaic train ... --resume'}")
-            print(f"checkpoint: {saved if saved is not None else out / 'checkpoints'}\n"
-                  f"logs: {log_dir} (metrics.csv{', TensorBoard' if tensorboard_available() else ''})")
-            print("plots: " + (", ".join(str(p) for p in plots) if plots else
-                               "none (matplotlib is not installed: pip install 'moesaic[train]')"))
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+            kind.report(ctx, summary, plots, saved, late, resume_command)
+    _end_processes(world)
     return summary
 
 
-def _signal_name(signum: int) -> str:
-    import signal
-
-    return signal.Signals(signum).name
+__all__ = ["Feed", "RunContext", "RunKind", "StepRecord", "check_memory", "check_out_dir", "finished_message",
+           "initialize_engine", "join_processes", "run_memory", "run_training", "seed_process"]
