@@ -34,6 +34,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import moesaic  # noqa: E402
+from moesaic.layer.identity import ExpertIndex  # noqa: E402
 from moesaic.optim.build_groups import build_param_groups  # noqa: E402
 from moesaic.optim.mixed_precision import GroupedMixedPrecisionOptimizer  # noqa: E402
 
@@ -98,7 +99,8 @@ def child(mode: str) -> dict:
     model = Model().to(torch.bfloat16)
     expert_size = sum(p.numel() for p in model.blocks[1].experts[0].parameters())
     if mode == "grouped":
-        groups = build_param_groups(model, split_by="expert", max_group_size=expert_size)
+        groups = build_param_groups(model, index=ExpertIndex.build(model), split_by="expert",
+                                    max_group_size=expert_size)
         opt = GroupedMixedPrecisionOptimizer(groups, "AdamW", dict(lr=1e-4), fuse_elems=expert_size)
         largest = max(sum(p.numel() for p in g["params"]) for g in groups)
         n_groups = len(groups)

@@ -35,6 +35,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import moesaic  # noqa: E402
+from moesaic.layer.identity import ExpertIndex  # noqa: E402
 from moesaic.optim.build_groups import build_param_groups  # noqa: E402
 from moesaic.optim.mixed_precision import GroupedMixedPrecisionOptimizer, default_fuse_elems  # noqa: E402
 
@@ -60,7 +61,7 @@ def build(config: str):
     model.to(torch.bfloat16)
     split_by, fuse = CONFIGS[config]
     cap = 178956971 if fuse == "default" else fuse
-    groups = build_param_groups(model, split_by=split_by, max_group_size=cap)
+    groups = build_param_groups(model, index=ExpertIndex.build(model), split_by=split_by, max_group_size=cap)
     fuse = default_fuse_elems(cap) if fuse == "default" else fuse
     opt = GroupedMixedPrecisionOptimizer(groups, "AdamW", dict(lr=1e-4), fuse_elems=fuse)
     grads = [torch.randn_like(p) for p in model.parameters()]

@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from launch import run_ranks  # noqa: E402
 
 import moesaic  # noqa: E402
+from moesaic.layer.identity import ExpertIndex  # noqa: E402
 
 D, F, E, TOKENS, STEPS = 8, 12, 4, 10, 3
 
@@ -100,7 +101,7 @@ def _case(rank, world, root, stage, ep_size):
         if stage == 0:
             engine.save_checkpoint(dirs[name], tag="t")
         else:
-            moesaic.checkpoint.save(dirs[name], model, tag="t")
+            moesaic.checkpoint.save(dirs[name], model, tag="t", index=ExpertIndex.build(model))
     # the trained experts of each layout, gathered by number, for the reshard checks below
     trained = {}
     for name, model in (("modules", ma), ("stacked", mb)):
@@ -115,7 +116,7 @@ def _case(rank, world, root, stage, ep_size):
         if stage == 0:
             engine.load_checkpoint(dirs[source], tag="t")
         else:
-            moesaic.checkpoint.load(dirs[source], model, tag="t")
+            moesaic.checkpoint.load(dirs[source], model, tag="t", index=ExpertIndex.build(model))
         for key, t in _experts(model).items():
             assert torch.equal(t, trained[source][key]), (tag, source, other, key)
         for key, t in _dense(model).items():

@@ -31,6 +31,7 @@ from launch import run_ranks  # noqa: E402
 
 import moesaic  # noqa: E402
 from moesaic import checkpoint  # noqa: E402
+from moesaic.layer.identity import ExpertIndex  # noqa: E402
 from support.moe_net import MoENet  # noqa: E402
 
 D, GLOBAL_BATCH = 8, 24
@@ -142,7 +143,7 @@ def test_stage3_checkpoint_w4_loads_at_stage0_and_stage2(tmp_path):
     # ... and at W=2 stage 2 (ep_size 2), then W=2 stage 2 -> stage 3 (ep_size 1): the W=2 launch
     run_ranks(_w2, 2, str(tmp_path), timeout_s=300)
     door = MoENet(1)
-    checkpoint.load(tmp_path / "door", door)  # format 3 of a bare sharded model, whole at W=1
+    checkpoint.load(tmp_path / "door", door, index=ExpertIndex.build(door))  # format 3 of a bare sharded model, whole at W=1
     assert_close({n: p.detach() for n, p in door.named_parameters()},
                  torch.load(tmp_path / "door.pt", weights_only=True), "shard_model + checkpoint.save at W=1:")
     for tag in ("z2-from-z3", "z3-from-z2"):
@@ -244,9 +245,9 @@ def _w2(rank, world, root):
     with torch.no_grad():
         for p in door.parameters():
             p.to_local().add_(0.5 + rank)
-    checkpoint.save(root / "door", door, tag="d")
+    checkpoint.save(root / "door", door, tag="d", index=ExpertIndex.build(door))
     back = moesaic.shard_model(MoENet(1), param_dtype=None)
-    checkpoint.load(root / "door", back)
+    checkpoint.load(root / "door", back, index=ExpertIndex.build(back))
     assert all(torch.equal(p.to_local(), q.to_local()) for p, q in zip(door.parameters(), back.parameters()))
     whole = {n: p.full_tensor() for n, p in door.named_parameters()}
     if rank == 0:

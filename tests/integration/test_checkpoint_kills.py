@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from moesaic import checkpoint
+from moesaic.layer.identity import ExpertIndex
 from support.checkpoint_net import Net, make_engine, train, transient_files as _transient
 
 pytestmark = pytest.mark.subprocess
@@ -97,5 +98,5 @@ def test_kill_loop_leaves_latest_loadable_and_no_debris(tmp_path):
         assert len(_transient(root)) <= 3, _transient(root)  # at most the killed save's own
         published = [d for d in root.iterdir() if not d.name.startswith(".")]
         assert len(published) <= 2 + 2 + 1, published  # keep_last, a killed save's new and old, latest
-    checkpoint.save(root, Net(), tag="final")
+    checkpoint.save(root, m := Net(), tag="final", index=ExpertIndex.build(m))
     assert _transient(root) == []

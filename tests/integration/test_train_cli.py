@@ -10,6 +10,7 @@ import torch
 
 from moesaic import checkpoint
 from moesaic.checkpoint.manifest import seal
+from moesaic.layer.identity import ExpertIndex
 from moesaic.models import GPT, GPTConfig
 from moesaic.train.cli import find_benchmarks, main
 
@@ -48,8 +49,8 @@ def test_two_steps_then_checkpoint_loads_bitwise(tmp_path, corpus):
     manifest = checkpoint.read_manifest(checkpoint.resolve(out / "checkpoints"))
     cfg = GPTConfig.from_dict(manifest["model_config"]["model"])
     a, b = GPT(cfg), GPT(cfg)
-    checkpoint.load(out / "checkpoints", a)
-    checkpoint.load(out / "checkpoints", b)
+    checkpoint.load(out / "checkpoints", a, index=ExpertIndex.build(a))
+    checkpoint.load(out / "checkpoints", b, index=ExpertIndex.build(b))
     from safetensors.torch import load_file
     saved = load_file(checkpoint.resolve(out / "checkpoints") / "dense.safetensors")
     for name, p in a.named_parameters():
@@ -117,8 +118,9 @@ def test_summary_of_a_stopped_and_resumed_run_is_the_whole_run_with_its_segments
     assert summary["tokens_per_s"] == pytest.approx(5 * bytes_per_step / summary["seconds"])
     assert first["tokens_per_s"] == pytest.approx(first["tokens"] / first["seconds"])
     # the checkpoint of step 3 carried the first segment (the resumed run read it); the final one carries both
-    _, client, _ = checkpoint.load(out / "checkpoints", GPT(GPTConfig.from_dict(
-        checkpoint.read_manifest(checkpoint.resolve(out / "checkpoints"))["model_config"]["model"])))
+    manifest = checkpoint.read_manifest(checkpoint.resolve(out / "checkpoints"))
+    model = GPT(GPTConfig.from_dict(manifest["model_config"]["model"]))
+    _, client, _ = checkpoint.load(out / "checkpoints", model, index=ExpertIndex.build(model))
     assert client["segments"][0] == first and client["segments"][1]["last_step"] == 5
     assert client["segments"][1]["seconds"] <= second["seconds"]  # saved before the run ended
 

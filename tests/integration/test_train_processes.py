@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from moesaic import checkpoint
+from moesaic.layer.identity import ExpertIndex
 from moesaic.models import GPT, GPTConfig
 from moesaic.telemetry import read_csv_metrics
 from support.train_runs import TINY, W2, moesaic_cli, subprocess_env, corpus, trained_steps  # noqa: F401 (corpus: a fixture)
@@ -31,7 +32,7 @@ def weights(run: Path) -> dict:
     manifest = checkpoint.read_manifest(checkpoint.resolve(run / "checkpoints"))
     model_cfg = dict(manifest["model_config"]["model"], ep_size=1)
     model = GPT(GPTConfig.from_dict(model_cfg))
-    checkpoint.load(run / "checkpoints", model)
+    checkpoint.load(run / "checkpoints", model, index=ExpertIndex.build(model))
     return model.state_dict()
 
 

@@ -12,6 +12,7 @@ deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed not installed (ma
 import moesaic  # noqa: E402
 from moesaic.checkpoint import CheckpointError  # noqa: E402
 from moesaic.deepspeed import convert_deepspeed_checkpoint  # noqa: E402
+from moesaic.layer.identity import ExpertIndex  # noqa: E402
 
 
 def _expert():
@@ -82,7 +83,7 @@ def test_import_reproduces_deepspeeds_weights_and_outputs(ds_checkpoint, tmp_pat
     # and the written checkpoint loads into a fresh model with the same result
     fresh = Net(moesaic.MoE)
     moesaic.name_moe_layers(fresh)
-    moesaic.checkpoint.load(tmp_path, fresh)
+    moesaic.checkpoint.load(tmp_path, fresh, index=ExpertIndex.build(fresh))
     for p, q in zip(fresh.parameters(), ours.parameters()):
         assert torch.equal(p, q)
 

@@ -21,6 +21,7 @@ from moesaic import checkpoint, deepspeed
 from moesaic.checkpoint import CheckpointError
 from moesaic.checkpoint.directory import tidy
 from moesaic.checkpoint.legacy import upgrade_dense_names
+from moesaic.layer.identity import ExpertIndex
 from moesaic.checkpoint.manifest import seal
 from moesaic.checkpoint.names import encode_component
 from support.checkpoint_net import CONFIG, Net, make_engine, train, transient_files as _transient
@@ -80,8 +81,8 @@ def test_bare_model_round_trip(tmp_path):
     with torch.no_grad():
         for p in b.parameters():
             p.add_(1.0)
-    checkpoint.save(tmp_path, a, tag="t")
-    checkpoint.load(tmp_path, b)
+    checkpoint.save(tmp_path, a, tag="t", index=ExpertIndex.build(a))
+    checkpoint.load(tmp_path, b, index=ExpertIndex.build(b))
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), n
 
@@ -285,17 +286,17 @@ def test_newer_format_and_mismatched_models_are_refused(tmp_path):
     manifest.pop("manifest_crc32")
     (folder / "manifest.json").write_bytes(seal({**manifest, "format_version": 99}))
     with pytest.raises(CheckpointError, match="format version 99 is newer"):
-        checkpoint.load(tmp_path, Net(), tag="t")
+        checkpoint.load(tmp_path, m := Net(), tag="t", index=ExpertIndex.build(m))
     (folder / "manifest.json").write_bytes(seal(manifest))
     wide = Net(d=12)
     snap = {k: v.clone() for k, v in wide.state_dict().items()}
     with pytest.raises(CheckpointError, match=r"dense.safetensors: '.*' has shape \(\d+, 8\) in the checkpoint but"):
-        checkpoint.load(tmp_path, wide, tag="t")
+        checkpoint.load(tmp_path, wide, tag="t", index=ExpertIndex.build(wide))
     assert all(torch.equal(v, snap[k]) for k, v in wide.state_dict().items())
     with pytest.raises(CheckpointError, match="layer 'ffn' has 4 experts in the checkpoint but 8 in the model"):
-        checkpoint.load(tmp_path, Net(experts=8), tag="t")
+        checkpoint.load(tmp_path, m := Net(experts=8), tag="t", index=ExpertIndex.build(m))
     with pytest.raises(CheckpointError, match="no 'latest' file"):
-        checkpoint.load(tmp_path / "nowhere", Net())
+        checkpoint.load(tmp_path / "nowhere", m := Net(), index=ExpertIndex.build(m))
 
 
 def test_adamw_checkpoint_does_not_load_into_an_sgd_engine(tmp_path):
@@ -316,26 +317,26 @@ def test_adamw_checkpoint_does_not_load_into_an_sgd_engine(tmp_path):
                                  "x" * 300, "a\nb"])
 def test_reserved_and_unsafe_tags_are_refused_at_save(tmp_path, tag):
     with pytest.raises(ValueError, match=r"tag .* is not allowed"):
-        checkpoint.save(tmp_path, Net(), tag=tag)
+        checkpoint.save(tmp_path, m := Net(), tag=tag, index=ExpertIndex.build(m))
     assert not tmp_path.exists() or list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("pointer", ["../outside", "/etc", "a/b", "..", ".tmp-save-x", "", "latest"])
 def test_latest_must_name_a_folder_inside_the_directory(tmp_path, pointer):
-    checkpoint.save(tmp_path / "ck", Net(), tag="t")
+    checkpoint.save(tmp_path / "ck", m := Net(), tag="t", index=ExpertIndex.build(m))
     (tmp_path / "outside").mkdir()
     shutil.copytree(tmp_path / "ck" / "t", tmp_path / "outside" / "t")  # a valid checkpoint one level up
     (tmp_path / "ck" / "latest").write_text(pointer)
     with pytest.raises(CheckpointError, match=r"latest: .* does not name a checkpoint folder inside"):
-        checkpoint.load(tmp_path / "ck", Net())
+        checkpoint.load(tmp_path / "ck", m := Net(), index=ExpertIndex.build(m))
     with pytest.raises(CheckpointError, match="does not name a checkpoint folder inside"):
-        checkpoint.load(tmp_path / "ck", Net(), tag=pointer or "..")
+        checkpoint.load(tmp_path / "ck", m := Net(), tag=pointer or "..", index=ExpertIndex.build(m))
 
 
 def test_layer_names_are_encoded_and_cannot_escape_the_checkpoint(tmp_path):
     model = Net(name="../../../x")
     root = tmp_path / "a" / "b" / "ck"
-    folder = checkpoint.save(root, model, tag="t")
+    folder = checkpoint.save(root, model, tag="t", index=ExpertIndex.build(model))
     outside = [p for p in tmp_path.rglob("*") if root not in p.parents and p != root and p not in root.parents]
     assert outside == [], outside
     assert (folder / "experts" / encode_component("../../../x")).is_dir()
@@ -343,7 +344,7 @@ def test_layer_names_are_encoded_and_cannot_escape_the_checkpoint(tmp_path):
     with torch.no_grad():
         for p in fresh.parameters():
             p.zero_()
-    checkpoint.load(root, fresh)
+    checkpoint.load(root, fresh, index=ExpertIndex.build(fresh))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), fresh.parameters()))
 
 
@@ -384,13 +385,13 @@ def test_resaving_a_tag_publishes_beside_the_old_one_then_removes_it(tmp_path):
 
 
 def test_leftovers_of_killed_saves_are_removed_at_the_next_save(tmp_path):
-    checkpoint.save(tmp_path, Net(), tag="a")
+    checkpoint.save(tmp_path, m := Net(), tag="a", index=ExpertIndex.build(m))
     (tmp_path / ".tmp-save-b" / "experts").mkdir(parents=True)
     (tmp_path / ".tmp-save-b" / "experts" / "x.safetensors").write_bytes(b"junk")
     (tmp_path / ".tmp-del-0123").mkdir()
     (tmp_path / ".tmp-latest-0123").write_text("b")
     (tmp_path / "notes").mkdir()  # not ours: never touched
-    checkpoint.save(tmp_path, Net(), tag="c")
+    checkpoint.save(tmp_path, m := Net(), tag="c", index=ExpertIndex.build(m))
     assert _transient(tmp_path) == [] and (tmp_path / "notes").is_dir()
 
 

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import moesaic
+from moesaic.layer.identity import ExpertIndex
 from moesaic.optim.build_groups import build_param_groups, freeze_experts
 from moesaic.optim.mixed_precision import GroupedMixedPrecisionOptimizer
 
@@ -35,7 +36,7 @@ def loss_of(m, x):
 @pytest.mark.parametrize("fuse", [None, 10**9])
 def test_fp32_matches_torch_optim(kind, hyper, fuse):
     ours_m, ref_m = model_with_moe(), model_with_moe()
-    groups = build_param_groups(ours_m, split_by="expert")
+    groups = build_param_groups(ours_m, index=ExpertIndex.build(ours_m), split_by="expert")
     assert len(groups) == 1 + 4  # dense + one per expert
     opt = GroupedMixedPrecisionOptimizer(groups, kind, hyper, fuse_elems=fuse)
     ref = getattr(torch.optim, kind)(ref_m.parameters(), **hyper)
@@ -56,7 +57,7 @@ def test_bf16_master_weights_follow_fp32_math():
     ours_m = model_with_moe().to(torch.bfloat16)
     ref_m = model_with_moe()  # fp32 copy of the same init
     ref_m.load_state_dict({k: v.float() for k, v in ours_m.state_dict().items()})
-    groups = build_param_groups(ours_m, split_by="expert", max_group_size=None)
+    groups = build_param_groups(ours_m, index=ExpertIndex.build(ours_m), split_by="expert", max_group_size=None)
     opt = GroupedMixedPrecisionOptimizer(groups, "AdamW", dict(lr=1e-2, weight_decay=0.01))
     ref = torch.optim.AdamW(ref_m.parameters(), lr=1e-2, weight_decay=0.01)
     for step in range(3):
@@ -81,7 +82,7 @@ def test_bf16_master_weights_follow_fp32_math():
 def test_fp32_working_set_is_one_group():
     m = model_with_moe(experts=8).to(torch.bfloat16)
     expert_size = sum(p.numel() for p in m[1].experts[0].parameters())
-    groups = build_param_groups(m, split_by="expert", max_group_size=expert_size)
+    groups = build_param_groups(m, index=ExpertIndex.build(m), split_by="expert", max_group_size=expert_size)
     assert max(sum(p.numel() for p in g["params"]) for g in groups) <= expert_size
     opt = GroupedMixedPrecisionOptimizer(groups, "AdamW", fuse_elems=expert_size)
     loss_of(m, torch.randn(64, 8).bfloat16()).float().backward()
@@ -93,7 +94,7 @@ def test_fp32_working_set_is_one_group():
 
 def test_fusing_many_groups_gives_identical_results_and_keeps_names():
     a, b = model_with_moe(experts=8), model_with_moe(experts=8)
-    ga, gb = build_param_groups(a), build_param_groups(b)
+    ga, gb = build_param_groups(a, index=ExpertIndex.build(a)), build_param_groups(b, index=ExpertIndex.build(b))
     fused = GroupedMixedPrecisionOptimizer(ga, "AdamW", dict(lr=1e-2), fuse_elems=10**9)
     alone = GroupedMixedPrecisionOptimizer(gb, "AdamW", dict(lr=1e-2), fuse_elems=None)
     assert len(fused._batches()) < len(fused.param_groups) == len(alone._batches())
@@ -133,10 +134,10 @@ def test_lr_scale_and_grad_scale():
 
 def test_frozen_expert_does_not_move_and_is_in_no_group():
     m = model_with_moe()
-    frozen = freeze_experts(m, ["1/2"])
+    frozen = freeze_experts(m, ["1/2"], ExpertIndex.build(m))
     assert frozen == ["1/2"]
     before = copy.deepcopy(m[1].experts[2].state_dict())
-    groups = build_param_groups(m)
+    groups = build_param_groups(m, index=ExpertIndex.build(m))
     assert not any(g.get("expert_number") == 2 for g in groups)
     opt = GroupedMixedPrecisionOptimizer(groups, "AdamW", dict(lr=0.1))
     loss_of(m, torch.randn(16, 8)).backward()
@@ -144,17 +145,17 @@ def test_frozen_expert_does_not_move_and_is_in_no_group():
     for k, v in m[1].experts[2].state_dict().items():
         assert torch.equal(v, before[k])
     with pytest.raises(ValueError, match=r"moe.freeze_experts entries \[9\] match no local expert"):
-        freeze_experts(m, [9])
+        freeze_experts(m, [9], ExpertIndex.build(m))
 
 
 def test_state_dict_round_trip_continues_identically():
     a, b = model_with_moe(), model_with_moe()
-    opt_a = GroupedMixedPrecisionOptimizer(build_param_groups(a), "AdamW", dict(lr=1e-2))
+    opt_a = GroupedMixedPrecisionOptimizer(build_param_groups(a, index=ExpertIndex.build(a)), "AdamW", dict(lr=1e-2))
     x = torch.randn(16, 8)
     loss_of(a, x).backward()
     opt_a.step()
     b.load_state_dict(a.state_dict())
-    opt_b = GroupedMixedPrecisionOptimizer(build_param_groups(b), "AdamW", dict(lr=1e-2))
+    opt_b = GroupedMixedPrecisionOptimizer(build_param_groups(b, index=ExpertIndex.build(b)), "AdamW", dict(lr=1e-2))
     opt_b.load_state_dict(opt_a.state_dict())
     for m, opt in ((a, opt_a), (b, opt_b)):
         loss_of(m, x).backward()
@@ -166,7 +167,7 @@ def test_state_dict_round_trip_continues_identically():
 def test_coverage_and_bad_input():
     m = model_with_moe()
     with pytest.raises(ValueError, match=r"trainable parameters in no optimizer group: \['0.weight', '0.bias'\]"):
-        build_param_groups(m, [{"params": list(m[1].parameters())}])
+        build_param_groups(m, [{"params": list(m[1].parameters())}], index=ExpertIndex.build(m))
     p = next(m.parameters())
     with pytest.raises(ValueError, match="is in param groups 0 and 1"):
         GroupedMixedPrecisionOptimizer([{"params": [p]}, {"params": [p]}])
@@ -180,8 +181,8 @@ def test_coverage_and_bad_input():
 
 def test_cpu_offload_path_matches():
     a, b = model_with_moe().to(torch.bfloat16), model_with_moe().to(torch.bfloat16)
-    opt_a = GroupedMixedPrecisionOptimizer(build_param_groups(a), "AdamW", offload="cpu")
-    opt_b = GroupedMixedPrecisionOptimizer(build_param_groups(b), "AdamW", offload="none")
+    opt_a = GroupedMixedPrecisionOptimizer(build_param_groups(a, index=ExpertIndex.build(a)), "AdamW", offload="cpu")
+    opt_b = GroupedMixedPrecisionOptimizer(build_param_groups(b, index=ExpertIndex.build(b)), "AdamW", offload="none")
     x = torch.randn(16, 8).bfloat16()
     for m, opt in ((a, opt_a), (b, opt_b)):
         loss_of(m, x).float().backward()
@@ -194,7 +195,6 @@ def test_cpu_offload_path_matches():
 # --- state keyed by identity ----------------------------------------------------------------------
 
 def _opt(m, kind="AdamW", **build):
-    from moesaic.layer.identity import ExpertIndex
     index = ExpertIndex.build(m)
     return GroupedMixedPrecisionOptimizer(build_param_groups(m, index=index, **build), kind, dict(lr=1e-2),
                                           index=index)
@@ -265,10 +265,10 @@ def test_group_names_must_be_unique():
 def test_lr_scale_naming_no_layer_or_expert_is_refused():
     m = model_with_moe()
     with pytest.raises(ValueError, match=r"moe.lr_scale key 'ffn' names no MoE layer or expert"):
-        build_param_groups(m, lr_scale={"ffn": 0.5})
+        build_param_groups(m, index=ExpertIndex.build(m), lr_scale={"ffn": 0.5})
     with pytest.raises(ValueError, match=r"moe.lr_scale key '1/4' names no MoE layer or expert"):
-        build_param_groups(m, lr_scale={"1/4": 0.5})
-    assert build_param_groups(m, lr_scale={"1/3": 0.5})[-1]["lr_scale"] == 0.5
+        build_param_groups(m, index=ExpertIndex.build(m), lr_scale={"1/4": 0.5})
+    assert build_param_groups(m, index=ExpertIndex.build(m), lr_scale={"1/3": 0.5})[-1]["lr_scale"] == 0.5
 
 
 def test_a_tensor_without_gradient_is_not_stepped_as_in_torch():

@@ -7,7 +7,7 @@ from torch import nn
 import moesaic
 from moesaic.layer.identity import ExpertIndex
 from moesaic.optim.build_groups import build_param_groups
-from moesaic.optim.mixed_precision import GroupedMixedPrecisionOptimizer, group_refs
+from moesaic.optim.mixed_precision import GroupedMixedPrecisionOptimizer
 from moesaic.optim.sharding import ReplicaSet, ShardPlan, plan_shards
 
 
@@ -23,7 +23,7 @@ def test_one_process_owns_everything_and_splitting_keeps_experts_whole():
     m = model()
     index = ExpertIndex.build(m)
     groups = build_param_groups(m, index=index, max_group_size=100)  # experts of 296 elements: 3+ parts each
-    plan = plan_shards([g["name"] for g in groups], group_refs(groups, index), index, stage=2)
+    plan = plan_shards([g["name"] for g in groups], [g["params"] for g in groups], index, stage=2)
     assert set(plan.owner) == {0} and all(plan.owns(gi) for gi in range(len(groups)))
     assert {rs.key for rs in plan.replica_sets()} == {("dense",), ("experts", 1, False)}
 
@@ -46,7 +46,7 @@ def test_only_owned_groups_hold_state():
     m = model()
     index = ExpertIndex.build(m)
     groups = build_param_groups(m, index=index)
-    refs = group_refs(groups, index)
+    refs = [g["params"] for g in groups]
     names = [g["name"] for g in groups]
     rs = ReplicaSet(("dense",), None, (0, 1))
     plan = ShardPlan(stage=1, rank=0, world_size=2, owner=[0, 1, 0, 1, 0], replica=[rs] * 5, names=names)

@@ -263,7 +263,7 @@ def test_stacked_checkpoint_detects_a_shape_mismatch(tmp_path):
     with pytest.raises(checkpoint.CheckpointError,
                        match=r"experts/ffn/0.safetensors: '\w+_proj.weight' has shape \(\d+, \d+\) in the "
                              r"checkpoint but"):
-        checkpoint.load(tmp_path, other, tag="a")
+        checkpoint.load(tmp_path, other, tag="a", index=ExpertIndex.build(other))
     assert isinstance(other.ffn.experts, StackedExperts)
 
 

@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..layer.identity import ExpertIndex, ExpertKey, LayerInfo
+from ..layer.identity import ExpertIndex, ExpertKey, LayerInfo, require_index
 from . import durable
 from .directory import next_folder, resolve, staging_folder, tidy
 from .errors import CheckpointError
@@ -135,7 +135,7 @@ def _json_or_type_error(obj: Any, what: str) -> None:
 
 def save(directory, model: nn.Module, *, tag: str, optimizer=None, engine_state: Optional[Dict] = None,
          client_state: Optional[Dict] = None, model_config: Optional[Dict] = None,
-         index: Optional[ExpertIndex] = None, keep_last: Optional[int] = None) -> Path:
+         index: ExpertIndex, keep_last: Optional[int] = None) -> Path:
     """Write a checkpoint (collectively: every rank calls it) and point ``latest`` at it.
 
     Args:
@@ -149,7 +149,7 @@ def save(directory, model: nn.Module, *, tag: str, optimizer=None, engine_state:
         engine_state: JSON data (counters, scheduler, loss scaler) for ``engine.json``.
         client_state: this rank's dict of JSON data and tensors (see :mod:`.rankstate`).
         model_config: JSON data recorded in the manifest.
-        index: the model's :class:`ExpertIndex` (built when None).
+        index: the model's :class:`ExpertIndex` (``ExpertIndex.build(model)``, built once per model).
         keep_last: after publishing, keep only this many newest checkpoints in ``directory``
             (never removing the one ``latest`` names); None keeps all.
 
@@ -162,9 +162,9 @@ def save(directory, model: nn.Module, *, tag: str, optimizer=None, engine_state:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
         raise ValueError(f"keep_last must be None (keep every checkpoint) or an int >= 1, got {keep_last!r}")
+    require_index(index, "checkpoint.save(index=...)")
     rank, world = _dist()
     root = Path(directory)
-    index = index if index is not None else ExpertIndex.build(model)
     error: Optional[BaseException] = None
     try:
         client_part, client_tensors = encode_client_state({} if client_state is None else client_state)
@@ -460,7 +460,7 @@ def read_manifest(folder) -> Dict:
 
 
 def prepare(directory, model: nn.Module, *, tag: Optional[str] = None, optimizer=None,
-            index: Optional[ExpertIndex] = None, check: Optional[Callable[[StagedLoad], Any]] = None) -> StagedLoad:
+            index: ExpertIndex, check: Optional[Callable[[StagedLoad], Any]] = None) -> StagedLoad:
     """Read and check a checkpoint for ``model`` (and ``optimizer``) on every rank; apply nothing.
 
     Every file this rank needs is read and verified, every tensor checked against the model and
@@ -469,6 +469,8 @@ def prepare(directory, model: nn.Module, *, tag: Optional[str] = None, optimizer
     the ranks agree that all of them succeeded. Nothing live has changed until the caller calls
     ``staged.apply()``.
 
+    ``index`` is the model's :class:`ExpertIndex` (``ExpertIndex.build(model)``, built once per model).
+
     Raises:
         CheckpointError: on every rank when any rank's checks failed, naming the file and the key.
     """
@@ -476,8 +478,8 @@ def prepare(directory, model: nn.Module, *, tag: Optional[str] = None, optimizer
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if check is not None and not callable(check):
         raise TypeError(f"check must be None or a callable taking the staged load, got {type(check).__name__}")
+    require_index(index, "checkpoint.prepare(index=...)")
     rank, world = _dist()
-    index = index if index is not None else ExpertIndex.build(model)
     error, staged = None, None
     try:
         folder = resolve(directory, tag)
@@ -491,7 +493,7 @@ def prepare(directory, model: nn.Module, *, tag: Optional[str] = None, optimizer
 
 
 def load(directory, model: nn.Module, *, tag: Optional[str] = None, optimizer=None,
-         index: Optional[ExpertIndex] = None) -> Tuple[Path, Dict, Dict]:
+         index: ExpertIndex) -> Tuple[Path, Dict, Dict]:
     """Load a checkpoint into ``model`` (and ``optimizer``) on every rank: :func:`prepare`, then apply.
 
     Everything this rank needs is read and verified first; the ranks agree that all of them

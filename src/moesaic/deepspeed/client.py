@@ -35,14 +35,13 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..optim.build_groups import IDENTITY_KEYS
 from ..optim.config import UPDATE_HYPERPARAMETERS
-from ..optim.param_groups import split_params_into_different_moe_groups_for_optimizer
 
 SUPPORTED = ("torch.optim.Adam", "torch.optim.AdamW", "torch.optim.SGD", "deepspeed.ops.adam.FusedAdam",
              "deepspeed.ops.adam.DeepSpeedCPUAdam")
 _KERNEL_KEYS = ("foreach", "fused", "capturable", "set_grad_none", "initial_lr", "decoupled_weight_decay",
                 "adam_w_mode", "adamw_mode")
-_IDENTITY_KEYS = ("params", "name", "moe", "expert_group_name", "expert_number")
 _REFUSED_FLAGS = {"amsgrad": (True, "moesaic's Adam has no AMSGrad variant"),
                   "maximize": (True, "moesaic minimises"),
                   "differentiable": (True, "moesaic's step is not differentiable"),
@@ -149,18 +148,15 @@ class ClientOptimizer:
             layer = group.get("expert_group_name")
             if group.get("moe") and isinstance(layer, str) and f"/{layer}" in name:
                 name = name[:name.index(f"/{layer}")]
-            extra = {k: v for k, v in group.items() if k not in _IDENTITY_KEYS and k not in _KERNEL_KEYS
+            extra = {k: v for k, v in group.items() if k not in IDENTITY_KEYS and k not in _KERNEL_KEYS
                      and k not in self.hyper and k not in _REFUSED_FLAGS}
             out.append({**extra, **self._values(group), "name": name, "params": params, "client_group": i})
         return out
 
     def param_groups(self, moe) -> List[Dict[str, Any]]:
-        """The groups the engine builds from (:class:`moesaic.engine.GroupFollower`): each client group split
-        on its own by the MoE splitting helper under ``moe`` (an ``MoEOptimConfig``), ``client_group`` kept."""
-        def split(gs):
-            return split_params_into_different_moe_groups_for_optimizer(gs, max_group_size=moe.max_group_size,
-                                                                        split_by=moe.split_by, stacked="views")
-        return split_client_groups(self.base_groups(), split)
+        """The groups the engine builds from (:class:`moesaic.engine.GroupFollower`): :meth:`base_groups`, each
+        split on its own by the engine's group builder under ``moe`` (an ``MoEOptimConfig``)."""
+        return self.base_groups()
 
     def link(self, param_groups: Sequence[Dict[str, Any]]) -> None:
         """Remember which client group each of moesaic's groups came from (``client_group``, then dropped)."""
@@ -191,16 +187,3 @@ def _equal(a: Any, b: Any) -> bool:
         return a == b or (math.isnan(a) and math.isnan(b))
     return a == b
 
-
-def split_client_groups(base_groups: Sequence[Dict[str, Any]], split) -> List[Dict[str, Any]]:
-    """Split each client group on its own (``split`` is the MoE splitting helper); names stay unique."""
-    out: List[Dict[str, Any]] = []
-    for g in base_groups:
-        out.extend(part for part in split([g]) if part["params"])
-    names: Dict[str, int] = {}
-    for g in out:
-        names[g["name"]] = names.get(g["name"], 0) + 1
-    for i, g in enumerate(out):
-        if names[g["name"]] > 1:
-            g["name"] = f"{g['name']}[{g['client_group']}.{i}]"
-    return out

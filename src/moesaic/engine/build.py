@@ -32,7 +32,7 @@ from ..optim.build_groups import build_param_groups
 from ..optim.config import MoEOptimConfig, torch_scheduler_class
 from ..optim.fsdp import check_shardable, shard_model
 from ..optim.in_backward import check_in_backward_config
-from ..optim.mixed_precision import GroupedMixedPrecisionOptimizer, default_fuse_elems, group_refs
+from ..optim.mixed_precision import GroupedMixedPrecisionOptimizer, default_fuse_elems
 from ..optim.schedulers import build_scheduler
 from ..optim.sharding import plan_shards
 from ..optim.zero3 import Zero3Optimizer, build_zero3_groups
@@ -52,7 +52,8 @@ class GroupFollower(Protocol):
     kind: str  #: the update the engine runs: "AdamW", "Adam" or "SGD"
 
     def param_groups(self, moe: MoEOptimConfig) -> List[Dict[str, Any]]:
-        """The groups to build from, each with its hyperparameters and ``client_group`` (its source's number)."""
+        """The groups to build from, each with its hyperparameters and ``client_group`` (its source's number);
+        the engine splits each on its own, its MoE groups right after it."""
 
     def link(self, param_groups: List[Dict[str, Any]]) -> None:
         """Remember (and drop) the ``client_group`` of each of the engine's groups."""
@@ -105,18 +106,19 @@ def _build_optimizer(model, index, cfg: EngineConfig, param_groups, follower: Op
         param_groups = follower.param_groups(moe)
     else:
         kind, defaults = cfg.optimizer.update()
-    groups = build_param_groups(model, param_groups, split_by=moe.split_by, max_group_size=moe.max_group_size,
-                                lr_scale=moe.lr_scale, freeze=moe.freeze_experts, index=index)
+    groups = build_param_groups(model, param_groups, index=index, split_by=moe.split_by,
+                                max_group_size=moe.max_group_size, lr_scale=moe.lr_scale, freeze=moe.freeze_experts,
+                                each_group_apart=follower is not None)
     if follower is not None:
         follower.link(groups)
-    refs = group_refs(groups, index)
-    shard = plan_shards([g["name"] for g in groups], refs, index, stage=stage)
+    shard = plan_shards([g["name"] for g in groups], [g["params"] for g in groups], index, stage=stage)
     return GroupedMixedPrecisionOptimizer(groups, kind, defaults, offload=cfg.offload(),
                                           fuse_elems=default_fuse_elems(moe.max_group_size), index=index, shard=shard)
 
 
 def _build_zero3(model: nn.Module, cfg: EngineConfig, param_groups=None):
-    """Shard the model (EP + FSDP2) and build the torch optimizer over moesaic's named groups.
+    """Shard the model (EP + FSDP2) and build the torch optimizer over moesaic's named groups; the index of
+    the sharded model (FSDP2 made new Parameter objects) goes with it to the engine.
 
     ``param_groups`` (the caller's base groups, e.g. weight decay on matrices only) are kept
     by parameter name across the sharding, which replaces every parameter object.
@@ -148,7 +150,7 @@ def _build_zero3(model: nn.Module, cfg: EngineConfig, param_groups=None):
     groups = build_zero3_groups(model, index, split_by=moe.split_by, lr_scale=moe.lr_scale,
                                 freeze=moe.freeze_experts, base=base)
     kind, defaults = cfg.optimizer.update()
-    return Zero3Optimizer(groups, kind, defaults, index=index)
+    return Zero3Optimizer(groups, kind, defaults, index=index), index
 
 
 def config_scheduler(cfg: EngineConfig, optimizer):
@@ -231,7 +233,7 @@ def build_engine(model: nn.Module, config: EngineConfig, *, param_groups=None,
     # optimizer and schedule
     follower = None
     if stage3:
-        opt, index = _build_zero3(model, cfg, param_groups), None
+        opt, index = _build_zero3(model, cfg, param_groups)
     else:
         follower = follow() if follow is not None else None
         opt = _build_optimizer(model, index, cfg, param_groups, follower)

@@ -44,7 +44,7 @@ from torch import nn
 from .. import checkpoint
 from ..checkpoint.directory import read_pointer
 from ..layer.balancing import update_expert_bias
-from ..layer.identity import ExpertIndex
+from ..layer.identity import ExpertIndex, require_index
 from ..optim.in_backward import InBackwardStepper
 from ..optim.loss_scaler import build_loss_scaler
 from ..optim.mixed_precision import GroupedMixedPrecisionOptimizer
@@ -121,12 +121,13 @@ class MoEEngine(nn.Module):
         last_metrics: the metrics of the last optimizer step (also written to ``log_dir``); its
             ``"moe"`` figures (tokens per expert, dropped routes, ``l_aux``) cover every rank's tokens,
             every expert by its global number, the same on every rank.
+        index: the model's :class:`ExpertIndex`, built once by ``initialize`` and passed in.
     """
 
     def __init__(self, model: nn.Module, optimizer: GroupedMixedPrecisionOptimizer, scheduler, config: EngineConfig,
-                 *, batch: Tuple[int, int, int], device: torch.device, local_rank: int = 0,
-                 log_dir: Optional[str] = None, telemetry_every: int = 1, index: Optional[ExpertIndex] = None,
-                 client=None, training_dataloader=None, collate_fn=None) -> None:
+                 *, batch: Tuple[int, int, int], device: torch.device, index: ExpertIndex,
+                 local_rank: int = 0, log_dir: Optional[str] = None, telemetry_every: int = 1, client=None,
+                 training_dataloader=None, collate_fn=None) -> None:
         super().__init__()
         self.module = model
         self.optimizer = optimizer
@@ -151,7 +152,7 @@ class MoEEngine(nn.Module):
         self.skipped_steps = 0
         self.sparse_tensor_module_names = set()  # sparse gradients are refused (config sparse_gradients)
         self.last_metrics: Dict[str, Any] = {}
-        self.index = index if index is not None else ExpertIndex.build(model)
+        self.index = require_index(index, "MoEEngine(index=...)")
         zero = config.zero_optimization
         if zero.stage == 3:  # FSDP2 reduces in backward; the boundary step is optim/zero3.py's
             self._pipeline = Zero3Pipeline(optimizer, model)

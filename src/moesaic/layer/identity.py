@@ -27,7 +27,7 @@ stored as ``[E_local, ...]`` tensors are still addressed expert by expert.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -104,10 +104,6 @@ class ParamRef:
     param: nn.Parameter = field(compare=False, repr=False)
     expert: Optional[ExpertKey] = None
     index: Optional[int] = None
-
-    @property
-    def is_expert(self) -> bool:
-        return self.expert is not None
 
     @property
     def data(self) -> Tensor:
@@ -262,10 +258,6 @@ class ExpertIndex:
                              "experts' slices through ExpertIndex.expert_refs")
         return refs[0]
 
-    def name_of(self, param: Tensor) -> str:
-        """Stable name of a whole parameter."""
-        return self.ref_of(param).name
-
     def __contains__(self, item) -> bool:
         if isinstance(item, str):
             return item in self._by_name
@@ -296,16 +288,6 @@ class ExpertIndex:
         # a stacked parameter answers with views of itself: leave out the parameter behind them too
         expert_ids.update(id(r.param) for r in self._refs if r.expert is not None)
         return {k: v.detach() for k, v in model.state_dict(keep_vars=True).items() if id(v) not in expert_ids}
-
-
-def unique_params(refs: Iterable[ParamRef]) -> List[nn.Parameter]:
-    """The distinct parameters behind ``refs``, in first-seen order."""
-    seen, out = set(), []
-    for r in refs:
-        if id(r.param) not in seen:
-            seen.add(id(r.param))
-            out.append(r.param)
-    return out
 
 
 class MoELayerBase(nn.Module):
@@ -342,3 +324,11 @@ def moe_layers(model: nn.Module) -> Dict[str, Tuple[str, MoELayerBase]]:
                              f"{name!r}; identity is keyed by layer name: call moesaic.name_moe_layers(model)")
         out[name] = (path, module)
     return out
+
+
+def require_index(index: object, where: str) -> "ExpertIndex":
+    """``index`` must be the model's :class:`ExpertIndex`: built once per model by the caller, never here."""
+    if not isinstance(index, ExpertIndex):
+        raise TypeError(f"{where} must be the model's ExpertIndex (build it once per model with "
+                        f"ExpertIndex.build(model) and pass it), got {type(index).__name__}")
+    return index

@@ -30,7 +30,7 @@ from typing import Any, Dict, Optional, Tuple, Type, Union
 from .._checks import (check_bool, check_choice, check_elements, check_int, check_list, check_mapping, check_number,
                        check_str, join_key, only)
 from .._config import Section, section, setting
-from .param_groups import DEFAULT_MAX_GROUP_SIZE, SPLIT_BY
+from .build_groups import DEFAULT_MAX_GROUP_SIZE, SPLIT_BY
 
 OPTIMIZER_TYPES = ("AdamW", "Adam", "SGD")
 SCHEDULER_TYPES = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")

@@ -39,17 +39,15 @@ from torch import Tensor
 
 from ..layer.identity import ExpertIndex, ParamRef
 from .._checks import check_bool, check_list, check_number
-from .config import OPTIMIZER_TYPES, optimizer_defaults
+from .build_groups import IDENTITY_KEYS
+from .config import OPTIMIZER_TYPES, UPDATE_HYPERPARAMETERS, optimizer_defaults
 from .functional import adam_step, sgd_step
 from .sharding import ShardPlan
 
 OPTIMIZERS = OPTIMIZER_TYPES
-_HYPER = {"AdamW": ("lr", "betas", "eps", "weight_decay"), "Adam": ("lr", "betas", "eps", "weight_decay"),
-          "SGD": ("lr", "momentum", "dampening", "weight_decay", "nesterov")}
 _MOMENTS = {"AdamW": ("exp_avg", "exp_avg_sq"), "Adam": ("exp_avg", "exp_avg_sq"), "SGD": ()}
 _OPTIONAL_STATE = {"SGD": ("momentum_buffer",)}  # made at the first step with momentum
 FUSE_ELEMS_LIMIT = 1 << 19  # 512K elements (2 MiB in fp32): amortises launches over tiny groups, stays in cache
-_IDENTITY_KEYS = ("params", "name", "moe", "expert_group_name", "expert_number")
 
 
 def default_fuse_elems(max_group_size: Optional[int]) -> int:
@@ -62,12 +60,6 @@ def default_fuse_elems(max_group_size: Optional[int]) -> int:
 
 
 _DEFAULTS = {kind: optimizer_defaults(kind) for kind in OPTIMIZERS}  # the one place: optim/config.py
-
-
-def group_refs(param_groups: Sequence[Mapping], index: Optional[ExpertIndex] = None) -> List[List[ParamRef]]:
-    """Each group's tensors as refs, exactly as the optimizer will name them."""
-    return [_refs_of_group({**g, "name": g.get("name", f"group_{gi}")}, gi, index)
-            for gi, g in enumerate(param_groups)]
 
 
 def _refs_of_group(group: Mapping, gi: int, index: Optional[ExpertIndex]) -> List[ParamRef]:
@@ -136,7 +128,7 @@ def check_group_settings(groups: Any, live: Sequence[Mapping[str, Any]] = ()) ->
             raise TypeError(f"param_groups[{i}].name must be a str, got {type(name).__name__}: {name!r}")
         current = by_name.get(name, {})
         for key, value in g.items():
-            if key in _IDENTITY_KEYS:
+            if key in IDENTITY_KEYS:
                 continue
             where = f"param_groups[{i}].{key} (group {name!r})"
             check = _SETTING_CHECKS.get(key)
@@ -349,8 +341,9 @@ class GroupedMixedPrecisionOptimizer(torch.optim.Optimizer):
     # --- stepping -------------------------------------------------------------------------------
     def _key(self, gi: int):
         g = self.param_groups[gi]
+        hyper = UPDATE_HYPERPARAMETERS[self.kind]
         return (g["lr"] * g["lr_scale"],) + tuple(
-            tuple(g[h]) if isinstance(g[h], (list, tuple)) else g[h] for h in _HYPER[self.kind] if h != "lr")
+            tuple(g[h]) if isinstance(g[h], (list, tuple)) else g[h] for h in hyper if h != "lr")
 
     def _batches(self) -> List[List[int]]:
         """Consecutive groups with equal hyperparameters, up to ``fuse_elems`` elements each."""
@@ -506,7 +499,7 @@ class GroupedMixedPrecisionOptimizer(torch.optim.Optimizer):
     # --- state (the Stateful protocol) ----------------------------------------------------------
     def hyperparameters(self, gi: int) -> Dict[str, Any]:
         """Group ``gi``'s settings without its tensors or identity keys."""
-        return {k: v for k, v in self.param_groups[gi].items() if k not in _IDENTITY_KEYS}
+        return {k: v for k, v in self.param_groups[gi].items() if k not in IDENTITY_KEYS}
 
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to continue: per-tensor state by name, per-group settings by group name.
@@ -570,7 +563,7 @@ class GroupedMixedPrecisionOptimizer(torch.optim.Optimizer):
         for g in self.param_groups:
             saved_group = settings.get(g["name"])
             if saved_group is not None:
-                g.update({k: v for k, v in saved_group.items() if k not in _IDENTITY_KEYS})
+                g.update({k: v for k, v in saved_group.items() if k not in IDENTITY_KEYS})
 
     def _read_state_dict(self, state_dict: Mapping[str, Any], strict: bool, copy: bool = True):
         """Check a state dict against this optimizer; returns the state to install (nothing applied)."""

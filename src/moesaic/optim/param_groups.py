@@ -1,4 +1,10 @@
-"""Optimizer parameter groups that keep MoE expert parameters apart.
+"""DeepSpeed's parameter-group helpers (``deepspeed.moe.utils``), as adapters over the one group builder.
+
+DeepSpeed's API hands over tensors and no model, so these helpers read each tensor's identity
+from its tags (``allreduce``, ``group_name``, ``expert_number``; moesaic's stacking tag) and pass
+the placed tensors to :func:`moesaic.optim.build_groups.split_group`, which groups, packs and
+names them exactly as it does the engine's groups. The engine itself never goes through these
+helpers: it places tensors with the model's ``ExpertIndex``.
 
 Same names and meaning as ``deepspeed.moe.utils``; the differences are deliberate:
 
@@ -15,7 +21,7 @@ a torch optimizer can only step whole tensors, so by default (``stacked="whole"`
 tensor stays whole, in a group per layer named ``"<base>/<layer>/stacked"`` (``expert_number``
 None). moesaic's own optimizer steps views, and with ``stacked="views"`` each stacked tensor is
 cut into one :class:`~moesaic.layer.identity.ParamRef` per expert, grouped exactly as per-module
-experts are (same group names, same tensor names), which is what the engine uses.
+experts are (same group names, same tensor names), as the engine's groups hold them.
 """
 
 from __future__ import annotations
@@ -29,13 +35,10 @@ from torch import nn
 
 from ..layer.identity import ExpertKey, ParamRef
 from ..layer.moe import iter_moe_modules
+from .build_groups import (DEFAULT_MAX_GROUP_SIZE, IDENTITY_KEYS, SPLIT_BY, STACKED_WHOLE, Member, ParamGroup,
+                           check_cap, check_split_by, numel, split_group)
 
-DEFAULT_MAX_GROUP_SIZE = 178956971  # DeepSpeed's default cap, in elements
-SPLIT_BY = ("expert", "layer")
 STACKED = ("whole", "views")
-_IDENTITY_KEYS = ("params", "name", "moe", "expert_group_name", "expert_number")
-
-ParamGroup = Dict[str, Any]
 
 
 def is_moe_param(param: torch.Tensor) -> bool:
@@ -156,46 +159,23 @@ def _normalise_groups(param_groups: Any, arg: str = "param_groups") -> List[Para
     return groups
 
 
-def _check_cap(max_group_size: Any) -> Optional[float]:
-    if max_group_size is None:
-        return None
-    if isinstance(max_group_size, bool) or not isinstance(max_group_size, (int, float)):
-        raise TypeError(f"max_group_size must be an int, a float or None, "
-                        f"got {type(max_group_size).__name__} ({max_group_size!r})")
-    if not max_group_size > 0:
-        raise ValueError(f"max_group_size must be > 0 elements (or None for no size split), got {max_group_size!r}")
-    return max_group_size
-
-
-def _numel(p: torch.Tensor) -> int:
-    return int(p.ds_numel) if hasattr(p, "ds_numel") else p.numel()  # ZeRO-3 partitioned params
-
-
-def _pack(units: List[List[torch.Tensor]], cap: Optional[float]) -> List[List[torch.Tensor]]:
-    """Greedily pack units (lists of params kept together) into chunks of at most ``cap`` elements.
-
-    A unit larger than ``cap`` is packed param by param on its own; a single param larger than
-    ``cap`` forms a chunk alone.
-    """
-    chunks: List[List[torch.Tensor]] = []
-    cur: List[torch.Tensor] = []
-    size = 0
-    for unit in units:
-        n = sum(_numel(p) for p in unit)
-        if cap is not None and n > cap and len(unit) > 1:
-            if cur:
-                chunks.append(cur)
-                cur, size = [], 0
-            chunks.extend(_pack([[p] for p in unit], cap))
-            continue
-        if cur and cap is not None and size + n > cap:
-            chunks.append(cur)
-            cur, size = [], 0
-        cur.extend(unit)
-        size += n
-    if cur:
-        chunks.append(cur)
-    return chunks
+def _tag_members(group: ParamGroup, gi: int, split_by: str, stacked: str) -> List[Member]:
+    """Each tensor of a group placed by the tags it carries (DeepSpeed's ``group_name``, moesaic's stacking)."""
+    out: List[Member] = []
+    for p in group["params"]:
+        if not is_moe_param(p):
+            out.append((p, None, None))
+        elif getattr(p, "moe_stacked", None) is None:
+            layer, number = _identity(p, gi, split_by)
+            out.append((p, layer, number))
+        elif stacked == "whole":
+            out.append((p, p.moe_stacked[0], STACKED_WHOLE))
+        else:  # one view per expert, named as ExpertIndex names them
+            layer, first = p.moe_stacked
+            for i in range(p.shape[0]):
+                key = ExpertKey(layer, first + i)
+                out.append((ParamRef(f"{key}/{p.moe_param_name}", p, key, i), layer, key.number))
+    return out
 
 
 def _identity(p: torch.Tensor, gi: int, split_by: str) -> Tuple[str, Optional[int]]:
@@ -212,16 +192,6 @@ def _identity(p: torch.Tensor, gi: int, split_by: str) -> Tuple[str, Optional[in
         raise ValueError(f"an MoE parameter of shape {tuple(p.shape)} in layer {layer!r} (param_groups[{gi}]) has "
                          "no expert_number, so split_by='expert' cannot place it; tag it or use split_by='layer'")
     return layer, number
-
-
-def _stacked_refs(p: torch.Tensor) -> List[ParamRef]:
-    """One ref per expert slice of a stacked parameter, named as :class:`ExpertIndex` names them."""
-    layer, first = p.moe_stacked
-    refs = []
-    for i in range(p.shape[0]):
-        key = ExpertKey(layer, first + i)
-        refs.append(ParamRef(f"{key}/{p.moe_param_name}", p, key, i))
-    return refs
 
 
 def split_params_into_different_moe_groups_for_optimizer(
@@ -254,63 +224,16 @@ def split_params_into_different_moe_groups_for_optimizer(
         The new list of groups: base groups first, then MoE groups.
     """
     groups = _normalise_groups(param_groups)
-    cap = _check_cap(max_group_size)
-    if split_by not in SPLIT_BY:
-        raise ValueError(f"split_by must be one of {SPLIT_BY}, got {split_by!r}")
+    cap = check_cap(max_group_size)
+    check_split_by(split_by)
     if stacked not in STACKED:
         raise ValueError(f"stacked must be one of {STACKED}, got {stacked!r}")
     names = [f"group_{gi}" if g.get("name") is None else str(g["name"]) for gi, g in enumerate(groups)]
     counts = Counter(names)
     names = [n if counts[n] == 1 else f"{n}[{gi}]" for gi, n in enumerate(names)]
-
-    bases: List[ParamGroup] = []
-    moe_groups: List[ParamGroup] = []
-    for gi, group in enumerate(groups):
-        dense: List[torch.Tensor] = []
-        layers: Dict[str, Dict[Any, List[torch.Tensor]]] = {}
-        whole: Dict[str, List[torch.Tensor]] = {}  # stacked tensors kept whole, per layer
-        for p in group["params"]:
-            if not is_moe_param(p):
-                dense.append(p)
-                continue
-            if getattr(p, "moe_stacked", None) is not None:
-                if stacked == "whole":
-                    layers.setdefault(p.moe_stacked[0], {})
-                    whole.setdefault(p.moe_stacked[0], []).append(p)
-                else:
-                    for ref in _stacked_refs(p):
-                        layers.setdefault(ref.expert.layer, {}).setdefault(ref.expert.number, []).append(ref)
-                continue
-            layer, number = _identity(p, gi, split_by)
-            experts = layers.setdefault(layer, {})
-            key = number if number is not None else ("untagged", len(experts))  # an untagged param is its own unit
-            experts.setdefault(key, []).append(p)
-        bases.append({**group, "params": dense})
-        hyper = {k: v for k, v in group.items() if k != "params"}
-
-        for layer, experts in layers.items():
-            if layer in whole:
-                chunks = _pack([[p] for p in whole[layer]], cap)
-                for i, chunk in enumerate(chunks):
-                    name = f"{names[gi]}/{layer}/stacked" + (f"/part_{i}" if len(chunks) > 1 else "")
-                    moe_groups.append({**hyper, "params": chunk, "moe": True, "expert_group_name": layer,
-                                       "expert_number": None, "name": name})
-                if not experts:
-                    continue
-            if split_by == "expert":
-                parts = [(n, _pack([[p] for p in experts[n]], cap)) for n in sorted(experts)]
-            else:
-                parts = [(None, _pack(list(experts.values()), cap))]
-            for number, chunks in parts:
-                for i, chunk in enumerate(chunks):
-                    name = f"{names[gi]}/{layer}"
-                    if number is not None:
-                        name += f"/expert_{number}"
-                    if len(chunks) > 1:
-                        name += f"/part_{i}"
-                    moe_groups.append({**hyper, "params": chunk, "moe": True, "expert_group_name": layer,
-                                       "expert_number": number, "name": name})
-    return bases + moe_groups
+    parts = [split_group(g, names[gi], _tag_members(g, gi, split_by, stacked), cap, split_by)
+             for gi, g in enumerate(groups)]
+    return [part[0] for part in parts] + [g for part in parts for g in part[1:]]
 
 
 def configure_moe_param_groups(model_parameters: Iterable[Any], *,
@@ -361,8 +284,8 @@ def describe_param_groups(groups: Union[ParamGroup, Sequence[ParamGroup]]) -> Li
         params = group["params"]
         name = group.get("name")
         line = (f"{f'group_{gi}' if name is None else name}: {len(params)} tensor{'' if len(params) == 1 else 's'}, "
-                f"{sum(_numel(p) for p in params):,} params")
-        hyper = [f"{k}={v!r}" for k, v in group.items() if k not in _IDENTITY_KEYS
+                f"{sum(numel(p) for p in params):,} params")
+        hyper = [f"{k}={v!r}" for k, v in group.items() if k not in IDENTITY_KEYS
                  and isinstance(v, (int, float)) and not isinstance(v, bool)]
         lines.append(", ".join([line] + hyper))
     return lines

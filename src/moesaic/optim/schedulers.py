@@ -29,7 +29,6 @@ from .._checks import check_choice, check_int, check_keys
 from .config import WARMUP_TYPES, SchedulerConfig
 
 WARMUP_LOG_RATE = "log"
-WARMUP_LINEAR_RATE = "linear"
 
 
 def _param_groups(optimizer: Any) -> List[Dict[str, Any]]:

@@ -28,10 +28,10 @@ from torch import Tensor, nn
 
 from ..layer.identity import ExpertIndex
 from ..layer.identity import ParamRef
-from .build_groups import _check_lr_scale, freeze_experts
+from .build_groups import check_lr_scale, freeze_experts, index_members, split_group
+from .config import UPDATE_HYPERPARAMETERS as _HYPER
 from .fsdp import grad_norm, local_tensor
-from .mixed_precision import _HYPER, _MOMENTS, _OPTIONAL_STATE, check_group_settings
-from .param_groups import split_params_into_different_moe_groups_for_optimizer
+from .mixed_precision import _MOMENTS, _OPTIONAL_STATE, check_group_settings
 from .pipeline import BoundaryResult
 
 _TORCH = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam, "SGD": torch.optim.SGD}
@@ -47,7 +47,7 @@ def build_zero3_groups(model: nn.Module, index: ExpertIndex, *, split_by: str = 
     ``weight_decay``); default one group ``"params"`` of every parameter.
     """
     if lr_scale:
-        _check_lr_scale(lr_scale, index)
+        check_lr_scale(lr_scale, index)
     if freeze:
         freeze_experts(model, list(freeze), index)
     if base is None:
@@ -55,8 +55,11 @@ def build_zero3_groups(model: nn.Module, index: ExpertIndex, *, split_by: str = 
     base = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in base]
     if not any(g["params"] for g in base):
         raise ValueError("the model has no trainable parameters")
-    groups = split_params_into_different_moe_groups_for_optimizer(base, max_group_size=None, split_by=split_by,
-                                                                  stacked="whole")
+    names = [f"group_{gi}" if g.get("name") is None else str(g["name"]) for gi, g in enumerate(base)]
+    names = [n if names.count(n) == 1 else f"{n}[{gi}]" for gi, n in enumerate(names)]
+    parts = [split_group(g, names[gi], index_members(g["params"], index, f"param_groups[{gi}]", views=False),
+                         None, split_by) for gi, g in enumerate(base)]
+    groups = [part[0] for part in parts] + [h for part in parts for h in part[1:]]
     groups = [g for g in groups if g["params"]]
     for g in groups:
         g.setdefault("lr_scale", 1.0)

@@ -30,6 +30,7 @@ from moesaic import checkpoint
 from moesaic._config import parse_override
 from moesaic.checkpoint import CheckpointError
 from moesaic.checkpoint.names import POINTER
+from moesaic.layer.identity import ExpertIndex
 from moesaic.models import GPT, GPTConfig
 from moesaic.parallel.comm import CollectiveError
 from moesaic.parallel.launch import LaunchEnv, resolve_device
@@ -213,7 +214,7 @@ def cmd_generate(args) -> int:
         raise ValueError(f"{folder}: the checkpoint carries no model config; was it written by `moesaic train`?")
     model_cfg["ep_size"] = 1  # one process holds every expert, whatever ep_size trained them
     model = GPT(GPTConfig.from_dict(GPTConfig.upgrade(model_cfg)))
-    checkpoint.load(ckpts, model)
+    checkpoint.load(ckpts, model, index=ExpertIndex.build(model))
     prompt = args.prompt.encode("utf-8")
     if not prompt:
         raise ValueError("--prompt must not be empty")
