@@ -34,43 +34,12 @@ import torch
 from torch import Tensor, nn
 
 from ..layer.identity import ExpertIndex, ExpertKey, ParamRef
+from ..parallel.dtensor import Rows, is_dtensor, local_rows, local_tensor
 from .errors import CheckpointError
-
-Rows = Tuple[int, int, int]  # start, stop, total
-
-
-def is_dtensor(t) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether ``model``'s parameters are ``DTensor`` shards (FSDP2, ``moesaic.shard_model``)."""
     return any(is_dtensor(p) for p in model.parameters())
-
-
-def local(t: Tensor) -> Tensor:
-    """This rank's rows of a ``DTensor`` (the tensor itself otherwise)."""
-    return t.to_local() if is_dtensor(t) else t
-
-
-def local_rows(t: Tensor) -> Optional[Rows]:
-    """``(start, stop, total)`` of this rank's rows of a ``DTensor`` sharded on dim 0; None for a plain tensor."""
-    if not is_dtensor(t):
-        return None
-    from torch.distributed.tensor import Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    if t.dim() == 0 or len(t.placements) != 1 or t.placements[0] != Shard(0):
-        raise ValueError(f"a sharded tensor of shape {tuple(t.shape)} is placed {t.placements}; checkpoints of "
-                         "sharded models read FSDP2's Shard(0) on a one-dimensional mesh only")
-    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-    start = offset[0] if shape[0] else min(offset[0], t.shape[0])
-    if tuple(t.to_local().shape) != tuple(shape):  # FSDP2 keeps unpadded local rows; anything else is not ours
-        raise ValueError(f"a sharded tensor of shape {tuple(t.shape)} holds local rows {tuple(t.to_local().shape)}, "
-                         f"not {tuple(shape)}")
-    return start, start + shape[0], t.shape[0]
 
 
 def _hash(keys: Iterable[str]) -> str:
@@ -103,7 +72,7 @@ def _piece(t: Tensor) -> Tuple[Optional[Tensor], Optional[Rows]]:
     rows = local_rows(t)
     if rows is None:
         return t, None
-    return (local(t).detach(), rows) if rows[1] > rows[0] else (None, rows)
+    return (local_tensor(t).detach(), rows) if rows[1] > rows[0] else (None, rows)
 
 
 def model_units(model: nn.Module, index: ExpertIndex, rank: int,
@@ -142,21 +111,10 @@ def model_units(model: nn.Module, index: ExpertIndex, rank: int,
                 if first_replica(key.layer):
                     unit.add(inner_name(ref), p.detach()[ref.index])
             elif rows[0] <= ref.index < rows[1]:  # a stacked expert lies whole on one rank
-                unit.add(inner_name(ref), local(p).detach()[ref.index - rows[0]])
+                unit.add(inner_name(ref), local_tensor(p).detach()[ref.index - rows[0]])
         if unit.tensors:
             experts[key] = unit
     return dense, experts, aliases
-
-
-def held_refs(index: ExpertIndex, params: Iterable[Tensor]) -> List[ParamRef]:
-    """The refs of ``params`` whose rows this rank holds (a stacked expert only where its slice is local)."""
-    out = []
-    for p in params:
-        rows = local_rows(p)
-        for ref in index.refs_of(p):
-            if ref.index is None or rows is None or rows[0] <= ref.index < rows[1]:
-                out.append(ref)
-    return out
 
 
 def optimizer_units(optimizer, index: ExpertIndex) -> Tuple[Dict[Optional[ExpertKey], Unit], List[str]]:
@@ -171,7 +129,7 @@ def optimizer_units(optimizer, index: ExpertIndex) -> Tuple[Dict[Optional[Expert
         state = optimizer.state.get(p, {})
         rows = local_rows(p)
         step = int(state["step"]) if "step" in state else 0
-        for ref in held_refs(index, [p]):
+        for ref in index.held_refs([p]):
             held.append(ref.name)
             unit = units.setdefault(ref.expert, Unit())
             values = {f: state[f] for f in fields if state.get(f) is not None}
@@ -179,13 +137,13 @@ def optimizer_units(optimizer, index: ExpertIndex) -> Tuple[Dict[Optional[Expert
             if ref.index is not None:  # a stacked expert's slice: whole, on this rank
                 off = rows[0] if rows is not None else 0
                 for f, v in values.items():
-                    unit.add(f"{ref.name}::{f}", local(v).detach()[ref.index - off])
+                    unit.add(f"{ref.name}::{f}", local_tensor(v).detach()[ref.index - off])
                 unit.add(f"{ref.name}::step", torch.tensor(step, dtype=torch.int64))
                 continue
             if rows is not None and rows[1] == rows[0]:
                 continue  # no rows here
             for f, v in values.items():
-                unit.add(f"{ref.name}::{f}", local(v).detach(), rows)
+                unit.add(f"{ref.name}::{f}", local_tensor(v).detach(), rows)
             if rows is None or rows[0] == 0:
                 unit.add(f"{ref.name}::step", torch.tensor(step, dtype=torch.int64))
     return units, held
@@ -264,25 +222,25 @@ def apply_model(model: nn.Module, index: ExpertIndex, dense: Dict[str, Tensor],
     """Copy checked values into a sharded model: each rank its own rows (shapes were checked when staging)."""
     targets = dense_targets(model, index)
     for name, value in dense.items():
-        local(targets[name]).copy_(value)
+        local_tensor(targets[name]).copy_(value)
     for key, tensors in experts.items():
         refs = expert_targets(index, key)
         for name, value in tensors.items():
             ref = refs[name]
             if ref.index is None:
-                local(ref.param).copy_(value)
+                local_tensor(ref.param).copy_(value)
                 continue
             rows = local_rows(ref.param)
             if rows is None:
                 ref.param.detach()[ref.index].copy_(value)
             elif rows[0] <= ref.index < rows[1]:
-                local(ref.param)[ref.index - rows[0]].copy_(value)
+                local_tensor(ref.param)[ref.index - rows[0]].copy_(value)
 
 
 def check_local_shapes(path, got: Dict[str, Tensor], targets: Dict[str, Tensor]) -> None:
     """The rows read for a sharded model's tensors have the shape of its local shards (after the whole-shape check)."""
     for k, v in got.items():
         t = targets.get(k)
-        if t is not None and tuple(v.shape) != tuple(local(t).shape):
+        if t is not None and tuple(v.shape) != tuple(local_tensor(t).shape):
             raise CheckpointError(f"{path}: {k!r}: read rows of shape {tuple(v.shape)} for a local shard of "
-                                  f"{tuple(local(t).shape)}")
+                                  f"{tuple(local_tensor(t).shape)}")

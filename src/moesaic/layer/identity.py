@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..parallel.dtensor import local_rows
+
 if TYPE_CHECKING:  # pragma: no cover
     from ..parallel.groups import ExpertParallelGroups
 
@@ -249,6 +251,17 @@ class ExpertIndex:
             return list(self._by_param[id(param)])
         except KeyError:
             raise KeyError(f"a tensor of shape {tuple(param.shape)} is not a parameter of this model") from None
+
+    def held_refs(self, params) -> List[ParamRef]:
+        """The refs of ``params`` whose rows this rank holds: all of them for plain tensors; for a
+        ``DTensor`` sharded by FSDP2, a stacked expert only where its slice is local."""
+        out = []
+        for p in params:
+            rows = local_rows(p)
+            for ref in self.refs_of(p):
+                if ref.index is None or rows is None or rows[0] <= ref.index < rows[1]:
+                    out.append(ref)
+        return out
 
     def ref_of(self, param: Tensor) -> ParamRef:
         """The single ref of a whole parameter (an error for stacked parameters)."""

@@ -35,7 +35,6 @@ Shape legend: S = tokens, E = experts, D = model dim.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Dict, Optional, Tuple
 
@@ -45,6 +44,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .._checks import check_int
+from ..parallel.dtensor import is_dtensor
 from ..parallel.groups import GroupRegistry, default_registry
 from . import recompute
 from .all_to_all import AllToAllDispatcher
@@ -343,7 +343,7 @@ class MOELayer(nn.Module):
                             f"(x.to({weight.dtype})), or embed token ids first")
         # sharded experts (FSDP2, moesaic.shard_model) hold fp32 masters and compute in their policy's dtype
         if (hidden_states.dtype != weight.dtype and not torch.is_autocast_enabled(hidden_states.device.type)
-                and not _is_dtensor(weight)):
+                and not is_dtensor(weight)):
             # else torch's matmul error names neither the layer nor what to do
             raise TypeError(f"hidden_states has dtype {hidden_states.dtype} but the MoE layer {self.ep_group_name!r} "
                             f"holds {weight.dtype} experts; cast the input (x.to({weight.dtype})) or the layer, "
@@ -430,13 +430,6 @@ class MOELayer(nn.Module):
 
 def _run_experts(experts: ExpertContainer, *pieces: Tensor):
     return tuple(experts(list(pieces)))
-
-
-@functools.lru_cache(maxsize=None)
-def _is_dtensor(t: Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
 
 
 def _check_used_token(used_token, hidden_states: Tensor, S: int) -> Tensor:

@@ -11,7 +11,7 @@ slots, capacity, counts, the expert-parallel header) and the RNG state around th
 checkpoint's own bookkeeping object; the recompute of that region takes the records back in the
 same order:
 
-* the decision is reused, never re-drawn (:func:`moesaic.layer.router.route_with_decision`
+* the decision is reused, never re-drawn (:func:`moesaic.layer.gate.route_with_decision`
   recomputes only the differentiable parts: scores, combine weights, losses);
 * the RNG state at the call is restored, so Jitter noise (which changes the router logits and
   so the weights), Mixtral's input jitter and an expert's dropout draw the same numbers, and the

@@ -43,6 +43,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..layer.moe import moe_layers, setup_expert_parallel
+from ..parallel.dtensor import local_tensor
 from ..parallel.groups import GroupRegistry
 
 _INFO_ATTR = "_moesaic_fsdp"
@@ -263,13 +264,6 @@ def shard_model(model: nn.Module, *, param_dtype: Optional[torch.dtype] = torch.
 def shard_info(model: nn.Module) -> Optional[ShardInfo]:
     """What :func:`shard_model` did to ``model``, or None for a model it has not sharded."""
     return getattr(model, _INFO_ATTR, None)
-
-
-def local_tensor(t: Tensor) -> Tensor:
-    """This rank's shard of a ``DTensor`` (the tensor itself otherwise)."""
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _grads(parameters) -> List[Tensor]:

@@ -30,7 +30,8 @@ from ..layer.identity import ExpertIndex
 from ..layer.identity import ParamRef
 from .build_groups import check_lr_scale, freeze_experts, index_members, split_group
 from .config import UPDATE_HYPERPARAMETERS as _HYPER
-from .fsdp import grad_norm, local_tensor
+from ..parallel.dtensor import local_rows, local_tensor
+from .fsdp import grad_norm
 from .mixed_precision import _MOMENTS, _OPTIONAL_STATE, check_group_settings
 from .pipeline import BoundaryResult
 
@@ -136,9 +137,7 @@ class Zero3Optimizer(torch.optim.Optimizer):
         return self.index
 
     def _held(self) -> Dict[str, ParamRef]:
-        from ..checkpoint.sharded import held_refs
-
-        return {r.name: r for r in held_refs(self._index(), self.params())}
+        return {r.name: r for r in self._index().held_refs(self.params())}
 
     def state_names(self) -> List[str]:
         """Names of the tensors whose rows this rank holds (a stacked expert where its slice is local)."""
@@ -162,8 +161,6 @@ class Zero3Optimizer(torch.optim.Optimizer):
         self._read(state_dict, strict)
 
     def _read(self, state_dict: Dict[str, Any], strict: bool) -> Dict[str, ParamRef]:
-        from ..checkpoint.sharded import local_rows
-
         if not isinstance(state_dict, dict) or "state" not in state_dict:
             raise TypeError("state_dict must be a dict with 'optimizer', 'state' and 'param_groups'")
         if state_dict.get("optimizer") != self.kind:
@@ -203,8 +200,6 @@ class Zero3Optimizer(torch.optim.Optimizer):
         A ``master`` field (the fp32 masters of a bf16/fp16 run at stages 0-2) becomes the
         parameter's rows: at stage 3 the parameters are the masters.
         """
-        from ..checkpoint.sharded import local_rows
-
         held = self._read(state_dict, strict)
         saved = state_dict["state"]
         fields = self.state_fields
