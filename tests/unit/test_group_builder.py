@@ -50,7 +50,7 @@ def test_one_packer_keeps_units_together_and_caps():
 def test_the_index_is_passed_never_built_as_a_fallback(tmp_path):
     m = model()
     with pytest.raises(TypeError, match=r"build_param_groups\(index=\.\.\.\) must be the model's ExpertIndex "
-                                        r"\(build it once per model with ExpertIndex.build\(model\) and pass it\), "
+                                        r"\(build it once per model with moesaic.ExpertIndex.build\(model\) and pass it\), "
                                         r"got NoneType"):
         build_param_groups(m, index=None)
     with pytest.raises(TypeError, match=r"freeze_experts\(index=\.\.\.\) must be the model's ExpertIndex .*got "
@@ -64,6 +64,18 @@ def test_the_index_is_passed_never_built_as_a_fallback(tmp_path):
         checkpoint.load(tmp_path, m, index={})
     with pytest.raises(TypeError, match="missing 1 required keyword-only argument: 'index'"):
         build_param_groups(m)
+
+
+def test_a_bare_model_saves_and_loads_with_the_public_index(tmp_path):
+    """docs/checkpoints.md: a bare model's checkpoint takes ``index=moesaic.ExpertIndex.build(model)``."""
+    src, dst = model(), model()
+    with torch.no_grad():
+        for p in dst.parameters():
+            p.add_(1.0)
+    checkpoint.save(tmp_path, src, tag="t", index=moesaic.ExpertIndex.build(src))
+    checkpoint.load(tmp_path, dst, index=moesaic.ExpertIndex.build(dst))
+    for (name, a), b in zip(src.state_dict().items(), dst.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_model_parameters_outside_the_model_are_named():

@@ -342,6 +342,6 @@ def moe_layers(model: nn.Module) -> Dict[str, Tuple[str, MoELayerBase]]:
 def require_index(index: object, where: str) -> "ExpertIndex":
     """``index`` must be the model's :class:`ExpertIndex`: built once per model by the caller, never here."""
     if not isinstance(index, ExpertIndex):
-        raise TypeError(f"{where} must be the model's ExpertIndex (build it once per model with "
+        raise TypeError(f"{where} must be the model's ExpertIndex (build it once per model with moesaic."
                         f"ExpertIndex.build(model) and pass it), got {type(index).__name__}")
     return index
