@@ -34,8 +34,11 @@ unit: $(VENV)/.stamp
 	$(VENV)/bin/python -m pytest -q tests/unit
 
 # Processes: the CLI and its launcher, kills and resumes, the README's commands, 2-4 rank gloo groups.
+# Two test files at a time (pytest-xdist, one file per worker): these tests wait on process start-up and
+# on each other's ranks, so two streams fill a 2-core machine better (459 s -> 326 s measured on one). The
+# unit tests stay serial: torch's own threads already use every core there.
 integration: $(VENV)/.stamp
-	$(VENV)/bin/python -m pytest -q tests/integration tests/distributed
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile tests/integration tests/distributed
 
 # Parity with DeepSpeed 0.19.8: same weights, same inputs, compared to fp32 round-off.
 parity: $(DS_VENV)/.stamp
