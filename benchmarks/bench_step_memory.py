@@ -277,7 +277,7 @@ def _sharded_rank(rank: int, world: int, port: int, mode: str, ep_size: int, out
         engine, opt, _, _ = moesaic.initialize(model=model, config={
             "train_micro_batch_size_per_gpu": TOKENS, "bf16": {"enabled": True}, "gradient_clipping": CLIP,
             "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}, "moe": {"max_group_size": _expert_numel()},
-            "zero_optimization": {"stage": int(mode[-1])}})
+            "zero_optimization": _zero_section(mode)})
         dense = sum(p.numel() for p in model.parameters() if getattr(p, "allreduce", True))
         local_experts = sum(p.numel() for p in model.parameters() if not getattr(p, "allreduce", True))
         out = _measure_iteration(engine, engine.backward, engine.step, x, steps=steps,
@@ -455,6 +455,14 @@ def bench_single(repeats: int) -> dict:
     return {"summary": summary, "runs": runs}
 
 
+def _zero_section(mode: str) -> dict:
+    """``moesaic-zN`` is stage N; ``moesaic-z3-gathered`` is stage 3 with ``reshard_after_forward: false``
+    (the parameters gathered in forward stay gathered for backward: one all-gather per unit instead of two)."""
+    if mode == "moesaic-z3-gathered":
+        return {"stage": 3, "reshard_after_forward": False}
+    return {"stage": int(mode[-1])}
+
+
 def bench_sharded(repeats: int, world: int, ep_size: int, modes=None, steps: int = 1) -> dict:
     modes = modes or (["moesaic-z0", "moesaic-z1", "moesaic-z2", "moesaic-z3"] +
                       (["deepspeed-z2"] if _have_deepspeed() else []))
@@ -495,6 +503,12 @@ def bench_sharded(repeats: int, world: int, ep_size: int, modes=None, steps: int
             t = statistics.median(a["iter_s"] / b["iter_s"] for a, b in zip(runs["moesaic-z3"], runs["moesaic-z2"]))
             print(f"moesaic-z3: peak RSS {peak:.3f}x stage 2's, step time {t:.3f}x stage 2's (same run order)")
             summary["moesaic-z3"]["peak_vs_z2"], summary["moesaic-z3"]["time_vs_z2"] = peak, t
+    if "moesaic-z3-gathered" in summary and "moesaic-z2" in summary:
+        peak = summary["moesaic-z3-gathered"]["peak_mib"] / summary["moesaic-z2"]["peak_mib"]
+        t = statistics.median(a["iter_s"] / b["iter_s"] for a, b in zip(runs["moesaic-z3-gathered"], runs["moesaic-z2"]))
+        print(f"moesaic-z3-gathered (reshard_after_forward false): peak RSS {peak:.3f}x stage 2's, step time "
+              f"{t:.3f}x stage 2's (same run order)")
+        summary["moesaic-z3-gathered"]["peak_vs_z2"], summary["moesaic-z3-gathered"]["time_vs_z2"] = peak, t
     if "moesaic-z0" not in summary:
         return {"summary": summary, "runs": runs}
     z0s = summary["moesaic-z0"]["state_mib"]
