@@ -46,6 +46,19 @@ from .sharding import ShardPlan
 
 OPTIMIZERS = OPTIMIZER_TYPES
 _MOMENTS = {"AdamW": ("exp_avg", "exp_avg_sq"), "Adam": ("exp_avg", "exp_avg_sq"), "SGD": ()}
+
+
+def check_state_entry(name: str, entry: Any, kind: str) -> Dict[str, Any]:
+    """A saved optimizer-state entry of tensor ``name`` holds ``step`` and the moments ``kind`` keeps
+    (the same rule at every ZeRO stage); returns it."""
+    if entry is None:
+        raise ValueError(f"the optimizer state has no entry for tensor {name!r}")
+    if "step" not in entry:
+        raise ValueError(f"the optimizer state of {name!r} has no 'step'")
+    for key in _MOMENTS[kind]:
+        if key not in entry:
+            raise ValueError(f"the optimizer state of {name!r} has no {key!r} ({kind} keeps {list(_MOMENTS[kind])})")
+    return entry
 _OPTIONAL_STATE = {"SGD": ("momentum_buffer",)}  # made at the first step with momentum
 FUSE_ELEMS_LIMIT = 1 << 19  # 512K elements (2 MiB in fp32): amortises launches over tiny groups, stays in cache
 
@@ -583,18 +596,10 @@ class GroupedMixedPrecisionOptimizer(torch.optim.Optimizer):
         new_state: Dict[str, Dict[str, Any]] = {}
         new_master: Dict[str, Tensor] = {}
         for name, current in self._state.items():
-            entry = saved.get(name)
-            if entry is None:
-                raise ValueError(f"the optimizer state has no entry for tensor {name!r}")
+            entry = check_state_entry(name, saved.get(name), self.kind)
             gi, j = self._by_name[name]
             ref = self._refs[gi][j]
             shape = tuple(ref.shape)
-            if "step" not in entry:
-                raise ValueError(f"the optimizer state of {name!r} has no 'step'")
-            for key in _MOMENTS[self.kind]:
-                if key not in entry:
-                    raise ValueError(f"the optimizer state of {name!r} has no {key!r} ({self.kind} keeps "
-                                     f"{list(_MOMENTS[self.kind])})")
             for key, value in entry.items():
                 if key == "step":
                     continue

@@ -32,7 +32,7 @@ from .build_groups import check_lr_scale, freeze_experts, index_members, split_g
 from .config import UPDATE_HYPERPARAMETERS as _HYPER
 from ..parallel.dtensor import local_rows, local_tensor
 from .fsdp import grad_norm
-from .mixed_precision import _MOMENTS, _OPTIONAL_STATE, check_group_settings
+from .mixed_precision import _MOMENTS, _OPTIONAL_STATE, check_group_settings, check_state_entry
 from .pipeline import BoundaryResult
 
 _TORCH = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam, "SGD": torch.optim.SGD}
@@ -173,15 +173,7 @@ class Zero3Optimizer(torch.optim.Optimizer):
             if unknown:
                 raise ValueError(f"the optimizer state holds tensors this optimizer does not have: {unknown[:5]}")
         for name, ref in held.items():
-            entry = saved.get(name)
-            if entry is None:
-                raise ValueError(f"the optimizer state has no entry for tensor {name!r}")
-            if "step" not in entry:
-                raise ValueError(f"the optimizer state of {name!r} has no 'step'")
-            for key in _MOMENTS[self.kind]:
-                if key not in entry:
-                    raise ValueError(f"the optimizer state of {name!r} has no {key!r} ({self.kind} keeps "
-                                     f"{list(_MOMENTS[self.kind])})")
+            entry = check_state_entry(name, saved.get(name), self.kind)
             rows = local_rows(ref.param)
             want = tuple(ref.shape) if ref.index is not None or rows is None else \
                 (rows[1] - rows[0],) + tuple(ref.shape[1:])
