@@ -142,16 +142,26 @@ def _spawn(name, folder, mode, args) -> dict:
                                                      "--warmup", args.warmup, "--batch", args.batch, "--seq", args.seq])
 
 
+SHAPE_ARGUMENTS = ("layers", "experts", "top_k", "hidden", "expert_hidden", "vocab", "seq", "batch")
+
+
+def add_shape_arguments(ap: argparse.ArgumentParser, seq: int) -> None:
+    """The OLMoE-shaped benchmark model's arguments (shared by bench_sft.py and bench_recompute.py)."""
+    for name, default in (("layers", 8), ("experts", 64), ("top-k", 8), ("hidden", 256), ("expert-hidden", 128),
+                          ("vocab", 1024), ("seq", seq), ("batch", 4)):
+        ap.add_argument(f"--{name}", type=int, default=default)
+
+
+def check_positive(args: argparse.Namespace, names) -> None:
+    """Every one of ``names`` is >= 1, or exit naming the flag and its value."""
+    for name in names:
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--experts", type=int, default=64)
-    ap.add_argument("--top-k", type=int, default=8)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--expert-hidden", type=int, default=128)
-    ap.add_argument("--vocab", type=int, default=1024)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=4)
+    add_shape_arguments(ap, seq=256)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2)
@@ -166,9 +176,7 @@ def main() -> None:
         return
     if args.quick:
         args.layers, args.experts, args.top_k, args.steps, args.warmup, args.rounds = 2, 16, 4, 10, 2, 1
-    for name in ("layers", "experts", "top_k", "hidden", "expert_hidden", "vocab", "seq", "batch", "steps", "rounds"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_positive(args, SHAPE_ARGUMENTS + ("steps", "rounds"))
     if not 0 <= args.warmup < args.steps:
         raise SystemExit(f"--warmup must be in [0, --steps), got {args.warmup}")
     with tempfile.TemporaryDirectory() as tmp:

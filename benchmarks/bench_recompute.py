@@ -34,7 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_hf import KEEP_MEMORY_ENV, _kib, build_folder, run_worker  # noqa: E402
+from bench_hf import (KEEP_MEMORY_ENV, SHAPE_ARGUMENTS, _kib, add_shape_arguments, build_folder,  # noqa: E402
+                      check_positive, run_worker)
 
 CONTENDERS = ("moesaic", "moesaic-block", "hf-gc", "moesaic-moe", "moesaic-experts", "hf")
 WARMUP = int(os.environ.get("BENCH_WARMUP", 2))  # steps before the measured one (AdamW's state exists after the first)
@@ -152,14 +153,7 @@ def _print_speed(speed: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--experts", type=int, default=64)
-    ap.add_argument("--top-k", type=int, default=8)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--expert-hidden", type=int, default=128)
-    ap.add_argument("--vocab", type=int, default=1024)
-    ap.add_argument("--seq", type=int, default=1024)
-    ap.add_argument("--batch", type=int, default=4)
+    add_shape_arguments(ap, seq=1024)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--budget-mib", type=float, default=4096.0)
     ap.add_argument("--contenders", default=",".join(CONTENDERS))
@@ -172,6 +166,7 @@ def main() -> None:
     ap.add_argument("--memory-only", action="store_true", help="skip the per-contender tokens/s processes")
     ap.add_argument("--interleaved-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    check_positive(args, SHAPE_ARGUMENTS + ("steps",))
     if args.interleaved_worker:
         torch.set_num_threads(1)
         print(json.dumps(interleaved(args.folder, POLICIES, args.steps, args.batch, args.seq)))

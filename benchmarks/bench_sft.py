@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_hf import run_worker  # noqa: E402  (fresh worker processes with the allocator set per mode)
+from bench_hf import SHAPE_ARGUMENTS, add_shape_arguments, check_positive, run_worker  # noqa: E402  (fresh worker processes with the allocator set per mode)
 
 CONTENDERS = ("hf-padded", "moesaic-packed")
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -172,14 +172,7 @@ def _spawn(name, folder, mode, args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(ROOT / "data" / "stdlib_chat.jsonl"))
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--experts", type=int, default=64)
-    ap.add_argument("--top-k", type=int, default=8)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--expert-hidden", type=int, default=128)
-    ap.add_argument("--vocab", type=int, default=1024)
-    ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--batch", type=int, default=4)
+    add_shape_arguments(ap, seq=512)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
@@ -194,9 +187,7 @@ def main() -> None:
         return
     if args.quick:
         args.layers, args.experts, args.top_k, args.steps, args.warmup, args.rounds = 2, 16, 4, 6, 1, 1
-    for name in ("layers", "experts", "top_k", "hidden", "expert_hidden", "vocab", "seq", "batch", "steps", "rounds"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_positive(args, SHAPE_ARGUMENTS + ("steps", "rounds"))
     if not 0 <= args.warmup < args.steps or args.steps < 4:
         raise SystemExit(f"need --steps >= 4 and --warmup in [0, --steps), got {args.steps}, {args.warmup}")
     with tempfile.TemporaryDirectory() as tmp:
