@@ -122,7 +122,8 @@ def check_routes(routes: Mapping[str, Tensor], layers: Mapping[str, object]) -> 
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= E):
             raise ValueError(f"replay_routing: routes[{name!r}] holds expert ids in [{int(ids.min())}, "
                              f"{int(ids.max())}]; layer {name!r} has experts 0..{E - 1}")
-        if ids.shape[0] and bool((ids.sort(dim=1).values[:, 1:] == ids.sort(dim=1).values[:, :-1]).any()):
+        ordered = ids.sort(dim=1).values
+        if ids.shape[0] and bool((ordered[:, 1:] == ordered[:, :-1]).any()):
             raise ValueError(f"replay_routing: routes[{name!r}] sends a token to the same expert twice; a token's "
                              f"{k} experts must differ")
 
