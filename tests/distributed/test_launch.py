@@ -39,3 +39,30 @@ def test_two_nodes_simulated_with_c10d_rendezvous():
     joined = "".join(outputs)
     for rank in (0, 1):
         assert f"rank {rank}/2 (gloo): expert parallelism matches data parallelism" in joined
+
+
+EXIT_SCRIPT = '''
+import atexit
+import torch
+import torch.distributed as dist
+import moesaic
+
+# registered before init_distributed, so it runs after moesaic's own exit handler (atexit is LIFO)
+atexit.register(lambda: print(f"rank {RANK} process group alive at exit: {dist.is_initialized()}", flush=True))
+RANK, _ = moesaic.init_distributed()
+t = torch.ones(3)
+work = dist.all_reduce(t, async_op=True)  # gloo work objects, as a script's last steps leave them
+work.wait()
+'''
+
+
+def test_gloo_group_destroyed_at_exit_without_the_script_asking(tmp_path):
+    """A script that never calls destroy_process_group (DeepSpeed's examples) must not leave gloo to
+    interpreter finalization, where it sometimes aborts (SIGABRT) after the last line ran."""
+    script = tmp_path / "no_destroy.py"
+    script.write_text(EXIT_SCRIPT)
+    cmd = _torchrun("--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script))
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank} process group alive at exit: False" in done.stdout, done.stdout + done.stderr[-2000:]

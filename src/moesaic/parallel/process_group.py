@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import datetime
 from typing import Optional, Tuple
 
@@ -53,7 +54,24 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 300.0,
     else:  # the default_port fallback
         dist.init_process_group(backend=backend, init_method=f"tcp://{addr}:{port}", rank=env.rank,
                                 world_size=env.world_size, timeout=timeout)
+    if backend == "gloo":
+        atexit.unregister(_destroy_gloo_at_exit)  # once, however often a test re-initialises
+        atexit.register(_destroy_gloo_at_exit)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _destroy_gloo_at_exit() -> None:
+    """Destroy the gloo process group that :func:`init_distributed` created, while Python is still whole.
+
+    A script that ends without ``destroy_process_group`` (DeepSpeed's examples do) leaves gloo's
+    worker threads holding work objects whose tensors are freed during interpreter finalization:
+    now and then the process dies with SIGABRT ("terminate called without an active exception")
+    after its last line ran, and the launcher reports a failed run. gloo's destroy is local (no
+    collective), so it is safe at exit even when a peer has already gone. NCCL is left alone: its
+    destroy aborts communicators, which the user's own shutdown must order.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def world_timeout() -> Optional[datetime.timedelta]:
