@@ -268,7 +268,7 @@ def _saved_inputs_worker(rank, world):
     # in it), so the experts' saved inputs are kept as (layer input, received buffer) + indices and
     # no piece outlives the forward; with the plain context every piece stays alive
     _, ep = _pair(2, 2, drop_tokens=False)
-    dispatcher = ep.deepspeed_moe.dispatcher
+    dispatcher = ep.dispatcher
     assert isinstance(dispatcher, AllToAllDispatcher)
     x = torch.randn(40, D, generator=torch.Generator().manual_seed(rank))
     results = []

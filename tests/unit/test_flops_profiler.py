@@ -64,7 +64,7 @@ def test_moe_layer_is_router_plus_tokens_times_expert_flops():
     with prof.forward(timed=True):
         net(x)
     layer = net.moe.deepspeed_moe
-    tokens = [int(t) for t in layer.tokens_per_expert]
+    tokens = [int(t) for t in net.moe.tokens_per_expert]
     assert len(set(tokens)) > 1  # unequal loads, or the check below would not tell them apart
     expert = layer.experts[0]
     with FlopCounterMode(display=False) as one:

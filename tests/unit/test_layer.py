@@ -11,7 +11,7 @@ from torch import nn
 
 import moesaic
 from moesaic.layer import Dispatcher, LocalDispatcher
-from moesaic.layer.moe import upgrade_legacy_keys
+from moesaic.layer.keys import upgrade_legacy_keys
 
 D = 8
 
@@ -318,13 +318,13 @@ class _MaskDispatcher(Dispatcher):
 
 
 def test_any_dispatcher_drives_the_same_layer():
-    # MOELayer.forward has one path: swapping the dispatcher changes how tokens move, not the result
+    # the routed part has one path: swapping the dispatcher changes how tokens move, not the result
     torch.manual_seed(0)
     moe = moesaic.MoE(D, mlp(), num_experts=4, k=2, capacity_factor=0.75, top2_2nd_expert_sampling=False)
     x = torch.randn(24, D)
     runs = []
     for dispatcher in (LocalDispatcher(4), _MaskDispatcher(4)):
-        moe.deepspeed_moe.set_dispatcher(dispatcher)
+        moe.set_dispatcher(dispatcher)
         moe.zero_grad()
         xi = x.clone().requires_grad_(True)
         out, l_aux, _ = moe(xi)
@@ -334,14 +334,14 @@ def test_any_dispatcher_drives_the_same_layer():
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="the dispatcher feeds 2 local experts, this layer holds 4"):
-        moe.deepspeed_moe.set_dispatcher(LocalDispatcher(2))
+        moe.set_dispatcher(LocalDispatcher(2))
     with pytest.raises(TypeError, match="dispatcher must be a moesaic Dispatcher"):
-        moe.deepspeed_moe.set_dispatcher(object())
+        moe.set_dispatcher(object())
 
 
 def _pieces_kept_alive(moe, x, use_saved_inputs):
     """Run dispatch + experts + combine by hand; returns (pieces still alive after forward, grads)."""
-    dispatcher = moe.deepspeed_moe.dispatcher
+    dispatcher = moe.dispatcher
     x = x.clone().requires_grad_(True)
     routing = moe.gate(x)
     pieces, meta = dispatcher.dispatch(x, routing)

@@ -58,7 +58,7 @@ def test_replay_after_a_step_uses_the_recorded_experts(options, tmp_path):
     real = layer.deepspeed_moe.gate.forward
 
     def forced(x_SD, used_token=None, num_sequences=1, **kw):
-        kw["decision"] = replay_decision(layer.deepspeed_moe, routes["0"], x_SD.shape[0], x_SD.device)
+        kw["decision"] = replay_decision(layer, routes["0"], x_SD.shape[0], x_SD.device)
         return real(x_SD, used_token, num_sequences, **kw)
 
     layer.deepspeed_moe.gate.forward = forced
@@ -90,8 +90,8 @@ def test_expert_choice_picks_are_recorded_and_replayed():
     x = torch.randn(2, 10, D, generator=torch.Generator().manual_seed(2))
     with moesaic.record_routing(model) as routes:
         first = _forward(model, x)
-    C = layer.deepspeed_moe.tokens_per_expert[0]
-    assert routes["0"].shape == (E, C) and torch.equal(routes["0"].reshape(-1), layer.deepspeed_moe._unrouted[0])
+    C = layer.tokens_per_expert[0]
+    assert routes["0"].shape == (E, C) and torch.equal(routes["0"].reshape(-1), layer._unrouted[0])
     with moesaic.replay_routing(model, routes):  # at the recording weights: the first forward, bit for bit
         assert torch.equal(_forward(model, x), first)
     first.backward()
@@ -112,7 +112,7 @@ def test_expert_choice_picks_are_recorded_and_replayed():
     real = layer.deepspeed_moe.gate.forward
 
     def forced(x_SD, used_token=None, num_sequences=1, **kw):
-        kw["decision"] = replay_decision(layer.deepspeed_moe, routes["0"], x_SD.shape[0], x_SD.device)
+        kw["decision"] = replay_decision(layer, routes["0"], x_SD.shape[0], x_SD.device)
         return real(x_SD, used_token, num_sequences, **kw)
 
     layer.deepspeed_moe.gate.forward = forced
@@ -180,4 +180,4 @@ def test_bad_routes_are_refused():
         with moesaic.record_routing(ec):
             ec[0](torch.randn(20, D))
             ec[0](torch.randn(20, D))
-    assert model[0].deepspeed_moe._replay_ids is None  # the context cleaned up after the error
+    assert model[0]._replay_ids is None  # the context cleaned up after the error

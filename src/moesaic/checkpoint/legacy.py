@@ -13,11 +13,12 @@ ways, all handled on load without a conversion step:
   ``experts/<layer>/<n>.optim.safetensors`` (keys ``"<name inside the expert>::<field>"``);
 * the manifest carried no checksum of its own.
 
-**Module names.** MoE layers used to hold their router at ``<path>.gate.*``; DeepSpeed's
-structure (now ours) holds it at ``<path>.deepspeed_moe.gate.*``. A dense tensor (and its
-optimizer state) saved as ``<...>.gate.<rest>`` loads into ``<...>.deepspeed_moe.gate.<rest>``
-when the model has the latter and not the former (:func:`upgrade_dense_names`). Expert tensors
-are stored by their name inside the expert, which neither layout changed.
+**Module names.** An MoE layer's router sits at ``<path>.gate.*`` in moesaic's core layer (and in
+moesaic's layer before it took DeepSpeed's nesting) and at ``<path>.deepspeed_moe.gate.*`` in
+DeepSpeed's nesting (``moesaic.MoE``, and the core layer until issue 23). A dense tensor (and its
+optimizer state) saved under one spelling loads into the other when the model has that one and not
+the saved one (:func:`upgrade_dense_names`, over :func:`moesaic.layer.keys.respell_key`). Expert
+tensors are stored by their name inside the expert, which no layout changed.
 """
 
 from __future__ import annotations
@@ -31,14 +32,17 @@ import torch
 from torch import Tensor
 
 from ..layer.identity import ParamRef
+from ..layer.keys import LAYOUTS, respell_key
 from .errors import CheckpointError
 
 
 def upgrade_dense_names(saved: Iterable[str], model: Iterable[str]) -> Dict[str, str]:
-    """``{saved name: model name}`` for saved dense names that exist in the model only under DeepSpeed's path.
+    """``{saved name: model name}`` for saved dense names that the model spells in the other MoE nesting.
 
     ``"blocks.0.ffn.gate.wg.weight"`` maps to ``"blocks.0.ffn.deepspeed_moe.gate.wg.weight"`` when
-    the model has the second and not the first; every other name maps to itself (not listed).
+    the model has the second and not the first, and the reverse; every other name maps to itself
+    (not listed). A model name already claimed (saved under its own name, or by an earlier
+    rename) is never the target of a rename.
     """
     saved, model = list(saved), set(model)
     taken = set(saved)
@@ -46,15 +50,22 @@ def upgrade_dense_names(saved: Iterable[str], model: Iterable[str]) -> Dict[str,
     for name in saved:
         if name in model:
             continue
-        parts = name.split(".")
-        for i, part in enumerate(parts):
-            if part == "gate" and (i == 0 or parts[i - 1] != "deepspeed_moe"):
-                candidate = ".".join(parts[:i] + ["deepspeed_moe"] + parts[i:])
-                if candidate in model and candidate not in taken:
-                    renames[name] = candidate
-                    taken.add(candidate)
-                    break
+        for candidate in _respellings(name):
+            if candidate in model and candidate not in taken:
+                renames[name] = candidate
+                taken.add(candidate)
+                break
     return renames
+
+
+def _respellings(name: str):
+    """``name`` with the part after each dot (an MoE layer's prefix ends there) spelled in each layout."""
+    starts = [0] + [i + 1 for i, c in enumerate(name) if c == "."]
+    for start in starts:
+        for layout in LAYOUTS:
+            rest = respell_key(name[start:], layout)
+            if rest != name[start:]:
+                yield name[:start] + rest
 
 
 def v1_expert_file(layer: str, number: int, optim: bool = False) -> str:

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from ..layer.identity import ExpertIndex, ExpertKey
 from ..checkpoint.errors import CheckpointError
+from ..checkpoint.legacy import upgrade_dense_names
 from ..checkpoint.names import check_folder_name, check_tag
 from ..checkpoint.store import save
 
@@ -67,14 +68,6 @@ def _load_pt(path: Path, trust_pickle: bool):
             "came from, pass trust_pickle=True") from None
     except (RuntimeError, EOFError, OSError) as err:
         raise CheckpointError(f"{path}: unreadable ({err})") from None
-
-
-def _dense_name(key: str, wanted) -> str:
-    """DeepSpeed's name for a dense tensor, as the model calls it (router paths may differ)."""
-    if key in wanted:
-        return key
-    short = key.replace("deepspeed_moe.gate.", "gate.")  # a MoE that holds its router at <path>.gate
-    return short if short in wanted else key
 
 
 def convert_deepspeed_checkpoint(ds_dir, model: nn.Module, out_dir, *, ds_tag: Optional[str] = None,
@@ -111,7 +104,8 @@ def convert_deepspeed_checkpoint(ds_dir, model: nn.Module, out_dir, *, ds_tag: O
     if not isinstance(main, dict) or not isinstance(main.get("module"), dict):
         raise CheckpointError(f"{folder / 'mp_rank_00_model_states.pt'}: no 'module' state dict")
     want_dense = index.dense_state_dict(model)
-    dense = {_dense_name(k, want_dense): v for k, v in main["module"].items()}
+    renames = upgrade_dense_names(main["module"], want_dense)  # a core layer holds its router at <path>.gate
+    dense = {renames.get(k, k): v for k, v in main["module"].items()}
     _check(folder, "dense", dense, want_dense)
     experts: Dict[ExpertKey, Dict[str, Tensor]] = {}
     for layer_id, layer in enumerate(layers):

@@ -94,19 +94,18 @@ class HFMoEBlock(MixtureOfExperts):
     def forward(self, hidden_states: Tensor):  # type: ignore[override]
         """The block's output for `(batch, seq, D)` hidden states (``(output, None)`` for GPT-OSS)."""
         # one recompute call around the jitter too, so a recompute draws the same noise (layer/recompute.py)
-        layer = self.deepspeed_moe
-        call, token = recompute.begin(layer, hidden_states.device)
+        call, token = recompute.begin(self, hidden_states.device)
         try:
             x = hidden_states
             if self.training and self.jitter_noise > 0:
                 x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
             collect = _router_logits_list()  # None in a recompute: transformers collects in forward only
             captured: list = []
-            layer._logits_out = captured if collect is not None else None
+            self._logits_out = captured if collect is not None else None
             try:
                 out, _, _ = super().forward(x, self._used_token(x))
             finally:
-                layer._logits_out = None
+                self._logits_out = None
             if collect is not None:  # the router's own logits: no second matmul, no extra saved tensor
                 logits = captured[0]
                 collect.append(logits if self.logits_fp32 else logits.to(x.dtype))

@@ -180,7 +180,7 @@ def _mixtral_options(c) -> dict:
 
 
 def _mixtral_layouts(c):
-    dense = {"gate.weight": "deepspeed_moe.gate.wg.weight"}
+    dense = {"gate.weight": "gate.wg.weight"}
     return (BlockLayout("hub", "block_sparse_moe", dense, per_expert=_MIXTRAL_PER_EXPERT),
             BlockLayout("fused", "mlp", dense, fused=_glu_fused(c.intermediate_size)))
 
@@ -199,7 +199,7 @@ def _qwen_options(shared: bool, f_attr: str = "moe_intermediate_size") -> Callab
 
 def _qwen_layouts(shared: bool, f_attr: str = "moe_intermediate_size"):
     def layouts(c):
-        dense = {"gate.weight": "deepspeed_moe.gate.wg.weight"}
+        dense = {"gate.weight": "gate.wg.weight"}
         if shared:
             dense.update(_shared_names("shared_expert", gated=True))
         return (BlockLayout("hub", "mlp", dense, per_expert=_GLU_PER_EXPERT),
@@ -218,8 +218,8 @@ def _deepseek_v3_options(c) -> dict:
 
 
 def _deepseek_v3_layouts(c):
-    dense = {"gate.weight": "deepspeed_moe.gate.wg.weight",
-             "gate.e_score_correction_bias": "deepspeed_moe.gate.expert_bias",
+    dense = {"gate.weight": "gate.wg.weight",
+             "gate.e_score_correction_bias": "gate.expert_bias",
              **_shared_names("shared_experts", gated=False)}
     return (BlockLayout("hub", "mlp", dense, per_expert=_GLU_PER_EXPERT),
             BlockLayout("fused", "mlp", dense, fused=_glu_fused(c.moe_intermediate_size)))
@@ -234,7 +234,7 @@ def _gpt_oss_options(c) -> dict:
 
 
 def _gpt_oss_layouts(c):
-    dense = {"router.weight": "deepspeed_moe.gate.wg.weight", "router.bias": "deepspeed_moe.gate.wg.bias"}
+    dense = {"router.weight": "gate.wg.weight", "router.bias": "gate.wg.bias"}
     layout = BlockLayout("hub", "mlp", dense, fused=_gpt_oss_fused())
     return layout, BlockLayout("fused", "mlp", dense, fused=_gpt_oss_fused())
 

@@ -7,9 +7,10 @@ interface :class:`~moesaic.layer.identity.ExpertIndex` and the checkpoint store 
 containers implement it: :class:`Experts` (here: per-module experts) and
 :class:`~moesaic.layer.stacked.StackedExperts` (``[E_local, ...]`` tensors).
 
-The copies live in ``deepspeed_experts`` (DeepSpeed's attribute name, so ``state_dict`` keys
-read ``deepspeed_experts.<i>.*`` as in DeepSpeed). ``Experts`` only computes: it receives one
-piece of tokens per local expert from a dispatcher and returns one output per piece.
+The copies live in the ``nn.ModuleList`` named by the class's ``EXPERT_LIST`` (``local_experts``,
+so ``state_dict`` keys read ``local_experts.<i>.*``; the DeepSpeed bridge's container names it
+``deepspeed_experts`` as DeepSpeed does). ``Experts`` only computes: it receives one piece of
+tokens per local expert from a dispatcher and returns one output per piece.
 
 Every parameter of expert ``i`` on expert-parallel rank ``r`` is tagged (see
 :mod:`moesaic.layer.identity`) with the layer's ``expert_group_name`` and the global expert number
@@ -149,7 +150,12 @@ class Experts(ExpertContainer):
         num_local_experts: copies held by this rank.
         expert_group_name: the layer's name, stamped on every parameter.
         ep_rank: this rank's index in its expert-parallel group (sets the global numbers).
+
+    The copies are the ``nn.ModuleList`` called ``EXPERT_LIST`` (``self.copies`` whatever its name).
     """
+
+    #: the attribute (and ``state_dict`` key) of the list of copies
+    EXPERT_LIST = "local_experts"
 
     def __init__(self, expert: nn.Module, num_local_experts: int = 1, expert_group_name: str = "ep_size_1",
                  ep_rank: int = 0, hidden_size: Optional[int] = None) -> None:
@@ -165,7 +171,7 @@ class Experts(ExpertContainer):
         self.hidden_size = hidden_size
         # the first forward checks the width the expert's first Linear takes (what its structure did not say)
         self._widths_checked = hidden_size is None or expert_width(expert, "in") is not None
-        self.deepspeed_experts = nn.ModuleList([copy.deepcopy(expert) for _ in range(num_local_experts)])
+        self.add_module(self.EXPERT_LIST, nn.ModuleList([copy.deepcopy(expert) for _ in range(num_local_experts)]))
         self.num_local_experts = num_local_experts
         self.expert_group_name = expert_group_name
         self.ep_rank = 0
@@ -174,13 +180,18 @@ class Experts(ExpertContainer):
     def tag(self, expert_group_name: str, ep_rank: int) -> None:
         """(Re)stamp every parameter with the layer name and its global expert number."""
         self._set_identity(expert_group_name, ep_rank)
-        for i, expert in enumerate(self.deepspeed_experts):
+        for i, expert in enumerate(self.copies):
             key = ExpertKey(expert_group_name, ep_rank * self.num_local_experts + i)
             for name, param in expert.named_parameters():
                 tag_expert_param(param, key, name)
 
+    @property
+    def copies(self) -> nn.ModuleList:
+        """The local experts' modules, in local order."""
+        return self._modules[self.EXPERT_LIST]
+
     def _local(self, number: int) -> nn.Module:
-        return self.deepspeed_experts[self._local_index(number)]
+        return self.copies[self._local_index(number)]
 
     def expert_state_dict(self, number: int, keep_vars: bool = False) -> Dict[str, Tensor]:
         """Tensors (parameters and buffers) of global expert ``number``, by their names inside it."""
@@ -191,10 +202,10 @@ class Experts(ExpertContainer):
         self._local(number).load_state_dict(tensors, strict=True)
 
     def __getitem__(self, i: int) -> nn.Module:
-        return self.deepspeed_experts[i]
+        return self.copies[i]
 
     def __iter__(self) -> Iterator[nn.Module]:
-        return iter(self.deepspeed_experts)
+        return iter(self.copies)
 
     def forward(self, xs: Sequence[Tensor]) -> List[Tensor]:
         """Run local expert ``i`` on its piece ``xs[i]`` of tokens.
@@ -212,7 +223,7 @@ class Experts(ExpertContainer):
             raise ValueError(f"Experts expects one piece per local expert ({self.num_local_experts}), got {got}")
         outputs: List[Tensor] = []
         D = getattr(self, "hidden_size", None)  # (containers pickled before it was recorded lack both)
-        for i, (expert, chunk) in enumerate(zip(self.deepspeed_experts, xs)):
+        for i, (expert, chunk) in enumerate(zip(self.copies, xs)):
             # an expert with no tokens still runs (on 0 rows) so its parameters get zero grads,
             # not None, exactly as with DeepSpeed's padded buffers
             if not getattr(self, "_widths_checked", True) and not torch.compiler.is_compiling():

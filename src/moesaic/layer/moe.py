@@ -1,14 +1,14 @@
 """The MoE layer: :class:`MixtureOfExperts`, built from one :class:`~moesaic.layer.config.MoEConfig`.
 
 Its direct parts are the router (``gate``, a :class:`~moesaic.layer.gate.TopKGate`), the
-dispatcher (``deepspeed_moe.dispatcher``, chosen when the layer joins its process groups) and the
-experts (``experts``, an :class:`~moesaic.layer.experts.ExpertContainer`), plus the optional
-shared expert and residual MLP. The routed part lives in :class:`MOELayer` (``deepspeed_moe``)
-because that is where DeepSpeed 0.19.8 stores it: ``state_dict`` keys are DeepSpeed's
-(``deepspeed_moe.gate.wg.weight``, ``deepspeed_moe.experts.deepspeed_experts.<i>.*``, ``mlp.*`` /
-``coefficient.*`` for a residual MoE), so state dicts and checkpoints move both ways with plain
-``load_state_dict``. DeepSpeed's constructor (positional arguments, ``use_tutel``, the
-``ep_size_N`` default name) is :class:`moesaic.MoE` in :mod:`moesaic.deepspeed.moe`.
+dispatcher (``dispatcher``, chosen when the layer joins its process groups) and the experts
+(``experts``, an :class:`~moesaic.layer.experts.ExpertContainer`), plus the optional shared expert
+and residual MLP. ``state_dict`` keys are the layer's own (:data:`~moesaic.layer.keys.CORE_LAYOUT`:
+``gate.wg.weight``, ``experts.local_experts.<i>.*``, ``mlp.*`` / ``coefficient.*`` for a residual
+MoE, ``shared_expert.*``). DeepSpeed's constructor and its module nesting (``deepspeed_moe``,
+``deepspeed_experts``) are :class:`moesaic.MoE` in :mod:`moesaic.deepspeed.moe`, a subclass that
+places the same parts elsewhere (:meth:`MixtureOfExperts._place_parts`). State dicts of either
+nesting load into either class: a load hook respells them (:mod:`moesaic.layer.keys`).
 
 Differences from DeepSpeed's layer, all deliberate:
 
@@ -26,9 +26,6 @@ state: it lives on the gate as a buffer, and the layer only shows it.) A *sequen
 sequence-level balance loss, is a row of a `(batch, seq, D)` input (batch first; more leading
 dims are all batch); a 2-D `(S, D)` input is one sequence of S tokens.
 
-State dicts written by moesaic before it took DeepSpeed's keys (``gate.wg.weight``,
-``experts.local_experts.<i>.*``) still load: a load hook renames them (:func:`upgrade_legacy_keys`).
-
 Shape legend: S = tokens, E = experts, D = model dim.
 """
 
@@ -36,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -52,14 +49,10 @@ from .config import MoEConfig
 from .dispatch import Dispatcher, LocalDispatcher
 from .experts import ExpertContainer, Experts, check_expert_width
 from .identity import MoELayerBase, iter_moe_modules, moe_layers
+from .keys import CORE_LAYOUT, KeyLayout, upgrade_layer_keys
 from .gate import TopKGate
 from .routing import Routing, count_unrouted
 from .stacked import StackedExperts
-
-# moesaic's module paths before it took DeepSpeed's, relative to an MoE layer
-_LEGACY_PREFIXES = (("gate.", "deepspeed_moe.gate."),
-                    ("experts.local_experts.", "deepspeed_moe.experts.deepspeed_experts."))
-
 
 class MixtureOfExperts(MoELayerBase):
     """A Mixture-of-Experts layer built from its config.
@@ -75,9 +68,16 @@ class MixtureOfExperts(MoELayerBase):
         shared_expert: the dense module every token passes through when ``config.shared_experts``
             is >= 1 (its parameters are dense: ``shared_expert.*``, reduced over the world).
 
-    ``moe.gate``, ``moe.experts`` and ``moe.config`` are read-only shortcuts to
-    ``moe.deepspeed_moe.gate`` / ``.experts`` and the gate's config.
+    Attributes set by ``forward`` (the last forward's routing statistics): ``l_aux``, ``z_loss``,
+    ``seq_aux_loss``, ``exp_counts``, ``tokens_per_expert``, ``num_routes``,
+    ``num_dropped_routes``; ``num_unrouted_tokens`` (valid tokens no expert took) is computed when
+    read.
     """
+
+    #: where the router and experts sit in the state dict (:mod:`moesaic.layer.keys`)
+    KEY_LAYOUT: KeyLayout = CORE_LAYOUT
+    #: the container of per-module experts
+    EXPERTS_CLASS = Experts
 
     def __init__(self, hidden_size: int, expert: nn.Module, config: MoEConfig, *, ep_size: int = 1,
                  expert_group_name: str = "moe", shared_expert: Optional[nn.Module] = None) -> None:
@@ -103,7 +103,7 @@ class MixtureOfExperts(MoELayerBase):
         if shared_expert is not None:  # (the experts' containers check the expert's widths)
             check_expert_width(shared_expert, hidden_size, "shared_expert", expert_group_name)
         local = num_experts // ep_size
-        container = StackedExperts if config.stacked_experts else Experts
+        container = StackedExperts if config.stacked_experts else self.EXPERTS_CLASS
         experts: ExpertContainer = container(expert, local, expert_group_name, hidden_size=hidden_size)
         self.hidden_size = hidden_size
         self.num_experts = num_experts
@@ -112,8 +112,8 @@ class MixtureOfExperts(MoELayerBase):
         self.k = config.k
         self.expert_group_name = expert_group_name
         self.use_residual = config.use_residual
-        # registered first, as DeepSpeed does, so state_dict keys come in DeepSpeed's order
-        self.deepspeed_moe = MOELayer(TopKGate(hidden_size, config=config), experts, expert_group_name, ep_size, local)
+        # registered first, so state_dict keys come in DeepSpeed's order (router, experts, then the rest)
+        self._place_parts(TopKGate(hidden_size, config=config), experts)
         if self.use_residual:
             self.mlp = expert
             # coefficient of the weighted sum of the MoE output and the dense mlp output
@@ -122,68 +122,45 @@ class MixtureOfExperts(MoELayerBase):
         self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if config.shared_expert_gate else None
         self.ep_group = None  # set by set_deepspeed_parallelism / moesaic.setup_expert_parallel
         self.parallel_groups = None
-        self.register_load_state_dict_pre_hook(_upgrade_legacy_hook)
+        self.dispatcher: Optional[Dispatcher] = LocalDispatcher(local) if ep_size == 1 else None
+        self.l_aux: Optional[Tensor] = None
+        self.z_loss: Optional[Tensor] = None
+        self.seq_aux_loss: Optional[Tensor] = None
+        self._unrouted = None  # (token_idx_N, S, valid tokens, nothing dropped) of the last forward
+        self.exp_counts: Optional[Tensor] = None
+        self.tokens_per_expert: Optional[Tensor] = None
+        self.num_routes: int = 0
+        self.num_dropped_routes: int = 0
+        #: recompute the experts' intermediate activations in backward (moesaic.apply_recompute(model, "experts"))
+        self.recompute_experts = False
+        self._logits_out: Optional[list] = None  # set by a caller that wants the router logits (the HF block)
+        self._replay_ids: Optional[Tensor] = None  # routes to replay (moesaic.replay_routing)
+        self._route_recorder: Optional[list] = None  # where chosen expert ids go (moesaic.record_routing)
+        self.register_load_state_dict_pre_hook(_upgrade_keys_hook)
+
+    def _place_parts(self, gate: TopKGate, experts: ExpertContainer) -> None:
+        """Register the router and the experts (here: ``gate`` and ``experts``; a subclass may nest them)."""
+        self.gate = gate
+        self.experts = experts
 
     @property
     def config(self) -> MoEConfig:
         """The layer's options (the gate's config)."""
-        return self.deepspeed_moe.gate.config
-
-    # --- DeepSpeed's structure, short names ------------------------------------------------------
-    @property
-    def gate(self) -> TopKGate:
-        """The router (``deepspeed_moe.gate``)."""
-        return self.deepspeed_moe.gate
-
-    @property
-    def experts(self) -> ExpertContainer:
-        """This rank's experts (``deepspeed_moe.experts``)."""
-        return self.deepspeed_moe.experts
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in ("gate", "experts"):
-            raise AttributeError(f"MoE.{name} is a read-only view of deepspeed_moe.{name}; assign "
-                                 f"moe.deepspeed_moe.{name} instead")
-        super().__setattr__(name, value)
-
-    # --- routing statistics of the last forward (telemetry) --------------------------------------
-    @property
-    def l_aux(self) -> Optional[Tensor]:
-        return self.deepspeed_moe.l_aux
-
-    @property
-    def z_loss(self) -> Optional[Tensor]:
-        return self.deepspeed_moe.z_loss
-
-    @property
-    def seq_aux_loss(self) -> Optional[Tensor]:
-        return self.deepspeed_moe.seq_aux_loss
+        return self.gate.config
 
     @property
     def expert_bias(self) -> Optional[Tensor]:
-        """The aux-loss-free selection bias `(E,)` (``gate.expert_bias``), or None."""
-        return self.deepspeed_moe.expert_bias
+        """The gate's aux-loss-free selection bias `(E,)` (global expert order), or None."""
+        return self.gate._buffers.get("expert_bias")
 
     @property
     def num_unrouted_tokens(self) -> int:
-        """Valid tokens of the last forward that no expert took."""
-        return self.deepspeed_moe.num_unrouted_tokens
-
-    @property
-    def exp_counts(self) -> Optional[Tensor]:
-        return self.deepspeed_moe.exp_counts
-
-    @property
-    def tokens_per_expert(self) -> Optional[Tensor]:
-        return self.deepspeed_moe.tokens_per_expert
-
-    @property
-    def num_routes(self) -> int:
-        return self.deepspeed_moe.num_routes
-
-    @property
-    def num_dropped_routes(self) -> int:
-        return self.deepspeed_moe.num_dropped_routes
+        """Valid tokens of the last forward that no expert took (0 before the first)."""
+        if self._unrouted is None:
+            return 0
+        if isinstance(self._unrouted, tuple):
+            self._unrouted = count_unrouted(*self._unrouted)
+        return self._unrouted
 
     @property
     def dropped_fraction(self) -> float:
@@ -209,16 +186,24 @@ class MixtureOfExperts(MoELayerBase):
         self.ep_group = groups.ep_group
         self.experts.tag(self.expert_group_name, groups.ep_rank)
         if groups.ep_size == 1:
-            self.deepspeed_moe.set_dispatcher(LocalDispatcher(self.num_experts))
+            self.set_dispatcher(LocalDispatcher(self.num_experts))
         else:
-            self.deepspeed_moe.set_dispatcher(AllToAllDispatcher(groups, self.num_experts))
+            self.set_dispatcher(AllToAllDispatcher(groups, self.num_experts))
+
+    def set_dispatcher(self, dispatcher: Dispatcher) -> None:
+        """Install the dispatcher that moves this layer's tokens (chosen for its process groups)."""
+        if not isinstance(dispatcher, Dispatcher):
+            raise TypeError(f"dispatcher must be a moesaic Dispatcher, got {type(dispatcher).__name__}")
+        if dispatcher.num_local_experts != self.num_local_experts:
+            raise ValueError(f"the dispatcher feeds {dispatcher.num_local_experts} local experts, this layer holds "
+                             f"{self.num_local_experts}")
+        self.dispatcher = dispatcher
 
     # --- naming ----------------------------------------------------------------------------------
     def set_expert_group_name(self, name: str) -> None:
         """Rename the layer; every expert parameter's ``group_name`` follows."""
         self.experts.tag(name, self.experts.ep_rank)
         self.expert_group_name = name
-        self.deepspeed_moe.ep_group_name = name
 
     # --- forward ---------------------------------------------------------------------------------
     def forward(self, hidden_states: Tensor, used_token: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
@@ -236,7 +221,7 @@ class MixtureOfExperts(MoELayerBase):
         A shared expert's output is added to every token's routed output (a masked token's MoE
         output stays zero).
         """
-        output = self.deepspeed_moe(hidden_states, used_token)
+        output = self._routed(hidden_states, used_token)
         if self.use_residual:
             output_mlp = self.mlp(hidden_states)
             if isinstance(output_mlp, tuple):
@@ -252,80 +237,10 @@ class MixtureOfExperts(MoELayerBase):
             if used_token is not None:
                 shared = shared * (used_token.reshape(hidden_states.shape[:-1]) != 0).unsqueeze(-1).to(shared.dtype)
             output = output + shared
-        return output, self.deepspeed_moe.l_aux, self.deepspeed_moe.exp_counts
+        return output, self.l_aux, self.exp_counts
 
-    def extra_repr(self) -> str:
-        return (f"name={self.expert_group_name!r}, num_experts={self.num_experts}, ep_size={self.ep_size}, "
-                f"k={self.k}, drop_tokens={self.gate.drop_tokens}"
-                f"{', stacked' if isinstance(self.experts, StackedExperts) else ''}")
-
-
-class MOELayer(nn.Module):
-    """The routed part of an MoE layer: ``gate`` picks experts, a dispatcher moves tokens, ``experts`` compute.
-
-    Args:
-        gate: the router.
-        experts: this rank's experts.
-        ep_group_name: the layer's name (DeepSpeed's argument; the experts carry it too).
-        ep_size: expert-parallel ranks the experts are spread over.
-        num_local_experts: experts held here (``gate.num_experts / ep_size``).
-
-    Attributes set by ``forward``: ``l_aux``, ``z_loss``, ``seq_aux_loss``, ``exp_counts``,
-    ``tokens_per_expert``, ``num_routes``, ``num_dropped_routes``; ``num_unrouted_tokens`` (valid
-    tokens no expert took) is computed when read. ``expert_bias`` shows the gate's aux-loss-free
-    bias (None without one).
-    """
-
-    def __init__(self, gate: TopKGate, experts: ExpertContainer, ep_group_name: str, ep_size: int,
-                 num_local_experts: int) -> None:
-        super().__init__()
-        if not isinstance(gate, TopKGate):
-            raise TypeError(f"gate must be a TopKGate, got {type(gate).__name__}")
-        if not isinstance(experts, ExpertContainer):
-            raise TypeError(f"experts must be an Experts or StackedExperts, got {type(experts).__name__}")
-        if gate.num_experts != ep_size * num_local_experts or len(experts) != num_local_experts:
-            raise ValueError(f"the gate routes to {gate.num_experts} experts, which must be ep_size ({ep_size}) x "
-                             f"num_local_experts ({num_local_experts}), and experts holds {len(experts)}")
-        self.gate = gate
-        self.experts = experts
-        self.ep_group_name = ep_group_name
-        self.ep_size = ep_size
-        self.num_local_experts = num_local_experts
-        self.dispatcher: Optional[Dispatcher] = LocalDispatcher(num_local_experts) if ep_size == 1 else None
-        self.l_aux: Optional[Tensor] = None
-        self.z_loss: Optional[Tensor] = None
-        self.seq_aux_loss: Optional[Tensor] = None
-        self._unrouted = None  # (token_idx_N, S, valid tokens, nothing dropped) of the last forward
-        self.exp_counts: Optional[Tensor] = None
-        self.tokens_per_expert: Optional[Tensor] = None
-        self.num_routes: int = 0
-        self.num_dropped_routes: int = 0
-        #: recompute the experts' intermediate activations in backward (moesaic.apply_recompute(model, "experts"))
-        self.recompute_experts = False
-        self._logits_out: Optional[list] = None  # set by a caller that wants the router logits (the HF block)
-        self._replay_ids: Optional[Tensor] = None  # routes to replay (moesaic.replay_routing)
-        self._route_recorder: Optional[list] = None  # where chosen expert ids go (moesaic.record_routing)
-
-    def set_dispatcher(self, dispatcher: Dispatcher) -> None:
-        """Install the dispatcher that moves this layer's tokens (chosen for its process groups)."""
-        if not isinstance(dispatcher, Dispatcher):
-            raise TypeError(f"dispatcher must be a moesaic Dispatcher, got {type(dispatcher).__name__}")
-        if dispatcher.num_local_experts != self.num_local_experts:
-            raise ValueError(f"the dispatcher feeds {dispatcher.num_local_experts} local experts, this layer holds "
-                             f"{self.num_local_experts}")
-        self.dispatcher = dispatcher
-
-    def forward(self, hidden_states: Tensor, used_token: Optional[Tensor] = None) -> Tensor:
-        """Route, dispatch, compute, combine.
-
-        Args:
-            hidden_states: `(..., D)` tokens.
-            used_token: optional 0/1 mask over the tokens (shape ``hidden_states.shape[:-1]`` or
-                `(S,)`); masked tokens use no expert and get a zero output.
-
-        Returns:
-            The combined output, shaped like ``hidden_states``.
-        """
+    def _routed(self, hidden_states: Tensor, used_token: Optional[Tensor] = None) -> Tensor:
+        """The routed part: route, dispatch, compute, combine; the combined output, shaped like the input."""
         D = self.gate.model_dim
         if not isinstance(hidden_states, Tensor):
             raise TypeError(f"hidden_states must be a Tensor, got {type(hidden_states).__name__}")
@@ -338,18 +253,18 @@ class MOELayer(nn.Module):
         if not hidden_states.is_floating_point():
             # integer or bool tokens: no cast of the layer or autocast helps (torch would say only
             # "mat1 and mat2 must have the same dtype")
-            raise TypeError(f"hidden_states has dtype {hidden_states.dtype} but the MoE layer {self.ep_group_name!r} "
-                            f"holds {weight.dtype} experts and takes floating-point tokens; cast the input "
-                            f"(x.to({weight.dtype})), or embed token ids first")
+            raise TypeError(f"hidden_states has dtype {hidden_states.dtype} but the MoE layer "
+                            f"{self.expert_group_name!r} holds {weight.dtype} experts and takes floating-point tokens; "
+                            f"cast the input (x.to({weight.dtype})), or embed token ids first")
         # sharded experts (FSDP2, moesaic.shard_model) hold fp32 masters and compute in their policy's dtype
         if (hidden_states.dtype != weight.dtype and not torch.is_autocast_enabled(hidden_states.device.type)
                 and not is_dtensor(weight)):
             # else torch's matmul error names neither the layer nor what to do
-            raise TypeError(f"hidden_states has dtype {hidden_states.dtype} but the MoE layer {self.ep_group_name!r} "
-                            f"holds {weight.dtype} experts; cast the input (x.to({weight.dtype})) or the layer, "
-                            "or run under torch.autocast")
+            raise TypeError(f"hidden_states has dtype {hidden_states.dtype} but the MoE layer "
+                            f"{self.expert_group_name!r} holds {weight.dtype} experts; cast the input "
+                            f"(x.to({weight.dtype})) or the layer, or run under torch.autocast")
         if self.dispatcher is None:
-            raise RuntimeError(f"MoE layer {self.ep_group_name!r} has ep_size={self.ep_size} but no "
+            raise RuntimeError(f"MoE layer {self.expert_group_name!r} has ep_size={self.ep_size} but no "
                                "expert-parallel process group; call moesaic.setup_expert_parallel(model) or "
                                "moe.set_deepspeed_parallelism() after torch.distributed.init_process_group()")
         x_SD = hidden_states.reshape(-1, D)
@@ -399,20 +314,6 @@ class MOELayer(nn.Module):
         self._record(routing)
         return out_SD.reshape(hidden_states.shape)
 
-    @property
-    def expert_bias(self) -> Optional[Tensor]:
-        """The gate's aux-loss-free selection bias `(E,)` (global expert order), or None."""
-        return self.gate._buffers.get("expert_bias")
-
-    @property
-    def num_unrouted_tokens(self) -> int:
-        """Valid tokens of the last forward that no expert took (0 before the first)."""
-        if self._unrouted is None:
-            return 0
-        if isinstance(self._unrouted, tuple):
-            self._unrouted = count_unrouted(*self._unrouted)
-        return self._unrouted
-
     def _record(self, routing: Routing) -> None:
         self.l_aux = routing.l_aux
         self.z_loss = routing.z_loss
@@ -425,7 +326,9 @@ class MOELayer(nn.Module):
         self.num_dropped_routes = routing.num_dropped
 
     def extra_repr(self) -> str:
-        return f"ep_group_name={self.ep_group_name!r}, ep_size={self.ep_size}, dispatcher={self.dispatcher!r}"
+        return (f"name={self.expert_group_name!r}, num_experts={self.num_experts}, ep_size={self.ep_size}, "
+                f"k={self.k}, drop_tokens={self.gate.drop_tokens}"
+                f"{', stacked' if isinstance(self.experts, StackedExperts) else ''}, dispatcher={self.dispatcher!r}")
 
 
 def _run_experts(experts: ExpertContainer, *pieces: Tensor):
@@ -444,31 +347,9 @@ def _check_used_token(used_token, hidden_states: Tensor, S: int) -> Tensor:
     return flat
 
 
-def upgrade_legacy_keys(state: Dict[str, object], model: nn.Module) -> Dict[str, object]:
-    """``state`` with moesaic's pre-DeepSpeed key names of ``model``'s MoE layers renamed.
-
-    ``<layer>.gate.*`` becomes ``<layer>.deepspeed_moe.gate.*`` and
-    ``<layer>.experts.local_experts.<i>.*`` becomes ``<layer>.deepspeed_moe.experts.deepspeed_experts.<i>.*``;
-    everything after the prefix (``"...weight::exp_avg"`` too) is kept. Other keys pass unchanged.
-    """
-    prefixes = [f"{path}." if path else "" for path, _ in iter_moe_modules(model)]
-    out = dict(state)
-    for prefix in prefixes:
-        _rename_legacy(out, prefix)
-    return out
-
-
-def _rename_legacy(state, prefix: str) -> None:
-    for old, new in _LEGACY_PREFIXES:
-        old = prefix + old
-        for key in [k for k in state if k.startswith(old)]:
-            state[prefix + new + key[len(old):]] = state.pop(key)
-
-
-def _upgrade_legacy_hook(module, state_dict, prefix, *args) -> None:
-    # an MoE's own children are deepspeed_moe, mlp and coefficient: a key under "<prefix>gate." or
-    # "<prefix>experts." can only be an old moesaic name
-    _rename_legacy(state_dict, prefix)
+def _upgrade_keys_hook(module, state_dict, prefix, *args) -> None:
+    # a key of this layer written in the other nesting (an old moesaic checkpoint, a DeepSpeed state dict)
+    upgrade_layer_keys(state_dict, prefix, module.KEY_LAYOUT)
 
 
 def name_moe_layers(model: nn.Module, prefix: str = "") -> dict:

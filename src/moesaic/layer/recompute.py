@@ -92,7 +92,7 @@ class Decision:
 class Record:
     """What one MoE call in a checkpointed region leaves for its recompute."""
 
-    layer: Any  # weakref to the MOELayer
+    layer: Any  # weakref to the MoE layer
     rng_before: Optional[Tuple] = None
     rng_after: Optional[Tuple] = None
     decision: Optional[Decision] = None
@@ -207,7 +207,7 @@ def _eager_under_compile(fn):
 
 @_eager_under_compile
 def begin(layer, device: torch.device) -> Tuple[Optional[Call], Any]:
-    """Open the call of ``layer`` (an ``MOELayer``) unless one is open; returns ``(call, token)``.
+    """Open the call of ``layer`` (a ``MixtureOfExperts``) unless one is open; returns ``(call, token)``.
 
     ``call`` is None outside any checkpointed region (the plain path, nothing recorded). A token
     that is not None must be passed to :func:`end`.
@@ -234,13 +234,13 @@ def begin(layer, device: torch.device) -> Tuple[Optional[Call], Any]:
                 if record.layer() is not layer:
                     raise RuntimeError(
                         f"moesaic recompute: the checkpointed region's MoE calls came in another order in its "
-                        f"recompute (expected layer {getattr(record.layer(), 'ep_group_name', None)!r}, got "
-                        f"{layer.ep_group_name!r}); a checkpointed function must call its MoE layers in the same "
+                        f"recompute (expected layer {getattr(record.layer(), 'expert_group_name', None)!r}, got "
+                        f"{layer.expert_group_name!r}); a checkpointed function must call its MoE layers in the same "
                         "order every time it runs")
                 tape.cursor += 1
         if record is None and not _warned[0]:
             _warned[0] = True
-            warnings.warn(f"moesaic recompute: MoE layer {layer.ep_group_name!r} is recomputed but its first forward "
+            warnings.warn(f"moesaic recompute: MoE layer {layer.expert_group_name!r} is recomputed but its first forward "
                           "left no routing record (it ran where no checkpoint could be seen, e.g. inside other "
                           "saved-tensor hooks); its routing is computed again, side effects skipped", stacklevel=3)
         call.record = record
@@ -292,7 +292,7 @@ def _expert_choice_decision(layer, picks_EC: Tensor, num_tokens: int, device: to
     """Expert e takes the tokens ``picks_EC[e]`` (in that slot order): an expert-choice routing's decision."""
     E, C = picks_EC.shape
     if C > num_tokens or (picks_EC.numel() and int(picks_EC.max()) >= num_tokens):
-        raise ValueError(f"replay_routing: MoE layer {layer.ep_group_name!r} got {num_tokens} tokens but its "
+        raise ValueError(f"replay_routing: MoE layer {layer.expert_group_name!r} got {num_tokens} tokens but its "
                          f"expert-choice routes (shape {tuple(picks_EC.shape)}) pick token ids up to "
                          f"{int(picks_EC.max()) if picks_EC.numel() else None}: the routes were recorded for another "
                          "batch")
@@ -304,7 +304,7 @@ def _expert_choice_decision(layer, picks_EC: Tensor, num_tokens: int, device: to
 
 
 def replay_decision(layer, ids: Tensor, num_tokens: int, device: torch.device):
-    """The :class:`~moesaic.layer.recompute.Decision` that replays ``ids`` (``layer``: an MOELayer): token-choice
+    """The :class:`~moesaic.layer.recompute.Decision` that replays ``ids`` (``layer``: an MoE layer): token-choice
     routes `(S, k)` send token t to ``ids[t]`` (dropless); expert-choice routes `(E, C)` give expert e the
     tokens ``ids[e]``."""
     from .routing import count_routes, place_routes  # routing.py imports nothing of this module
@@ -312,7 +312,7 @@ def replay_decision(layer, ids: Tensor, num_tokens: int, device: torch.device):
     if layer.gate.config.routing_type == "expert_choice":
         return _expert_choice_decision(layer, ids, num_tokens, device)
     if ids.shape[0] != num_tokens:
-        raise ValueError(f"replay_routing: MoE layer {layer.ep_group_name!r} got {num_tokens} tokens but its routes "
+        raise ValueError(f"replay_routing: MoE layer {layer.expert_group_name!r} got {num_tokens} tokens but its routes "
                          f"have shape {tuple(ids.shape)}: the routes were recorded for another batch")
     ids = ids.to(device)
     E = layer.gate.config.num_experts

@@ -110,7 +110,7 @@ def apply_recompute(model: nn.Module, policy: str) -> Dict[str, int]:
     for module in model.modules():
         _unwrap(module)
     for layer in layers:
-        layer.deepspeed_moe.recompute_experts = False
+        layer.recompute_experts = False
     if _is_hf(model) and _hf_checkpointing(model):
         _hf_enable(model, False)
     counts = {"blocks": 0, "moe_layers": 0}
@@ -133,7 +133,7 @@ def apply_recompute(model: nn.Module, policy: str) -> Dict[str, int]:
         counts["moe_layers"] = len(layers)
     elif policy == "experts":
         for layer in layers:
-            layer.deepspeed_moe.recompute_experts = True
+            layer.recompute_experts = True
         counts["moe_layers"] = len(layers)
     return counts
 
@@ -141,7 +141,7 @@ def apply_recompute(model: nn.Module, policy: str) -> Dict[str, int]:
 def recompute_policy(model: nn.Module) -> str:
     """The policy :func:`apply_recompute` last applied to ``model`` (``"none"`` when none is active)."""
     layers = [layer for _, layer in iter_moe_modules(model)]
-    if any(getattr(layer.deepspeed_moe, "recompute_experts", False) for layer in layers):
+    if any(getattr(layer, "recompute_experts", False) for layer in layers):
         return "experts"
     if any(getattr(layer, _MARK, False) for layer in layers):
         return "moe"

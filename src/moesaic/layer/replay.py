@@ -81,12 +81,12 @@ def record_routing(model: nn.Module) -> Iterator[Routes]:
     routes = Routes()
     parts: Dict[str, list] = {name: [] for name in layers}
     for name, layer in layers.items():
-        layer.deepspeed_moe._route_recorder = parts[name]
+        layer._route_recorder = parts[name]
     try:
         yield routes
     finally:
         for layer in layers.values():
-            layer.deepspeed_moe._route_recorder = None
+            layer._route_recorder = None
         failing = sys.exc_info()[0] is not None  # an error inside the context: let it through unchanged
         for name, chunks in parts.items():
             if len(chunks) > 1 and _expert_choice(layers[name]):
@@ -159,13 +159,13 @@ def replay_routing(model: nn.Module, routes: Mapping[str, Tensor]):
     check_routes(routes, layers)
     guard = model.register_forward_pre_hook(_BatchGuard(type(model).__name__), with_kwargs=True)
     for name, ids in routes.items():
-        layers[name].deepspeed_moe._replay_ids = ids
+        layers[name]._replay_ids = ids
     try:
         yield
     finally:
         guard.remove()
         for name in routes:
-            layers[name].deepspeed_moe._replay_ids = None
+            layers[name]._replay_ids = None
 
 
 def _data_tensors(args, kwargs) -> List[Tuple[str, Tensor]]:

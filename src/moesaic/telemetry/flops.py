@@ -31,6 +31,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .._checks import check_bool, check_int
+from ..layer.experts import Experts
+from ..layer.identity import MoELayerBase
 
 #: dense bf16/fp16 tensor-core peaks (FLOP/s) by a substring of ``torch.cuda.get_device_name()``
 CUDA_PEAK_FLOPS: Tuple[Tuple[str, float], ...] = (
@@ -77,7 +79,10 @@ class FlopsProfiler:
         self.detailed = check_bool(detailed, "detailed")
         self._root = type(model).__name__
         self._names = {m: n for n, m in model.named_modules()}
-        self._moe_layers = [m for m in model.modules() if type(m).__name__ == "MOELayer"]
+        self._moe_layers = [m for m in model.modules() if isinstance(m, MoELayerBase)]
+        # per-module experts by module name: (container, local index), whatever the container calls its list
+        self._experts: Dict[str, Tuple[Experts, int]] = {
+            self._names[e]: (m, i) for m in model.modules() if isinstance(m, Experts) for i, e in enumerate(m.copies)}
         self.reset()
 
     # --- counting -----------------------------------------------------------------------------------
@@ -138,7 +143,7 @@ class FlopsProfiler:
             sync()
             starts[module].append(time.perf_counter())
             name = self._names.get(module)
-            if name is not None and _is_expert(name) and args and isinstance(args[0], torch.Tensor):
+            if name in self._experts and args and isinstance(args[0], torch.Tensor):
                 self.expert_tokens[name] += args[0].shape[0]
 
         def post(module, args, out):
@@ -230,10 +235,9 @@ class FlopsProfiler:
                 f = self.forward_flops.get(n, 0)
                 s = self.forward_s.get(n, 0.0)
                 extra = ""
-                if _is_expert(n):
-                    head, _, i = n.rpartition(".")
-                    container = modules.get(head.rpartition(".")[0])
-                    number = container.local_numbers[int(i)] if hasattr(container, "local_numbers") else i
+                if n in self._experts:
+                    container, i = self._experts[n]
+                    number = container.local_numbers[i]
                     extra = f", expert {number}: {self.expert_tokens.get(n, 0)} tokens received"
                 lines.append(f"{'  ' * depth}{n or self._root} ({type(m).__name__}): {_human(params[n], '')}, "
                              f"{100 * params[n] / total_params:.2f}% Params, {_human(f, 'FLOPs')}, "
@@ -242,9 +246,3 @@ class FlopsProfiler:
                              f"{_human(f / s if s else 0.0, 'FLOPS')}{extra}")
         lines.append("------------------------------------------------------------------------------")
         return "\n".join(lines)
-
-
-def _is_expert(name: str) -> bool:
-    """Whether ``name`` is one expert of an ``Experts`` container (``....experts.deepspeed_experts.<i>``)."""
-    head, _, last = name.rpartition(".")
-    return head.endswith("deepspeed_experts") and last.isdigit()
