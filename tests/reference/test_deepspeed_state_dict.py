@@ -77,3 +77,33 @@ def test_module_paths_match_deepspeeds():
     assert type(ours.moe_1.deepspeed_moe).__name__ == type(ds.moe_1.deepspeed_moe).__name__ == "MOELayer"
     assert type(ours.moe_1.deepspeed_moe.gate).__name__ == type(ds.moe_1.deepspeed_moe.gate).__name__ == "TopKGate"
     assert type(ours.moe_1.deepspeed_moe.experts).__name__ == "Experts"
+
+
+def test_deepspeeds_state_dict_loads_into_the_core_layer():
+    # the core layer has its own nesting (gate.*, experts.local_experts.<i>.*); its load hook respells
+    # DeepSpeed's keys, so a DeepSpeed state dict gives DeepSpeed's output there too
+    kw = dict(num_experts=4, k=2, drop_tokens=False, top2_2nd_expert_sampling=False)
+    ds = _model(DSMoE, **kw)
+    core = nn.Sequential()
+    core.add_module("embed", nn.Linear(D, D))
+    core.add_module("moe_1", moesaic.MixtureOfExperts(D, expert(), moesaic.MoEConfig(**kw)))
+    core.load_state_dict(ds.state_dict(), strict=True)
+    assert "moe_1.gate.wg.weight" in core.state_dict()
+    x = torch.randn(3, 5, D, generator=torch.Generator().manual_seed(2))
+    d_out, d_aux, _ = ds.moe_1(ds.embed(x))
+    o_out, o_aux, _ = core.moe_1(core.embed(x))
+    torch.testing.assert_close(o_out, d_out, atol=2e-6, rtol=2e-5)
+    torch.testing.assert_close(o_aux, d_aux)
+
+
+def test_the_routed_part_runs_through_deepspeed_moe_as_in_deepspeed():
+    # a forward hook on deepspeed_moe (DeepSpeed's routed part) sees one call per forward, its input and
+    # an output of the input's shape, on both
+    seen = {}
+    for name, cls in (("ds", DSMoE), ("ours", moesaic.MoE)):
+        model = _model(cls, num_experts=4, k=1)
+        calls = []
+        model.moe_1.deepspeed_moe.register_forward_hook(lambda m, args, out: calls.append((args[0].shape, out.shape)))
+        model(torch.randn(2, 3, D))
+        seen[name] = calls
+    assert seen["ours"] == seen["ds"] and len(seen["ds"]) == 1
