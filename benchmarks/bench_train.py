@@ -39,6 +39,7 @@ def deepspeed_factory(model_cfg):
     from deepspeed.moe.layer import MoE as DSMoE
 
     import moesaic
+    from moesaic.layer.keys import NESTED_LAYOUT, respell_key
     from moesaic.models import GPT
 
     model = GPT(model_cfg)
@@ -51,7 +52,8 @@ def deepspeed_factory(model_cfg):
                    capacity_factor=c.capacity_factor, eval_capacity_factor=c.eval_capacity_factor,
                    min_capacity=c.min_capacity, drop_tokens=c.drop_tokens, use_rts=c.use_rts,
                    top2_2nd_expert_sampling=c.top2_2nd_expert_sampling)
-        ds.load_state_dict(ours.state_dict())  # the same module structure, the same keys
+        # the same tensors; DeepSpeed nests them under deepspeed_moe (moesaic.layer.keys)
+        ds.load_state_dict({respell_key(k, NESTED_LAYOUT): v for k, v in ours.state_dict().items()})
         block.ffn = ds
     return model
 
