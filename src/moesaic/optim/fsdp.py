@@ -329,14 +329,12 @@ def grad_norm(parameters, norm_type: float = 2.0) -> Tensor:
                                 "parameter once only when every parameter is sharded by shard_model")
     device = grads[0].device if grads else torch.device("cpu")
     acc = torch.zeros((), dtype=torch.float32, device=device)
-    for g in grads:
-        local = local_tensor(g)
-        if local.numel() == 0:
-            continue
-        if norm_type == math.inf:
-            acc = torch.maximum(acc, local.detach().abs().max().float())
-        else:
-            acc += local.detach().float().pow(2).sum()
+    locals_ = [local_tensor(g).detach() for g in grads]
+    locals_ = [t for t in locals_ if t.numel()]
+    if locals_:
+        # one norm per local shard, read in place and accumulated in fp32 (no squared copy of the gradients)
+        norms = torch._foreach_norm(locals_, norm_type, dtype=torch.float32)
+        acc = torch.stack(norms).max() if norm_type == math.inf else torch.stack(norms).pow(2).sum()
     if distributed:
         dist.all_reduce(acc, op=dist.ReduceOp.MAX if norm_type == math.inf else dist.ReduceOp.SUM)
     return acc if norm_type == math.inf else acc.sqrt()
