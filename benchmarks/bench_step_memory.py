@@ -173,6 +173,14 @@ def _held_parts(model, opt) -> dict:
     return {"weights": weights / MIB, "grads": grads / MIB, "masters_and_state": _state_bytes_moesaic(opt) / MIB}
 
 
+def _cpu_s() -> float:
+    """This process's CPU time so far, user + system, every thread (gloo's included)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _measure_iteration(loss_fn, backward, step, x, steps: int = 1, between=None, warmup: int = 2) -> dict:
     """Warm up, then measure ``steps`` iterations: the whole step's peak and the optimizer step's own.
 
@@ -183,30 +191,32 @@ def _measure_iteration(loss_fn, backward, step, x, steps: int = 1, between=None,
     for _ in range(warmup):
         backward(loss_fn(x))
         step()
-    peaks, step_peaks, transients, iters, steps_s, befores, seen = [], [], [], [], [], [], None
+    peaks, step_peaks, transients, iters, steps_s, befores, seen, cpus = [], [], [], [], [], [], None, []
     for i in range(steps):
         _reset_peak()
         befores.append(_kib("VmRSS"))
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_s()
         backward(loss_fn(x))
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), _cpu_s()
         fwd_bwd_peak = _kib("VmHWM")
         if between is not None and i == steps - 1:
             seen = between()
         _reset_peak()
         step_before = _kib("VmRSS")
-        t1b = time.perf_counter()
+        t1b, c1b = time.perf_counter(), _cpu_s()
         step()
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), _cpu_s()
         step_peak = _kib("VmHWM")
         peaks.append(max(fwd_bwd_peak, step_peak))
         step_peaks.append(step_peak)
         transients.append(step_peak - step_before)
         iters.append((t1 - t0) + (t2 - t1b))
+        cpus.append((c1 - c0) + (c2 - c1b))
         steps_s.append(t2 - t1b)
     out = {"peak_mib": max(peaks) / 1024, "step_peak_mib": max(step_peaks) / 1024,
            "step_transient_mib": max(transients) / 1024, "before_mib": befores[0] / 1024,
-           "iter_s": statistics.median(iters), "step_s": statistics.median(steps_s), "iter_times_s": iters}
+           "iter_s": statistics.median(iters), "step_s": statistics.median(steps_s), "iter_times_s": iters,
+           "iter_cpu_s": statistics.median(cpus), "iter_cpu_times_s": cpus}
     if seen is not None:
         out["between"] = seen
     return out
@@ -271,6 +281,12 @@ def _sharded_rank(rank: int, world: int, port: int, mode: str, ep_size: int, out
     if mode.startswith("deepspeed"):
         out = _deepspeed_child(x, world, ep_size, stage=int(mode[-1]))
     else:
+        if mode == "moesaic-z3-torch-collectives":
+            # the A/B of moesaic.optim.fsdp_comms: the same engine with FSDP2's own gloo collectives
+            import functools
+
+            import moesaic.engine.build as build
+            build.shard_model = functools.partial(build.shard_model, collectives="torch")
         moesaic.init_distributed(backend="gloo")
         model = Model(moesaic.MoE, ep_size=ep_size)
         moesaic.setup_expert_parallel(model)
@@ -309,6 +325,7 @@ def child_sharded(mode: str, world: int, ep_size: int, steps: int = 1) -> dict:
     ranks = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
     return {"mode": mode, "ranks": ranks, "peak_mib": max(r["peak_mib"] for r in ranks),
             "step_s": max(r["step_s"] for r in ranks), "iter_s": max(r["iter_s"] for r in ranks),
+            "iter_cpu_s": statistics.mean(r["iter_cpu_s"] for r in ranks),
             "state_mib": max(r.get("state_mib", float("nan")) for r in ranks),
             "held_mib": max(r.get("held_mib", float("nan")) for r in ranks),
             "held_before_step_mib": max(r.get("held_before_step_mib", float("nan")) for r in ranks),
@@ -457,9 +474,13 @@ def bench_single(repeats: int) -> dict:
 
 def _zero_section(mode: str) -> dict:
     """``moesaic-zN`` is stage N; ``moesaic-z3-gathered`` is stage 3 with ``reshard_after_forward: false``
-    (the parameters gathered in forward stay gathered for backward: one all-gather per unit instead of two)."""
+    (the parameters gathered in forward stay gathered for backward: one all-gather per unit instead of two);
+    ``moesaic-z3-torch-collectives`` is stage 3 with FSDP2's own gloo all-gather and reduce-scatter instead of
+    moesaic's broadcasts and reduces (``shard_model(collectives="torch")``)."""
     if mode == "moesaic-z3-gathered":
         return {"stage": 3, "reshard_after_forward": False}
+    if mode == "moesaic-z3-torch-collectives":
+        return {"stage": 3}
     return {"stage": int(mode[-1])}
 
 
@@ -470,7 +491,7 @@ def bench_sharded(repeats: int, world: int, ep_size: int, modes=None, steps: int
     for _ in range(repeats):
         for mode in modes:
             runs[mode].append(run_child("sharded", mode, world, ep_size, steps))
-    summary = {m: {k: _median(rs, k) for k in ("peak_mib", "step_s", "iter_s", "state_mib", "held_mib",
+    summary = {m: {k: _median(rs, k) for k in ("peak_mib", "step_s", "iter_s", "iter_cpu_s", "state_mib", "held_mib",
                                                  "held_before_step_mib", "local_numel")}
                for m, rs in runs.items()}
     first = runs[modes[0]][0]["ranks"][0]
@@ -478,9 +499,10 @@ def bench_sharded(repeats: int, world: int, ep_size: int, modes=None, steps: int
     expected = (dense / world + local / (world // ep_size)) / (dense + local)
     ideal = 16 * (dense / world + local / (world // ep_size)) * 1e6 / MIB
     print(f"| run (W={world}, ep_size={ep_size}) | peak RSS MiB per rank (max) | masters+state MiB per rank (max) | "
-          f"tensors held between steps MiB per rank (max) | step s |\n|---|---|---|---|---|")
+          f"tensors held between steps MiB per rank (max) | step s | step CPU s per rank (mean) |\n|---|---|---|---|---|---|")
     for m, r in summary.items():
-        print(f"| {m} | {r['peak_mib']:.0f} | {r['state_mib']:.0f} | {r['held_mib']:.0f} | {r['iter_s']:.2f} |")
+        print(f"| {m} | {r['peak_mib']:.0f} | {r['state_mib']:.0f} | {r['held_mib']:.0f} | {r['iter_s']:.2f} | "
+              f"{r['iter_cpu_s']:.2f} |")
     if "moesaic-z3" in summary:
         held = summary["moesaic-z3"]["held_mib"]
         print(f"moesaic-z3: tensors held between steps {held:.0f} MiB = {held / ideal:.3f}x the ideal 16 B x "
@@ -498,17 +520,13 @@ def bench_sharded(repeats: int, world: int, ep_size: int, modes=None, steps: int
         print(f"moesaic-z3: held after backward, before the optimizer step {before_sum:.0f} MiB = "
               f"{before_sum / ideal:.3f}x the ideal")
         summary["moesaic-z3"]["held_before_step_vs_ideal16"] = before_sum / ideal
-        if "moesaic-z2" in summary:
-            peak = summary["moesaic-z3"]["peak_mib"] / summary["moesaic-z2"]["peak_mib"]
-            t = statistics.median(a["iter_s"] / b["iter_s"] for a, b in zip(runs["moesaic-z3"], runs["moesaic-z2"]))
-            print(f"moesaic-z3: peak RSS {peak:.3f}x stage 2's, step time {t:.3f}x stage 2's (same run order)")
-            summary["moesaic-z3"]["peak_vs_z2"], summary["moesaic-z3"]["time_vs_z2"] = peak, t
-    if "moesaic-z3-gathered" in summary and "moesaic-z2" in summary:
-        peak = summary["moesaic-z3-gathered"]["peak_mib"] / summary["moesaic-z2"]["peak_mib"]
-        t = statistics.median(a["iter_s"] / b["iter_s"] for a, b in zip(runs["moesaic-z3-gathered"], runs["moesaic-z2"]))
-        print(f"moesaic-z3-gathered (reshard_after_forward false): peak RSS {peak:.3f}x stage 2's, step time "
-              f"{t:.3f}x stage 2's (same run order)")
-        summary["moesaic-z3-gathered"]["peak_vs_z2"], summary["moesaic-z3-gathered"]["time_vs_z2"] = peak, t
+    for mode in [m for m in summary if m.startswith("moesaic-z3") and "moesaic-z2" in summary]:
+        peak = summary[mode]["peak_mib"] / summary["moesaic-z2"]["peak_mib"]
+        t = statistics.median(a["iter_s"] / b["iter_s"] for a, b in zip(runs[mode], runs["moesaic-z2"]))
+        cpu = statistics.median(a["iter_cpu_s"] / b["iter_cpu_s"] for a, b in zip(runs[mode], runs["moesaic-z2"]))
+        print(f"{mode}: peak RSS {peak:.3f}x stage 2's, step time {t:.3f}x stage 2's, step CPU time {cpu:.3f}x "
+              f"stage 2's (same run order)")
+        summary[mode].update(peak_vs_z2=peak, time_vs_z2=t, cpu_vs_z2=cpu)
     if "moesaic-z0" not in summary:
         return {"summary": summary, "runs": runs}
     z0s = summary["moesaic-z0"]["state_mib"]

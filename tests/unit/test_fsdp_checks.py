@@ -29,6 +29,7 @@ def test_low_precision_model_is_refused_naming_the_parameter():
     ({"reduce_dtype": torch.int32}, TypeError, "reduce_dtype must be a floating torch.dtype"),
     ({"reshard_after_forward": 0}, ValueError, "reshard_after_forward must be a bool or an int >= 1"),
     ({"use_data_before_expert_parallel_": 1}, TypeError, "use_data_before_expert_parallel_ must be a bool"),
+    ({"collectives": "nccl"}, ValueError, "collectives must be 'auto' or 'torch', got 'nccl'"),
     ({}, RuntimeError, "shard_model needs torch.distributed"),
 ])
 def test_bad_arguments_fail_before_process_group_work(kwargs, err, match):

@@ -165,7 +165,8 @@ def shard_model(model: nn.Module, *, param_dtype: Optional[torch.dtype] = torch.
                 reshard_after_forward: Union[bool, int] = True,
                 blocks: Optional[Iterable[nn.Module]] = None,
                 use_data_before_expert_parallel_: bool = False,
-                registry: Optional[GroupRegistry] = None) -> nn.Module:
+                registry: Optional[GroupRegistry] = None,
+                collectives: str = "auto") -> nn.Module:
     """Apply expert parallelism and FSDP2 to ``model`` (see module docstring); returns the same model.
 
     Call it on every rank, after ``torch.distributed`` is initialised (``moesaic.init_distributed``)
@@ -184,6 +185,11 @@ def shard_model(model: nn.Module, *, param_dtype: Optional[torch.dtype] = torch.
             layer); the model itself is always the last unit.
         use_data_before_expert_parallel_: DeepSpeed's alternative EP/EDP layout.
         registry: where the EP/EDP groups live (default: the process-wide registry).
+        collectives: ``"auto"``: on gloo with CPU tensors, every unit all-gathers with one
+            broadcast per rank and reduce-scatters with one reduce per rank
+            (:mod:`moesaic.optim.fsdp_comms`: the same values, several times faster than gloo's
+            own collectives); elsewhere (NCCL, CUDA tensors) FSDP2's.
+            ``"torch"``: FSDP2's own everywhere.
 
     Returns:
         ``model``, its parameters now fp32 ``DTensor`` shards carrying moesaic's identity tags.
@@ -194,6 +200,8 @@ def shard_model(model: nn.Module, *, param_dtype: Optional[torch.dtype] = torch.
     _check_dtype(param_dtype, "param_dtype")
     _check_dtype(reduce_dtype, "reduce_dtype")
     _check_reshard(reshard_after_forward)
+    if collectives not in ("auto", "torch"):
+        raise ValueError(f"collectives must be 'auto' or 'torch', got {collectives!r}")
     if not isinstance(use_data_before_expert_parallel_, bool):
         raise TypeError(f"use_data_before_expert_parallel_ must be a bool, got {use_data_before_expert_parallel_!r}")
     if not dist.is_available() or not dist.is_initialized():
@@ -220,10 +228,16 @@ def shard_model(model: nn.Module, *, param_dtype: Optional[torch.dtype] = torch.
                                      cast_forward_inputs=False)
     meshes: Dict = {}
     expert_units = {}
+    from .fsdp_comms import ScratchPool
 
-    def _sum_then_divide(unit, mesh_size: int) -> None:
+    scratch = ScratchPool()  # the gloo collectives' buffers, shared by every unit
+
+    def _sum_then_divide(unit, mesh) -> None:
         # every unit's gradients: summed, then divided by W (see module docstring)
+        mesh_size = mesh.size()
         unit.set_force_sum_reduction_for_comms(True)
+        if collectives == "auto" and mesh_size > 1:
+            _use_fast_gloo_collectives(unit, mesh.get_group(), device_type, scratch)
         if mesh_size > 1:
             unit.set_gradient_divide_factor(float(world))
         elif world > 1:
@@ -236,14 +250,14 @@ def shard_model(model: nn.Module, *, param_dtype: Optional[torch.dtype] = torch.
         experts = layer.experts
         mesh = _edp_mesh(groups, device_type, meshes)
         fully_shard(experts, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-        _sum_then_divide(experts, mesh.size())
+        _sum_then_divide(experts, mesh)
         experts.tag(experts.expert_group_name, experts.ep_rank)  # fully_shard made new Parameter objects
         expert_units[name] = (f"{path}.experts" if path else "experts", tuple(groups.edp_ranks))
         if any(True for _ in layer.gate.parameters()):
             fully_shard(layer.gate, mesh=world_mesh, mp_policy=router_mp, reshard_after_forward=reshard_after_forward)
             # the Hugging Face blocks score through gate.logits, not gate(...): gather for it too
             register_fsdp_forward_method(layer.gate, "logits")
-            _sum_then_divide(layer.gate, world)
+            _sum_then_divide(layer.gate, world_mesh)
 
     if block_list is None:
         named_blocks = _block_units(model, [layer for _, layer in layers.values()])
@@ -252,13 +266,23 @@ def shard_model(model: nn.Module, *, param_dtype: Optional[torch.dtype] = torch.
         named_blocks = [(paths[id(b)], b) for b in block_list]
     for _, block in named_blocks:
         fully_shard(block, mesh=world_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-        _sum_then_divide(block, world)
+        _sum_then_divide(block, world_mesh)
     # the root keeps its parameters gathered after forward (torchtitan's choice: backward needs them first)
     fully_shard(model, mesh=world_mesh, mp_policy=mp, reshard_after_forward=False)
-    _sum_then_divide(model, world)
+    _sum_then_divide(model, world_mesh)
     setattr(model, _INFO_ATTR, ShardInfo(world, param_dtype, reduce_dtype,
                                          tuple(p for p, _ in named_blocks) + ("",), expert_units))
     return model
+
+
+def _use_fast_gloo_collectives(unit, group, device_type: str, scratch) -> None:
+    """On gloo with CPU tensors, the unit's all-gather and reduce-scatter as broadcasts and reduces
+    (moesaic.optim.fsdp_comms); CUDA tensors keep FSDP2's collectives whatever the backend."""
+    from .fsdp_comms import BroadcastAllGather, ReduceReduceScatter, uses_gloo
+
+    if device_type == "cpu" and uses_gloo(group, device_type):
+        unit.set_custom_all_gather(BroadcastAllGather(scratch))
+        unit.set_custom_reduce_scatter(ReduceReduceScatter(scratch))
 
 
 def shard_info(model: nn.Module) -> Optional[ShardInfo]:
@@ -305,14 +329,12 @@ def grad_norm(parameters, norm_type: float = 2.0) -> Tensor:
                                 "parameter once only when every parameter is sharded by shard_model")
     device = grads[0].device if grads else torch.device("cpu")
     acc = torch.zeros((), dtype=torch.float32, device=device)
-    for g in grads:
-        local = local_tensor(g)
-        if local.numel() == 0:
-            continue
-        if norm_type == math.inf:
-            acc = torch.maximum(acc, local.detach().abs().max().float())
-        else:
-            acc += local.detach().float().pow(2).sum()
+    locals_ = [local_tensor(g).detach() for g in grads]
+    locals_ = [t for t in locals_ if t.numel()]
+    if locals_:
+        # one norm per local shard, read in place and accumulated in fp32 (no squared copy of the gradients)
+        norms = torch._foreach_norm(locals_, norm_type, dtype=torch.float32)
+        acc = torch.stack(norms).max() if norm_type == math.inf else torch.stack(norms).pow(2).sum()
     if distributed:
         dist.all_reduce(acc, op=dist.ReduceOp.MAX if norm_type == math.inf else dist.ReduceOp.SUM)
     return acc if norm_type == math.inf else acc.sqrt()
