@@ -153,3 +153,31 @@ def test_train_hf_activation_estimate_is_within_25_percent_of_a_measured_forward
     assert out.returncode == 0, out.stderr[-2000:]
     figures = json.loads(out.stdout.strip().splitlines()[-1])
     assert 0.75 <= figures["estimate"] / figures["measured"] <= 1.25, figures
+
+
+@pytest.mark.subprocess
+def test_train_hf_at_stage3_exports_what_stage2_exports(folder, tmp_path):
+    """`train --hf --nproc 2` with ZeRO stage 3 (FSDP2-sharded weights) trains and exports the whole model:
+    the same folder as stage 2's run to fp32 round-off (the export once failed on the sharded tensors)."""
+    import subprocess
+    import sys
+
+    from support.train_runs import subprocess_env
+
+    path, data = folder
+    exports = {}
+    for stage in (2, 3):
+        out = tmp_path / f"z{stage}"
+        args = _args(path, data, out, 3, "--nproc", "2", "--device", "cpu",
+                     "--set", f"engine.zero_optimization.stage={stage}", "--set", "train.checkpoint_every=0")
+        done = subprocess.run([sys.executable, "-m", "moesaic", *args], capture_output=True, text=True, timeout=240,
+                              env=subprocess_env())
+        assert done.returncode == 0, done.stderr[-3000:]
+        exports[stage] = _tensors(out / "hf")
+    start = _tensors(path)
+    assert sorted(exports[3]) == sorted(exports[2]) == sorted(start)
+    for key, z2 in exports[2].items():
+        z3, step = exports[3][key].float(), (z2.float() - start[key].float()).abs().max()
+        assert exports[3][key].dtype == z2.dtype, key
+        assert (z3 - z2.float()).abs().max() <= 1e-3 * step + 1e-7, key
+    assert any(not torch.equal(exports[3][k], start[k]) for k in start)

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .._checks import check_int
+from ..parallel.dtensor import full_parameters
 from ..parallel.groups import default_registry
 from .block import HFMoEBlock, install_token_mask
 from .families import BlockLayout, Family, family_of
@@ -426,7 +427,11 @@ def save(model: nn.Module, out_dir) -> None:
         raise TypeError(f"model must be a transformers model converted by moesaic.hf.load, got {type(model).__name__}")
     if not isinstance(out_dir, (str, Path)):
         raise TypeError(f"out_dir must be a folder path, got {type(out_dir).__name__}")
-    out = Path(out_dir)
+    with full_parameters(model):  # a model sharded by FSDP2 (ZeRO stage 3, moesaic.shard_model) is written whole
+        _save(model, Path(out_dir))
+
+
+def _save(model: nn.Module, out: Path) -> None:
     layers = converted_layers(model)
     if not layers:
         raise ValueError(f"the {type(model).__name__} has no moesaic MoE layer: convert it with moesaic.hf.load first "

@@ -7,10 +7,11 @@ imported by these functions: a process that has not imported it holds no ``DTens
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
-from torch import Tensor
+from torch import Tensor, nn
 
 Rows = Tuple[int, int, int]  # start, stop, total rows of dimension 0
 
@@ -50,3 +51,32 @@ def local_rows(t: Tensor) -> Optional[Rows]:
 
 
 __all__ = ["Rows", "is_dtensor", "local_rows", "local_tensor"]
+
+
+@contextlib.contextmanager
+def full_parameters(module: nn.Module) -> Iterator[int]:
+    """Within the block, every ``DTensor`` parameter of ``module`` is registered as its full value.
+
+    What reads a model's tensors by module (``state_dict()``, :func:`moesaic.hf.save`'s per-expert
+    reads) then sees the whole tensors, as on an unsharded model. Each parameter is gathered with
+    ``full_tensor()`` in ``named_modules()`` order, the same on every rank, so call it on every rank of
+    the parameters' meshes at once; it holds every full value on every rank until the block ends. The
+    parameters are put back as they were (the same ``DTensor`` objects) on leaving, also on an error.
+    FSDP2's state-dict pre-hook re-registers the sharded parameters only when its group is unsharded
+    (inside a forward/backward): call this between steps. Yields the number of parameters gathered.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    swapped, full = [], {}  # full: one gathered Parameter per DTensor, so tied parameters stay tied
+    try:
+        for owner in module.modules():
+            for name, param in list(owner._parameters.items()):
+                if param is not None and is_dtensor(param):
+                    if id(param) not in full:
+                        full[id(param)] = nn.Parameter(param.detach().full_tensor(), requires_grad=param.requires_grad)
+                    owner._parameters[name] = full[id(param)]
+                    swapped.append((owner, name, param))
+        yield len(full)
+    finally:
+        for owner, name, param in reversed(swapped):
+            owner._parameters[name] = param
