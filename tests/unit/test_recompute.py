@@ -8,6 +8,9 @@ layer's statistics) must happen once. Both checkpoint modes, per-module and stac
 nested checkpoints and a second backward (``retain_graph``) are covered.
 """
 
+import contextlib
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -107,6 +110,25 @@ def test_recompute_reuses_routing_and_counts_once(name, stacked, mode):
         block.moe.gate.expert_load.zero_()
     again = _run(block, x, mode)
     _assert_same(plain, again, f"{name} {mode}")
+
+
+def test_plain_training_skips_the_stack_walk(monkeypatch):
+    # a plain training forward and backward never walks the Python stack (three flag reads say no
+    # checkpoint runs); under a checkpoint the walk finds its region, in forward and recompute
+    import moesaic.layer.recompute as rc
+
+    real, walks = rc._scan, []
+    monkeypatch.setattr(rc, "_scan", lambda: walks.append(1) or real())
+    block = _Block(_layer(k=2)).train()
+    x = torch.randn(2, 8, D, requires_grad=True)
+    y, l_aux = block(x)
+    (y.sum() + l_aux).backward()
+    assert walks == []
+    for reentrant in (False, True):
+        y, l_aux = checkpoint(block, x, use_reentrant=reentrant)
+        (y.sum() + l_aux).backward()
+        assert len(walks) == 2, f"reentrant={reentrant}: {len(walks)} walks"  # forward, recompute
+        walks.clear()
 
 
 def test_plain_forward_has_no_recompute_state():
@@ -271,3 +293,66 @@ def test_deepspeed_activation_checkpointing_section():
                             ("number_checkpoints", 4, "contiguous_memory_optimization")):
         with pytest.raises(ValueError, match=f"activation_checkpointing.{key}.*{why}"):
             EngineConfig.from_dict({"train_batch_size": 1, "activation_checkpointing": {key: value}})
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["per_module", "stacked"])
+def test_checkpointed_experts_save_their_inputs_as_the_layer_input_and_indices(stacked):
+    # under other saved-tensor hooks (a checkpoint drops in forward what they are handed and its
+    # recompute keeps it until backward) the experts' (N_i, D) input pieces are handed over as the
+    # layer input plus the routes' indices, which the recompute keeps anyway; the pieces are
+    # rebuilt when the experts' backward asks for them. Gradients are those of the plain layer.
+    layer = _layer(k=2, drop_tokens=False, top2_2nd_expert_sampling=False, stacked=stacked)
+    x = torch.randn(64, D)
+    pieces = []
+    layer.experts.register_forward_pre_hook(lambda mod, args: pieces.extend(args[0]))
+
+    def run(hooks):
+        layer.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        packed, unpacked = [], []
+
+        def pack(t):
+            packed.append(t)
+            return t
+
+        def unpack(t):
+            unpacked.append(t)
+            return t
+
+        with (torch.autograd.graph.saved_tensors_hooks(pack, unpack) if hooks else contextlib.nullcontext()):
+            out, l_aux, _ = layer(xi)
+        (out.pow(2).sum() + l_aux).backward()
+        return packed, unpacked, [xi.grad] + [p.grad for p in layer.parameters()]
+
+    _, _, plain = run(hooks=False)
+    pieces.clear()
+    packed, unpacked, got = run(hooks=True)
+    keys = {(p.data_ptr(), tuple(p.shape)) for p in pieces if p.numel()}
+    assert keys, "the experts got no pieces"
+    handed = [t for t in packed if (t.data_ptr(), tuple(t.shape)) in keys]
+    assert not handed, f"{len(handed)} input pieces reached the outer hooks"
+    assert any(t.shape == (64, D) for t in packed)  # the layer input, once more: shares its storage
+    assert len(unpacked) == len(packed)  # every tensor handed to the outer hooks came back through them
+    for a, b in zip(plain, got):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("options", [dict(k=2), dict(k=2, z_loss_coef=0.1, seq_aux_loss_coef=0.1)],
+                         ids=["l_aux", "all_losses"])
+def test_losses_left_out_of_the_loss_do_not_keep_a_checkpointed_region_alive(options):
+    # transformers computes its own balance loss, so the layer's l_aux (a statistic there) never runs
+    # in backward. Its saved tensors, handed to the checkpoint, kept the checkpoint's bookkeeping and
+    # so the region's input alive to the end of backward, and (through layer.l_aux) into the next step
+    layer = _layer(drop_tokens=False, top2_2nd_expert_sampling=False, stacked=True, **options)
+    block = _Block(layer)
+    x = torch.randn(2, 32, D, requires_grad=True)
+    h = x * 2  # the region's input: held by nothing but the checkpoint
+    alive = weakref.ref(h)
+    y, _ = checkpoint(block, h, use_reentrant=False)
+    del h
+    y.sum().backward()  # the layer's losses left out
+    assert alive() is None, "the checkpointed region's input outlived its backward"
+    assert layer.l_aux is not None and layer.l_aux.requires_grad  # still the layer's loss, if asked for
+    plain = _Block(_layer(drop_tokens=False, top2_2nd_expert_sampling=False, stacked=True, **options))
+    plain.load_state_dict(block.state_dict())
+    assert torch.equal(plain(x.detach() * 2)[1], layer.l_aux.detach())  # the value without a checkpoint

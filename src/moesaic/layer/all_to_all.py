@@ -38,7 +38,7 @@ from .._checks import check_int
 from ..parallel.comm import CollectiveError, all_to_all, exchange_counts
 from ..parallel.groups import ExpertParallelGroups
 from .dispatch import Dispatcher
-from .ops import SavedPieces, gather_pieces, gather_rows, weighted_combine
+from .ops import HandedPieces, SavedPieces, gather_pieces, gather_rows, weighted_combine
 from .gate import config_fingerprint
 from .routing import Routing
 
@@ -286,14 +286,15 @@ class AllToAllDispatcher(Dispatcher):
         keep_recv = blocks.recv_rows < sum(blocks.sizes)  # cheaper to keep than the pieces
         meta = AllToAllMeta(routing, blocks, (start, end), dest_rows, in_splits, out_splits, x_SD.detach(),
                             recv.detach() if keep_recv else None)
-        return list(pieces), meta
+        return HandedPieces(pieces), meta
 
     def saved_inputs(self, pieces: Sequence[Tensor], meta: AllToAllMeta, together: bool = False) -> ContextManager:
         if meta.recv is None:
             return contextlib.nullcontext()
         start, end = meta.own
-        self_index = meta.routing.token_idx_N[start:end]
-        return SavedPieces(pieces, lambda l: assemble_piece(meta.blocks, l, meta.x_SD, meta.recv, self_index))
+        blocks = meta.blocks  # plain lists of ints: the rebuild reads no tensor but its sources (ops.SavedPieces)
+        return SavedPieces(pieces, lambda l, x_SD, recv, self_index: assemble_piece(blocks, l, x_SD, recv, self_index),
+                           sources=(meta.x_SD, meta.recv, meta.routing.token_idx_N[start:end]))
 
     def combine(self, outputs: Sequence[Tensor], meta: AllToAllMeta) -> Tensor:
         # 4. blocks home to their source ranks; rows of my own routes stay

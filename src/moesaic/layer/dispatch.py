@@ -27,7 +27,7 @@ from typing import Any, ContextManager, List, Sequence, Tuple
 from torch import Tensor
 
 from .._checks import check_int
-from .ops import SavedPieces, gather_pieces, gather_rows, weighted_combine
+from .ops import HandedPieces, SavedPieces, gather_pieces, gather_rows, weighted_combine
 from .routing import Routing
 
 
@@ -84,15 +84,22 @@ class LocalDispatcher(Dispatcher):
                              f"holds {self.num_local_experts}")
         sizes = tuple(routing.tokens_per_expert_E.tolist())
         pieces = gather_pieces(x_SD, routing.token_idx_N, sizes, as_views=together)
-        return list(pieces), LocalMeta(routing, x_SD.detach(), sizes)
+        return HandedPieces(pieces), LocalMeta(routing, x_SD.detach(), sizes)
 
     def saved_inputs(self, pieces: Sequence[Tensor], meta: LocalMeta, together: bool = False) -> ContextManager:
         # the layer input stays alive (the router saved it): re-gather a piece instead of keeping it
-        # (all pieces in one gather when the experts' backward wants them together)
-        index_N = meta.routing.token_idx_N
-        index = index_N.split(list(meta.sizes))
-        rebuild_all = (lambda: gather_rows(meta.x_SD, index_N).split(list(meta.sizes))) if together else None
-        return SavedPieces(pieces, lambda i: gather_rows(meta.x_SD, index[i]), rebuild_all)
+        # (all pieces in one gather when the experts' backward wants them together). The rebuilds
+        # read only their sources: under a checkpoint those go through its hooks (ops.SavedPieces)
+        sizes = list(meta.sizes)
+
+        def rebuild(i: int, x_SD: Tensor, index_N: Tensor) -> Tensor:
+            return gather_rows(x_SD, index_N.split(sizes)[i])
+
+        def rebuild_all(x_SD: Tensor, index_N: Tensor) -> Sequence[Tensor]:
+            return gather_rows(x_SD, index_N).split(sizes)
+
+        return SavedPieces(pieces, rebuild, rebuild_all if together else None,
+                           sources=(meta.x_SD, meta.routing.token_idx_N))
 
     def combine(self, outputs: Sequence[Tensor], meta: LocalMeta) -> Tensor:
         r = meta.routing

@@ -1,20 +1,24 @@
-"""One autograd function for a whole stacked expert MLP (CPU path of :class:`~moesaic.layer.stacked.StackedExperts`).
+"""Two autograd functions for a whole stacked expert MLP (CPU path of :class:`~moesaic.layer.stacked.StackedExperts`).
 
 Running each projection as its own autograd function (or ``nn.Linear`` per expert) makes autograd
 keep every intermediate an expert produces: the input piece, the projections' outputs, the
 activation's output and the product fed to the down projection, four `(N, F)` tensors for a GLU
-and a graph node per expert per op. This function computes the expert MLP of every local expert
-in one forward and one backward:
+and a graph node per expert per op. Here the expert MLP of every local expert is two functions,
+the input projections and the rest:
 
 * forward: per expert, the input projections (``mm``/``addmm`` into row blocks of one `(N, F)`
-  buffer each), the elementwise middle (the activation, or the gated unit) on the whole buffers,
-  and the output projection into row blocks of one `(N, D)` buffer (the combine reads it whole);
+  buffer each); then the elementwise middle (the activation, or the gated unit) on the whole
+  buffers and the output projection into row blocks of one `(N, D)` buffer (the combine reads it
+  whole);
 * saved: the input pieces (which the dispatcher's :class:`~moesaic.layer.ops.SavedPieces` keeps
-  as indices) and the input projections' outputs; the middle is recomputed in backward, a few
-  elementwise passes against two `(N, F)` tensors less memory;
+  as indices) by the first, the input projections' outputs by the second; the middle is recomputed
+  in backward, a few elementwise passes against two `(N, F)` tensors less memory;
 * backward: per expert, the matmuls autograd runs for ``nn.Linear`` (``g @ W`` for the input,
   ``g.T @ x`` for the weight, ``g.sum(0)`` for the bias) writing straight into slices of the
-  stacked gradients, and the middle's gradient by autograd over the recomputed middle.
+  stacked gradients, and the middle's gradient by autograd over the recomputed middle (in place
+  for SwiGLU). Two functions, so the input pieces are unpacked (rebuilt) only after the middle's
+  gradient is formed and the projections' outputs are freed: the `(N, D)` pieces and the `(N, F)`
+  temporaries of the middle are never alive together (one function unpacked them all at its start).
 
 The matmuls are the kernels ``nn.Linear`` runs on the same values. The middle runs over all
 experts' rows at once instead of expert by expert: its vectorised kernels then group elements
@@ -34,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import rows_in_place
+from .ops import HandedPieces, rows_in_place
 
 # the elementwise middle: the input projections' outputs -> the output projection's input
 Middle = Callable[..., Tensor]
@@ -50,17 +54,20 @@ def _silu_glu_backward(ops, gate: Tensor, up: Tensor, grad_y: Tensor, out_w: Ten
     """The output projection's input gradient and the middle's backward for :func:`silu_glu`, in place.
 
     The same kernels as autograd over ``silu(gate) * up`` (``mul`` both ways, ``silu_backward``),
-    so the same values. ``weight_grad(mid)`` is called with the recomputed middle while it exists.
-    Returns ``(grad_gate, grad_up)``.
+    so the same values. ``weight_grad(mid)`` is called with the recomputed middle while it exists;
+    the middle is freed before the output projection's input gradient is allocated, and the gate's
+    gradient is written over the buffer it is computed from: at most three `(N, F)` temporaries
+    live at once. Returns ``(grad_gate, grad_up)``.
     """
     act = F.silu(gate)
     mid = act * up
     weight_grad(mid)
-    grad_mid = ops.input_grad(grad_y, out_w)
     del mid
+    grad_mid = ops.input_grad(grad_y, out_w)
     grad_up = act.mul_(grad_mid)  # d(act * up)/d up = grad * act, in act's buffer
     grad_act = grad_mid.mul_(up)  # d/d act = grad * up, in grad_mid's buffer
-    return torch.ops.aten.silu_backward(grad_act, gate), grad_up
+    # elementwise, so writing the result over its own input is exact (the out= variant of the same kernel)
+    return torch.ops.aten.silu_backward.grad_input(grad_act, gate, grad_input=grad_act), grad_up
 
 
 def _whole(pieces: Sequence[Tensor]) -> Tensor:
@@ -149,65 +156,40 @@ def _grouped_usable(tensors: Sequence[Tensor], biases: Sequence[Optional[Tensor]
     return all(t.shape[-1] % align == 0 and t.shape[-2] % align == 0 for t in tensors)
 
 
-class _ExpertMLP(torch.autograd.Function):
-    """``y_i = out_proj_i(middle(in_proj_i(x_i) for each input projection))`` for every local expert i.
+class _InProjections(torch.autograd.Function):
+    """``h_p = in_proj_p(x)`` for each input projection p, every local expert's rows at once.
 
-    Inputs: the middle function, the number of input projections P (1 for an FFN, 2 for a GLU),
-    the piece sizes, then P + 1 weights, P + 1 biases (None where absent), then the pieces.
-    Outputs: one `(N_i, D)` tensor per piece, row blocks of one buffer.
+    Inputs: P, the per-expert matmuls (``_Grouped``/``_Loop``), P weights, P biases (None where
+    absent), then the pieces. Outputs: P `(N, F)` tensors. Saved: the weights and the pieces only,
+    so its backward, which runs after the output projection's, is the first to ask for the pieces
+    (a :class:`~moesaic.layer.ops.SavedPieces` rebuild happens there, not while the middle's
+    gradient is formed).
     """
 
     @staticmethod
-    def forward(ctx, middle: Middle, num_in: int, sizes: List[int], *args):
-        weights = args[:num_in + 1]
-        biases = args[num_in + 1:2 * num_in + 2]
-        xs = args[2 * num_in + 2:]
+    def forward(ctx, num_in: int, ops, *args):
+        weights, biases, xs = args[:num_in], args[num_in:2 * num_in], args[2 * num_in:]
         x = _whole(xs)
-        ops = (_Grouped if _grouped_usable(weights, biases) else _Loop)(sizes, x.device)
-        hs = [ops.project(x, w, b) for w, b in zip(weights[:num_in], biases[:num_in])]
-        mid = middle(*hs)
-        y = ops.project(mid, weights[num_in], biases[num_in])
-        ctx.middle, ctx.num_in, ctx.sizes, ctx.ops = middle, num_in, sizes, ops
+        hs = tuple(ops.project(x, w, b) for w, b in zip(weights, biases))
+        ctx.num_in, ctx.ops = num_in, ops
         ctx.has_bias = [b is not None for b in biases]
-        ctx.save_for_backward(*weights, *hs, *xs)
-        return tuple(y.split(sizes))
+        ctx.save_for_backward(*weights, *xs)
+        return hs
 
     @staticmethod
-    def backward(ctx, *grads: Optional[Tensor]):
-        num_in, sizes, ops = ctx.num_in, ctx.sizes, ctx.ops
+    def backward(ctx, *grad_hs: Optional[Tensor]):
+        num_in, ops = ctx.num_in, ctx.ops
         saved = ctx.saved_tensors
-        weights = saved[:num_in + 1]
-        hs = saved[num_in + 1:2 * num_in + 1]
-        xs = list(saved[2 * num_in + 1:])
-        del saved  # the rebuilt input pieces are freed below, once the weight gradients are done
-        need = ctx.needs_input_grad[3:]
-        need_w = need[:num_in + 1]
-        need_b = [n and has for n, has in zip(need[num_in + 1:2 * num_in + 2], ctx.has_bias)]
-        need_x = any(need[2 * num_in + 2:])
-        grad_y = _whole([g if g is not None else x.new_zeros(x.shape[0], weights[num_in].shape[1])
-                         for g, x in zip(grads, xs)])
-        grad_w: List[Optional[Tensor]] = [None] * (num_in + 1)
-        grad_b: List[Optional[Tensor]] = [None] * (num_in + 1)
-
-        def out_weight_grad(mid: Tensor, grad_y: Tensor = grad_y) -> None:
-            if need_w[num_in] or need_b[num_in]:
-                grad_w[num_in], grad_b[num_in] = ops.weight_grad(grad_y, mid, need_b[num_in])
-
-        if ctx.middle is silu_glu:
-            grad_hs = _silu_glu_backward(ops, *hs, grad_y, weights[num_in], out_weight_grad)
-        else:
-            # the middle again, under autograd, for its output (the output projection's saved
-            # input) and its gradient
-            inputs = [h.detach().requires_grad_() for h in hs]
-            with torch.enable_grad():
-                mid = ctx.middle(*inputs)
-            out_weight_grad(mid.detach())
-            grad_hs = torch.autograd.grad(mid, inputs, ops.input_grad(grad_y, weights[num_in]))
-            del mid
-        del grad_y
-
-        # the input projections: weight and bias gradients, and the input gradient summed over
-        # the projections
+        weights, xs = saved[:num_in], list(saved[num_in:])
+        del saved
+        need = ctx.needs_input_grad[2:]
+        need_w = need[:num_in]
+        need_b = [n and has for n, has in zip(need[num_in:2 * num_in], ctx.has_bias)]
+        need_xs = need[2 * num_in:]
+        grad_hs = [g if g is not None else w.new_zeros(sum(ops.sizes), w.shape[1]) for g, w in zip(grad_hs, weights)]
+        grad_w: List[Optional[Tensor]] = [None] * num_in
+        grad_b: List[Optional[Tensor]] = [None] * num_in
+        # weight and bias gradients, then the input gradient summed over the projections
         x = _whole(xs)
         for p in range(num_in):
             if need_w[p] or need_b[p]:
@@ -215,13 +197,58 @@ class _ExpertMLP(torch.autograd.Function):
         num_pieces = len(xs)
         del x, xs  # (N, D) off the peak before the input gradient is allocated
         grad_xs: List[Optional[Tensor]] = [None] * num_pieces
-        if need_x:
+        if any(need_xs):
             grad_x = ops.input_grad(grad_hs[0], weights[0])
             for p in range(1, num_in):
                 grad_x = ops.input_grad(grad_hs[p], weights[p], accumulate=grad_x)
-            grad_xs = [g if n else None for g, n in zip(grad_x.split(sizes), need[2 * num_in + 2:])]
+            grad_xs = [g if n else None for g, n in zip(grad_x.split(ops.sizes), need_xs)]
         grad_w = [g if n else None for g, n in zip(grad_w, need_w)]
-        return (None, None, None, *grad_w, *grad_b, *grad_xs)
+        grad_b = [g if n else None for g, n in zip(grad_b, need_b)]
+        return (None, None, *grad_w, *grad_b, *grad_xs)
+
+
+class _OutProjection(torch.autograd.Function):
+    """``y = out_proj(middle(*hs))``, every local expert's rows at once; returns one `(N_i, D)` row
+    block per piece. Saved: the output projection's weight and the input projections' outputs
+    (the middle is recomputed in backward: a few elementwise passes against two `(N, F)` tensors).
+    """
+
+    @staticmethod
+    def forward(ctx, middle: Middle, ops, weight: Tensor, bias: Optional[Tensor], *hs: Tensor):
+        y = ops.project(middle(*hs), weight, bias)
+        ctx.middle, ctx.ops, ctx.has_bias = middle, ops, bias is not None
+        ctx.save_for_backward(weight, *hs)
+        return tuple(y.split(ops.sizes))
+
+    @staticmethod
+    def backward(ctx, *grads: Optional[Tensor]):
+        ops = ctx.ops
+        weight, *hs = ctx.saved_tensors
+        need_w, need_b = ctx.needs_input_grad[2], ctx.needs_input_grad[3] and ctx.has_bias
+        need_hs = any(ctx.needs_input_grad[4:])
+        grad_y = _whole([g if g is not None else hs[0].new_zeros(n, weight.shape[1])
+                         for g, n in zip(grads, ops.sizes)])
+        grad_w = grad_b = None
+
+        def weight_grad(mid: Tensor) -> None:
+            nonlocal grad_w, grad_b
+            if need_w or need_b:
+                grad_w, grad_b = ops.weight_grad(grad_y, mid, need_b)
+
+        grad_hs: Sequence[Optional[Tensor]] = [None] * len(hs)
+        if ctx.middle is silu_glu and need_hs:
+            grad_hs = _silu_glu_backward(ops, *hs, grad_y, weight, weight_grad)
+        else:
+            # the middle again, under autograd, for its output (the output projection's saved
+            # input) and its gradient
+            inputs = [h.detach().requires_grad_(need_hs) for h in hs]
+            with torch.enable_grad():
+                mid = ctx.middle(*inputs)
+            weight_grad(mid.detach())
+            if need_hs:
+                grad_hs = torch.autograd.grad(mid, inputs, ops.input_grad(grad_y, weight))
+            del mid
+        return (None, None, grad_w if need_w else None, grad_b if need_b else None, *grad_hs)
 
 
 def expert_mlp(middle: Middle, in_projs: Sequence[Tuple[Tensor, Optional[Tensor]]], out_proj: Tuple[Tensor, Optional[Tensor]],
@@ -234,7 +261,8 @@ def expert_mlp(middle: Middle, in_projs: Sequence[Tuple[Tensor, Optional[Tensor]
             must act row by row.
         in_projs: ``(weight (E, F, D), bias (E, F) or None)`` per input projection (1 or 2).
         out_proj: ``(weight (E, D, F), bias (E, D) or None)``.
-        xs: one `(N_i, D)` piece per local expert, all of one dtype and device.
+        xs: one `(N_i, D)` piece per local expert, all of one dtype and device; a
+            :class:`~moesaic.layer.ops.HandedPieces` is emptied once the input projections ran.
 
     Returns:
         One `(N_i, D)` output per piece, row blocks of one tensor.
@@ -247,7 +275,12 @@ def expert_mlp(middle: Middle, in_projs: Sequence[Tuple[Tensor, Optional[Tensor]
     weights = [w for w, _ in projs]
     biases = [b for _, b in projs]
     sizes = [x.shape[0] for x in xs]
-    return _ExpertMLP.apply(middle, len(in_projs), sizes, *weights, *biases, *xs)
+    num_in = len(in_projs)
+    ops = (_Grouped if _grouped_usable(weights, biases) else _Loop)(sizes, xs[0].device)
+    hs = _InProjections.apply(num_in, ops, *weights[:num_in], *biases[:num_in], *xs)
+    if isinstance(xs, HandedPieces):
+        xs.clear()  # the dispatched rows are free before the output projection allocates (ops.HandedPieces)
+    return _OutProjection.apply(middle, ops, weights[num_in], biases[num_in], *hs)
 
 
 __all__ = ["expert_mlp", "silu_glu"]

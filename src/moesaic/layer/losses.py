@@ -24,7 +24,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .recompute import saved_plainly
 
+
+@saved_plainly
 def load_balancing_loss(probs_SE: Tensor, expert_ids_SK: Tensor, exp_counts_E: Tensor, k: int) -> Tensor:
     """DeepSpeed's auxiliary load-balancing loss (fp32 scalar).
 
@@ -51,6 +54,7 @@ def load_balancing_loss(probs_SE: Tensor, expert_ids_SK: Tensor, exp_counts_E: T
     return torch.mean(me_E * ce_E) * E * E / k
 
 
+@saved_plainly
 def router_z_loss(logits_SE: Tensor, coef: float) -> Tensor:
     """``coef * mean_s logsumexp(logits_s)^2`` (ST-MoE); an exact 0 when ``coef`` is 0."""
     if not coef:
@@ -60,6 +64,7 @@ def router_z_loss(logits_SE: Tensor, coef: float) -> Tensor:
     return coef * torch.mean(torch.logsumexp(logits_SE, dim=1) ** 2)
 
 
+@saved_plainly
 def sequence_balance_loss(probs_SE: Tensor, expert_ids_SK: Tensor, num_sequences: int, coef: float,
                           valid_S: Optional[Tensor] = None) -> Tensor:
     """DeepSeek-V3's sequence-wise balance loss: ``coef * mean_b sum_e f_be * P_be``.

@@ -204,6 +204,18 @@ def weighted_combine(ys: Sequence[Tensor], weight_N: Tensor, token_N: Tensor, nu
     return _WeightedScatterAdd.apply(weight_N, token_N, num_tokens, *ys)
 
 
+class HandedPieces(list):
+    """The experts' input pieces as a dispatcher returns them: a list handed over with the pieces.
+
+    ``MOELayer`` passes the list to its experts and keeps no other reference to the pieces, so
+    experts that are done with their inputs before their forward ends may empty it
+    (``handed.clear()``), and the dispatched `(N, D)` rows are freed before the rest of the
+    experts' forward allocates (stacked experts: after the input projections, before the output
+    projection's `(N, D)` output). Saved for backward they are kept by autograd (or rebuilt by
+    :class:`SavedPieces`) as before. Any other list of pieces is left as it is.
+    """
+
+
 class SavedPieces:
     """Context manager: experts that save their input piece for backward keep a recipe instead.
 
@@ -212,22 +224,47 @@ class SavedPieces:
     which the router saves), that copy is redundant, and a row gather is cheap next to an
     expert's matmuls. Inside this context a saved tensor that *is* one of the pieces (same
     storage, shape and strides, never modified in place) is packed as its piece number and rebuilt
-    by ``rebuild(i)`` when backward needs it, which takes one `(N, D)` tensor off the layer's
-    memory peak.
+    by ``rebuild(i, *sources)`` when backward needs it, which takes one `(N, D)` tensor off the
+    layer's memory peak.
+
+    **Under other saved-tensor hooks** (activation checkpointing, which drops every saved tensor
+    and recomputes it in backward; offloading): with ``sources`` given, the context nests over
+    them. Every saved tensor that is not a piece goes to those hooks as it would have; a piece is
+    kept as its number plus the ``sources``, which go to the outer hooks once per context (a
+    checkpoint drops them in forward and its recompute keeps them, sharing the storage of tensors
+    the recompute keeps anyway). So a recompute holds the layer input and an index instead of the
+    `(N, D)` pieces, and the pieces are rebuilt when the experts' backward asks for them. Both the
+    first forward and its recompute pass the same tensors to the outer hooks in the same order
+    (what a checkpoint checks). Without ``sources`` the context steps aside under other hooks
+    (they then see the pieces).
 
     Args:
         pieces: the experts' input pieces.
-        rebuild: ``rebuild(i)`` returns a tensor equal to ``pieces[i]`` (without autograd).
-        rebuild_all: optional; returns every piece at once (one gather instead of one per
-            piece). Given, the first unpack rebuilds all pieces and hands each out when asked;
-            suits experts that unpack all their inputs together (stacked experts' one backward).
+        rebuild: ``rebuild(i, *sources)`` returns a tensor equal to ``pieces[i]`` (without
+            autograd). It must read no tensor but ``sources`` (a closure over the layer input
+            would keep it alive where a checkpoint dropped it).
+        rebuild_all: optional; ``rebuild_all(*sources)`` returns every piece at once (one gather
+            instead of one per piece). Given, the first unpack rebuilds all pieces and hands each
+            out when asked; suits experts that unpack all their inputs together (stacked
+            experts' one backward).
+        sources: the tensors the rebuild reads (e.g. the layer input and the routes' token
+            indices); None: the rebuild functions take only ``i``, and the context steps aside
+            under other saved-tensor hooks.
     """
 
-    def __init__(self, pieces: Sequence[Tensor], rebuild: Callable[[int], Tensor],
-                 rebuild_all: Optional[Callable[[], Sequence[Tensor]]] = None) -> None:
+    def __init__(self, pieces: Sequence[Tensor], rebuild: Callable[..., Tensor],
+                 rebuild_all: Optional[Callable[..., Sequence[Tensor]]] = None,
+                 sources: Optional[Sequence[Tensor]] = None) -> None:
         self._rebuild = rebuild
         self._rebuild_all = rebuild_all
         self._rebuilt: Optional[List[Optional[Tensor]]] = None
+        self._nestable = sources is not None
+        self._sources: Optional[Tuple[Tensor, ...]] = tuple(sources) if sources is not None else ()
+        # under outer hooks: the sources as the outer hooks packed them, and unpacked (while needed)
+        self._outer: Optional[Tuple[Callable, Callable]] = None
+        self._packed_sources: Optional[Tuple] = None
+        self._unpacked_sources: Optional[Tuple[Tensor, ...]] = None
+        self._refs = self._handed = 0  # pieces packed / handed out in this backward (under outer hooks)
         # a piece is matched by storage, shape and strides, and must not have been modified since
         self._keys = {_key(p): (i, p._version) for i, p in enumerate(pieces) if p.numel()}
         self._device = pieces[0].device if len(pieces) else None
@@ -241,34 +278,62 @@ class SavedPieces:
         if t.device == self._device:
             found = self._keys.get(_key(t))
             if found is not None and found[1] == t._version:
+                if self._outer is not None:
+                    if self._packed_sources is None:
+                        self._packed_sources = tuple(self._outer[0](s) for s in self._sources)
+                        self._sources = None  # from now on only the outer hooks hold them
+                    self._refs += 1
                 return _PieceRef(found[0])
-        return t
+        return t if self._outer is None else _OuterPacked(self._outer[0](t))
+
+    def _sources_now(self) -> Tuple[Tensor, ...]:
+        if self._outer is None:
+            return self._sources
+        if self._unpacked_sources is None:
+            self._unpacked_sources = tuple(self._outer[1](p) for p in self._packed_sources)
+        return self._unpacked_sources
 
     def _unpack(self, packed):
+        if isinstance(packed, _OuterPacked):
+            return self._outer[1](packed.packed)
         if not isinstance(packed, _PieceRef):
             return packed
         if self._rebuild_all is None:
-            return self._rebuild(packed.i)
+            piece = self._rebuild(packed.i, *self._sources_now())
+            if self._outer is not None:
+                # the unpacked sources are kept until every piece of this backward was handed out
+                self._handed += 1
+                if self._handed == self._refs:
+                    self._handed, self._unpacked_sources = 0, None
+            return piece
         # every piece at once (one gather), handed out one by one; each is then held only by
         # the backward that asked for it
         if self._rebuilt is None:
             packed_ids = {i for i, _ in self._keys.values()}
-            self._rebuilt = [p if i in packed_ids else None for i, p in enumerate(self._rebuild_all())]
+            self._rebuilt = [p if i in packed_ids else None
+                             for i, p in enumerate(self._rebuild_all(*self._sources_now()))]
+            self._unpacked_sources = None
         piece = self._rebuilt[packed.i]
         if piece is None:  # asked for twice (a retained graph): rebuild it alone
-            return self._rebuild(packed.i)
+            piece = self._rebuild(packed.i, *self._sources_now())
+            self._unpacked_sources = None
+            return piece
         self._rebuilt[packed.i] = None
         if all(p is None for p in self._rebuilt):
             self._rebuilt = None  # a second backward (retain_graph) starts over
         return piece
 
     def __enter__(self):
-        if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
-            # other saved-tensor hooks are active (activation checkpointing, which drops every
-            # saved tensor and recomputes it, or offloading): they own the experts' saved tensors.
-            # Taking over would keep the experts' activations of a checkpointed region alive.
-            self._hooks = None
-            return self
+        outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        if outer is not None:
+            if not self._nestable:
+                # other saved-tensor hooks are active (activation checkpointing, which drops every
+                # saved tensor and recomputes it, or offloading) and the rebuild cannot go through
+                # them: they own the experts' saved tensors. Taking over would keep the experts'
+                # activations of a checkpointed region alive.
+                self._hooks = None
+                return self
+            self._outer = outer
         self._hooks.__enter__()
         return self
 
@@ -276,11 +341,22 @@ class SavedPieces:
         # drop the hooks object: it holds this object's bound methods, a reference cycle that
         # kept every layer's input and routing alive until Python's cyclic collector ran
         hooks, self._hooks = self._hooks, None
+        if self._outer is not None and self._packed_sources is None:
+            self._sources = None  # no piece was saved: nothing to rebuild, hold nothing
         return hooks.__exit__(*exc) if hooks is not None else False
 
 
 def _key(t: Tensor):
     return t.data_ptr(), tuple(t.shape), t.stride()
+
+
+class _OuterPacked:
+    """A saved tensor as the outer saved-tensor hooks packed it (SavedPieces nested over them)."""
+
+    __slots__ = ("packed",)
+
+    def __init__(self, packed) -> None:
+        self.packed = packed
 
 
 class _PieceRef:

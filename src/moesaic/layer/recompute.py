@@ -33,7 +33,8 @@ an outer recompute records into its own new region. A region with no record for 
 region's forward ran where no checkpoint could be seen, e.g. inside a user's own saved-tensor
 hooks) re-routes with its side effects skipped and warns once.
 
-Nothing here runs outside a checkpointed region: a plain forward computes, and costs, what it did.
+Nothing here runs outside a checkpointed region: a plain forward computes what it did, and pays
+three flag reads (:func:`_outside_any_checkpoint`) instead of the stack walk.
 """
 
 from __future__ import annotations
@@ -162,6 +163,16 @@ def _scan() -> Tuple[Optional[Tuple[Any, Any]], List[Any]]:
     return None, sinks
 
 
+def _outside_any_checkpoint() -> bool:
+    """A cheap sufficient test (three flag reads) that no checkpointed region runs, so :func:`_scan`,
+    which walks the Python stack (~40 us at a transformers model's depth, per MoE call), is skipped
+    in plain training: a non-reentrant region's forward and recompute run under its saved-tensor
+    hooks; a reentrant region's forward runs without autograd (``CheckpointFunction.forward``) and its
+    recompute inside a backward (a graph task)."""
+    return (torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1
+            and torch._C._autograd._top_saved_tensors_default_hooks(False) is None)
+
+
 def _tape(owner) -> _Tape:
     tape = getattr(owner, _TAPE_ATTR, None)
     if tape is None:
@@ -217,6 +228,8 @@ def begin(layer, device: torch.device) -> Tuple[Optional[Call], Any]:
         return active, None
     if not torch.is_grad_enabled() and not layer.training:
         return None, None  # evaluation without autograd: deterministic, nothing to recompute
+    if _outside_any_checkpoint():
+        return None, None
     source, sink_owners = _scan()
     if source is None and not sink_owners:
         return None, None
@@ -277,6 +290,38 @@ def active(layer) -> Optional[Call]:
     """The open call of ``layer``, or None."""
     call = _ACTIVE.get()
     return call if call is not None and call.layer is layer else None
+
+
+def _detached(t: Tensor) -> Tensor:
+    return t.detach() if t.requires_grad else t  # (no reference cycle through an output's grad_fn)
+
+
+def _as_saved(t: Tensor) -> Tensor:
+    return t
+
+
+def saved_plainly(fn):
+    """Run ``fn`` with the tensors it saves for backward kept as they are, not handed to outer saved-tensor hooks.
+
+    For the layer's side losses (``l_aux``, z-loss, sequence loss), which a caller may leave out of
+    its loss (a ``transformers`` model computes its own balance loss from the router logits).
+    Handed to a non-reentrant checkpoint, a saved tensor of a node that never runs in backward
+    keeps the checkpoint's bookkeeping (and with it the region's inputs, e.g. a whole block's input)
+    alive until the graph is freed, and ``layer.l_aux`` keeps that graph until the next forward: with
+    every block checkpointed, each block's input lived to the end of backward and into the next
+    step. The losses save only small tensors (`(E,)` counts; the `(S, E)` logits for a z-loss), so
+    keeping them plainly costs little. The values and gradients are unchanged (the same operations);
+    the first forward and its recompute both save them plainly, so a checkpoint sees the same
+    tensors in both.
+    """
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if torch._C._autograd._top_saved_tensors_default_hooks(False) is None:
+            return fn(*args, **kwargs)
+        with torch.autograd.graph.saved_tensors_hooks(_detached, _as_saved):
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def recorded_routes(routing) -> Tensor:

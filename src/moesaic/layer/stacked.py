@@ -42,6 +42,7 @@ from .experts import ExpertContainer
 from .expert_mlp import expert_mlp, silu_glu
 from .ffn import ACTIVATIONS, FFNExpert, GLUExpert, activation_fn, glu
 from .identity import tag_stacked_param
+from .ops import HandedPieces
 
 # activation modules an nn.Sequential FFN expert may hold, and the name of the same function
 _ACT_MODULES: Dict[type, Callable[[nn.Module], Optional[str]]] = {
@@ -254,7 +255,7 @@ class StackedExperts(ExpertContainer):
             got = "a Tensor" if isinstance(xs, Tensor) else f"{len(xs)} pieces"
             raise ValueError(f"StackedExperts expects one piece per local expert ({self.num_local_experts}), got {got}")
         if self._grouped():
-            return self._forward_grouped(list(xs))
+            return self._forward_grouped(xs if isinstance(xs, list) else list(xs))
         return list(self._forward_loop(xs))
 
     def _middle(self) -> Callable[..., Tensor]:
@@ -276,7 +277,9 @@ class StackedExperts(ExpertContainer):
             return expert_mlp(self._middle(), projs[:-1], projs[-1], xs)
         dtype = torch.get_autocast_dtype(device_type)
         projs = [(w.to(dtype), None if b is None else b.to(dtype)) for w, b in projs]
-        xs = [x.to(dtype) for x in xs]
+        handed, xs = xs, HandedPieces(x.to(dtype) for x in xs)
+        if isinstance(handed, HandedPieces):
+            handed.clear()  # the uncast rows are free once cast (ops.HandedPieces)
         with torch.autocast(device_type, enabled=False):
             return expert_mlp(self._middle(), projs[:-1], projs[-1], xs)
 
@@ -285,6 +288,8 @@ class StackedExperts(ExpertContainer):
         # added per row)  3. split the output back into pieces
         sizes = [x.shape[0] for x in xs]
         x_ND = torch.cat(xs)
+        if isinstance(xs, HandedPieces):
+            xs.clear()  # the dispatched rows are free once concatenated (ops.HandedPieces)
         sizes_E = torch.tensor(sizes, device=x_ND.device)
         offs = torch.cumsum(sizes_E, 0).to(torch.int32)
 
