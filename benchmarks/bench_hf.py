@@ -87,6 +87,17 @@ def _model(name: str, folder: str):
     return moesaic.hf.load(folder, stacked_experts=name == "moesaic")
 
 
+def training_step(model, opt):
+    """One benchmark step of a causal LM: forward with the router logits, backward, AdamW, grads freed; the loss."""
+    def step(ids) -> float:
+        out = model(input_ids=ids, labels=ids, output_router_logits=True)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(out.loss)
+    return step
+
+
 def worker(name: str, folder: str, mode: str, steps: int, warmup: int, batch: int, seq: int, seed: int) -> dict:
     """One contender in this process: ``mode`` "time" (losses, tokens/s, load time) or "memory"."""
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
@@ -98,12 +109,7 @@ def worker(name: str, folder: str, mode: str, steps: int, warmup: int, batch: in
     g = torch.Generator().manual_seed(seed)
     data = [torch.randint(0, vocab, (batch, seq), generator=g) for _ in range(steps)]
 
-    def step(ids):
-        out = model(input_ids=ids, labels=ids, output_router_logits=True)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(out.loss)
+    step = training_step(model, opt)
 
     if mode == "memory":
         step(data[0])

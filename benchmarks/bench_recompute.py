@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_hf import (KEEP_MEMORY_ENV, SHAPE_ARGUMENTS, _kib, add_shape_arguments, build_folder,  # noqa: E402
+from bench_hf import (KEEP_MEMORY_ENV, SHAPE_ARGUMENTS, _kib, add_shape_arguments, build_folder, training_step,  # noqa: E402
                       check_positive, run_worker)
 
 CONTENDERS = ("moesaic", "moesaic-block", "hf-gc", "moesaic-moe", "moesaic-experts", "hf")
@@ -64,12 +64,7 @@ def worker(name, folder, mode, steps, batch, seq) -> dict:
     g = torch.Generator().manual_seed(0)
     data = [torch.randint(0, model.config.vocab_size, (batch, seq), generator=g) for _ in range(steps + 4)]
 
-    def step(ids):
-        out = model(input_ids=ids, labels=ids, output_router_logits=True)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(out.loss)
+    step = training_step(model, opt)
 
     if mode == "memory":
         losses = [step(data[i]) for i in range(WARMUP)]

@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch
 from bench_recompute import _model
-from bench_hf import build_folder
+from bench_hf import build_folder, training_step
 import argparse
 torch.set_num_threads(1)
 name = sys.argv[1]
@@ -29,12 +29,7 @@ model = _model(name, str(folder)).train()
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 g = torch.Generator().manual_seed(0)
 data = [torch.randint(0, model.config.vocab_size, (batch, seq), generator=g) for _ in range(4)]
-def step(ids):
-    out = model(input_ids=ids, labels=ids, output_router_logits=True)
-    out.loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return float(out.loss)
+step = training_step(model, opt)
 for i in range(2):
     step(data[i])
 from torch.profiler import profile, ProfilerActivity
