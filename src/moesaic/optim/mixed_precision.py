@@ -46,6 +46,8 @@ from .sharding import ShardPlan
 
 OPTIMIZERS = OPTIMIZER_TYPES
 _MOMENTS = {"AdamW": ("exp_avg", "exp_avg_sq"), "Adam": ("exp_avg", "exp_avg_sq"), "SGD": ()}
+_OPTIONAL_STATE = {"SGD": ("momentum_buffer",)}  # made at the first step with momentum
+FUSE_ELEMS_LIMIT = 1 << 19  # 512K elements (2 MiB in fp32): amortises launches over tiny groups, stays in cache
 
 
 def check_state_entry(name: str, entry: Any, kind: str) -> Dict[str, Any]:
@@ -59,8 +61,6 @@ def check_state_entry(name: str, entry: Any, kind: str) -> Dict[str, Any]:
         if key not in entry:
             raise ValueError(f"the optimizer state of {name!r} has no {key!r} ({kind} keeps {list(_MOMENTS[kind])})")
     return entry
-_OPTIONAL_STATE = {"SGD": ("momentum_buffer",)}  # made at the first step with momentum
-FUSE_ELEMS_LIMIT = 1 << 19  # 512K elements (2 MiB in fp32): amortises launches over tiny groups, stays in cache
 
 
 def default_fuse_elems(max_group_size: Optional[int]) -> int:
