@@ -20,6 +20,13 @@ from support.checkpoint_net import Net, make_engine, train, transient_files as _
 
 pytestmark = pytest.mark.subprocess
 
+# Each training process is a fresh child of a fork server that has imported torch and moesaic once (as
+# tests/distributed/launch.py starts its ranks, with the same preload): a child then starts in a fraction of a
+# second instead of importing torch again, which was most of this file's time. A killed child is killed
+# whatever way it was started; nothing of a process's own state (weights, RNG, files) comes from the server.
+mp.set_forkserver_preload(["torch", "torch.distributed", "moesaic"])
+START = mp.get_context("forkserver")
+
 
 def _run(path, steps_before, steps_after, kill_after_save, out, bf16):
     """A training process; writes its losses to ``out`` (JSON) as it goes."""
@@ -44,7 +51,7 @@ def _run(path, steps_before, steps_after, kill_after_save, out, bf16):
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_resume_after_sigkill_gives_bitwise_identical_losses(tmp_path, bf16):
-    ctx = mp.get_context("spawn")
+    ctx = START
     runs = []
     for i, args in enumerate(((tmp_path / "a", 4, 4, False), (tmp_path / "b", 4, 1, True),
                               (tmp_path / "b", None, 4, False))):
@@ -76,7 +83,7 @@ def _saver(root, ready):
 
 
 def test_kill_loop_leaves_latest_loadable_and_no_debris(tmp_path):
-    ctx = mp.get_context("spawn")
+    ctx = START
     root = tmp_path / "ck"
     rng = random.Random(0)
     for kill in range(6):
