@@ -1,6 +1,7 @@
 """`moesaic train / generate / bench`: a two-step smoke run, resume, and every refusal before training starts."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,10 +23,9 @@ SMALL = ["--set", "model.n_layer=2", "--set", "model.n_embd=32", "--set", "model
          "--set", "train.eval_batches=2", "--set", "train.checkpoint_every=1", "--quiet"]
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    folder = tmp_path / "corpus"
-    folder.mkdir()
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
     for i in range(30):  # enough files for a train and a validation split
         (folder / f"f{i:02d}.py").write_text(f"def function_{i}(x):\n    return x * {i} + {i % 7}\n" * 20)
     return folder
@@ -35,9 +35,23 @@ def train(out, corpus, *extra):
     return main(["train", TINY, "--out", str(out), "--data", str(corpus), *SMALL, *extra])
 
 
-def test_two_steps_then_checkpoint_loads_bitwise(tmp_path, corpus):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def two_steps(corpus, tmp_path_factory):
+    """One finished 2-step run of the module's corpus, trained once: tests that only read it share it, tests that
+    resume or edit it take a copy (:func:`run_copy`), as if each had trained it."""
+    out = tmp_path_factory.mktemp("two_steps") / "run"
     assert train(out, corpus, "--set", "train.steps=2") == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(two_steps, tmp_path):
+    """A copy of the 2-step run in this test's folder (``tmp_path / "run"``)."""
+    return Path(shutil.copytree(two_steps, tmp_path / "run", symlinks=True))
+
+
+def test_two_steps_then_checkpoint_loads_bitwise(two_steps):
+    out = two_steps
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["val_loss"] == summary["val_loss"]  # finite, not nan
     assert summary["val_loss"] < 10
@@ -60,9 +74,8 @@ def test_two_steps_then_checkpoint_loads_bitwise(tmp_path, corpus):
         assert torch.equal(p, q)
 
 
-def test_resume_continues_refuses_to_overwrite_and_names_the_key_that_must_match(tmp_path, corpus, capsys):
-    out = tmp_path / "run"
-    assert train(out, corpus, "--set", "train.steps=2") == 0
+def test_resume_continues_refuses_to_overwrite_and_names_the_key_that_must_match(run_copy, corpus, capsys):
+    out = run_copy
     before = (out / "summary.json").read_text()
     assert train(out, corpus, "--set", "train.steps=3") == 2
     assert "already holds a run; pass --resume" in capsys.readouterr().err
@@ -237,9 +250,8 @@ def test_empty_and_binary_data_are_refused(tmp_path, capsys):
 
 
 @pytest.mark.subprocess
-def test_generate_from_a_run(tmp_path, corpus):
-    out = tmp_path / "run"
-    assert train(out, corpus, "--set", "train.steps=2") == 0
+def test_generate_from_a_run(two_steps):
+    out = two_steps
     res = subprocess.run([sys.executable, "-m", "moesaic", "generate", "--checkpoint", str(out), "--prompt", "def ",
                           "--max-new-tokens", "20", "--temperature", "0"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
@@ -247,14 +259,18 @@ def test_generate_from_a_run(tmp_path, corpus):
 
 
 @pytest.mark.subprocess
-def test_help_is_complete():
-    res = subprocess.run([sys.executable, "-m", "moesaic", "train", "--help"], capture_output=True, text=True,
-                         timeout=60)
-    for flag in ("--config", "--nproc", "--device", "--out", "--resume", "--data", "--set"):
-        assert flag in res.stdout
+def test_help_is_complete(capsys):
+    # the command itself (python -m moesaic) once; `train --help` is the same parser's, asked in this process
     res = subprocess.run([sys.executable, "-m", "moesaic", "--help"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
     for command in ("train", "generate", "bench"):
         assert command in res.stdout
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--help"])
+    assert done.value.code == 0
+    said = capsys.readouterr().out
+    for flag in ("--config", "--nproc", "--device", "--out", "--resume", "--data", "--set"):
+        assert flag in said
 
 
 def test_set_reaches_every_section_and_the_run_records_it(tmp_path, corpus):
@@ -270,11 +286,10 @@ def test_set_reaches_every_section_and_the_run_records_it(tmp_path, corpus):
     assert groups == saved  # the manifest carries the same tree
 
 
-def test_resume_of_a_checkpoint_written_by_the_former_layout(tmp_path, corpus):
+def test_resume_of_a_checkpoint_written_by_the_former_layout(run_copy, corpus):
     """A checkpoint's manifest written before the config tree was unified (sections model, data, optim, train,
     moe) still resumes: --resume compares the model and data sections only, which kept their keys."""
-    out = tmp_path / "run"
-    assert train(out, corpus, "--set", "train.steps=2") == 0
+    out = run_copy
     folder = checkpoint.resolve(out / "checkpoints")
     manifest = json.loads((folder / "manifest.json").read_text())
     new = manifest["model_config"]
