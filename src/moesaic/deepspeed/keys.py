@@ -2,11 +2,12 @@
 
 ``moesaic.initialize`` reads DeepSpeed's config. A key moesaic implements is a setting of
 :class:`~moesaic.engine.EngineConfig` (or of its sections) and does what DeepSpeed's does. The
-rest fall in two kinds, and neither is ever silently ignored:
+rest fall in three kinds, and none is ever silently ignored:
 
-* **accepted values** (:func:`moesaic._checks.only`): the key is a setting whose values describe what moesaic
-  always does (``zero_optimization.contiguous_gradients: true``: moesaic reduces each bucket of
-  gradients from one contiguous buffer); any other value is refused with the reason;
+* **accepted keys** (:mod:`moesaic.deepspeed.accepted`): keys that only choose between DeepSpeed's
+  own implementations, accepted with the values describing what moesaic always does
+  (``zero_optimization.contiguous_gradients: true``: moesaic reduces each bucket of gradients from
+  one contiguous buffer) and dropped; any other value is refused with the reason;
 * **refused keys** (:data:`REFUSED`): features moesaic does not have (DeepSpeed's ZeRO-3 tuning, NVMe offload,
   pipeline parallelism, autotuning ...). Present with any value, they are refused with the
   reason; a feature section whose ``enabled`` is false asks for nothing and is accepted.
@@ -154,8 +155,8 @@ HINTS: Dict[str, Dict[str, str]] = {
     },
 }
 
-#: ``{key path: (value moesaic's behaviour matches, note for any other value)}``: settings (in the
-#: config tables) whose other values only tune speed, memory or logging; noted once when given.
+#: ``{key path: (value moesaic's behaviour matches, note for any other value)}``: accepted keys
+#: (:mod:`moesaic.deepspeed.accepted`) whose other values only tune speed, memory or logging; noted once when given.
 VALUE_HINTS: Dict[str, tuple] = {
     "memory_breakdown": (False, _HINT + "does not print memory per step (see benchmarks/bench_step_memory.py)"),
     "dump_state": (False, _HINT + "does not dump its state (print engine.config)"),

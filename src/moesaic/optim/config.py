@@ -10,10 +10,12 @@ The optimizer's hyperparameter defaults live here, in :data:`OPTIMIZER_PARAMS`, 
 the scheduler params mirror the constructors of :mod:`moesaic.optim.schedulers` (a unit test pins
 that the two agree).
 
-DeepSpeed's keys moesaic does not implement are never silently ignored: a key whose accepted
-values describe what moesaic always does is a setting checked by :func:`moesaic._checks.only`
-(``fp16.auto_cast`` accepts false); the rest are refused by name with the reason
-(:mod:`moesaic.deepspeed.keys`). Differences on purpose: ``fp16`` values are checked even
+DeepSpeed's keys moesaic does not implement are never silently ignored: a key that describes
+what moesaic's update always does is a setting checked by :func:`moesaic._checks.only`
+(``optimizer.params.amsgrad`` accepts false, as torch's Adam names it); keys that only choose between
+DeepSpeed's own implementations (``fp16.auto_cast``, ``zero_optimization.contiguous_gradients``) are
+the DeepSpeed bridge's (:mod:`moesaic.deepspeed.accepted`; each section's ``MOVED`` names them), and
+the rest are refused by name with the reason (:mod:`moesaic.deepspeed.keys`). Differences on purpose: ``fp16`` values are checked even
 when fp16 is off; optimizer and scheduler names DeepSpeed accepts but moesaic does not implement
 are refused with the reason and the supported names.
 ``moe.lr_scale`` and ``moe.freeze_experts`` name experts as ``"<expert_group_name>/<expert_number>"``
@@ -60,6 +62,19 @@ WARMUP_TYPES = ("log", "linear")
 OFFLOAD = ("none", "cpu")
 ZERO_STAGES = (0, 1, 2, 3)  # 3: parameters sharded too, on torch's FSDP2 (optim/fsdp.py, optim/zero3.py)
 
+#: What a section says of a DeepSpeed-only key given to it directly: such keys choose between DeepSpeed's own
+#: implementations, so the DeepSpeed bridge checks and drops them (:mod:`moesaic.deepspeed.accepted`).
+DEEPSPEED_ONLY = ("is a key of DeepSpeed's config, not a setting of moesaic's engine: the DeepSpeed bridge accepts it "
+                  "(moesaic.initialize and moesaic.deepspeed.load_config, and `moesaic train`'s [engine] section, "
+                  "which reads through the same bridge; see moesaic.deepspeed.accepted); leave it out of a config "
+                  "built directly as EngineConfig")
+
+
+def deepspeed_only(*names: str) -> Dict[str, str]:
+    """A section's ``MOVED`` table for DeepSpeed-only keys (see :data:`DEEPSPEED_ONLY`)."""
+    return {name: DEEPSPEED_ONLY for name in names}
+
+
 _positive = partial(check_number, lo=0.0, lo_open=True)
 _nonneg = partial(check_number, lo=0.0)
 _ratio = partial(check_number, lo=0.0, hi=1.0)
@@ -88,6 +103,7 @@ class AdamParams(Section):
     """``optimizer.params`` of ``Adam`` (torch.optim.Adam's names and defaults)."""
 
     PATH = "optimizer.params"
+    MOVED = deepspeed_only("torch_adam")
 
     lr: float = setting(1e-3, doc="Learning rate (the peak, when a scheduler warms it up).", check=_positive)
     betas: Tuple[float, float] = setting((0.9, 0.999), doc="Coefficients of the running averages of the gradient "
@@ -99,9 +115,6 @@ class AdamParams(Section):
     adam_w_mode: bool = setting(True, check=check_bool,
                                 doc="DeepSpeed's switch, on by default as in DeepSpeed: type Adam applies weight "
                                     "decay decoupled (AdamW); false: torch's Adam (L2 added to the gradient).")
-    torch_adam: bool = setting(False, check=check_bool,
-                               doc="DeepSpeed's choice of torch's kernel over its fused one; the update is the same "
-                                   "math either way and moesaic always runs its own grouped implementation.")
     bias_correction: bool = setting(True, doc="Adam's bias correction (always applied by moesaic).",
                                     check=only((True,), "moesaic's Adam always applies bias correction"))
     amsgrad: bool = setting(False, doc="AMSGrad (not implemented).",
@@ -332,6 +345,7 @@ class FP16Config(Section):
     """The ``fp16`` section; ``loss_scale`` 0 means dynamic loss scaling (DeepSpeed's keys and defaults)."""
 
     PATH = "fp16"
+    MOVED = deepspeed_only("auto_cast", "fp16_master_weights_and_grads")
 
     enabled: bool = setting(False, doc="Train with fp16 weights and a loss scale.", check=check_bool)
     loss_scale: float = setting(0.0, doc="0: dynamic loss scaling; > 0: this static scale.", check=_nonneg)
@@ -344,13 +358,6 @@ class FP16Config(Section):
     min_loss_scale: float = setting(1.0, doc="Floor of the dynamic scale.", check=_positive)
     consecutive_hysteresis: bool = setting(False, doc="Refill the hysteresis after every overflow-free step.",
                                            check=check_bool)
-    auto_cast: bool = setting(False, doc="DeepSpeed's cast of floating-point inputs to fp16 (not done by moesaic).",
-                              check=only((False,), "moesaic does not cast the inputs; give the model tensors in "
-                                                   "its dtype"))
-    fp16_master_weights_and_grads: bool = setting(
-        False, doc="DeepSpeed's fp16 master weights (moesaic keeps them in fp32).",
-        check=only((False,), "moesaic keeps master weights and gradients for the step in fp32"))
-
     @classmethod
     def check_values(cls, values: Dict[str, Any], path: str) -> None:
         # A floor above the start would make the first overflow *raise* the scale.
@@ -367,25 +374,14 @@ class FP16Config(Section):
 
 @dataclass(frozen=True)
 class BF16Config(Section):
-    """The ``bf16`` section: one flag, and DeepSpeed's variants of bf16 training (accepted as moesaic does them)."""
+    """The ``bf16`` section: one flag (DeepSpeed's variants of bf16 training are the DeepSpeed bridge's keys)."""
 
     PATH = "bf16"
+    MOVED = deepspeed_only("check_grad_overflow", "immediate_grad_update", "bf16_master_weights_and_grads",
+                           "bf16_optimizer_states")
 
     enabled: bool = setting(False, doc="Train with bf16 weights (fp32 master weights in the optimizer).",
                             check=check_bool)
-    check_grad_overflow: bool = setting(True, doc="Skip the step on every rank when a gradient is inf/nan (always "
-                                                  "on in moesaic).",
-                                        check=only((True,), "moesaic always checks bf16 gradients for inf/nan and "
-                                                            "skips the step on every rank"))
-    immediate_grad_update: bool = setting(
-        False, doc="DeepSpeed's fp32 gradient accumulation during backward (not done by moesaic).",
-        check=only((False,), "moesaic accumulates gradients in the parameters' .grad and converts one group to "
-                             "fp32 at the step"))
-    bf16_master_weights_and_grads: bool = setting(
-        False, doc="DeepSpeed's bf16 master weights (moesaic keeps them in fp32).",
-        check=only((False,), "moesaic keeps master weights in fp32"))
-    bf16_optimizer_states: bool = setting(False, doc="DeepSpeed's bf16 optimizer state (moesaic keeps it in fp32).",
-                                          check=only((False,), "moesaic keeps optimizer state in fp32"))
 
 
 # --- ZeRO -----------------------------------------------------------------------------------------------------
@@ -408,13 +404,11 @@ class OffloadOptimizerConfig(Section):
     """``zero_optimization.offload_optimizer``: where fp32 master weights and optimizer state live."""
 
     PATH = "zero_optimization.offload_optimizer"
+    MOVED = deepspeed_only("pin_memory")
 
     device: str = setting("none", doc="'cpu': master weights and optimizer state in CPU memory (as moe.offload "
                                       "'cpu'); 'none': on the parameters' device. DeepSpeed's 'nvme' is refused.",
                           check=only(("none", "cpu"), "moesaic offloads to CPU memory only, not to NVMe"))
-    pin_memory: bool = setting(False, doc="Pinned host buffers (not used by moesaic's offload; DeepSpeed's default "
-                                          "is true).",
-                               check=only((False,), "moesaic's CPU offload copies through ordinary host memory"))
 
 
 _REUSE_WHY = ("moesaic's stage 3 (torch's FSDP2) frees or keeps a whole unit's gathered parameters after forward, "
@@ -430,6 +424,8 @@ class ZeroConfig(Section):
     """The ``zero_optimization`` section (DeepSpeed's key): how optimizer state is sharded over ranks."""
 
     PATH = "zero_optimization"
+    MOVED = deepspeed_only("contiguous_gradients", "round_robin_gradients", "allgather_partitions",
+                           "load_from_fp32_weights", "elastic_checkpoint", "ignore_unused_parameters")
 
     stage: int = setting(0, check=_zero_stage,
                          doc="DeepSpeed's ZeRO stage. 0: every rank keeps the whole optimizer state; 1: fp32 master "
@@ -449,28 +445,6 @@ class ZeroConfig(Section):
         doc="Reduce gradient buckets while the accumulation boundary's backward still runs, each as soon as all its "
             "gradients are final (launched in a fixed order, identical on every rank); the results equal the "
             "reduction after backward. Costs up to one fp32 copy of the gradients in flight. null: false.")
-    contiguous_gradients: bool = setting(
-        True, check=check_bool,
-        doc="Copy gradients into contiguous buffers: moesaic always reduces each bucket from one buffer, so either "
-            "value gives the same result (false is noted).")
-    round_robin_gradients: bool = setting(
-        False, check=check_bool,
-        doc="Round-robin gradient partitioning (an offload speed hint): moesaic assigns whole groups to owners by "
-            "size, so either value gives the same result (true is noted).")
-    allgather_partitions: bool = setting(
-        True, check=check_bool,
-        doc="All-gather (true) or broadcasts (false) to hand every rank the updated weights: either way every "
-            "rank ends the step with all of them; moesaic's owners broadcast, bucketed by allgather_bucket_size.")
-    load_from_fp32_weights: bool = setting(
-        True, doc="Restore fp32 master weights from the checkpoint (always, when it holds optimizer state).",
-        check=only((True,), "moesaic restores master weights from the checkpoint's fp32 copy"))
-    elastic_checkpoint: bool = setting(
-        False, check=check_bool,
-        doc="Load ZeRO checkpoints under another data-parallel size: moesaic's checkpoints always do, so either "
-            "value gives the same result.")
-    ignore_unused_parameters: bool = setting(
-        True, doc="Parameters without a gradient are skipped (always, in moesaic).",
-        check=only((True,), "moesaic skips parameters that received no gradient"))
     offload_optimizer: OffloadOptimizerConfig = section(OffloadOptimizerConfig,
                                                         doc="DeepSpeed's ZeRO-Offload of the optimizer.")
     cpu_offload: Optional[bool] = setting(None, check=partial(_opt_bool),
