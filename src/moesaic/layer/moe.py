@@ -196,7 +196,8 @@ class MixtureOfExperts(MoELayerBase):
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False, *,
                                   registry: Optional[GroupRegistry] = None) -> None:
-        """Deprecated on the core layer: :meth:`set_expert_parallel_groups` (DeepSpeed's name stays on ``moesaic.MoE``)."""
+        """Deprecated on the core layer: :meth:`set_expert_parallel_groups` (DeepSpeed's name stays on
+        ``moesaic.MoE``)."""
         warnings.warn("MixtureOfExperts.set_deepspeed_parallelism is deprecated: call set_expert_parallel_groups("
                       "use_data_before_expert_parallel, registry=...) (the same groups); DeepSpeed's name stays on "
                       "moesaic.MoE", DeprecationWarning, stacklevel=2)

@@ -15,9 +15,9 @@ what moesaic's update always does is a setting checked by :func:`moesaic._checks
 (``optimizer.params.amsgrad`` accepts false, as torch's Adam names it); keys that only choose between
 DeepSpeed's own implementations (``fp16.auto_cast``, ``zero_optimization.contiguous_gradients``) are
 the DeepSpeed bridge's (:mod:`moesaic.deepspeed.accepted`; each section's ``MOVED`` names them), and
-the rest are refused by name with the reason (:mod:`moesaic.deepspeed.keys`). Differences on purpose: ``fp16`` values are checked even
-when fp16 is off; optimizer and scheduler names DeepSpeed accepts but moesaic does not implement
-are refused with the reason and the supported names.
+the rest are refused by name with the reason (:mod:`moesaic.deepspeed.keys`). Differences on
+purpose: ``fp16`` values are checked even when fp16 is off; optimizer and scheduler names DeepSpeed
+accepts but moesaic does not implement are refused with the reason and the supported names.
 ``moe.lr_scale`` and ``moe.freeze_experts`` name experts as ``"<expert_group_name>/<expert_number>"``
 (a group name may not itself contain ``/``); a bare group name in ``lr_scale`` covers the whole
 layer, a bare int in ``freeze_experts`` that expert number in every MoE layer.
