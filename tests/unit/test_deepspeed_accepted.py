@@ -111,3 +111,24 @@ def test_configs_written_before_the_move_still_read():
     old_run = load_train_config(TINY).to_dict()
     old_run["engine"] = OLD_ENGINE  # run.json {"config": ...} of a run written then
     assert load_train_config(json.loads(json.dumps(old_run))).engine == cfg
+
+
+def test_deepspeed_s_optimizer_and_schedule_names_are_refused_by_the_bridge():
+    """The reasons for DeepSpeed's names (its own, and torch.optim's) live in the bridge; the core lists its own."""
+    from moesaic.optim.config import OptimizerConfig, SchedulerConfig
+
+    for config, pattern in (({"optimizer": {"type": "OneBitAdam"}}, r"^optimizer\.type='OneBitAdam' is not supported "
+                                                                    r"by moesaic: DeepSpeed's 1-bit Adam"),
+                            ({"optimizer": {"type": "RMSprop"}}, r"^optimizer\.type='RMSprop' is not supported by "
+                                                                 r"moesaic: torch\.optim\.RMSprop is not implemented"),
+                            ({"scheduler": {"type": "LRRangeTest"}}, r"^scheduler\.type='LRRangeTest' is not "
+                                                                     r"supported by moesaic: DeepSpeed's LRRangeTest")):
+        with pytest.raises(ValueError, match=pattern):
+            load_config(config)
+        with pytest.raises(ValueError, match=pattern.replace("^", "^engine\\.")):
+            load_train_config(TINY, {f"engine.{k}.type": v["type"] for k, v in config.items()})
+    with pytest.raises(ValueError, match=r"^optimizer\.type must be one of \['AdamW', 'Adam', 'SGD'\] \(any case\), "
+                                         r"got 'OneBitAdam'$"):
+        OptimizerConfig("OneBitAdam")
+    with pytest.raises(ValueError, match=r"^scheduler\.type must be one of WarmupLR, .* got 'LRRangeTest'$"):
+        SchedulerConfig("LRRangeTest")

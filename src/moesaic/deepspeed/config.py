@@ -19,7 +19,7 @@ from typing import Any, Dict, Mapping, Tuple, Union
 from .._config import load_source
 from ..engine.config import EngineConfig
 from .accepted import accept_deepspeed_keys
-from .keys import refuse_deepspeed_keys
+from .keys import refuse_deepspeed_keys, refuse_deepspeed_names
 
 _WHAT = "a dict, a path to a .json/.toml file or an EngineConfig"
 
@@ -27,6 +27,7 @@ _WHAT = "a dict, a path to a .json/.toml file or an EngineConfig"
 def engine_section(data: Any, path: str = "") -> Any:
     """``data`` (DeepSpeed's config mapping at ``path``) as the core reads it: refused keys raise, hints dropped,
     DeepSpeed-only keys checked and dropped."""
+    refuse_deepspeed_names(data, path)
     return accept_deepspeed_keys(refuse_deepspeed_keys(data, path), path)
 
 

@@ -17,7 +17,8 @@ DeepSpeed's own implementations (``fp16.auto_cast``, ``zero_optimization.contigu
 the DeepSpeed bridge's (:mod:`moesaic.deepspeed.accepted`; each section's ``MOVED`` names them), and
 the rest are refused by name with the reason (:mod:`moesaic.deepspeed.keys`). Differences on
 purpose: ``fp16`` values are checked even when fp16 is off; optimizer and scheduler names DeepSpeed
-accepts but moesaic does not implement are refused with the reason and the supported names.
+accepts but moesaic does not implement are refused with the reason and the supported names by the
+DeepSpeed bridge (:func:`moesaic.deepspeed.keys.refuse_deepspeed_names`).
 ``moe.lr_scale`` and ``moe.freeze_experts`` name experts as ``"<expert_group_name>/<expert_number>"``
 (a group name may not itself contain ``/``); a bare group name in ``lr_scale`` covers the whole
 layer, a bare int in ``freeze_experts`` that expert number in every MoE layer.
@@ -37,27 +38,7 @@ from .build_groups import DEFAULT_MAX_GROUP_SIZE, SPLIT_BY
 OPTIMIZER_TYPES = ("AdamW", "Adam", "SGD")
 SCHEDULER_TYPES = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
 
-# Optimizer names DeepSpeed accepts (its own, any case, and torch.optim classes) that moesaic does not step.
-_GROUPED = "moesaic steps its own grouped Adam, AdamW and SGD one parameter group at a time"
-REFUSED_OPTIMIZERS = {
-    "lamb": f"DeepSpeed's fused LAMB is not implemented; {_GROUPED}",
-    "onebitadam": f"DeepSpeed's 1-bit Adam (compressed communication) is not implemented; {_GROUPED}",
-    "zerooneadam": f"DeepSpeed's 0/1 Adam (compressed communication) is not implemented; {_GROUPED}",
-    "onebitlamb": f"DeepSpeed's 1-bit LAMB is not implemented; {_GROUPED}",
-    "lion": f"Lion is not implemented; {_GROUPED}",
-    "adagrad": f"Adagrad is not implemented; {_GROUPED}",
-    "muadam": f"mup's MuAdam is not implemented; {_GROUPED}",
-    "muadamw": f"mup's MuAdamW is not implemented; {_GROUPED}",
-    "musgd": f"mup's MuSGD is not implemented; {_GROUPED}",
-    "muon": f"Muon is not implemented; {_GROUPED}",
-}
-# DeepSpeed's own schedules moesaic does not implement (torch.optim.lr_scheduler classes are honoured).
-REFUSED_SCHEDULERS = {
-    "OneCycle": "DeepSpeed's OneCycle is not implemented; use torch's OneCycleLR (\"type\": \"OneCycleLR\") or "
-                "WarmupLR, WarmupDecayLR, WarmupCosineLR",
-    "LRRangeTest": "DeepSpeed's LRRangeTest is not implemented; use WarmupLR, WarmupDecayLR, WarmupCosineLR or a "
-                   "torch.optim.lr_scheduler class",
-}
+SCHEDULER_ALLOWED = f"{', '.join(SCHEDULER_TYPES)} or a torch.optim.lr_scheduler class name (StepLR, OneCycleLR, ...)"
 WARMUP_TYPES = ("log", "linear")
 OFFLOAD = ("none", "cpu")
 ZERO_STAGES = (0, 1, 2, 3)  # 3: parameters sharded too, on torch's FSDP2 (optim/fsdp.py, optim/zero3.py)
@@ -173,22 +154,19 @@ def optimizer_defaults(kind: str) -> Dict[str, Any]:
     return {k: values[k] for k in UPDATE_HYPERPARAMETERS[kind]}
 
 
-def _optimizer_type(value: Any, key: str) -> str:
-    """One of :data:`OPTIMIZER_TYPES` (any case); DeepSpeed's other names are refused with the reason."""
+def optimizer_type(value: Any, key: str) -> Optional[str]:
+    """The name in :data:`OPTIMIZER_TYPES` that ``value`` spells (any case), or None."""
     check_str(value, key)
-    for name in OPTIMIZER_TYPES:
-        if value.lower() == name.lower():
-            return name
-    reason = REFUSED_OPTIMIZERS.get(value.lower())
-    if reason is None:
-        import torch.optim
+    return next((name for name in OPTIMIZER_TYPES if value.lower() == name.lower()), None)
 
-        if isinstance(getattr(torch.optim, value, None), type):
-            reason = f"torch.optim.{value} is not implemented; {_GROUPED}"
-    if reason is not None:
-        raise ValueError(f"{key}={value!r} is not supported by moesaic: {reason}; allowed: "
-                         f"{', '.join(OPTIMIZER_TYPES)} (any case)")
-    raise ValueError(f"{key} must be one of {list(OPTIMIZER_TYPES)} (any case), got {value!r}")
+
+def _optimizer_type(value: Any, key: str) -> str:
+    """One of :data:`OPTIMIZER_TYPES` (any case). DeepSpeed's other names are refused with the reason by the
+    DeepSpeed bridge, which reads every config first (:mod:`moesaic.deepspeed.keys`)."""
+    name = optimizer_type(value, key)
+    if name is None:
+        raise ValueError(f"{key} must be one of {list(OPTIMIZER_TYPES)} (any case), got {value!r}")
+    return name
 
 
 @dataclass(frozen=True)
@@ -199,7 +177,8 @@ class OptimizerConfig(Section):
 
     type: str = setting("AdamW", doc=f"One of {', '.join(OPTIMIZER_TYPES)} (any case). As in DeepSpeed, Adam "
                                      "decouples weight decay unless params.adam_w_mode is false; DeepSpeed's other "
-                                     "optimizers (Lamb, OneBitAdam, Lion, ...) are refused with the reason.",
+                                     "optimizers (Lamb, OneBitAdam, Lion, ...) are refused with the reason (by the "
+                                     "DeepSpeed bridge, which moesaic.initialize and moesaic train read through).",
                         check=_optimizer_type)
     params: Dict[str, Any] = setting(default_factory=dict, type_text="table",
                                      doc="Hyperparameters of the chosen type; missing ones take the defaults below.",
@@ -282,11 +261,7 @@ def _scheduler_type(value: Any, key: str) -> str:
     check_str(value, key)
     if value in SCHEDULER_TYPES or torch_scheduler_class(value) is not None:
         return value
-    allowed = f"{', '.join(SCHEDULER_TYPES)} or a torch.optim.lr_scheduler class name (StepLR, OneCycleLR, ...)"
-    if value in REFUSED_SCHEDULERS:
-        raise ValueError(f"{key}={value!r} is not supported by moesaic: {REFUSED_SCHEDULERS[value]}; "
-                         f"allowed: {allowed}")
-    raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
+    raise ValueError(f"{key} must be one of {SCHEDULER_ALLOWED}, got {value!r}")
 
 
 def _torch_scheduler_params(cls, params: Any, key: str) -> Dict[str, Any]:
@@ -311,7 +286,8 @@ class SchedulerConfig(Section):
 
     type: str = setting(doc=f"One of {', '.join(SCHEDULER_TYPES)} (DeepSpeed's, step-for-step identical), or, as in "
                             "DeepSpeed, the name of a torch.optim.lr_scheduler class (its constructor's arguments "
-                            "go in params). DeepSpeed's OneCycle and LRRangeTest are refused with the reason.",
+                            "go in params). DeepSpeed's OneCycle and LRRangeTest are refused with the reason (by the "
+                            "DeepSpeed bridge).",
                         check=_scheduler_type)
     params: Dict[str, Any] = setting(default_factory=dict, type_text="table",
                                      doc="Parameters of the chosen schedule; missing ones take the defaults below.",
