@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Mapping, Optional, Type
 from .._checks import check_bool, check_keys, join_key, only
 from .._config import Section, section, setting
 from ..engine.config import EngineConfig
-from ..optim.config import OPTIMIZER_PARAMS, OPTIMIZER_TYPES
+from ..optim.config import OPTIMIZER_PARAMS, optimizer_type
 
 _SUM = "moesaic sums gradient buckets in fp32 and divides after the sum"
 
@@ -222,20 +222,17 @@ def _names(cls: Type[Section]) -> List[str]:
     return [f.name for f in fields(cls)]
 
 
-def _adam_type(data: Mapping[str, Any]) -> bool:
-    """Whether ``data``'s optimizer (AdamW when absent) is Adam or AdamW, the types ``torch_adam`` belongs to."""
+def _optimizer_kind(data: Mapping[str, Any]) -> Optional[str]:
+    """The optimizer type ``data`` names (AdamW when absent) as moesaic spells it; None for one it has not."""
     opt = data.get("optimizer")
     kind = opt.get("type", "AdamW") if isinstance(opt, Mapping) else "AdamW"
-    return isinstance(kind, str) and kind.lower() in ("adam", "adamw")
+    return optimizer_type(kind, "optimizer.type") if isinstance(kind, str) and kind else None
 
 
 def _core_section(path: str, data: Mapping[str, Any]) -> Optional[Type[Section]]:
     """The core section class at ``path`` of the engine config (``optimizer.params``: the type's params)."""
     if path == "optimizer.params":
-        opt = data.get("optimizer")
-        kind = opt.get("type", "AdamW") if isinstance(opt, Mapping) else "AdamW"
-        name = next((n for n in OPTIMIZER_TYPES if isinstance(kind, str) and kind.lower() == n.lower()), None)
-        return OPTIMIZER_PARAMS.get(name)
+        return OPTIMIZER_PARAMS.get(_optimizer_kind(data))
     cls: Type[Section] = EngineConfig
     for part in path.split(".") if path else ():
         cls = next(f.metadata["section"] for f in fields(cls) if f.name == part)
@@ -276,7 +273,7 @@ def accept_deepspeed_keys(data: Any, path: str = "") -> Any:
     out = _dicts(data)
     for where, cls in ACCEPTED.items():
         node = _node(out, where)
-        if node is None or (cls is AdamKeys and not _adam_type(out)):
+        if node is None or (cls is AdamKeys and _optimizer_kind(out) not in ("Adam", "AdamW")):
             continue
         core = _core_section(where, out)
         key = join_key(path, where) if where else path
