@@ -8,14 +8,9 @@ from pathlib import Path
 from moesaic import checkpoint
 from moesaic.checkpoint.files import encode_json
 from moesaic.checkpoint.manifest import seal
-from moesaic.train.cli import main
+from test_train_cli import corpus, train  # noqa: F401 (corpus: the fixture of a small corpus)
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = str(ROOT / "configs" / "tiny.toml")
-SMALL = ["--set", "model.n_layer=2", "--set", "model.n_embd=32", "--set", "model.n_head=2",
-         "--set", "model.block_size=32", "--set", "model.ep_size=1", "--set", "train.nproc=1",
-         "--set", "engine.train_micro_batch_size_per_gpu=4", "--set", "train.eval_every=1",
-         "--set", "train.eval_batches=2", "--set", "train.checkpoint_every=1", "--quiet"]
 # DeepSpeed's keys that the bridge accepts under [engine], as a DeepSpeed config pasted there writes them
 DEEPSPEED_KEYS = ["--set", "engine.prescale_gradients=false", "--set", "engine.communication_data_type='fp32'",
                   "--set", "engine.activation_checkpointing.partition_activations=false",
@@ -24,13 +19,6 @@ DEEPSPEED_KEYS = ["--set", "engine.prescale_gradients=false", "--set", "engine.c
 # the engine config as the code before the move wrote it into engine.json (every key, the moved ones included)
 OLD_ENGINE = json.loads((ROOT / "tests" / "unit" / "data" / "checkpoint_v2_deepspeed_nesting" / "step3" /
                          "engine.json").read_text())["config"]
-
-
-def _corpus(folder: Path) -> Path:
-    folder.mkdir()
-    for i in range(30):
-        (folder / f"f{i:02d}.py").write_text(f"def function_{i}(x):\n    return x * {i} + {i % 7}\n" * 20)
-    return folder
 
 
 def _as_before_the_move(out: Path) -> None:
@@ -50,13 +38,11 @@ def _as_before_the_move(out: Path) -> None:
     (folder / "manifest.json").write_bytes(seal(manifest))
 
 
-def test_deepspeed_keys_under_engine_train_and_a_run_written_before_the_move_resumes(tmp_path):
-    corpus, out = _corpus(tmp_path / "corpus"), tmp_path / "run"
-    assert main(["train", TINY, "--out", str(out), "--data", str(corpus), *SMALL, *DEEPSPEED_KEYS,
-                 "--set", "train.steps=2"]) == 0
+def test_deepspeed_keys_under_engine_train_and_a_run_written_before_the_move_resumes(tmp_path, corpus):
+    out = tmp_path / "run"
+    assert train(out, corpus, *DEEPSPEED_KEYS, "--set", "train.steps=2") == 0
     saved = json.loads((out / "run.json").read_text())["config"]["engine"]
     assert "prescale_gradients" not in saved and "activation_checkpointing" not in saved  # the core holds none
     _as_before_the_move(out)
-    assert main(["train", TINY, "--out", str(out), "--data", str(corpus), *SMALL, *DEEPSPEED_KEYS,
-                 "--set", "train.steps=3", "--resume"]) == 0
+    assert train(out, corpus, *DEEPSPEED_KEYS, "--set", "train.steps=3", "--resume") == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
