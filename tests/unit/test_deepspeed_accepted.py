@@ -132,3 +132,13 @@ def test_deepspeed_s_optimizer_and_schedule_names_are_refused_by_the_bridge():
         OptimizerConfig("OneBitAdam")
     with pytest.raises(ValueError, match=r"^scheduler\.type must be one of WarmupLR, .* got 'LRRangeTest'$"):
         SchedulerConfig("LRRangeTest")
+
+
+def test_the_moved_section_class_names_its_new_place():
+    import moesaic.engine.config
+    from moesaic.deepspeed.accepted import ActivationCheckpointingConfig
+
+    with pytest.raises(AttributeError, match=r"moesaic\.engine\.config\.ActivationCheckpointingConfig moved: use "
+                                             r"moesaic\.deepspeed\.accepted\.ActivationCheckpointingConfig"):
+        moesaic.engine.config.ActivationCheckpointingConfig
+    assert ActivationCheckpointingConfig().profile is False

@@ -30,7 +30,7 @@ _SUM = "moesaic sums gradient buckets in fp32 and divides after the sum"
 
 
 @dataclass(frozen=True)
-class ActivationCheckpointingKeys(Section):
+class ActivationCheckpointingConfig(Section):
     """DeepSpeed's ``activation_checkpointing`` section: how ``deepspeed.checkpointing.checkpoint`` stores inputs.
 
     In DeepSpeed the section configures the checkpoint calls a model makes; it turns nothing on.
@@ -103,8 +103,8 @@ class TopLevelKeys(Section):
     disable_allgather: bool = setting(False, check=check_bool,
                                       doc="DeepSpeed's switch to broadcasts: moesaic's owners always broadcast, so "
                                           "either value gives the same result (true is noted).")
-    activation_checkpointing: ActivationCheckpointingKeys = section(
-        ActivationCheckpointingKeys, doc="DeepSpeed's checkpoint-call settings (recompute itself: "
+    activation_checkpointing: ActivationCheckpointingConfig = section(
+        ActivationCheckpointingConfig, doc="DeepSpeed's checkpoint-call settings (recompute itself: "
                                          "moesaic.apply_recompute / train.recompute).")
 
 

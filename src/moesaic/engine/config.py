@@ -25,12 +25,16 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Dict, Optional, Tuple
 
-from .._checks import check_bool, check_choice, check_int, check_number, check_str, join_key
+from .._checks import check_bool, check_choice, check_int, check_number, check_str, join_key, moved_names
 from .._config import Section, section, setting
 from ..optim.config import (BF16Config, FP16Config, MoEOptimConfig, OptimizerConfig, SchedulerConfig,
                             ZeroConfig, deepspeed_only)
 
 TAG_VALIDATION = ("Warn", "Ignore", "Fail")
+
+# DeepSpeed's activation_checkpointing section is the DeepSpeed bridge's (it configures nothing moesaic does)
+__getattr__ = moved_names(__name__, {"ActivationCheckpointingConfig":
+                                     "moesaic.deepspeed.accepted.ActivationCheckpointingConfig"})
 
 
 @dataclass(frozen=True)
