@@ -142,3 +142,12 @@ def test_the_moved_section_class_names_its_new_place():
                                              r"moesaic\.deepspeed\.accepted\.ActivationCheckpointingConfig"):
         moesaic.engine.config.ActivationCheckpointingConfig
     assert ActivationCheckpointingConfig().profile is False
+
+
+def test_cpu_offload_is_deepspeed_s_former_spelling_of_the_offload_device():
+    for zero in ({"cpu_offload": True}, {"cpu_offload": True, "offload_optimizer": {"device": "none"}},
+                 {"cpu_offload": False, "offload_optimizer": {"device": "cpu"}}):
+        assert load_config({"zero_optimization": zero}).offload() == "cpu", zero
+    assert load_config({"zero_optimization": {"cpu_offload": False}}).offload() == "none"
+    with pytest.raises(TypeError, match=r"^zero_optimization\.cpu_offload must be a bool"):
+        load_config({"zero_optimization": {"cpu_offload": "yes"}})

@@ -165,6 +165,20 @@ class BF16Keys(Section):
                                           check=only((False,), "moesaic keeps optimizer state in fp32"))
 
 
+_REUSE_WHY = ("moesaic's stage 3 (torch's FSDP2) frees or keeps a whole unit's gathered parameters after forward, "
+              "not by a reuse distance in parameters: 0 (release every parameter) is zero_optimization."
+              "reshard_after_forward true; to keep gathered parameters until backward set "
+              "zero_optimization.reshard_after_forward false instead")
+_PERSIST_WHY = ("moesaic's stage 3 (torch's FSDP2) shards every parameter of every unit, however small: 0 "
+                "(partition every parameter) is the only threshold that says so")
+
+
+
+
+def _opt_bool(value: Any, key: str) -> Optional[bool]:
+    return None if value is None else check_bool(value, key)
+
+
 @dataclass(frozen=True)
 class ZeroKeys(Section):
     """``zero_optimization``'s DeepSpeed-only keys: choices between DeepSpeed's ZeRO implementations."""
@@ -193,6 +207,33 @@ class ZeroKeys(Section):
     ignore_unused_parameters: bool = setting(
         True, doc="Parameters without a gradient are skipped (always, in moesaic).",
         check=only((True,), "moesaic skips parameters that received no gradient"))
+    cpu_offload: Optional[bool] = setting(None, check=_opt_bool,
+                                          doc="DeepSpeed's former spelling of offload_optimizer.device 'cpu' (true "
+                                              "sets it).")
+    stage3_max_reuse_distance: Optional[int] = setting(
+        None, check=only((None, 0), _REUSE_WHY),
+        doc="DeepSpeed's distance (in parameters) within which a gathered parameter is kept for its reuse; 0 "
+            "(release every parameter after use) is reshard_after_forward true. null: not set.")
+    max_reuse_distance: Optional[int] = setting(None, check=only((None, 0), _REUSE_WHY),
+                                                doc="DeepSpeed's other spelling of stage3_max_reuse_distance.")
+    stage3_param_persistence_threshold: Optional[int] = setting(
+        None, check=only((None, 0), _PERSIST_WHY),
+        doc="DeepSpeed's size below which a parameter is not partitioned at stage 3; 0 (partition every "
+            "parameter) is what moesaic's stage 3 does. null: not set.")
+    param_persistence_threshold: Optional[int] = setting(
+        None, check=only((None, 0), _PERSIST_WHY),
+        doc="DeepSpeed's other spelling of stage3_param_persistence_threshold.")
+
+    def apply(self, node: Dict[str, Any], path: str) -> None:
+        """Check these keys against the core's (``reshard_after_forward``) and translate ``cpu_offload``."""
+        if node.get("reshard_after_forward", True) is False:
+            for key in ("stage3_max_reuse_distance", "max_reuse_distance"):
+                if getattr(self, key) == 0:
+                    raise ValueError(f"{path}.{key}=0 (release every gathered parameter after use) contradicts "
+                                     f"{path}.reshard_after_forward=false (keep them until backward); set one of "
+                                     f"them")
+        if self.cpu_offload and isinstance(node.get("offload_optimizer", {}), Mapping):
+            node["offload_optimizer"] = {**node.get("offload_optimizer", {}), "device": "cpu"}
 
 
 @dataclass(frozen=True)
@@ -279,7 +320,9 @@ def accept_deepspeed_keys(data: Any, path: str = "") -> Any:
         key = join_key(path, where) if where else path
         if core is not None:
             check_keys(node, key, _names(core) + _names(cls))
-        cls.from_dict({name: node.pop(name) for name in _names(cls) if name in node}, key)
+        keys = cls.from_dict({name: node.pop(name) for name in _names(cls) if name in node}, key)
+        if hasattr(keys, "apply"):
+            keys.apply(node, key)
     return out
 
 

@@ -387,21 +387,15 @@ class OffloadOptimizerConfig(Section):
                           check=only(("none", "cpu"), "moesaic offloads to CPU memory only, not to NVMe"))
 
 
-_REUSE_WHY = ("moesaic's stage 3 (torch's FSDP2) frees or keeps a whole unit's gathered parameters after forward, "
-              "not by a reuse distance in parameters: 0 (release every parameter) is zero_optimization."
-              "reshard_after_forward true; to keep gathered parameters until backward set "
-              "zero_optimization.reshard_after_forward false instead")
-_PERSIST_WHY = ("moesaic's stage 3 (torch's FSDP2) shards every parameter of every unit, however small: 0 "
-                "(partition every parameter) is the only threshold that says so")
-
-
 @dataclass(frozen=True)
 class ZeroConfig(Section):
     """The ``zero_optimization`` section (DeepSpeed's key): how optimizer state is sharded over ranks."""
 
     PATH = "zero_optimization"
     MOVED = deepspeed_only("contiguous_gradients", "round_robin_gradients", "allgather_partitions",
-                           "load_from_fp32_weights", "elastic_checkpoint", "ignore_unused_parameters")
+                           "load_from_fp32_weights", "elastic_checkpoint", "ignore_unused_parameters", "cpu_offload",
+                           "stage3_max_reuse_distance", "max_reuse_distance", "stage3_param_persistence_threshold",
+                           "param_persistence_threshold")
 
     stage: int = setting(0, check=_zero_stage,
                          doc="DeepSpeed's ZeRO stage. 0: every rank keeps the whole optimizer state; 1: fp32 master "
@@ -423,9 +417,6 @@ class ZeroConfig(Section):
             "reduction after backward. Costs up to one fp32 copy of the gradients in flight. null: false.")
     offload_optimizer: OffloadOptimizerConfig = section(OffloadOptimizerConfig,
                                                         doc="DeepSpeed's ZeRO-Offload of the optimizer.")
-    cpu_offload: Optional[bool] = setting(None, check=partial(_opt_bool),
-                                          doc="DeepSpeed's former spelling of offload_optimizer.device 'cpu'.")
-
     reshard_after_forward: bool = setting(
         True, check=check_bool,
         doc="Stage 3: FSDP2's reshard_after_forward (torchtitan's policy of the same name) for every unit but the "
@@ -433,34 +424,16 @@ class ZeroConfig(Section):
             "backward (true: ZeRO-3's memory), or keep them from forward to backward (false: one all-gather per "
             "unit per step instead of two, every unit's gathered parameters held through the step). Stages 0-2: "
             "true only.")
-    stage3_max_reuse_distance: Optional[int] = setting(
-        None, check=only((None, 0), _REUSE_WHY),
-        doc="DeepSpeed's distance (in parameters) within which a gathered parameter is kept for its reuse; 0 "
-            "(release every parameter after use) is reshard_after_forward true. null: not set.")
-    max_reuse_distance: Optional[int] = setting(None, check=only((None, 0), _REUSE_WHY),
-                                                doc="DeepSpeed's other spelling of stage3_max_reuse_distance.")
-    stage3_param_persistence_threshold: Optional[int] = setting(
-        None, check=only((None, 0), _PERSIST_WHY),
-        doc="DeepSpeed's size below which a parameter is not partitioned at stage 3; 0 (partition every "
-            "parameter) is what moesaic's stage 3 does. null: not set.")
-    param_persistence_threshold: Optional[int] = setting(
-        None, check=only((None, 0), _PERSIST_WHY),
-        doc="DeepSpeed's other spelling of stage3_param_persistence_threshold.")
-
     @classmethod
     def check_values(cls, values: Dict[str, Any], path: str) -> None:
         keep = not values["reshard_after_forward"]
         if keep and values["stage"] != 3:
             raise ValueError(f"{path}.reshard_after_forward=false is a stage-3 setting (FSDP2), but {path}.stage="
                              f"{values['stage']}; stages 0-2 never shard parameters: leave it true")
-        for key in ("stage3_max_reuse_distance", "max_reuse_distance"):
-            if keep and values[key] == 0:
-                raise ValueError(f"{path}.{key}=0 (release every gathered parameter after use) contradicts "
-                                 f"{path}.reshard_after_forward=false (keep them until backward); set one of them")
 
     def offload_device(self) -> str:
-        """``"cpu"`` when either spelling asks for CPU offload, else ``"none"``."""
-        return "cpu" if self.cpu_offload or self.offload_optimizer.device == "cpu" else "none"
+        """``"cpu"`` when ``offload_optimizer.device`` asks for CPU offload, else ``"none"``."""
+        return "cpu" if self.offload_optimizer.device == "cpu" else "none"
 
 
 # --- MoE parameter groups -------------------------------------------------------------------------------------
