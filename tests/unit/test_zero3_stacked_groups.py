@@ -101,3 +101,22 @@ def test_a_stage3_checkpoint_with_the_old_layer_group_loads_its_settings_into_ea
     assert groups["params"]["lr_scale"] == 1.0
     stacked = next(p for p in model.parameters() if getattr(p, "moe_stacked", None) is not None)
     assert float(moesaic.safe_get_full_optimizer_state(stacked, "exp_avg").abs().sum()) > 0
+
+
+def test_state_dict_round_trips_by_name():
+    model = MoENet(1, use_rts=False, stacked=True)
+    index = ExpertIndex.build(model)
+    opt = Zero3Optimizer(build_zero3_groups(model, index, lr_scale=LR_SCALE), "AdamW", {"lr": 1e-2}, index=index)
+    model(*_batch(0)).backward()
+    opt.step()
+    sd = opt.state_dict()
+    assert sd["optimizer"] == "AdamW" and sorted(sd["state"]) == sorted(r.name for r in index)
+    assert all(sd["state"][r.name]["exp_avg"].shape == r.shape for r in index)  # a stacked expert: its slice
+    assert any(r.index is not None for r in index)
+    again = Zero3Optimizer(build_zero3_groups(model, index), "AdamW", {"lr": 1e-2}, index=index)
+    again.load_state_dict(sd)
+    for p in model.parameters():
+        for f in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(again.state[p][f], opt.state[p][f])
+        assert int(again.state[p]["step"]) == 1
+    assert [g["lr_scale"] for g in again.param_groups] == [g["lr_scale"] for g in opt.param_groups]

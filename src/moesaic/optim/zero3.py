@@ -109,11 +109,12 @@ def _local_rows(t: Optional[Tensor], member: Any, rows) -> Optional[Tensor]:
 
 
 def _holds(member: Any) -> Optional[tuple]:
-    """``(True, rows)`` when this rank holds rows of ``member`` (a stacked slice: all of them, or none)."""
+    """``(rows,)`` when this rank holds rows of ``member`` (a stacked slice: all of them, or none), else None;
+    ``rows`` is :func:`~moesaic.parallel.dtensor.local_rows` of its parameter (None for a plain tensor)."""
     rows = local_rows(_param_of(member))
     if isinstance(member, ParamRef) and rows is not None and not rows[0] <= member.index < rows[1]:
         return None
-    return (True, rows)
+    return (rows,)
 
 
 class Zero3Optimizer(torch.optim.Optimizer):
@@ -169,21 +170,24 @@ class Zero3Optimizer(torch.optim.Optimizer):
                     g.setdefault(k, v)
         self.param_groups = list(groups)
         self._names = {}
-        seen: Dict[tuple, str] = {}
+        anywhere: Dict[int, str] = {}  # parameter -> the first group holding it (whole or a slice)
+        held: Dict[tuple, str] = {}  # (parameter, None for whole or the slice's row) -> its group
         for gi, g in enumerate(self.param_groups):
             if g["name"] in self._names:
                 raise ValueError(f"two optimizer groups are called {g['name']!r}")
             self._names[g["name"]] = gi
             for m in g["params"]:
-                at = (id(_param_of(m)), m.index if isinstance(m, ParamRef) else None)
-                whole_at = (at[0], None)
-                clash = seen.get(at) or (seen.get(whole_at) if at[1] is not None else None)
-                if clash is None and at[1] is None:
-                    clash = next((n for (pid, i), n in seen.items() if pid == at[0]), None)
+                pid = id(_param_of(m))
+                if isinstance(m, ParamRef):
+                    clash = held.get((pid, None)) or held.get((pid, m.index))
+                    held[(pid, m.index)] = g["name"]
+                else:
+                    clash = anywhere.get(pid)
+                    held[(pid, None)] = g["name"]
                 if clash is not None:
                     raise ValueError(f"a parameter (or a stacked expert's slice) is in groups {clash!r} and "
                                      f"{g['name']!r}; each must be in exactly one group")
-                seen[at] = g["name"]
+                anywhere.setdefault(pid, g["name"])
 
     def local_members(self, group: Dict[str, Any]) -> List[tuple]:
         """``(parameter, this rank's rows of its data, of its gradient or None)`` for every member of ``group``
@@ -194,7 +198,7 @@ class Zero3Optimizer(torch.optim.Optimizer):
             if held is None:
                 continue
             p = _param_of(m)
-            out.append((p, _local_rows(p.detach(), m, held[1]), _local_rows(p.grad, m, held[1])))
+            out.append((p, _local_rows(p.detach(), m, held[0]), _local_rows(p.grad, m, held[0])))
         return out
 
     def group_names(self) -> List[str]:
@@ -248,6 +252,29 @@ class Zero3Optimizer(torch.optim.Optimizer):
         keep = (*_HYPER[self.kind], "lr_scale", "initial_lr")
         return [{"name": g["name"], **{k: list(g[k]) if isinstance(g[k], tuple) else g[k] for k in keep if k in g}}
                 for g in self.param_groups]
+
+    def state_dict(self) -> Dict[str, Any]:  # type: ignore[override]
+        """This rank's state in the format :meth:`load_state_dict` reads (stage 0-2's, by tensor name).
+
+        ``{"optimizer", "state": {name: {"step", moments...}}, "param_groups"}``: a whole tensor's
+        fields are this rank's rows of it, a stacked expert's its slice where this rank holds it;
+        a tensor not stepped yet has zero moments and step 0. Tensors are this optimizer's own (no copies).
+        """
+        state: Dict[str, Dict[str, Any]] = {}
+        for p in self.params():
+            entry = self.state.get(p, {})
+            rows = local_rows(p)
+            step = int(entry["step"]) if "step" in entry else 0
+            for ref in self._index().held_refs([p]):
+                out: Dict[str, Any] = {"step": step}
+                for f in self.state_fields:
+                    value = entry.get(f)
+                    if value is None and f in self.required_fields:
+                        value = torch.zeros_like(p)
+                    if value is not None:
+                        out[f] = _local_rows(value.detach(), ref if ref.index is not None else p, rows)
+                state[ref.name] = out
+        return {"optimizer": self.kind, "state": state, "param_groups": self.portable_groups()}
 
     def check_state_dict(self, state_dict: Dict[str, Any], strict: bool = True) -> None:
         """Raise the error :meth:`load_state_dict` would raise, changing nothing."""
@@ -367,7 +394,7 @@ class Zero3Optimizer(torch.optim.Optimizer):
                 state["step"] += 1
         for g in sliced:
             members = [(m, _holds(m)) for m in g["params"] if _param_of(m).grad is not None]
-            members = [(m, held[1]) for m, held in members if held is not None]
+            members = [(m, held[0]) for m, held in members if held is not None]
             if not members:
                 continue
             params = [_local_rows(_param_of(m).detach(), m, rows) for m, rows in members]
