@@ -22,8 +22,8 @@ engine's optimizer is small, and this module holds it:
   interface: the exact global norm over both meshes (:func:`~moesaic.optim.fsdp.grad_norm`), a
   skip on a non-finite gradient anywhere (fp16 loss scaling), unscale and clip in one
   multiplication, the step; with ``want_stats`` (the engine's telemetry steps) every group's
-  ``grad_norm``, ``param_norm`` and ``update_ratio`` as stages 0-2 report them, over the whole
-  sharded tensors (one all-reduce of the local sums of squares).
+  ``grad_norm``, ``param_norm`` and ``update_ratio`` as stages 0-2 report them (a stacked expert's
+  group: its rows only), from each rank's sums of squares over the rows it holds, gathered by group name.
 """
 
 from __future__ import annotations
