@@ -20,7 +20,7 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 300.0,
     The backend is NCCL when CUDA is available, else gloo. ``timeout_s`` bounds every collective,
     so a dead peer makes the others fail with an error instead of hanging forever.
 
-    A process started without a launcher (none of ``RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` set) and
+    A process started without a launcher (``RANK`` not set, :class:`LaunchEnv` ``launched`` false) and
     without ``default_port`` joins a group of itself alone (rank 0 of 1, an in-memory store: no port,
     no file), which is what FSDP2 (``zero_optimization.stage`` 3) needs to shard over one process, as
     DeepSpeed runs stage 3 on one process.
