@@ -120,8 +120,13 @@ def _holds(member: Any) -> Optional[tuple]:
 class Zero3Optimizer(torch.optim.Optimizer):
     """A torch optimizer over sharded parameters whose groups carry moesaic's names and ``lr_scale``.
 
+    A group holds whole parameters (stepped by torch's optimizer of ``kind``) or stacked experts'
+    slices as :class:`ParamRef` s (stepped by :mod:`moesaic.optim.functional` on the rows this rank
+    holds); ``param_groups`` lists both kinds in :func:`build_zero3_groups`' order, :meth:`params`
+    each parameter once, and ``state`` is torch's, one entry per parameter.
+
     Its state moves in and out of checkpoints by identity (:mod:`moesaic.checkpoint.sharded`):
-    :meth:`state_names`, :meth:`check_state_dict` and :meth:`load_state_dict` speak moesaic's
+    :meth:`state_names`, :meth:`state_dict`, :meth:`check_state_dict` and :meth:`load_state_dict` speak moesaic's
     ``{"optimizer", "state": {name: {"step", moments..., "master"?}}, "param_groups"}`` with each
     tensor's fields holding this rank's rows only (a stacked expert's slice whole, where it is local).
 
