@@ -8,7 +8,8 @@ at W=2 and W=4 with ep_size 1 and 2, every step's loss and global norm, the para
 AdamW steps (fp32 round-off), the group names, and every group's telemetry (grad_norm, param_norm,
 update_ratio per expert). At W=4 a small net with 3 experts gives uneven shards, one of them empty
 (1, 1, 1, 0 experts per rank), and must equal stage 0 at its layout. Freezing one
-expert of a stacked tensor is refused at stage 3 as at stages 0-2 (same message). A stage-3 checkpoint
+expert of a stacked tensor is refused at stage 3 as at stages 0-2 (same message); freezing all of
+them leaves the stacked tensors unchanged and trains the rest as stage 0. A stage-3 checkpoint
 written before (one ``params/ffn/stacked`` group per layer) loads at stage 3 as at stage 0, its layer
 group's settings in every expert's group, and the next step is the same. No step warns that FSDP2's
 stacked-experts unit "returned a view tensor".
@@ -172,6 +173,25 @@ def _worker(rank, world, path, logs):
                     "moe": {"freeze_experts": ["ffn/1"]}, "zero_optimization": {"stage": stage}})
             messages.append(str(err.value))
         assert messages[0] == messages[1], messages
+        # ... and freezing every expert of it is allowed at both: the stacked tensors never change
+        after = {}
+        for stage in (0, 3):
+            model = MoENet(1, use_rts=False, stacked=True)
+            start = [p.detach().clone() for p in model.parameters()]
+            engine, *_ = moesaic.initialize(model=model, config={
+                "train_micro_batch_size_per_gpu": 12, "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}},
+                "moe": {"freeze_experts": [0, 1, 2, 3]}, "zero_optimization": {"stage": stage}})
+            assert [g["name"] for g in engine.optimizer.param_groups] == ["params"]
+            for step in range(2):
+                g = torch.Generator().manual_seed(300 + 10 * step + rank)
+                engine.backward(engine(torch.randn(12, 8, generator=g), torch.randn(12, 8, generator=g)))
+                engine.step()
+            full = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()]
+            for p, a, b in zip(model.parameters(), full, start):
+                assert torch.equal(a, b) == (getattr(p, "moe_stacked", None) is not None)
+            after[stage] = full
+        for a, b in zip(after[3], after[0]):
+            torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
 
 
 @pytest.fixture(scope="module")
