@@ -107,6 +107,9 @@ class Section:
     """
 
     PATH: ClassVar[str] = ""
+    #: ``{key: where it is read now}``: keys that moved out of this section; given here, they raise
+    #: ``"<path.key> <text>"`` instead of "unknown key" (an old name names its new place).
+    MOVED: ClassVar[Mapping[str, str]] = {}
 
     def __post_init__(self) -> None:
         values = _checked(type(self), {f.name: getattr(self, f.name) for f in fields(self)}, self.PATH)
@@ -137,6 +140,10 @@ class Section:
             TypeError: a value of the wrong type.
         """
         path = cls.PATH if path is None else path
+        moved = [name for name in data if isinstance(name, str) and name in cls.MOVED] \
+            if isinstance(data, Mapping) else []
+        if moved:
+            raise ValueError(f"{join_key(path, moved[0])} {cls.MOVED[moved[0]]}")
         check_keys(data, path, [f.name for f in fields(cls)])
         values = {}
         for f in fields(cls):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ._config import KeyDoc
+from .deepspeed.accepted import accepted_rows
 from .deepspeed.keys import FEATURE_SECTIONS, VALUE_HINTS, hint_rows, refused_rows
 from .train.config import RENAMED, TrainConfig
 
@@ -54,16 +55,24 @@ def render() -> str:
     for title, rows in _tables(TrainConfig.describe()):
         out.append(f"\n## {title}\n\n| key | type | default | meaning |\n|---|---|---|---|")
         out.extend(f"| `{r.path}` | {_cell(r.type)} | `{_cell(r.default)}` | {_cell(r.doc)} |" for r in rows)
+    out.append("\n## DeepSpeed keys moesaic accepts with what it does\n\nKeys of DeepSpeed's config that only choose "
+               "between DeepSpeed's own implementations. The DeepSpeed bridge (`moesaic.initialize`, "
+               "`moesaic.deepspeed.load_config`, and `moesaic train`'s `engine` section, under `engine.`) accepts "
+               "the values that describe what moesaic does, refuses any other with the reason, and drops them: "
+               "they are not settings of the engine config above, which names the bridge when given one "
+               "directly.\n\n| key | type | default | meaning |\n|---|---|---|---|")
+    out.extend(f"| `{r.path}` | {_cell(r.type)} | `{_cell(r.default)}` | {_cell(r.doc)}"
+               f"{' (optimizer type Adam or AdamW)' if r.path.startswith('optimizer.params.') else ''} |"
+               for r in accepted_rows())
     out.append("\n## DeepSpeed keys moesaic refuses\n\nKeys of DeepSpeed's config for features moesaic does not have "
                "are refused with the reason below whatever their value (in `moesaic train`, under `engine.`). "
                "The feature sections among them (" + ", ".join(f"`{s}`" for s in FEATURE_SECTIONS) +
-               ") are accepted when disabled (`{\"enabled\": false}`). DeepSpeed keys whose values describe "
-               "what moesaic does are settings in the tables above that refuse any other value.\n\n"
+               ") are accepted when disabled (`{\"enabled\": false}`).\n\n"
                "| key | why it is refused |\n|---|---|")
     out.extend(f"| `{path}` | {_cell(reason)} |" for path, reason in refused_rows())
     out.append("\n## DeepSpeed hints moesaic accepts with a note\n\nKeys that in DeepSpeed only tune speed, memory "
                "placement or logging and cannot change the numbers: accepted with any value, and `initialize` notes "
-               "each once (rank 0). Settings of the tables above whose other values are such hints are noted too "
+               "each once (rank 0). Keys of the tables above whose other values are such hints are noted too "
                "(" + ", ".join(f"`{k}`" for k in VALUE_HINTS) + ").\n\n| key | note |\n|---|---|")
     out.extend(f"| `{path}` | {_cell(note)} |" for path, note in hint_rows())
     out.append("\n## Keys of the former layout\n\nRefused with a message naming the new key "

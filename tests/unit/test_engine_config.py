@@ -50,8 +50,7 @@ freeze_experts = [1]
 def _check_full(cfg: EngineConfig) -> None:
     assert cfg.optimizer.type == "AdamW"  # case-insensitive input, canonical storage
     assert cfg.optimizer.params == {"lr": 3e-4, "betas": (0.9, 0.95), "eps": 1e-6, "weight_decay": 0.1,
-                                    "adam_w_mode": True, "torch_adam": False, "bias_correction": True,
-                                    "amsgrad": False}
+                                    "adam_w_mode": True, "bias_correction": True, "amsgrad": False}
     assert cfg.optimizer.update() == ("AdamW", {"lr": 3e-4, "betas": (0.9, 0.95), "eps": 1e-6, "weight_decay": 0.1})
     assert cfg.scheduler.params == {"total_num_steps": 1000, "warmup_min_lr": 0.0, "warmup_max_lr": 3e-4,
                                     "warmup_num_steps": 100, "warmup_type": "log", "last_batch_iteration": -1}

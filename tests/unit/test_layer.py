@@ -445,3 +445,23 @@ def test_a_training_step_leaves_no_reference_cycles(stacked):
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+def test_expert_parallel_groups_have_the_core_s_name_and_deepspeed_s_on_moesaic_moe():
+    """The core layer's call is set_expert_parallel_groups; DeepSpeed's set_deepspeed_parallelism stays, with
+    DeepSpeed's signature, on moesaic.MoE, and on the core class only as a deprecated alias of the same call."""
+    import inspect
+
+    core = moesaic.MixtureOfExperts(8, moesaic.GLUExpert(8, 16), moesaic.MoEConfig(num_experts=2, k=1))
+    core.set_expert_parallel_groups()
+    assert core.parallel_groups.ep_size == 1 and isinstance(core.dispatcher, LocalDispatcher)
+    with pytest.warns(DeprecationWarning, match=r"MixtureOfExperts\.set_deepspeed_parallelism is deprecated: call "
+                                                r"set_expert_parallel_groups"):
+        core.set_deepspeed_parallelism()
+    ds = moesaic.MoE(8, moesaic.GLUExpert(8, 16), num_experts=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds.set_deepspeed_parallelism()  # DeepSpeed's own call: no warning
+    assert ds.parallel_groups is core.parallel_groups  # the same cached groups
+    assert list(inspect.signature(moesaic.MoE.set_deepspeed_parallelism).parameters) == [
+        "self", "use_data_before_expert_parallel_"]

@@ -282,17 +282,23 @@ def test_train_key_and_memory_estimates_follow_the_policy():
 
 
 def test_deepspeed_activation_checkpointing_section():
+    """DeepSpeed's section is the DeepSpeed bridge's: accepted with the values torch's checkpoint has, else refused
+    with the reason; the core engine config does not hold it and says where it is read."""
+    from moesaic.deepspeed import load_config
     from moesaic.engine.config import EngineConfig
-    cfg = EngineConfig.from_dict({"train_batch_size": 1, "activation_checkpointing": {
-        "partition_activations": False, "cpu_checkpointing": False, "contiguous_memory_optimization": False,
-        "number_checkpoints": None, "synchronize_checkpoint_boundary": False, "profile": False}})
-    assert cfg.activation_checkpointing.cpu_checkpointing is False
+    section = {"partition_activations": False, "cpu_checkpointing": False, "contiguous_memory_optimization": False,
+               "number_checkpoints": None, "synchronize_checkpoint_boundary": False, "profile": False}
+    cfg = load_config({"train_batch_size": 1, "activation_checkpointing": section})
+    assert cfg == load_config({"train_batch_size": 1})  # it changes nothing
     for key, value, why in (("partition_activations", True, "tensor parallelism"),
                             ("cpu_checkpointing", True, "save_on_cpu"),
                             ("contiguous_memory_optimization", True, "contiguous buffer"),
                             ("number_checkpoints", 4, "contiguous_memory_optimization")):
         with pytest.raises(ValueError, match=f"activation_checkpointing.{key}.*{why}"):
-            EngineConfig.from_dict({"train_batch_size": 1, "activation_checkpointing": {key: value}})
+            load_config({"train_batch_size": 1, "activation_checkpointing": {key: value}})
+    with pytest.raises(ValueError, match=r"^activation_checkpointing is a key of DeepSpeed's config.*"
+                                         r"moesaic\.initialize and moesaic\.deepspeed\.load_config"):
+        EngineConfig.from_dict({"train_batch_size": 1, "activation_checkpointing": section})
 
 
 @pytest.mark.parametrize("stacked", [False, True], ids=["per_module", "stacked"])

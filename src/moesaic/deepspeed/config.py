@@ -1,9 +1,11 @@
 """DeepSpeed's config (a dict, or a JSON/TOML file) read into the core's :class:`~moesaic.engine.EngineConfig`.
 
 The engine config uses DeepSpeed's names and nesting for what moesaic implements; what DeepSpeed
-has beyond that is this bridge's business (:mod:`moesaic.deepspeed.keys`): refused keys are
-refused here with the reason, hint keys are dropped (``initialize`` notes them), and the rest is
-the core's :meth:`EngineConfig.from_dict`, where any other unknown key is an error naming its path.
+has beyond that is this bridge's business: refused keys are refused here with the reason and hint
+keys are dropped (``initialize`` notes them; :mod:`moesaic.deepspeed.keys`), DeepSpeed-only keys
+are checked against the values describing what moesaic does and dropped
+(:mod:`moesaic.deepspeed.accepted`), and the rest is the core's :meth:`EngineConfig.from_dict`,
+where any other unknown key is an error naming its path.
 ``moesaic.initialize`` reads its config through :func:`read_config`; ``moesaic train`` reads its
 ``[engine]`` section through :func:`engine_section` first, so a DeepSpeed JSON config pasted there
 gets the same messages.
@@ -16,14 +18,17 @@ from typing import Any, Dict, Mapping, Tuple, Union
 
 from .._config import load_source
 from ..engine.config import EngineConfig
-from .keys import refuse_deepspeed_keys
+from .accepted import accept_deepspeed_keys
+from .keys import refuse_deepspeed_keys, refuse_deepspeed_names
 
 _WHAT = "a dict, a path to a .json/.toml file or an EngineConfig"
 
 
 def engine_section(data: Any, path: str = "") -> Any:
-    """``data`` (DeepSpeed's config mapping at ``path``) as the core reads it: refused keys raise, hints dropped."""
-    return refuse_deepspeed_keys(data, path)
+    """``data`` (DeepSpeed's config mapping at ``path``) as the core reads it: refused keys raise, hints dropped,
+    DeepSpeed-only keys checked and dropped."""
+    refuse_deepspeed_names(data, path)
+    return accept_deepspeed_keys(refuse_deepspeed_keys(data, path), path)
 
 
 def read_config(config: Union[Mapping[str, Any], str, os.PathLike]) -> Tuple[EngineConfig, Dict[str, Any]]:

@@ -2,11 +2,12 @@
 
 ``moesaic.initialize`` reads DeepSpeed's config. A key moesaic implements is a setting of
 :class:`~moesaic.engine.EngineConfig` (or of its sections) and does what DeepSpeed's does. The
-rest fall in two kinds, and neither is ever silently ignored:
+rest fall in three kinds, and none is ever silently ignored:
 
-* **accepted values** (:func:`moesaic._checks.only`): the key is a setting whose values describe what moesaic
-  always does (``zero_optimization.contiguous_gradients: true``: moesaic reduces each bucket of
-  gradients from one contiguous buffer); any other value is refused with the reason;
+* **accepted keys** (:mod:`moesaic.deepspeed.accepted`): keys that only choose between DeepSpeed's
+  own implementations, accepted with the values describing what moesaic always does
+  (``zero_optimization.contiguous_gradients: true``: moesaic reduces each bucket of gradients from
+  one contiguous buffer) and dropped; any other value is refused with the reason;
 * **refused keys** (:data:`REFUSED`): features moesaic does not have (DeepSpeed's ZeRO-3 tuning, NVMe offload,
   pipeline parallelism, autotuning ...). Present with any value, they are refused with the
   reason; a feature section whose ``enabled`` is false asks for nothing and is accepted.
@@ -22,6 +23,7 @@ from __future__ import annotations
 from typing import Any, Dict, Mapping
 
 from .._checks import join_key
+from ..optim.config import OPTIMIZER_TYPES, SCHEDULER_ALLOWED, SCHEDULER_TYPES, optimizer_type, torch_scheduler_class
 
 # --- refused keys ---------------------------------------------------------------------------------
 
@@ -116,6 +118,63 @@ REFUSED: Dict[str, Dict[str, str]] = {
     },
 }
 
+# --- refused names -------------------------------------------------------------------------------
+
+#: Optimizer names DeepSpeed accepts (its own, any case, and torch.optim classes) that moesaic does not step.
+_GROUPED = "moesaic steps its own grouped Adam, AdamW and SGD one parameter group at a time"
+REFUSED_OPTIMIZERS: Dict[str, str] = {
+    "lamb": f"DeepSpeed's fused LAMB is not implemented; {_GROUPED}",
+    "onebitadam": f"DeepSpeed's 1-bit Adam (compressed communication) is not implemented; {_GROUPED}",
+    "zerooneadam": f"DeepSpeed's 0/1 Adam (compressed communication) is not implemented; {_GROUPED}",
+    "onebitlamb": f"DeepSpeed's 1-bit LAMB is not implemented; {_GROUPED}",
+    "lion": f"Lion is not implemented; {_GROUPED}",
+    "adagrad": f"Adagrad is not implemented; {_GROUPED}",
+    "muadam": f"mup's MuAdam is not implemented; {_GROUPED}",
+    "muadamw": f"mup's MuAdamW is not implemented; {_GROUPED}",
+    "musgd": f"mup's MuSGD is not implemented; {_GROUPED}",
+    "muon": f"Muon is not implemented; {_GROUPED}",
+}
+#: DeepSpeed's own schedules moesaic does not implement (torch.optim.lr_scheduler classes are honoured).
+REFUSED_SCHEDULERS: Dict[str, str] = {
+    "OneCycle": "DeepSpeed's OneCycle is not implemented; use torch's OneCycleLR (\"type\": \"OneCycleLR\") or "
+                "WarmupLR, WarmupDecayLR, WarmupCosineLR",
+    "LRRangeTest": "DeepSpeed's LRRangeTest is not implemented; use WarmupLR, WarmupDecayLR, WarmupCosineLR or a "
+                   "torch.optim.lr_scheduler class",
+}
+
+
+def refuse_deepspeed_names(data: Any, path: str) -> None:
+    """Raise for an ``optimizer.type`` or ``scheduler.type`` DeepSpeed accepts and moesaic does not implement.
+
+    Args:
+        data: the engine config's mapping (DeepSpeed's top level).
+        path: its key path, for messages (``"engine"`` inside a training config).
+
+    Raises:
+        ValueError: naming the key, the value, why it is refused and the names allowed. Other
+            values are left to the core's check.
+    """
+    if not isinstance(data, Mapping):
+        return
+    opt, sched = data.get("optimizer"), data.get("scheduler")
+    kind = opt.get("type") if isinstance(opt, Mapping) else None
+    if isinstance(kind, str) and kind and optimizer_type(kind, "") is None:
+        reason = REFUSED_OPTIMIZERS.get(kind.lower())
+        if reason is None:
+            import torch.optim
+
+            if isinstance(getattr(torch.optim, kind, None), type):
+                reason = f"torch.optim.{kind} is not implemented; {_GROUPED}"
+        if reason is not None:
+            raise ValueError(f"{join_key(path, 'optimizer.type')}={kind!r} is not supported by moesaic: {reason}; "
+                             f"allowed: {', '.join(OPTIMIZER_TYPES)} (any case)")
+    kind = sched.get("type") if isinstance(sched, Mapping) else None
+    if isinstance(kind, str) and kind in REFUSED_SCHEDULERS and kind not in SCHEDULER_TYPES \
+            and torch_scheduler_class(kind) is None:
+        raise ValueError(f"{join_key(path, 'scheduler.type')}={kind!r} is not supported by moesaic: "
+                         f"{REFUSED_SCHEDULERS[kind]}; allowed: {SCHEDULER_ALLOWED}")
+
+
 _HINT = "a performance or logging hint of DeepSpeed's; it cannot change the numbers, and moesaic "
 _MONITOR_HINT = _HINT + "logs metrics to log_dir= of moesaic.initialize (metrics.csv and TensorBoard events) instead"
 
@@ -154,8 +213,8 @@ HINTS: Dict[str, Dict[str, str]] = {
     },
 }
 
-#: ``{key path: (value moesaic's behaviour matches, note for any other value)}``: settings (in the
-#: config tables) whose other values only tune speed, memory or logging; noted once when given.
+#: ``{key path: (value moesaic's behaviour matches, note for any other value)}``: accepted keys
+#: (:mod:`moesaic.deepspeed.accepted`) whose other values only tune speed, memory or logging; noted once when given.
 VALUE_HINTS: Dict[str, tuple] = {
     "memory_breakdown": (False, _HINT + "does not print memory per step (see benchmarks/bench_step_memory.py)"),
     "dump_state": (False, _HINT + "does not dump its state (print engine.config)"),

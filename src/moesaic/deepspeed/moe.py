@@ -165,6 +165,11 @@ class MoE(MixtureOfExperts):
     def _routed(self, hidden_states: Tensor, used_token: Optional[Tensor] = None) -> Tensor:
         return self.deepspeed_moe(hidden_states, used_token, _routed=super()._routed)
 
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """DeepSpeed's call that puts the layer on its expert-parallel groups (the core's
+        :meth:`~moesaic.layer.moe.MixtureOfExperts.set_expert_parallel_groups`, default registry)."""
+        self.set_expert_parallel_groups(use_data_before_expert_parallel_)
+
     def set_expert_group_name(self, name: str) -> None:
         super().set_expert_group_name(name)
         self.deepspeed_moe.ep_group_name = name

@@ -6,11 +6,14 @@ and the ``engine`` section of ``moesaic train``'s config (``[engine]``, ``[engin
 in TOML, ``--set engine.optimizer.params.lr=1e-3`` on the command line): the same names and
 defaults in all three.
 
-The batch sizes follow DeepSpeed's arithmetic (:meth:`EngineConfig.check_batch`). DeepSpeed's keys
-moesaic does not implement are never silently ignored: those whose accepted values describe what
-moesaic does are settings that refuse any other value with the reason; the rest are refused by
-name with the reason by the DeepSpeed bridge, which reads DeepSpeed's dict into this tree
-(:mod:`moesaic.deepspeed.config`, :mod:`moesaic.deepspeed.keys`); any other unknown key is an error.
+The batch sizes follow DeepSpeed's arithmetic (:meth:`EngineConfig.check_batch`). This tree holds
+only what moesaic implements or chooses. DeepSpeed's other keys are the DeepSpeed bridge's
+business, never silently ignored: the bridge reads DeepSpeed's dict into this tree
+(:mod:`moesaic.deepspeed.config`), refusing the features moesaic lacks by name with the reason
+(:mod:`moesaic.deepspeed.keys`) and checking, then dropping, the keys that only choose between
+DeepSpeed's own implementations (:mod:`moesaic.deepspeed.accepted`: ``prescale_gradients``,
+``activation_checkpointing`` ...). Given here directly, such a key says so and where it is
+accepted (each section's ``MOVED``); any other unknown key is an error.
 Differences on purpose: ``optimizer`` defaults to AdamW (DeepSpeed builds no optimizer without
 one and cannot train); an optimizer or schedule moesaic does not implement is refused.
 """
@@ -22,12 +25,16 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Dict, Optional, Tuple
 
-from .._checks import check_bool, check_choice, check_int, check_number, check_str, join_key, only
+from .._checks import check_bool, check_choice, check_int, check_number, check_str, join_key, moved_names
 from .._config import Section, section, setting
 from ..optim.config import (BF16Config, FP16Config, MoEOptimConfig, OptimizerConfig, SchedulerConfig,
-                            ZeroConfig)
+                            ZeroConfig, deepspeed_only)
 
 TAG_VALIDATION = ("Warn", "Ignore", "Fail")
+
+# DeepSpeed's activation_checkpointing section is the DeepSpeed bridge's (it configures nothing moesaic does)
+__getattr__ = moved_names(__name__, {"ActivationCheckpointingConfig":
+                                     "moesaic.deepspeed.accepted.ActivationCheckpointingConfig"})
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,7 @@ class FlopsProfilerConfig(Section):
     """The ``flops_profiler`` section (DeepSpeed's keys): FLOPs per step and a per-module profile at one step."""
 
     PATH = "flops_profiler"
+    MOVED = deepspeed_only("recompute_fwd_factor")
 
     enabled: bool = setting(False, check=check_bool,
                             doc="Count every step's FLOPs with torch.utils.flop_counter (as executed: an expert "
@@ -63,9 +71,6 @@ class FlopsProfilerConfig(Section):
                                 "flops_per_s, mfu on CUDA), and print a per-module profile at profile_step. While "
                                 "enabled every operation passes through torch's counting mode, which slows steps "
                                 "(several-fold on small CPU models, where per-operation overhead dominates).")
-    recompute_fwd_factor: float = setting(
-        0.0, doc="DeepSpeed's estimate of recomputed forward FLOPs (only 0.0).",
-        check=only((0.0,), "moesaic counts the backward's FLOPs as executed, activation recomputation included"))
     profile_step: int = setting(1, check=partial(check_int, lo=0),
                                 doc="The step profiled: the one taken after this many optimizer steps (DeepSpeed's "
                                     "count); it must come before the schedule's total_num_steps.")
@@ -80,44 +85,13 @@ class FlopsProfilerConfig(Section):
 
 
 @dataclass(frozen=True)
-class ActivationCheckpointingConfig(Section):
-    """DeepSpeed's ``activation_checkpointing`` section: how ``deepspeed.checkpointing.checkpoint`` stores inputs.
-
-    In DeepSpeed the section configures the checkpoint calls a model makes; it turns nothing on.
-    moesaic's MoE layers recompute exactly under any ``torch.utils.checkpoint`` (reentrant or
-    not), DeepSpeed's included; to choose what is recomputed use ``moesaic.apply_recompute(model,
-    policy)`` or ``train.recompute``. Each key is accepted with the value that describes what
-    torch's checkpoint does; the others are refused with the reason.
-    """
-
-    PATH = "activation_checkpointing"
-
-    partition_activations: bool = setting(
-        False, doc="Split checkpointed inputs over model-parallel ranks (moesaic has no tensor parallelism).",
-        check=only((False,), "moesaic has no tensor parallelism, so a checkpointed input has no model-parallel "
-                             "partition"))
-    cpu_checkpointing: bool = setting(
-        False, doc="Offload checkpointed inputs to the CPU (not done: they stay on the device).",
-        check=only((False,), "moesaic keeps checkpointed inputs on the device; offload them with "
-                             "torch.autograd.graph.save_on_cpu if needed"))
-    contiguous_memory_optimization: bool = setting(
-        False, doc="Copy checkpointed inputs into one preallocated buffer (not done: torch's allocator holds them).",
-        check=only((False,), "torch's caching allocator holds the checkpointed inputs; there is no contiguous buffer"))
-    number_checkpoints: Optional[int] = setting(
-        None, type_text="int or null", doc="Size of the contiguous buffer in checkpoints (only with "
-                                           "contiguous_memory_optimization, so null).",
-        check=only((None,), "it sizes the contiguous buffer of contiguous_memory_optimization, which moesaic does "
-                            "not use"))
-    synchronize_checkpoint_boundary: bool = setting(
-        False, doc="CUDA-synchronize at every checkpoint boundary (a debugging aid; not done).",
-        check=only((False,), "moesaic does not synchronize at checkpoint boundaries"))
-    profile: bool = setting(False, doc="Time the checkpoint calls (not done; use torch.profiler).",
-                            check=only((False,), "moesaic does not time checkpoint calls; use torch.profiler"))
-
-
-@dataclass(frozen=True)
 class EngineConfig(Section):
     """The whole training-engine config (DeepSpeed's keys plus ``moe``); DeepSpeed's dict or file: :func:`moesaic.deepspeed.load_config`."""
+
+    MOVED = deepspeed_only("zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "communication_data_type",
+                           "prescale_gradients", "gradient_predivide_factor", "gradient_allreduce_op",
+                           "sparse_gradients", "managed_gradient_accumulation", "memory_breakdown", "dump_state",
+                           "disable_allgather", "activation_checkpointing")
 
     train_batch_size: Optional[int] = setting(
         None, check=partial(check_int, lo=1, none_word="null"),
@@ -144,44 +118,10 @@ class EngineConfig(Section):
     dataloader_drop_last: bool = setting(False, check=check_bool,
                                          doc="The data loader made from initialize(training_data=...) drops the last "
                                              "incomplete batch.")
-    zero_allow_untested_optimizer: bool = setting(
-        False, check=check_bool,
-        doc="DeepSpeed's permission to shard an optimizer it has not tested. moesaic shards the optimizers it "
-            "implements (Adam, AdamW, SGD) whatever this says and refuses any other; an error names this key.")
-    zero_force_ds_cpu_optimizer: bool = setting(
-        True, check=check_bool,
-        doc="DeepSpeed's refusal of a client optimizer under ZeRO-Offload: moesaic always steps its own optimizer "
-            "(a client optimizer is translated into it), so either value gives the same result.")
     use_data_before_expert_parallelism: bool = setting(
         False, check=check_bool,
         doc="DeepSpeed's layout of expert-parallel groups: data-parallel ranks first (passed to "
             "setup_expert_parallel).")
-    communication_data_type: Optional[str] = setting(
-        None, type_text="str or null", doc="dtype of gradient reductions: moesaic reduces in fp32 ('fp32' or null).",
-        check=only((None, "fp32"), "moesaic sums gradient buckets in fp32"))
-    prescale_gradients: bool = setting(False, doc="Divide gradients before the reduction (not done by moesaic).",
-                                       check=only((False,), "moesaic sums gradient buckets in fp32 and divides after "
-                                                            "the sum; an fp32 sum does not overflow"))
-    gradient_predivide_factor: float = setting(
-        1.0, doc="DeepSpeed's pre-division factor of the reduction (only 1.0: see prescale_gradients).",
-        check=only((1.0,), "moesaic sums gradient buckets in fp32 and divides after the sum"))
-    gradient_allreduce_op: str = setting("mean", doc="Gradients are averaged over the data-parallel ranks ('mean').",
-                                         check=only(("mean",), "moesaic averages gradients (the gradient of the "
-                                                               "global mean loss)"))
-    sparse_gradients: bool = setting(False, doc="Sparse embedding gradients (not supported).",
-                                     check=only((False,), "moesaic reduces dense gradients only"))
-    managed_gradient_accumulation: bool = setting(
-        True, doc="The engine counts micro-batches to find the accumulation boundary (always, in moesaic).",
-        check=only((True,), "moesaic counts micro-batches (or follows set_gradient_accumulation_boundary)"))
-    memory_breakdown: bool = setting(False, check=check_bool,
-                                     doc="DeepSpeed's per-step memory print: a logging hint, accepted with a note "
-                                         "(moesaic does not print it; see benchmarks/bench_step_memory.py).")
-    dump_state: bool = setting(False, check=check_bool,
-                               doc="DeepSpeed's dump of its state at start: a logging hint, accepted with a note "
-                                   "(print engine.config).")
-    disable_allgather: bool = setting(False, check=check_bool,
-                                      doc="DeepSpeed's switch to broadcasts: moesaic's owners always broadcast, so "
-                                          "either value gives the same result (true is noted).")
     optimizer_in_backward: bool = setting(
         False, check=check_bool,
         doc="Step each optimizer group during backward as soon as its gradients are complete, so the model's "
@@ -193,9 +133,6 @@ class EngineConfig(Section):
                                                    doc="The learning-rate schedule; absent: a constant lr.")
     fp16: FP16Config = section(FP16Config, doc="fp16 training and its loss scale.")
     bf16: BF16Config = section(BF16Config, doc="bf16 training.")
-    activation_checkpointing: ActivationCheckpointingConfig = section(
-        ActivationCheckpointingConfig, doc="DeepSpeed's checkpoint-call settings (recompute itself: "
-                                           "moesaic.apply_recompute / train.recompute).")
     zero_optimization: ZeroConfig = section(ZeroConfig, doc="ZeRO optimizer-state sharding.")
     checkpoint: CheckpointConfig = section(CheckpointConfig, doc="Checkpoint tag validation.")
     flops_profiler: FlopsProfilerConfig = section(FlopsProfilerConfig, doc="DeepSpeed's FLOPs profiler.")

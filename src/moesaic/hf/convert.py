@@ -311,7 +311,7 @@ def load(path_or_model, *, ep_size: int = 1, dtype: Optional[torch.dtype] = None
     plans = _plan_blocks(model, family, model.config, source, ep_size, options, dtype, preferred)
     for plan in plans:
         if ep_size > 1:
-            plan.layer.set_deepspeed_parallelism()  # global expert numbers of this rank
+            plan.layer.set_expert_parallel_groups()  # global expert numbers of this rank
     _check_plan(plans, dense, source)
     if isinstance(source, FolderSource):
         # our own skeleton: 1. swap the blocks in  2. give the rest storage  3. read the dense tensors, then the layers'

@@ -12,7 +12,7 @@ parallelism::
 ``meta`` is whatever the dispatcher needs to bring the outputs home (a frozen dataclass);
 nothing else reads it. A new dispatcher (a different transport, a different layout) implements
 :class:`Dispatcher` and is installed with ``MOELayer.set_dispatcher``; routers and experts do not
-change. ``MoE.set_deepspeed_parallelism`` picks the one for a layer's process groups.
+change. ``MixtureOfExperts.set_expert_parallel_groups`` picks the one for a layer's process groups.
 
 Shape legend: S = tokens, N = kept routes, D = model dim.
 """

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -120,7 +121,7 @@ class MixtureOfExperts(MoELayerBase):
             self.coefficient = nn.Linear(hidden_size, 2)
         self.shared_expert = shared_expert  # registered as a child module (or None: no key)
         self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if config.shared_expert_gate else None
-        self.ep_group = None  # set by set_deepspeed_parallelism / moesaic.setup_expert_parallel
+        self.ep_group = None  # set by set_expert_parallel_groups / moesaic.setup_expert_parallel
         self.parallel_groups = None
         self.dispatcher: Optional[Dispatcher] = LocalDispatcher(local) if ep_size == 1 else None
         self.l_aux: Optional[Tensor] = None
@@ -168,20 +169,23 @@ class MixtureOfExperts(MoELayerBase):
         return self.num_dropped_routes / self.num_routes if self.num_routes else 0.0
 
     # --- expert parallelism ----------------------------------------------------------------------
-    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False, *,
-                                  registry: Optional[GroupRegistry] = None) -> None:
-        """Join the expert-parallel groups for this layer's ``ep_size`` (DeepSpeed's name).
+    def set_expert_parallel_groups(self, use_data_before_expert_parallel: bool = False, *,
+                                   registry: Optional[GroupRegistry] = None) -> None:
+        """Put the layer on the expert-parallel groups of its ``ep_size``.
 
         Creates the groups on first use (collectively: call it on every rank in the same order),
         renumbers the local experts to their global numbers and installs the dispatcher for them
-        (local when ``ep_size == 1``, all-to-all otherwise).
+        (local when ``ep_size == 1``, all-to-all otherwise). :func:`setup_expert_parallel` does this
+        for every MoE layer of a model; DeepSpeed's name for it is ``moesaic.MoE.set_deepspeed_parallelism``.
 
         Args:
-            use_data_before_expert_parallel_: DeepSpeed's alternative rank layout.
+            use_data_before_expert_parallel: the alternative rank layout (data-parallel ranks first,
+                DeepSpeed's ``use_data_before_expert_parallel_``; engine key
+                ``use_data_before_expert_parallelism``).
             registry: where groups are created and cached (default: the process-wide registry).
         """
         groups = (registry if registry is not None else default_registry()).get(
-            self.ep_size, use_data_before_expert_parallel_)
+            self.ep_size, use_data_before_expert_parallel)
         self.parallel_groups = groups
         self.ep_group = groups.ep_group
         self.experts.tag(self.expert_group_name, groups.ep_rank)
@@ -189,6 +193,15 @@ class MixtureOfExperts(MoELayerBase):
             self.set_dispatcher(LocalDispatcher(self.num_experts))
         else:
             self.set_dispatcher(AllToAllDispatcher(groups, self.num_experts))
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False, *,
+                                  registry: Optional[GroupRegistry] = None) -> None:
+        """Deprecated on the core layer: :meth:`set_expert_parallel_groups` (DeepSpeed's name stays on
+        ``moesaic.MoE``)."""
+        warnings.warn("MixtureOfExperts.set_deepspeed_parallelism is deprecated: call set_expert_parallel_groups("
+                      "use_data_before_expert_parallel, registry=...) (the same groups); DeepSpeed's name stays on "
+                      "moesaic.MoE", DeprecationWarning, stacklevel=2)
+        self.set_expert_parallel_groups(use_data_before_expert_parallel_, registry=registry)
 
     def set_dispatcher(self, dispatcher: Dispatcher) -> None:
         """Install the dispatcher that moves this layer's tokens (chosen for its process groups)."""
@@ -266,7 +279,7 @@ class MixtureOfExperts(MoELayerBase):
         if self.dispatcher is None:
             raise RuntimeError(f"MoE layer {self.expert_group_name!r} has ep_size={self.ep_size} but no "
                                "expert-parallel process group; call moesaic.setup_expert_parallel(model) or "
-                               "moe.set_deepspeed_parallelism() after torch.distributed.init_process_group()")
+                               "moe.set_expert_parallel_groups() after torch.distributed.init_process_group()")
         x_SD = hidden_states.reshape(-1, D)
         if used_token is not None:
             used_token = _check_used_token(used_token, hidden_states, x_SD.shape[0])
@@ -388,6 +401,6 @@ def setup_expert_parallel(model: nn.Module, use_data_before_expert_parallel_: bo
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     out = {}
     for _, module in iter_moe_modules(model):
-        module.set_deepspeed_parallelism(use_data_before_expert_parallel_, registry=registry)
+        module.set_expert_parallel_groups(use_data_before_expert_parallel_, registry=registry)
         out[module.expert_group_name] = module.parallel_groups
     return out

@@ -10,12 +10,15 @@ The optimizer's hyperparameter defaults live here, in :data:`OPTIMIZER_PARAMS`, 
 the scheduler params mirror the constructors of :mod:`moesaic.optim.schedulers` (a unit test pins
 that the two agree).
 
-DeepSpeed's keys moesaic does not implement are never silently ignored: a key whose accepted
-values describe what moesaic always does is a setting checked by :func:`moesaic._checks.only`
-(``fp16.auto_cast`` accepts false); the rest are refused by name with the reason
-(:mod:`moesaic.deepspeed.keys`). Differences on purpose: ``fp16`` values are checked even
-when fp16 is off; optimizer and scheduler names DeepSpeed accepts but moesaic does not implement
-are refused with the reason and the supported names.
+DeepSpeed's keys moesaic does not implement are never silently ignored: a key that describes
+what moesaic's update always does is a setting checked by :func:`moesaic._checks.only`
+(``optimizer.params.amsgrad`` accepts false, as torch's Adam names it); keys that only choose between
+DeepSpeed's own implementations (``fp16.auto_cast``, ``zero_optimization.contiguous_gradients``) are
+the DeepSpeed bridge's (:mod:`moesaic.deepspeed.accepted`; each section's ``MOVED`` names them), and
+the rest are refused by name with the reason (:mod:`moesaic.deepspeed.keys`). Differences on
+purpose: ``fp16`` values are checked even when fp16 is off; optimizer and scheduler names DeepSpeed
+accepts but moesaic does not implement are refused with the reason and the supported names by the
+DeepSpeed bridge (:func:`moesaic.deepspeed.keys.refuse_deepspeed_names`).
 ``moe.lr_scale`` and ``moe.freeze_experts`` name experts as ``"<expert_group_name>/<expert_number>"``
 (a group name may not itself contain ``/``); a bare group name in ``lr_scale`` covers the whole
 layer, a bare int in ``freeze_experts`` that expert number in every MoE layer.
@@ -35,30 +38,23 @@ from .build_groups import DEFAULT_MAX_GROUP_SIZE, SPLIT_BY
 OPTIMIZER_TYPES = ("AdamW", "Adam", "SGD")
 SCHEDULER_TYPES = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
 
-# Optimizer names DeepSpeed accepts (its own, any case, and torch.optim classes) that moesaic does not step.
-_GROUPED = "moesaic steps its own grouped Adam, AdamW and SGD one parameter group at a time"
-REFUSED_OPTIMIZERS = {
-    "lamb": f"DeepSpeed's fused LAMB is not implemented; {_GROUPED}",
-    "onebitadam": f"DeepSpeed's 1-bit Adam (compressed communication) is not implemented; {_GROUPED}",
-    "zerooneadam": f"DeepSpeed's 0/1 Adam (compressed communication) is not implemented; {_GROUPED}",
-    "onebitlamb": f"DeepSpeed's 1-bit LAMB is not implemented; {_GROUPED}",
-    "lion": f"Lion is not implemented; {_GROUPED}",
-    "adagrad": f"Adagrad is not implemented; {_GROUPED}",
-    "muadam": f"mup's MuAdam is not implemented; {_GROUPED}",
-    "muadamw": f"mup's MuAdamW is not implemented; {_GROUPED}",
-    "musgd": f"mup's MuSGD is not implemented; {_GROUPED}",
-    "muon": f"Muon is not implemented; {_GROUPED}",
-}
-# DeepSpeed's own schedules moesaic does not implement (torch.optim.lr_scheduler classes are honoured).
-REFUSED_SCHEDULERS = {
-    "OneCycle": "DeepSpeed's OneCycle is not implemented; use torch's OneCycleLR (\"type\": \"OneCycleLR\") or "
-                "WarmupLR, WarmupDecayLR, WarmupCosineLR",
-    "LRRangeTest": "DeepSpeed's LRRangeTest is not implemented; use WarmupLR, WarmupDecayLR, WarmupCosineLR or a "
-                   "torch.optim.lr_scheduler class",
-}
+SCHEDULER_ALLOWED = f"{', '.join(SCHEDULER_TYPES)} or a torch.optim.lr_scheduler class name (StepLR, OneCycleLR, ...)"
 WARMUP_TYPES = ("log", "linear")
 OFFLOAD = ("none", "cpu")
 ZERO_STAGES = (0, 1, 2, 3)  # 3: parameters sharded too, on torch's FSDP2 (optim/fsdp.py, optim/zero3.py)
+
+#: What a section says of a DeepSpeed-only key given to it directly: such keys choose between DeepSpeed's own
+#: implementations, so the DeepSpeed bridge checks and drops them (:mod:`moesaic.deepspeed.accepted`).
+DEEPSPEED_ONLY = ("is a key of DeepSpeed's config, not a setting of moesaic's engine: the DeepSpeed bridge accepts it "
+                  "(moesaic.initialize and moesaic.deepspeed.load_config, and `moesaic train`'s [engine] section, "
+                  "which reads through the same bridge; see moesaic.deepspeed.accepted); leave it out of a config "
+                  "built directly as EngineConfig")
+
+
+def deepspeed_only(*names: str) -> Dict[str, str]:
+    """A section's ``MOVED`` table for DeepSpeed-only keys (see :data:`DEEPSPEED_ONLY`)."""
+    return {name: DEEPSPEED_ONLY for name in names}
+
 
 _positive = partial(check_number, lo=0.0, lo_open=True)
 _nonneg = partial(check_number, lo=0.0)
@@ -88,6 +84,7 @@ class AdamParams(Section):
     """``optimizer.params`` of ``Adam`` (torch.optim.Adam's names and defaults)."""
 
     PATH = "optimizer.params"
+    MOVED = deepspeed_only("torch_adam")
 
     lr: float = setting(1e-3, doc="Learning rate (the peak, when a scheduler warms it up).", check=_positive)
     betas: Tuple[float, float] = setting((0.9, 0.999), doc="Coefficients of the running averages of the gradient "
@@ -99,9 +96,6 @@ class AdamParams(Section):
     adam_w_mode: bool = setting(True, check=check_bool,
                                 doc="DeepSpeed's switch, on by default as in DeepSpeed: type Adam applies weight "
                                     "decay decoupled (AdamW); false: torch's Adam (L2 added to the gradient).")
-    torch_adam: bool = setting(False, check=check_bool,
-                               doc="DeepSpeed's choice of torch's kernel over its fused one; the update is the same "
-                                   "math either way and moesaic always runs its own grouped implementation.")
     bias_correction: bool = setting(True, doc="Adam's bias correction (always applied by moesaic).",
                                     check=only((True,), "moesaic's Adam always applies bias correction"))
     amsgrad: bool = setting(False, doc="AMSGrad (not implemented).",
@@ -160,22 +154,19 @@ def optimizer_defaults(kind: str) -> Dict[str, Any]:
     return {k: values[k] for k in UPDATE_HYPERPARAMETERS[kind]}
 
 
-def _optimizer_type(value: Any, key: str) -> str:
-    """One of :data:`OPTIMIZER_TYPES` (any case); DeepSpeed's other names are refused with the reason."""
+def optimizer_type(value: Any, key: str) -> Optional[str]:
+    """The name in :data:`OPTIMIZER_TYPES` that ``value`` spells (any case), or None."""
     check_str(value, key)
-    for name in OPTIMIZER_TYPES:
-        if value.lower() == name.lower():
-            return name
-    reason = REFUSED_OPTIMIZERS.get(value.lower())
-    if reason is None:
-        import torch.optim
+    return next((name for name in OPTIMIZER_TYPES if value.lower() == name.lower()), None)
 
-        if isinstance(getattr(torch.optim, value, None), type):
-            reason = f"torch.optim.{value} is not implemented; {_GROUPED}"
-    if reason is not None:
-        raise ValueError(f"{key}={value!r} is not supported by moesaic: {reason}; allowed: "
-                         f"{', '.join(OPTIMIZER_TYPES)} (any case)")
-    raise ValueError(f"{key} must be one of {list(OPTIMIZER_TYPES)} (any case), got {value!r}")
+
+def _optimizer_type(value: Any, key: str) -> str:
+    """One of :data:`OPTIMIZER_TYPES` (any case). DeepSpeed's other names are refused with the reason by the
+    DeepSpeed bridge, which reads every config first (:mod:`moesaic.deepspeed.keys`)."""
+    name = optimizer_type(value, key)
+    if name is None:
+        raise ValueError(f"{key} must be one of {list(OPTIMIZER_TYPES)} (any case), got {value!r}")
+    return name
 
 
 @dataclass(frozen=True)
@@ -186,7 +177,8 @@ class OptimizerConfig(Section):
 
     type: str = setting("AdamW", doc=f"One of {', '.join(OPTIMIZER_TYPES)} (any case). As in DeepSpeed, Adam "
                                      "decouples weight decay unless params.adam_w_mode is false; DeepSpeed's other "
-                                     "optimizers (Lamb, OneBitAdam, Lion, ...) are refused with the reason.",
+                                     "optimizers (Lamb, OneBitAdam, Lion, ...) are refused with the reason (by the "
+                                     "DeepSpeed bridge, which moesaic.initialize and moesaic train read through).",
                         check=_optimizer_type)
     params: Dict[str, Any] = setting(default_factory=dict, type_text="table",
                                      doc="Hyperparameters of the chosen type; missing ones take the defaults below.",
@@ -269,11 +261,7 @@ def _scheduler_type(value: Any, key: str) -> str:
     check_str(value, key)
     if value in SCHEDULER_TYPES or torch_scheduler_class(value) is not None:
         return value
-    allowed = f"{', '.join(SCHEDULER_TYPES)} or a torch.optim.lr_scheduler class name (StepLR, OneCycleLR, ...)"
-    if value in REFUSED_SCHEDULERS:
-        raise ValueError(f"{key}={value!r} is not supported by moesaic: {REFUSED_SCHEDULERS[value]}; "
-                         f"allowed: {allowed}")
-    raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
+    raise ValueError(f"{key} must be one of {SCHEDULER_ALLOWED}, got {value!r}")
 
 
 def _torch_scheduler_params(cls, params: Any, key: str) -> Dict[str, Any]:
@@ -298,7 +286,8 @@ class SchedulerConfig(Section):
 
     type: str = setting(doc=f"One of {', '.join(SCHEDULER_TYPES)} (DeepSpeed's, step-for-step identical), or, as in "
                             "DeepSpeed, the name of a torch.optim.lr_scheduler class (its constructor's arguments "
-                            "go in params). DeepSpeed's OneCycle and LRRangeTest are refused with the reason.",
+                            "go in params). DeepSpeed's OneCycle and LRRangeTest are refused with the reason (by the "
+                            "DeepSpeed bridge).",
                         check=_scheduler_type)
     params: Dict[str, Any] = setting(default_factory=dict, type_text="table",
                                      doc="Parameters of the chosen schedule; missing ones take the defaults below.",
@@ -332,6 +321,7 @@ class FP16Config(Section):
     """The ``fp16`` section; ``loss_scale`` 0 means dynamic loss scaling (DeepSpeed's keys and defaults)."""
 
     PATH = "fp16"
+    MOVED = deepspeed_only("auto_cast", "fp16_master_weights_and_grads")
 
     enabled: bool = setting(False, doc="Train with fp16 weights and a loss scale.", check=check_bool)
     loss_scale: float = setting(0.0, doc="0: dynamic loss scaling; > 0: this static scale.", check=_nonneg)
@@ -344,13 +334,6 @@ class FP16Config(Section):
     min_loss_scale: float = setting(1.0, doc="Floor of the dynamic scale.", check=_positive)
     consecutive_hysteresis: bool = setting(False, doc="Refill the hysteresis after every overflow-free step.",
                                            check=check_bool)
-    auto_cast: bool = setting(False, doc="DeepSpeed's cast of floating-point inputs to fp16 (not done by moesaic).",
-                              check=only((False,), "moesaic does not cast the inputs; give the model tensors in "
-                                                   "its dtype"))
-    fp16_master_weights_and_grads: bool = setting(
-        False, doc="DeepSpeed's fp16 master weights (moesaic keeps them in fp32).",
-        check=only((False,), "moesaic keeps master weights and gradients for the step in fp32"))
-
     @classmethod
     def check_values(cls, values: Dict[str, Any], path: str) -> None:
         # A floor above the start would make the first overflow *raise* the scale.
@@ -367,25 +350,14 @@ class FP16Config(Section):
 
 @dataclass(frozen=True)
 class BF16Config(Section):
-    """The ``bf16`` section: one flag, and DeepSpeed's variants of bf16 training (accepted as moesaic does them)."""
+    """The ``bf16`` section: one flag (DeepSpeed's variants of bf16 training are the DeepSpeed bridge's keys)."""
 
     PATH = "bf16"
+    MOVED = deepspeed_only("check_grad_overflow", "immediate_grad_update", "bf16_master_weights_and_grads",
+                           "bf16_optimizer_states")
 
     enabled: bool = setting(False, doc="Train with bf16 weights (fp32 master weights in the optimizer).",
                             check=check_bool)
-    check_grad_overflow: bool = setting(True, doc="Skip the step on every rank when a gradient is inf/nan (always "
-                                                  "on in moesaic).",
-                                        check=only((True,), "moesaic always checks bf16 gradients for inf/nan and "
-                                                            "skips the step on every rank"))
-    immediate_grad_update: bool = setting(
-        False, doc="DeepSpeed's fp32 gradient accumulation during backward (not done by moesaic).",
-        check=only((False,), "moesaic accumulates gradients in the parameters' .grad and converts one group to "
-                             "fp32 at the step"))
-    bf16_master_weights_and_grads: bool = setting(
-        False, doc="DeepSpeed's bf16 master weights (moesaic keeps them in fp32).",
-        check=only((False,), "moesaic keeps master weights in fp32"))
-    bf16_optimizer_states: bool = setting(False, doc="DeepSpeed's bf16 optimizer state (moesaic keeps it in fp32).",
-                                          check=only((False,), "moesaic keeps optimizer state in fp32"))
 
 
 # --- ZeRO -----------------------------------------------------------------------------------------------------
@@ -408,21 +380,11 @@ class OffloadOptimizerConfig(Section):
     """``zero_optimization.offload_optimizer``: where fp32 master weights and optimizer state live."""
 
     PATH = "zero_optimization.offload_optimizer"
+    MOVED = deepspeed_only("pin_memory")
 
     device: str = setting("none", doc="'cpu': master weights and optimizer state in CPU memory (as moe.offload "
                                       "'cpu'); 'none': on the parameters' device. DeepSpeed's 'nvme' is refused.",
                           check=only(("none", "cpu"), "moesaic offloads to CPU memory only, not to NVMe"))
-    pin_memory: bool = setting(False, doc="Pinned host buffers (not used by moesaic's offload; DeepSpeed's default "
-                                          "is true).",
-                               check=only((False,), "moesaic's CPU offload copies through ordinary host memory"))
-
-
-_REUSE_WHY = ("moesaic's stage 3 (torch's FSDP2) frees or keeps a whole unit's gathered parameters after forward, "
-              "not by a reuse distance in parameters: 0 (release every parameter) is zero_optimization."
-              "reshard_after_forward true; to keep gathered parameters until backward set "
-              "zero_optimization.reshard_after_forward false instead")
-_PERSIST_WHY = ("moesaic's stage 3 (torch's FSDP2) shards every parameter of every unit, however small: 0 "
-                "(partition every parameter) is the only threshold that says so")
 
 
 @dataclass(frozen=True)
@@ -430,6 +392,10 @@ class ZeroConfig(Section):
     """The ``zero_optimization`` section (DeepSpeed's key): how optimizer state is sharded over ranks."""
 
     PATH = "zero_optimization"
+    MOVED = deepspeed_only("contiguous_gradients", "round_robin_gradients", "allgather_partitions",
+                           "load_from_fp32_weights", "elastic_checkpoint", "ignore_unused_parameters", "cpu_offload",
+                           "stage3_max_reuse_distance", "max_reuse_distance", "stage3_param_persistence_threshold",
+                           "param_persistence_threshold")
 
     stage: int = setting(0, check=_zero_stage,
                          doc="DeepSpeed's ZeRO stage. 0: every rank keeps the whole optimizer state; 1: fp32 master "
@@ -449,33 +415,8 @@ class ZeroConfig(Section):
         doc="Reduce gradient buckets while the accumulation boundary's backward still runs, each as soon as all its "
             "gradients are final (launched in a fixed order, identical on every rank); the results equal the "
             "reduction after backward. Costs up to one fp32 copy of the gradients in flight. null: false.")
-    contiguous_gradients: bool = setting(
-        True, check=check_bool,
-        doc="Copy gradients into contiguous buffers: moesaic always reduces each bucket from one buffer, so either "
-            "value gives the same result (false is noted).")
-    round_robin_gradients: bool = setting(
-        False, check=check_bool,
-        doc="Round-robin gradient partitioning (an offload speed hint): moesaic assigns whole groups to owners by "
-            "size, so either value gives the same result (true is noted).")
-    allgather_partitions: bool = setting(
-        True, check=check_bool,
-        doc="All-gather (true) or broadcasts (false) to hand every rank the updated weights: either way every "
-            "rank ends the step with all of them; moesaic's owners broadcast, bucketed by allgather_bucket_size.")
-    load_from_fp32_weights: bool = setting(
-        True, doc="Restore fp32 master weights from the checkpoint (always, when it holds optimizer state).",
-        check=only((True,), "moesaic restores master weights from the checkpoint's fp32 copy"))
-    elastic_checkpoint: bool = setting(
-        False, check=check_bool,
-        doc="Load ZeRO checkpoints under another data-parallel size: moesaic's checkpoints always do, so either "
-            "value gives the same result.")
-    ignore_unused_parameters: bool = setting(
-        True, doc="Parameters without a gradient are skipped (always, in moesaic).",
-        check=only((True,), "moesaic skips parameters that received no gradient"))
     offload_optimizer: OffloadOptimizerConfig = section(OffloadOptimizerConfig,
                                                         doc="DeepSpeed's ZeRO-Offload of the optimizer.")
-    cpu_offload: Optional[bool] = setting(None, check=partial(_opt_bool),
-                                          doc="DeepSpeed's former spelling of offload_optimizer.device 'cpu'.")
-
     reshard_after_forward: bool = setting(
         True, check=check_bool,
         doc="Stage 3: FSDP2's reshard_after_forward (torchtitan's policy of the same name) for every unit but the "
@@ -483,34 +424,16 @@ class ZeroConfig(Section):
             "backward (true: ZeRO-3's memory), or keep them from forward to backward (false: one all-gather per "
             "unit per step instead of two, every unit's gathered parameters held through the step). Stages 0-2: "
             "true only.")
-    stage3_max_reuse_distance: Optional[int] = setting(
-        None, check=only((None, 0), _REUSE_WHY),
-        doc="DeepSpeed's distance (in parameters) within which a gathered parameter is kept for its reuse; 0 "
-            "(release every parameter after use) is reshard_after_forward true. null: not set.")
-    max_reuse_distance: Optional[int] = setting(None, check=only((None, 0), _REUSE_WHY),
-                                                doc="DeepSpeed's other spelling of stage3_max_reuse_distance.")
-    stage3_param_persistence_threshold: Optional[int] = setting(
-        None, check=only((None, 0), _PERSIST_WHY),
-        doc="DeepSpeed's size below which a parameter is not partitioned at stage 3; 0 (partition every "
-            "parameter) is what moesaic's stage 3 does. null: not set.")
-    param_persistence_threshold: Optional[int] = setting(
-        None, check=only((None, 0), _PERSIST_WHY),
-        doc="DeepSpeed's other spelling of stage3_param_persistence_threshold.")
-
     @classmethod
     def check_values(cls, values: Dict[str, Any], path: str) -> None:
         keep = not values["reshard_after_forward"]
         if keep and values["stage"] != 3:
             raise ValueError(f"{path}.reshard_after_forward=false is a stage-3 setting (FSDP2), but {path}.stage="
                              f"{values['stage']}; stages 0-2 never shard parameters: leave it true")
-        for key in ("stage3_max_reuse_distance", "max_reuse_distance"):
-            if keep and values[key] == 0:
-                raise ValueError(f"{path}.{key}=0 (release every gathered parameter after use) contradicts "
-                                 f"{path}.reshard_after_forward=false (keep them until backward); set one of them")
 
     def offload_device(self) -> str:
-        """``"cpu"`` when either spelling asks for CPU offload, else ``"none"``."""
-        return "cpu" if self.cpu_offload or self.offload_optimizer.device == "cpu" else "none"
+        """``"cpu"`` when ``offload_optimizer.device`` asks for CPU offload, else ``"none"``."""
+        return "cpu" if self.offload_optimizer.device == "cpu" else "none"
 
 
 # --- MoE parameter groups -------------------------------------------------------------------------------------

@@ -137,7 +137,7 @@ _DEFAULT_REGISTRY = GroupRegistry()
 
 
 def default_registry() -> GroupRegistry:
-    """The process-wide registry that ``MoE.set_deepspeed_parallelism`` uses unless given another."""
+    """The process-wide registry that ``MixtureOfExperts.set_expert_parallel_groups`` uses unless given another."""
     return _DEFAULT_REGISTRY
 
 

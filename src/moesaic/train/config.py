@@ -149,7 +149,9 @@ class TrainConfig(Section):
         """Build from a mapping of sections (see :meth:`moesaic._config.Section.from_dict`)."""
         if isinstance(data, Mapping):
             _renamed_keys(data)
-            if "engine" in data:  # DeepSpeed's keys beyond the engine's: refused with the reason, hints dropped
+            # DeepSpeed's keys beyond the engine's: refused with the reason, or dropped (hints; DeepSpeed-only keys
+            # once checked)
+            if "engine" in data:
                 data = {**data, "engine": engine_section(data["engine"], "engine")}
         return super().from_dict(data, path)
 
