@@ -217,8 +217,6 @@ def test_dist_timeout_reaches_init_distributed(tmp_path, monkeypatch):
                                                  "engine.optimizer.params: adam_w_mode, amsgrad, betas"),
     (["--set", "engine.optimizer.params.lr=0"], "engine.optimizer.params.lr must be a finite number in (0, inf)"),
     (["--set", "optim.lr=0.1"], "optim.lr -> engine.optimizer.params.lr"),
-    (["--nproc", "1", "--set", "model.ep_size=1", "--set", "engine.zero_optimization.stage=3"],
-     "engine.zero_optimization.stage=3 shards parameters over the processes (FSDP2) and needs train.nproc >= 2"),
     (["--device", "cuda"], "train.device='cuda' but CUDA is not available"),
     (["--device", "tpu"], "train.device must be 'auto', 'cpu', 'cuda' or 'cuda:<index>', got 'tpu'"),
     (["--set", "model.moe.num_experts=3", "--set", "model.ep_size=2"], "num_experts"),

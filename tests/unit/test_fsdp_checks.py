@@ -103,7 +103,9 @@ def _config(**over):
      r"stage=3 shards parameters with torch's FSDP2 and needs torch.distributed"),
     ({"zero_optimization": {"reshard_after_forward": False}}, {},
      r"stage=3 shards parameters with torch's FSDP2 and needs torch.distributed"),
-    ({}, {}, r"stage=3 shards parameters with torch's FSDP2 and needs torch.distributed"),
+    ({}, {}, r"stage=3 shards parameters with torch's FSDP2 and needs torch.distributed: call "
+             r"moesaic.init_distributed\(\) before moesaic.initialize \(one process started without a launcher joins "
+             r"a group of itself alone"),
 ])
 def test_initialize_stage3_refusals_come_before_process_group_work(over, kwargs, match):
     model = _net(1)

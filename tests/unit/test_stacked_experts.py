@@ -11,6 +11,7 @@ from torch import nn
 import moesaic
 from moesaic import checkpoint
 from moesaic.layer.identity import ExpertIndex, ExpertKey
+from moesaic.layer.ops import rows_in_place, split_rows
 from moesaic.layer.stacked import StackedExperts
 from moesaic.optim.param_groups import split_params_into_different_moe_groups_for_optimizer
 
@@ -380,3 +381,43 @@ def test_backward_rebuilds_the_input_pieces_after_the_middle_gradient():
     peak = _allocation_peak_bytes(lambda: out.backward(torch.ones_like(out)))
     unit = 2 * S * d * 4  # one (N, D) fp32 tensor
     assert peak <= 3 * unit, f"backward peak {peak / unit:.2f} (N, D) units"
+
+
+
+@pytest.mark.parametrize("name,make", _experts(), ids=[n for n, _ in _experts()])
+def test_outputs_are_row_blocks_of_one_buffer_but_not_views(name, make):
+    """FSDP2 warns for a unit's outputs that are views ("returned a view tensor"): the stacked experts'
+    outputs are row blocks of one buffer (read back whole without a copy), each a tensor of its own,
+    and give the gradients of one expert at a time (the layer's equality with per-module experts is above)."""
+    _, b = _pair(make)
+    xs = [torch.randn(n, D, requires_grad=True) for n in (3, 0, 5, 2)]
+    outs = b.experts(xs)
+    assert [o.shape[0] for o in outs] == [3, 0, 5, 2]
+    assert not any(o._is_view() for o in outs)
+    assert rows_in_place(outs) is not None
+    gs = [torch.randn_like(o) for o in outs]
+    torch.autograd.backward([o for o in outs if o.numel()], [g for g in gs if g.numel()])
+    for n, (x, g) in enumerate(zip(xs, gs)):
+        if not x.shape[0]:
+            continue
+        pieces = [torch.zeros(0, D) for _ in range(E)]
+        pieces[n] = x.detach().clone().requires_grad_()
+        out = b.experts(pieces)[n]
+        _close(out, outs[n])
+        out.backward(g)
+        _close(pieces[n].grad, x.grad)
+
+
+def test_split_rows_is_split_without_views():
+    y = torch.randn(10, D, requires_grad=True)
+    got = split_rows(y, [3, 0, 5, 2])
+    assert not any(t._is_view() for t in got) and rows_in_place(got) is not None
+    y2 = y.detach().clone().requires_grad_()
+    want = y2.split([3, 0, 5, 2])
+    assert all(torch.equal(a, c) for a, c in zip(got, want))
+    g0, g2 = torch.randn(3, D), torch.randn(5, D)
+    torch.autograd.backward([got[0], got[2]], [g0, g2])
+    torch.autograd.backward([want[0], want[2]], [g0, g2])
+    assert torch.equal(y.grad, y2.grad)
+    with pytest.raises(ValueError, match=r"sizes \[3, 3\] sum to 6, not the 10 rows"):
+        split_rows(y, [3, 3])

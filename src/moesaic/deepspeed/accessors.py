@@ -135,7 +135,7 @@ def link(engine) -> None:
     ref = weakref.ref(engine)
     stage = engine.zero_optimization_stage()
     done = set()
-    optimised = {id(p) for g in engine.optimizer.param_groups for p in g["params"]} if stage == 3 else None
+    optimised = {id(p) for p in engine.optimizer.params()} if stage == 3 else None
     for r in engine.index:
         param = r.param
         if stage == 3:

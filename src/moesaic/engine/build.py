@@ -87,7 +87,9 @@ def check_zero3(cfg: EngineConfig, model: nn.Module, world: Optional[int], *, op
                          "engine builds a torch optimizer over the sharded parameters")
     if world is None:
         raise ValueError("zero_optimization.stage=3 shards parameters with torch's FSDP2 and needs torch.distributed: "
-                         "launch with torchrun (one process is fine) or initialise the process group first")
+                         "call moesaic.init_distributed() before moesaic.initialize (one process started without "
+                         "a launcher joins a group of itself alone; several: launch with torchrun), as DeepSpeed "
+                         "needs deepspeed.init_distributed()")
     check_shardable(model, world)
 
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import HandedPieces, rows_in_place
+from .ops import HandedPieces, row_blocks, rows_in_place
 
 # the elementwise middle: the input projections' outputs -> the output projection's input
 Middle = Callable[..., Tensor]
@@ -218,7 +218,7 @@ class _OutProjection(torch.autograd.Function):
         y = ops.project(middle(*hs), weight, bias)
         ctx.middle, ctx.ops, ctx.has_bias = middle, ops, bias is not None
         ctx.save_for_backward(weight, *hs)
-        return tuple(y.split(ops.sizes))
+        return tuple(row_blocks(y, ops.sizes))  # not views: FSDP2 hooks the experts' outputs
 
     @staticmethod
     def backward(ctx, *grads: Optional[Tensor]):

@@ -126,7 +126,8 @@ class ParamRef:
         return self.param.shape if self.index is None else self.param.shape[1:]
 
     def numel(self) -> int:
-        return self.param.numel() if self.index is None else self.param[0].numel()
+        # from the shape: indexing a sharded (DTensor) parameter would be a collective
+        return self.param.numel() if self.index is None else self.param.shape[1:].numel()
 
     @property
     def requires_grad(self) -> bool:

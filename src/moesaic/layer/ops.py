@@ -59,6 +59,50 @@ def rows_in_place(pieces: Sequence[Tensor]) -> Optional[Tensor]:
     return first.as_strided((rows, width), (width, 1))
 
 
+def row_blocks(y_ND: Tensor, sizes: Sequence[int]) -> List[Tensor]:
+    """The consecutive row blocks of ``y_ND`` (``sizes[i]`` rows each) as tensors over its memory, not views.
+
+    Each block is a tensor of its own over ``y_ND``'s storage (no copy), not an autograd view of it:
+    FSDP2 warns for a module's outputs that are views (an in-place op on a view would drop its
+    pre-backward hook), and the stacked experts' outputs are row blocks of one buffer. The blocks
+    cover disjoint rows, so an in-place op on one changes no other; :func:`rows_in_place` still reads
+    them back as one tensor without a copy. Call it outside autograd (inside a Function's forward)
+    or through :func:`split_rows`.
+    """
+    if y_ND.dim() != 2:
+        raise ValueError(f"row_blocks expects a 2-D tensor, got shape {tuple(y_ND.shape)}")
+    if sum(sizes) != y_ND.shape[0]:
+        raise ValueError(f"row_blocks: sizes {list(sizes)} sum to {sum(sizes)}, not the {y_ND.shape[0]} rows")
+    y_ND = y_ND.contiguous()
+    storage, width, at = y_ND.untyped_storage(), y_ND.shape[1], y_ND.storage_offset()
+    out = []
+    for n in sizes:
+        out.append(y_ND.new_empty(0).set_(storage, at, (n, width), (width, 1)))
+        at += n * width
+    return out
+
+
+class _SplitRows(torch.autograd.Function):
+    """:func:`row_blocks` under autograd; backward reads the blocks' gradients as one tensor."""
+
+    @staticmethod
+    def forward(ctx, y_ND: Tensor, sizes: Sequence[int]) -> Tuple[Tensor, ...]:
+        ctx.sizes = list(sizes)
+        return tuple(row_blocks(y_ND.detach(), sizes))
+
+    @staticmethod
+    def backward(ctx, *grads: Optional[Tensor]):
+        ref = next(g for g in grads if g is not None)
+        grads = [g if g is not None else ref.new_zeros(n, ref.shape[1]) for g, n in zip(grads, ctx.sizes)]
+        whole = rows_in_place(grads)
+        return (whole if whole is not None and whole.shape[0] == sum(ctx.sizes) else torch.cat(grads)), None
+
+
+def split_rows(y_ND: Tensor, sizes: Sequence[int]) -> List[Tensor]:
+    """``list(y_ND.split(sizes))`` whose blocks are not autograd views of ``y_ND`` (see :func:`row_blocks`)."""
+    return list(_SplitRows.apply(y_ND, list(sizes)))
+
+
 def gather_rows(x_SD: Tensor, index_N: Tensor) -> Tensor:
     """``x_SD[index_N]`` without autograd (a fast row gather)."""
     if x_SD.dim() != 2:

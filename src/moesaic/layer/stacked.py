@@ -42,7 +42,7 @@ from .experts import ExpertContainer
 from .expert_mlp import expert_mlp, silu_glu
 from .ffn import ACTIVATIONS, FFNExpert, GLUExpert, activation_fn, glu
 from .identity import tag_stacked_param
-from .ops import HandedPieces
+from .ops import HandedPieces, split_rows
 
 # activation modules an nn.Sequential FFN expert may hold, and the name of the same function
 _ACT_MODULES: Dict[type, Callable[[nn.Module], Optional[str]]] = {
@@ -304,7 +304,7 @@ class StackedExperts(ExpertContainer):
             h = self._middle()(project(x_ND, projs[0]))
         else:
             h = self._middle()(project(x_ND, projs[0]), project(x_ND, projs[1]))
-        return list(project(h, projs[-1]).split(sizes))
+        return split_rows(project(h, projs[-1]), sizes)  # row blocks, not views (ops.row_blocks)
 
     def extra_repr(self) -> str:
         s = self.shape

@@ -136,6 +136,20 @@ def split_group(group: ParamGroup, name: str, members: Iterable[Member], cap: Op
     return out
 
 
+def saved_settings(saved: Dict[str, Dict[str, Any]], group: ParamGroup) -> Optional[Dict[str, Any]]:
+    """The saved settings (by group name) for ``group``: its own, or, for an MoE group of a checkpoint
+    written before stage 3 formed per-expert groups for stacked experts, its layer's
+    ``"<base>/<layer>/stacked"`` group's (that group held the layer's experts with the layer's settings)."""
+    own = saved.get(group.get("name"))
+    if own is not None or not group.get("moe"):
+        return own
+    layer, number, name = group.get("expert_group_name"), group.get("expert_number"), str(group.get("name"))
+    for tail in ((f"/{layer}/expert_{number}",) if number is not None else ()) + (f"/{layer}",):
+        if name.endswith(tail):
+            return saved.get(f"{name[:-len(tail)]}/{layer}/{STACKED_WHOLE}")
+    return None
+
+
 def index_members(params: Iterable[Any], index: ExpertIndex, where: str, *, views: bool = True) -> List[Member]:
     """Each tensor (or :class:`ParamRef`) of ``params`` placed by the index.
 

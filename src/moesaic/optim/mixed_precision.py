@@ -39,7 +39,7 @@ from torch import Tensor
 
 from ..layer.identity import ExpertIndex, ParamRef
 from .._checks import check_bool, check_list, check_number
-from .build_groups import IDENTITY_KEYS
+from .build_groups import IDENTITY_KEYS, saved_settings
 from .config import OPTIMIZER_TYPES, UPDATE_HYPERPARAMETERS, optimizer_defaults
 from .functional import adam_step, sgd_step
 from .sharding import ShardPlan
@@ -574,7 +574,7 @@ class GroupedMixedPrecisionOptimizer(torch.optim.Optimizer):
         self._state = new_state
         self._master.update(new_master)
         for g in self.param_groups:
-            saved_group = settings.get(g["name"])
+            saved_group = saved_settings(settings, g)
             if saved_group is not None:
                 g.update({k: v for k, v in saved_group.items() if k not in IDENTITY_KEYS})
 

@@ -20,6 +20,11 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 300.0,
     The backend is NCCL when CUDA is available, else gloo. ``timeout_s`` bounds every collective,
     so a dead peer makes the others fail with an error instead of hanging forever.
 
+    A process started without a launcher (``RANK`` not set, :class:`LaunchEnv` ``launched`` false) and
+    without ``default_port`` joins a group of itself alone (rank 0 of 1, an in-memory store: no port,
+    no file), which is what FSDP2 (``zero_optimization.stage`` 3) needs to shard over one process, as
+    DeepSpeed runs stage 3 on one process.
+
     Args:
         backend: "gloo", "nccl" or None (by the device).
         timeout_s: the process group's timeout for every collective.
@@ -38,8 +43,9 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 300.0,
         check_int(default_port, "default_port", 1, 65535)
     addr = env.master_addr or ("127.0.0.1" if default_port is not None else None)
     port = env.master_port or default_port
+    alone = not env.launched and not addr and not port
     missing = [k for k, v in (("RANK", env.launched), ("MASTER_ADDR", addr), ("MASTER_PORT", port)) if not v]
-    if missing:
+    if missing and not alone:
         raise RuntimeError(f"init_distributed needs the torchrun environment; missing {missing}. "
                            "Launch with `torchrun --nproc-per-node N script.py`")
     if backend is None:
@@ -49,7 +55,9 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 300.0,
     if backend == "nccl":
         torch.cuda.set_device(env.local_rank)
     timeout = datetime.timedelta(seconds=timeout_s)
-    if env.master_addr and env.master_port:  # torchrun's env:// rendezvous (its agent's store, if any)
+    if alone:  # one process, no launcher
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    elif env.master_addr and env.master_port:  # torchrun's env:// rendezvous (its agent's store, if any)
         dist.init_process_group(backend=backend, timeout=timeout)
     else:  # the default_port fallback
         dist.init_process_group(backend=backend, init_method=f"tcp://{addr}:{port}", rank=env.rank,

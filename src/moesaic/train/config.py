@@ -162,10 +162,6 @@ class TrainConfig(Section):
             raise ValueError(f"train.nproc ({nproc}) must be divisible by model.ep_size ({ep}): the processes "
                              f"form groups of ep_size that share the experts; use nproc in {ep}, {2 * ep}, ...")
         values["engine"].check_batch(nproc, "engine")
-        if values["engine"].zero_optimization.stage == 3 and nproc < 2:
-            raise ValueError("engine.zero_optimization.stage=3 shards parameters over the processes (FSDP2) and "
-                             f"needs train.nproc >= 2 in moesaic train, got {nproc}; use --nproc 2 or more, or "
-                             "stages 0-2 on one process")
 
     def engine_config(self) -> EngineConfig:
         """The engine section as the run uses it: a schedule's absent ``total_num_steps`` becomes ``train.steps``."""

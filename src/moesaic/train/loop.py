@@ -246,11 +246,12 @@ def initialize_engine(cfg: TrainConfig, rank: int, quiet: bool, **kwargs):
 
 def join_processes(cfg: TrainConfig, env: LaunchEnv) -> Tuple[torch.device, int, int]:
     """This process's device, rank and world size for a run: joins the process group when launched
-    with several processes (NCCL on CUDA, gloo on the CPU) and makes a CUDA device the current one."""
+    with several processes (NCCL on CUDA, gloo on the CPU), or at ``zero_optimization.stage`` 3 on one
+    (FSDP2 shards over a mesh: a group of this process alone), and makes a CUDA device the current one."""
     t = cfg.train
     device = resolve_device(t.device, env.local_rank, "train.device")
     rank, world = env.rank, env.world_size
-    if world > 1:
+    if world > 1 or cfg.engine.zero_optimization.stage == 3:
         rank, world = moesaic.init_distributed(backend=backend_for(device), timeout_s=t.dist_timeout_s)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -269,9 +270,12 @@ def _dropped_fraction(stats: Dict[str, Any]) -> float:
     return sum(s["dropped_fraction"] for s in stats.values()) / len(stats)
 
 
-def _end_processes(world: int) -> None:
+def _end_processes(world: int, joined_here: bool = False) -> None:
+    """Leave the process group: every rank at once (several), or the one-process group this run made."""
     if world > 1:
         dist.barrier()
+        dist.destroy_process_group()
+    elif joined_here and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -299,6 +303,7 @@ def run_training(kind: RunKind, cfg: TrainConfig, out: Path, resume: bool = Fals
     cfg = cfg.with_recompute(kind.default_recompute)
     t = cfg.train
     phase("joining the process group")
+    joined_here = not (dist.is_available() and dist.is_initialized())
     device, rank, world = join_processes(cfg, env)
     phase("start-up checks")
     # every rank runs the same config, into the same folder (else weights diverge or a collective hangs)
@@ -317,7 +322,7 @@ def run_training(kind: RunKind, cfg: TrainConfig, out: Path, resume: bool = Fals
     if resume and saved_step is not None and saved_step >= t.steps:
         if rank == 0 and not quiet:
             print(finished_message(out, saved_step, cfg))
-        if world > 1:
+        if world > 1 or joined_here and dist.is_initialized():
             dist.destroy_process_group()
         return {}
     if rank == 0:
@@ -401,7 +406,7 @@ def run_training(kind: RunKind, cfg: TrainConfig, out: Path, resume: bool = Fals
     step = engine.global_steps
     phase(f"ending the run after step {step}")
     if signum and step < t.steps:  # (a signal during the last step: the run is complete, report it as such)
-        _end_processes(world)
+        _end_processes(world, joined_here)
         raise Stopped(step, saved, signum, resume_command)
 
     # 6. export and report
@@ -420,7 +425,7 @@ def run_training(kind: RunKind, cfg: TrainConfig, out: Path, resume: bool = Fals
         plots = write_plots(history, out / "plots")
         if not quiet:
             kind.report(ctx, summary, plots, saved, late, resume_command)
-    _end_processes(world)
+    _end_processes(world, joined_here)
     return summary
 
 
