@@ -11,7 +11,8 @@ def pytest_configure(config):
     torch's default is one thread per core in every process; with the cores already busy, each parallel operation
     then waits at its barrier for a thread that is not running (measured on the 2-core machine while another test
     run kept it busy: pytest running tests/unit/test_models.py::test_generate_length_determinism_and_mode used
-    14.9-32.4 s CPU at 2 threads, 6.0-6.3 s at 1).
+    14.9-32.4 s CPU at 2 threads, 6.0-6.3 s at 1; on the machine nearly idle, ``-n 2`` over test_train_sft_cli,
+    test_train_cli and test_checkpoint_kills took 40.7 and 40.3 s at 2 threads, 37.4 and 38.5 s at 1, alternated).
     Serial runs (``make unit``) keep torch's default. Tests that compare numbers compare runs of the same setting.
     """
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
