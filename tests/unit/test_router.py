@@ -193,7 +193,7 @@ def test_gate_reads_options_by_deepspeeds_names_and_changes_them_through_its_con
     assert gate.capacity_factor == 2.0 and gate.capacity(16) == 16
     with pytest.raises(ValueError, match=r"config.num_experts \(8\) must equal the router's 4 outputs"):
         gate.config = RouterConfig(num_experts=8)
-    with pytest.raises(TypeError, match="config must be a RouterConfig, got dict"):
+    with pytest.raises(TypeError, match="config must be a moesaic.MoEConfig, got dict"):
         gate.config = {"num_experts": 4}
     twin = TopKGate.from_config(8, gate.config)
     assert twin.config == gate.config

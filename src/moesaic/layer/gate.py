@@ -227,7 +227,7 @@ class TopKGate(nn.Module):
         elif args or options:
             raise TypeError("TopKGate takes a config or options, not both")
         elif not isinstance(config, MoEConfig):
-            raise TypeError(f"config must be a RouterConfig, got {type(config).__name__}")
+            raise TypeError(f"config must be a moesaic.MoEConfig, got {type(config).__name__}")
         num_experts = config.num_experts
         self.wg = nn.Linear(model_dim, num_experts, bias=config.router_bias)
         if config.router_bias:
@@ -251,7 +251,7 @@ class TopKGate(nn.Module):
     @config.setter
     def config(self, value: MoEConfig) -> None:
         if not isinstance(value, MoEConfig):
-            raise TypeError(f"config must be a RouterConfig, got {type(value).__name__}")
+            raise TypeError(f"config must be a moesaic.MoEConfig, got {type(value).__name__}")
         if "wg" in self._modules:
             if value.num_experts != self.wg.out_features:
                 raise ValueError(f"config.num_experts ({value.num_experts}) must equal the router's "
