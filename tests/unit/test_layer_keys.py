@@ -16,6 +16,7 @@ from torch import nn
 import moesaic
 from moesaic.checkpoint.legacy import upgrade_dense_names
 from moesaic.layer.keys import CORE_LAYOUT, NESTED_LAYOUT, respell_key, upgrade_legacy_keys
+from support.checkpoint_net import train
 
 FIXTURE = Path(__file__).parent / "data" / "checkpoint_v2_deepspeed_nesting"
 D = 8
@@ -137,13 +138,7 @@ def test_dense_names_upgrade_both_ways():
 def _load_and_step(steps=2):
     engine, *_ = moesaic.initialize(model=Net(), config=CONFIG)
     engine.load_checkpoint(str(FIXTURE), tag="step3")
-    losses = []
-    for _ in range(steps):
-        loss = engine(torch.randn(16, D))
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
-    return engine, losses
+    return engine, train(engine, steps)
 
 
 def test_a_checkpoint_of_the_former_nesting_loads_its_tensors_bitwise():

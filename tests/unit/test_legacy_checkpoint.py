@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import moesaic
+from support.checkpoint_net import train
 
 FIXTURE = Path(__file__).parent / "data" / "checkpoint_v1_before_deepspeed_keys"
 
@@ -36,13 +37,7 @@ CONFIG = {"train_micro_batch_size_per_gpu": 16, "gradient_clipping": 0.0,
 def _load_and_step(steps=2):
     engine, *_ = moesaic.initialize(model=Net(), config=CONFIG)
     engine.load_checkpoint(str(FIXTURE))
-    losses = []
-    for _ in range(steps):
-        loss = engine(torch.randn(16, 8))
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
-    return engine, losses
+    return engine, train(engine, steps)
 
 
 def test_old_layout_checkpoint_loads_its_tensors_bitwise():
