@@ -173,8 +173,6 @@ _PERSIST_WHY = ("moesaic's stage 3 (torch's FSDP2) shards every parameter of eve
                 "(partition every parameter) is the only threshold that says so")
 
 
-
-
 def _opt_bool(value: Any, key: str) -> Optional[bool]:
     return None if value is None else check_bool(value, key)
 

@@ -322,8 +322,7 @@ def run_training(kind: RunKind, cfg: TrainConfig, out: Path, resume: bool = Fals
     if resume and saved_step is not None and saved_step >= t.steps:
         if rank == 0 and not quiet:
             print(finished_message(out, saved_step, cfg))
-        if world > 1 or joined_here and dist.is_initialized():
-            dist.destroy_process_group()
+        _end_processes(world, joined_here)
         return {}
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
